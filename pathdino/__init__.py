@@ -1,0 +1,16 @@
+"""pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → timm tile encoders → slide embeddings.
+
+Importing `pathdino` is cheap (no torch); heavy entry points are imported on first use.
+"""
+
+from tiling import __version__
+
+__all__ = ["__version__", "load_encoder"]
+
+
+def __getattr__(name: str):
+    if name == "load_encoder":
+        from pathdino.export.load import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module 'pathdino' has no attribute {name!r}")
