@@ -1,0 +1,286 @@
+"""One call that evaluates a frozen tile encoder on a labelled tile dataset and writes a JSON report.
+
+``run_eval`` extracts features once per split, then runs any of ``knn``, ``linear``, ``fewshot`` and
+``diagnostics``. Scores are reported on the test split, or on the validation split when there is no test split
+(``eval_split`` in the report says which). The random-weights baseline every pretrained encoder should beat is
+``random_baseline_encoder(arch, img_size)`` with ``eval_transform(img_size)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pathdino.eval.datasets import TileDataset, TileDatasetSpec, TileRecord, load_tile_dataset
+from pathdino.eval.diagnostics import DEFAULT_MAX_ITEMS, diagnose
+from pathdino.eval.features import extract_features
+from pathdino.eval.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_evaluate
+from pathdino.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
+from pathdino.eval.linear import DEFAULT_L2_GRID, linear_probe_evaluate
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+METHODS = ("knn", "linear", "fewshot", "diagnostics")
+REPORT_SCHEMA = "pathdino.eval/1"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Knobs of :func:`run_eval`; the defaults follow DINOv2/UNI-style evaluation."""
+
+    batch_size: int = 64  # tiles per encoder forward
+    device: str | None = None  # None: "cuda" when available, else "cpu"
+    num_workers: int = 0  # DataLoader workers decoding images
+    progress: bool = True  # rich progress bars during feature extraction
+    knn_ks: tuple[int, ...] = (DEFAULT_K,)  # k values for kNN (20 is the DINOv2 default)
+    knn_temperature: float = DEFAULT_TEMPERATURE  # vote weight exp(sim / T)
+    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID  # linear-probe L2 strengths swept on val (or train CV)
+    fewshot_shots: tuple[int, ...] = DEFAULT_SHOTS  # labelled tiles per class; values above the rarest class skip
+    fewshot_seeds: int = DEFAULT_SEEDS  # support draws per shot count
+    fewshot_method: str = "simpleshot"  # "simpleshot" or "linear"
+    diagnostics_max_tiles: int = DEFAULT_MAX_ITEMS  # RankMe/uniformity on at most this many eval-split tiles
+    alignment_max_tiles: int = 512  # tiles embedded twice more (two augmented views) for alignment; 0 skips it
+    seed: int = 0  # seeds subsampling, few-shot draws, CV folds and view augmentation
+
+    def __post_init__(self) -> None:
+        if self.fewshot_method not in ("simpleshot", "linear"):
+            raise ValueError(
+                f"EvalOptions.fewshot_method must be 'simpleshot' or 'linear', got {self.fewshot_method!r}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"EvalOptions.batch_size must be >= 1, got {self.batch_size}")
+
+
+def eval_transform(
+    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable[[object], torch.Tensor]:
+    """Resize the shorter side to ``img_size`` (bicubic), centre-crop ``img_size``, to tensor, normalise."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def view_augmentation(transform: Callable[[object], torch.Tensor]) -> Callable[[object], torch.Tensor]:
+    """A random tile view for alignment: crop 70-100% of the side, flips, 90° rotation, mild colour jitter,
+    then ``transform``. All of these are label-preserving for histology tiles."""
+    from torchvision import transforms as T
+
+    def crop_rotate(image):
+        w, h = image.size
+        frac = random.uniform(0.7, 1.0)
+        cw, ch = max(1, round(w * frac)), max(1, round(h * frac))
+        x, y = random.randint(0, w - cw), random.randint(0, h - ch)
+        image = image.crop((x, y, x + cw, y + ch))
+        return image.rotate(90 * random.randint(0, 3), expand=True)
+
+    return T.Compose([
+        T.Lambda(crop_rotate),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
+        transform,
+    ])
+
+
+def random_baseline_encoder(arch: str = "vit_small_patch14_dinov2", img_size: int = 224, seed: int = 0) -> nn.Module:
+    """A timm ``arch`` with random weights (``num_classes=0``): the floor a pretrained encoder must beat."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size)
+    model.pathdino_info = {"weights": "random", "arch": arch, "img_size": img_size, "init_seed": seed}
+    return model.eval()
+
+
+def describe_encoder(encoder: nn.Module) -> dict[str, object]:
+    """Class, timm architecture, embedding width, input size and parameter count, plus ``pathdino_info``."""
+    info: dict[str, object] = {
+        "class": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
+        "n_params": int(sum(p.numel() for p in encoder.parameters())),
+    }
+    cfg = getattr(encoder, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("architecture"):
+        info["timm_architecture"] = cfg["architecture"]
+    if getattr(encoder, "num_features", None) is not None:
+        info["num_features"] = int(encoder.num_features)
+    patch_embed = getattr(encoder, "patch_embed", None)
+    for attr in ("img_size", "patch_size"):
+        value = getattr(patch_embed, attr, None)
+        if value is not None:
+            info[attr] = list(value) if isinstance(value, (tuple, list)) else value
+    info.update(getattr(encoder, "pathdino_info", {}) or {})
+    return info
+
+
+def to_jsonable(obj: object) -> object:
+    """Plain JSON types; NaN/inf become None (strict JSON has no NaN)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json_atomic(path: str | Path, payload: object) -> Path:
+    """Write ``payload`` as JSON to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(to_jsonable(payload), fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _subset(records: Sequence[TileRecord], n_max: int, seed: int) -> list[TileRecord]:
+    if len(records) <= n_max:
+        return list(records)
+    idx = np.sort(np.random.default_rng(seed).choice(len(records), size=n_max, replace=False))
+    return [records[i] for i in idx]
+
+
+def run_eval(
+    encoder: nn.Module,
+    transform: Callable[[object], torch.Tensor],
+    dataset_spec: TileDatasetSpec | TileDataset | str | Path,
+    methods: Sequence[str] = METHODS,
+    out_json: str | Path | None = None,
+    options: EvalOptions = EvalOptions(),
+) -> dict[str, object]:
+    """Evaluate ``encoder`` (frozen) on a labelled tile dataset; return the report and write it to ``out_json``.
+
+    ``dataset_spec`` is a folder/CSV path, a :class:`TileDatasetSpec` or an already loaded :class:`TileDataset`.
+    ``transform`` maps a PIL image to the encoder's input tensor (e.g. :func:`eval_transform`). The report's
+    ``encoder`` entry is :func:`describe_encoder`; set ``encoder.pathdino_info = {...}`` (e.g. checkpoint path and
+    step) to have it recorded. NaN metrics (e.g. AUC of a one-class split) are written as ``null``.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown eval method(s) {unknown}; choose from {METHODS}")
+    t_start = time.perf_counter()
+    dataset = dataset_spec if isinstance(dataset_spec, TileDataset) else load_tile_dataset(dataset_spec)
+    eval_split = "test" if dataset.records("test") else "val"
+    if not dataset.records(eval_split):
+        raise ValueError(
+            f"{dataset.source}: no test or validation tiles to score; add a split column/folders or use a larger "
+            "dataset (the seeded split keeps at least one tile per class for training)"
+        )
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    n_classes = len(dataset.class_names)
+
+    def embed(records: Sequence[TileRecord], tf: Callable, name: str):
+        return extract_features(
+            encoder, tf, list(records), options.batch_size, device, options.num_workers, options.progress, name
+        )
+
+    needs_train = any(m in methods for m in ("knn", "linear", "fewshot"))
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    feats = {eval_split: embed(dataset.records(eval_split), transform, f"{eval_split} features")}
+    if needs_train:
+        feats["train"] = embed(dataset.records("train"), transform, "train features")
+    if "linear" in methods and eval_split == "test" and dataset.records("val"):
+        feats["val"] = embed(dataset.records("val"), transform, "val features")
+    timing["features_s"] = time.perf_counter() - t0
+    train, test = feats.get("train"), feats[eval_split]
+
+    results: dict[str, object] = {}
+    if "knn" in methods:
+        t0 = time.perf_counter()
+        results["knn"] = knn_evaluate(
+            train.features, train.labels, test.features, test.labels, n_classes, options.knn_ks,
+            options.knn_temperature, device,
+        )
+        timing["knn_s"] = time.perf_counter() - t0
+    if "linear" in methods:
+        t0 = time.perf_counter()
+        val = feats.get("val")
+        results["linear"] = linear_probe_evaluate(
+            train.features, train.labels, test.features, test.labels, n_classes,
+            val.features if val is not None else None, val.labels if val is not None else None,
+            options.l2_grid, seed=options.seed, device=device,
+        )
+        timing["linear_s"] = time.perf_counter() - t0
+    if "fewshot" in methods:
+        t0 = time.perf_counter()
+        results["fewshot"] = fewshot_evaluate(
+            train.features, train.labels, test.features, test.labels, n_classes, options.fewshot_shots,
+            options.fewshot_seeds, options.fewshot_method, options.seed,
+        )
+        timing["fewshot_s"] = time.perf_counter() - t0
+    if "diagnostics" in methods:
+        t0 = time.perf_counter()
+        results["diagnostics"] = _diagnostics(dataset.records(eval_split), test.features, transform, embed, options)
+        results["diagnostics"]["split"] = eval_split
+        timing["diagnostics_s"] = time.perf_counter() - t0
+    timing["total_s"] = time.perf_counter() - t_start
+
+    report = {
+        "schema": REPORT_SCHEMA,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "encoder": describe_encoder(encoder),
+        "dataset": dataset.summary(),
+        "eval_split": eval_split,
+        "feature_dim": int(test.features.shape[1]),
+        "device": str(device),
+        "options": asdict(options),
+        "methods": results,
+        "timing": timing,
+    }
+    report = to_jsonable(report)
+    if out_json is not None:
+        write_json_atomic(out_json, report)
+    return report  # type: ignore[return-value]
+
+
+def _diagnostics(records, features, transform, embed, options: EvalOptions) -> dict[str, object]:
+    n = features.shape[0]
+    idx = np.arange(n)
+    if n > options.diagnostics_max_tiles:
+        idx = np.sort(np.random.default_rng(options.seed).choice(n, options.diagnostics_max_tiles, replace=False))
+    pairs = None
+    if options.alignment_max_tiles > 0:
+        subset = _subset(records, options.alignment_max_tiles, options.seed)
+        augment = view_augmentation(transform)
+        # Python's `random` drives the crop/rotation; seed it so reports are reproducible (workers=0).
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(options.seed)
+            torch.manual_seed(options.seed)
+            try:
+                pairs = (embed(subset, augment, "view A").features, embed(subset, augment, "view B").features)
+            finally:
+                random.setstate(state)
+    return diagnose(features[torch.as_tensor(idx)], pairs, seed=options.seed)
