@@ -1,0 +1,28 @@
+"""DINOv2 objectives: DINO CLS loss, iBOT masked-patch loss, KoLeo / KDE uniformity; imports torch."""
+
+from pathdino.losses.dino import DINOLoss, PrototypeTargets, all_reduce_, sinkhorn_knopp
+from pathdino.losses.ibot import IBOTPatchLoss, gather_masked_tokens, masked_token_weights
+from pathdino.losses.koleo import (
+    DEFAULT_WEIGHTS,
+    KDELoss,
+    KoLeoLoss,
+    build_uniformity_loss,
+    kde_loss,
+    koleo_loss,
+)
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "DINOLoss",
+    "IBOTPatchLoss",
+    "KDELoss",
+    "KoLeoLoss",
+    "PrototypeTargets",
+    "all_reduce_",
+    "build_uniformity_loss",
+    "gather_masked_tokens",
+    "kde_loss",
+    "koleo_loss",
+    "masked_token_weights",
+    "sinkhorn_knopp",
+]

@@ -1,0 +1,415 @@
+"""The DINOv2 backbone: a plain timm ``VisionTransformer`` plus the trainer-side mask token.
+
+The exported encoder must be an ordinary timm model, so the backbone is always built by
+``timm.create_model(*timm_create_kwargs(cfg))`` and nothing of the training machinery (mask token, heads) lives
+inside it. ``MaskedViT`` wraps it for training: it replaces masked patch embeddings by a learned token before the
+position embedding (iBOT) and returns CLS / register / patch tokens after the final norm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import DropPath, resample_abs_pos_embed
+from timm.models import VisionTransformer
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# name -> (embed_dim, depth, num_heads, default ffn); sizes as facebookresearch/dinov2 and timm's *_dinov2 models.
+ARCHS: dict[str, tuple[int, int, int, str]] = {
+    "vit_tiny": (192, 12, 3, "mlp"),
+    "vit_small": (384, 12, 6, "mlp"),
+    "vit_base": (768, 12, 12, "mlp"),
+    "vit_large": (1024, 24, 16, "mlp"),
+    "vit_giant": (1536, 40, 24, "swiglu"),
+}
+# timm registers dinov2 models for these families only; the others borrow one whose FFN matches (the explicit
+# embed_dim/depth/num_heads kwargs override its sizes, so the model is still fully described).
+_TIMM_FAMILY = {"vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant": "vit_giant"}
+_FFN_DONOR = {"mlp": "vit_small", "swiglu": "vit_giant"}
+
+
+def swiglu_hidden_features(embed_dim: int) -> int:
+    """DINOv2's SwiGLU hidden width: 2/3 of 4*D rounded up to a multiple of 8 (4,096 for ViT-g's D=1,536)."""
+    return (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Shape and regularisation of the ViT backbone.
+
+    Attributes:
+        arch: "vit_tiny" | "vit_small" | "vit_base" | "vit_large" | "vit_giant" | "custom" (then embed_dim, depth
+            and num_heads are required; for named archs they must be left None).
+        patch_size: patch side in pixels; 14 as DINOv2 (16 allowed).
+        img_size: global crop side in pixels (224); the position embedding is learned at this grid and resampled
+            for other crop sizes (local crops, inference at other sizes).
+        num_register_tokens: register tokens (4, "reg4"); 0 gives the plain dinov2 layout.
+        layerscale_init: LayerScale initial value (1e-5); None disables LayerScale.
+        drop_path_rate: stochastic-depth rate, the same for every block (DINOv2 "drop_path_uniform"); 0.3 as the
+            DINOv2 default config (0.4 for L/g). Training-only: not part of the timm kwargs.
+        ffn: "mlp" (GELU MLP, ratio mlp_ratio) or "swiglu" (timm SwiGLUPacked with DINOv2's hidden width);
+            "auto" resolves to swiglu for vit_giant, mlp otherwise.
+        mlp_ratio: MLP hidden width / embed_dim for ffn="mlp" (4.0).
+        qkv_bias: bias on the qkv projection (True, as DINOv2).
+        embed_dim, depth, num_heads: only for arch="custom".
+    """
+
+    arch: str = "vit_small"
+    patch_size: int = 14
+    img_size: int = 224
+    num_register_tokens: int = 4
+    layerscale_init: float | None = 1e-5
+    drop_path_rate: float = 0.3
+    ffn: str = "auto"
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        sizes = (self.embed_dim, self.depth, self.num_heads)
+        if self.arch == "custom":
+            if any(s is None for s in sizes):
+                raise ValueError("BackboneConfig: arch='custom' needs embed_dim, depth and num_heads")
+        elif self.arch in ARCHS:
+            if any(s is not None for s in sizes):
+                raise ValueError(
+                    f"BackboneConfig: embed_dim/depth/num_heads are fixed by arch={self.arch!r}; "
+                    "use arch='custom' to set them")
+        else:
+            raise ValueError(f"BackboneConfig.arch={self.arch!r}: expected one of {[*ARCHS, 'custom']}")
+        if self.ffn == "auto":
+            object.__setattr__(self, "ffn", ARCHS[self.arch][3] if self.arch in ARCHS else "mlp")
+        if self.ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"BackboneConfig.ffn={self.ffn!r}: expected 'mlp', 'swiglu' or 'auto'")
+        if self.patch_size not in (14, 16):
+            raise ValueError(f"BackboneConfig.patch_size={self.patch_size}: expected 14 (DINOv2) or 16")
+        if self.img_size <= 0 or self.img_size % self.patch_size:
+            raise ValueError(
+                f"BackboneConfig.img_size={self.img_size} must be a positive multiple of patch_size="
+                f"{self.patch_size} (e.g. 224 for patch 14)")
+        if self.embed_dim_ % self.num_heads_:
+            raise ValueError(
+                f"BackboneConfig: embed_dim={self.embed_dim_} not divisible by num_heads={self.num_heads_}")
+        if min(self.embed_dim_, self.depth_, self.num_heads_) <= 0:
+            raise ValueError("BackboneConfig: embed_dim, depth and num_heads must be positive")
+        if self.num_register_tokens < 0:
+            raise ValueError(f"BackboneConfig.num_register_tokens={self.num_register_tokens} must be >= 0")
+        if self.layerscale_init is not None and self.layerscale_init <= 0:
+            raise ValueError(f"BackboneConfig.layerscale_init={self.layerscale_init}: use a positive value or None")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"BackboneConfig.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"BackboneConfig.mlp_ratio={self.mlp_ratio} must be positive")
+
+    @property
+    def embed_dim_(self) -> int:
+        return self.embed_dim if self.embed_dim is not None else ARCHS[self.arch][0]
+
+    @property
+    def depth_(self) -> int:
+        return self.depth if self.depth is not None else ARCHS[self.arch][1]
+
+    @property
+    def num_heads_(self) -> int:
+        return self.num_heads if self.num_heads is not None else ARCHS[self.arch][2]
+
+    @property
+    def mlp_hidden_features(self) -> int:
+        """Width of the FFN hidden layer (per branch for SwiGLU)."""
+        if self.ffn == "swiglu":
+            return swiglu_hidden_features(self.embed_dim_)
+        return int(self.embed_dim_ * self.mlp_ratio)
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of a global crop."""
+        return self.img_size // self.patch_size
+
+    @property
+    def timm_arch(self) -> str:
+        """The registered timm model function this config is built with (see ``timm_create_kwargs``)."""
+        family = _TIMM_FAMILY.get(self.arch)
+        if family is None or ARCHS[family][3] != self.ffn:
+            family = _FFN_DONOR[self.ffn]
+        return f"{family}_patch14{'_reg4' if self.num_register_tokens else ''}_dinov2"
+
+
+def timm_create_kwargs(cfg: BackboneConfig) -> tuple[str, dict[str, Any]]:
+    """``(arch_name, kwargs)`` such that ``timm.create_model(arch_name, **kwargs)`` builds this backbone.
+
+    The kwargs are JSON-serialisable and state every shape explicitly, so the exported encoder is a plain timm
+    model. Drop path is left out (it has no weights and only matters in training; ``build_backbone`` adds it).
+    """
+    if cfg.ffn == "swiglu":
+        # SwiGLUPacked's fc1 holds both branches: int(D * ratio) must equal 2 * hidden exactly, hence the +0.5.
+        mlp_ratio = (2 * cfg.mlp_hidden_features + 0.5) / cfg.embed_dim_
+    else:
+        mlp_ratio = cfg.mlp_ratio
+    kwargs: dict[str, Any] = dict(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim_,
+        depth=cfg.depth_,
+        num_heads=cfg.num_heads_,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
+        init_values=cfg.layerscale_init,
+        reg_tokens=cfg.num_register_tokens,
+        # With registers neither CLS nor registers get a position (timm's conversion of dinov2-reg weights);
+        # without, the pos embed has a CLS slot as in dinov2 checkpoints.
+        no_embed_class=cfg.num_register_tokens > 0,
+        dynamic_img_size=True,
+        num_classes=0,
+    )
+    return cfg.timm_arch, kwargs
+
+
+def build_backbone(cfg: BackboneConfig) -> VisionTransformer:
+    """Build the timm ViT (random init, never downloads) with uniform drop path and SDPA attention."""
+    arch, kwargs = timm_create_kwargs(cfg)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    for block in model.blocks:
+        # timm's drop_path_rate is a linear ramp; DINOv2 uses the same rate in every block.
+        block.drop_path1 = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
+        # F.scaled_dot_product_attention even if TIMM_FUSED_ATTN=0 is set in the environment.
+        block.attn.fused_attn = True
+    return model
+
+
+class MaskedViT(nn.Module):
+    """Backbone + learned mask token for iBOT; the mask token belongs to the trainer, not the exported encoder.
+
+    ``forward(x, masks)`` returns ``dict(cls=[B, D], registers=[B, R, D], patch=[B, N, D])`` after the final norm,
+    where N is the number of patches of ``x`` (any size that is a multiple of the patch size).
+    """
+
+    def __init__(self, backbone: VisionTransformer) -> None:
+        super().__init__()
+        if not backbone.has_class_token:
+            raise ValueError("MaskedViT needs a backbone with a class token")
+        self.backbone = backbone
+        # Zero init as DINOv2; [1, D] so dinov2 checkpoints' mask_token loads unchanged.
+        self.mask_token = nn.Parameter(torch.zeros(1, backbone.embed_dim))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @property
+    def num_register_tokens(self) -> int:
+        return self.backbone.num_reg_tokens
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_embed.patch_size[0]
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Encode images ``x`` [B, 3, H, W]; ``masks`` [B, N] bool (row-major patches) marks iBOT-masked patches."""
+        bb = self.backbone
+        tokens = bb.patch_embed(x)  # [B, h, w, D] with dynamic_img_size, else [B, N, D]
+        if masks is not None:
+            n_patches = math.prod(tokens.shape[1:-1])
+            if masks.dtype != torch.bool or masks.shape != (tokens.shape[0], n_patches):
+                raise ValueError(
+                    f"MaskedViT: masks must be bool [{tokens.shape[0]}, {n_patches}] for input {tuple(x.shape)}, "
+                    f"got {masks.dtype} {tuple(masks.shape)}")
+            masked = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)
+            # Before the position embedding, so a masked token still knows where it is (iBOT / DINOv2).
+            tokens = torch.where(masked, self.mask_token.to(tokens.dtype), tokens)
+        tokens = bb._pos_embed(tokens)
+        tokens = bb.patch_drop(tokens)
+        tokens = bb.norm_pre(tokens)
+        if bb.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(bb.blocks, tokens)
+        else:
+            tokens = bb.blocks(tokens)
+        tokens = bb.norm(tokens)
+        n_prefix = bb.num_prefix_tokens
+        return {"cls": tokens[:, 0], "registers": tokens[:, 1:n_prefix], "patch": tokens[:, n_prefix:]}
+
+    def forward_crops(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        global_masks: torch.Tensor | None = None,
+    ) -> dict[str, dict[str, torch.Tensor] | None]:
+        """Run global crops (with optional iBOT masks) and local crops as two calls (their lengths differ).
+
+        Returns ``{"global": forward(global_crops, global_masks), "local": forward(local_crops) or None}``; None
+        when there are no local crops (``local_crops`` None or with 0 rows).
+        """
+        out_global = self.forward(global_crops, global_masks)
+        out_local = None
+        if local_crops is not None and local_crops.shape[0] > 0:
+            out_local = self.forward(local_crops)
+        return {"global": out_global, "local": out_local}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialisation from a local checkpoint (timm or facebookresearch/dinov2 layout)
+
+_WRAPPER_KEYS = ("teacher", "model", "state_dict", "module")
+_PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "backbone.", "module.", "encoder.")
+_DINOV2_ONLY = ("mask_token",)
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What ``load_init_checkpoint`` did: keys the model kept random, keys dropped, and any pos-embed resize."""
+
+    path: str
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+    ignored_keys: tuple[str, ...]
+    pos_embed_resized: tuple[tuple[int, int], tuple[int, int]] | None
+
+    def summary(self) -> str:
+        parts = [f"init checkpoint {self.path}:"]
+        parts.append(f"missing (kept random) {list(self.missing_keys) or 'none'};")
+        parts.append(f"unexpected (not loaded) {list(self.unexpected_keys) or 'none'};")
+        if self.ignored_keys:
+            parts.append(f"ignored {len(self.ignored_keys)} non-backbone keys (e.g. {self.ignored_keys[0]!r});")
+        if self.pos_embed_resized:
+            parts.append(f"pos_embed resampled {self.pos_embed_resized[0]} -> {self.pos_embed_resized[1]}")
+        return " ".join(parts)
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"init checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path), device="cpu"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise ValueError(
+            f"init checkpoint {path} cannot be read with torch.load(weights_only=True) ({exc}); "
+            "re-save its state dict as .safetensors or as a plain tensor dict") from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"init checkpoint {path} holds a {type(obj).__name__}, expected a state dict")
+    return dict(obj)
+
+
+def _select_backbone_keys(sd: dict[str, Any], prefix: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    for _ in range(3):  # unwrap {"model": {...}}, {"teacher": {...}} and the like
+        inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = dict(inner)
+    sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}  # torch.compile wrappers
+    if prefix is None:
+        prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in sd)), "")
+    kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    ignored = sorted(k for k in sd if not (k.startswith(prefix) and isinstance(sd[k], torch.Tensor)))
+    return kept, ignored
+
+
+def _rename_dinov2(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out, ignored = {}, []
+    for key, value in sd.items():
+        if key in _DINOV2_ONLY:
+            ignored.append(key)
+            continue
+        # dinov2 FSDP "block chunks": blocks.<chunk>.<global index>.<rest>
+        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)
+        key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)
+        key = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key)
+        if key == "register_tokens":
+            key = "reg_token"
+        out[key] = value
+    return out, ignored
+
+
+def _split_pos_embed(pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """Split a [1, L, D] pos embed into (CLS slot or None, grid part, grid side)."""
+    n = pos.shape[1]
+    side = math.isqrt(n)
+    if side * side == n:
+        return None, pos, side
+    side = math.isqrt(n - 1)
+    if side * side == n - 1:
+        return pos[:, :1], pos[:, 1:], side
+    raise ValueError(f"pos_embed with {n} tokens is neither a square grid nor CLS + a square grid")
+
+
+def _adapt_pos_embed(
+    sd: dict[str, torch.Tensor], model: VisionTransformer
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    if "pos_embed" not in sd or model.pos_embed is None:
+        return None
+    cls_pos, grid_pos, side = _split_pos_embed(sd["pos_embed"])
+    target_hw = tuple(model.patch_embed.grid_size)
+    resized = None
+    if (side, side) != target_hw:
+        grid_pos = resample_abs_pos_embed(grid_pos, new_size=list(target_hw), old_size=[side, side],
+                                          num_prefix_tokens=0)
+        resized = ((side, side), target_hw)
+    n_prefix_slots = 0 if model.no_embed_class else model.num_prefix_tokens
+    if n_prefix_slots == 0:
+        if cls_pos is not None and "cls_token" in sd:
+            # The CLS position is a constant added to the CLS token: fold it in (exact).
+            sd["cls_token"] = sd["cls_token"] + cls_pos
+        sd["pos_embed"] = grid_pos
+    else:
+        # The CLS token already carries its position when the source had none: a zero slot is exact.
+        slots = torch.zeros(1, n_prefix_slots, grid_pos.shape[-1], dtype=grid_pos.dtype)
+        if cls_pos is not None:
+            slots[:, :1] = cls_pos
+        sd["pos_embed"] = torch.cat([slots, grid_pos], dim=1)
+    return resized
+
+
+def load_init_checkpoint(
+    backbone: VisionTransformer | MaskedViT, path: str | Path, *, prefix: str | None = None, strict: bool = False
+) -> InitReport:
+    """Initialise ``backbone`` in place from a local timm- or dinov2-layout checkpoint (no download).
+
+    Accepts ``.safetensors`` or anything ``torch.load(weights_only=True)`` reads; unwraps ``{"model": ...}`` /
+    ``{"teacher": ...}`` and strips ``teacher.backbone.`` (preferred), ``student.backbone.``, ``backbone.`` (a
+    ``MaskedViT`` state dict) or ``module.`` (or ``prefix``). DINOv2
+    names are mapped (chunked ``blocks.C.N.``, ``mlp.w12/w3``, ``register_tokens``; ``mask_token`` ignored), the CLS
+    position is folded into the CLS token for register models, and the position embedding is resampled to the
+    model's grid with timm's ``resample_abs_pos_embed``. Missing/unexpected keys are logged and returned; with
+    ``strict=True`` they raise. Shape mismatches (wrong arch or patch size) always raise.
+    """
+    model = backbone.backbone if isinstance(backbone, MaskedViT) else backbone
+    path = Path(path)
+    sd, ignored = _select_backbone_keys(_read_state_dict(path), prefix)
+    if not sd:
+        raise ValueError(f"init checkpoint {path}: no tensors under prefix {prefix!r}; pass prefix= explicitly")
+    sd, dropped = _rename_dinov2(sd)
+    resized = _adapt_pos_embed(sd, model)
+    own = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(
+            f"init checkpoint {path} does not fit this backbone (check arch, patch_size, ffn): " + "; ".join(bad))
+    result = model.load_state_dict(sd, strict=False)
+    report = InitReport(
+        path=str(path),
+        missing_keys=tuple(result.missing_keys),
+        unexpected_keys=tuple(result.unexpected_keys),
+        ignored_keys=tuple(ignored + dropped),
+        pos_embed_resized=resized,
+    )
+    if strict and (report.missing_keys or report.unexpected_keys):
+        raise ValueError(report.summary())
+    (log.warning if report.missing_keys or report.unexpected_keys else log.info)(report.summary())
+    return report
