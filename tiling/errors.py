@@ -1,0 +1,31 @@
+"""Per-slide failures.
+
+A `SlideError` means "this slide cannot be tiled (as asked)": the runner records its message for the user and goes
+on with the other slides. Messages therefore name the slide and say what to do. Mistakes in the run's own settings
+(a negative `tile_px`, ...) are `ValueError`s instead, because they would fail every slide alike.
+"""
+
+from __future__ import annotations
+
+
+class SlideError(Exception):
+    """A failure confined to one slide; the message is shown to the user as is."""
+
+
+class SlideOpenError(SlideError):
+    """No backend could open the slide (or read a single pixel from it)."""
+
+
+class MppError(SlideError):
+    """The slide's microns-per-pixel is missing, implausible or anisotropic; an override is needed."""
+
+
+class ResolutionError(SlideError):
+    """The slide cannot give the requested physical resolution (it would need upsampling)."""
+
+
+class RegionReadError(SlideError):
+    """Pixels of a region could not be read or decoded (e.g. a corrupt JPEG source tile).
+
+    Raised for one block or one tile: the caller may retry smaller regions and skip only what is really broken.
+    """

@@ -1,0 +1,243 @@
+"""Slide readers behind one small typed interface, so backends swap and tests can use fakes.
+
+Two backends: OpenSlide (SVS, NDPI, MRXS, SCN, BIF, VMS/VMU, generic tiled TIFF, DICOM) and tiffslide (OME-TIFF and
+other TIFF-based files). Both give RGB uint8 arrays addressed in pixels of the level read, with everything outside
+the slide (or transparent in it) white.
+
+`open_slide(..., backend="auto")` picks a reader that sees every pyramid level: an OME-TIFF whose levels live in
+SubIFDs is 1 level to OpenSlide and N levels to tiffslide. A backend "can open" a slide only if it also reads one
+pixel of the coarsest level, so files whose pixels no backend can decode fail here, with both backends' reasons,
+rather than halfway through tiling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from tiling.errors import RegionReadError, SlideOpenError
+
+Backend = Literal["auto", "openslide", "tiffslide"]
+
+# Files that may be OME/SubIFD pyramids: open both backends and keep the one that sees more levels.
+_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".qptiff")
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """What the tiler needs from a slide reader."""
+
+    path: Path
+    backend: str
+    """"openslide" or "tiffslide"."""
+    backend_version: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    """(width, height) of each pyramid level, level 0 first."""
+    level_downsamples: tuple[float, ...]
+    properties: Mapping[str, str]
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3); x, y are pixels of `level`; outside the slide is white."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def _check_request(reader: SlideReader, level: int, width: int, height: int) -> None:
+    if not 0 <= level < len(reader.level_dimensions):
+        raise ValueError(f"{reader.path}: level {level} does not exist (slide has {len(reader.level_dimensions)})")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{reader.path}: region size must be positive, got {width}x{height}")
+
+
+def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite non-premultiplied RGBA (h, w, 4) uint8 on white; returns a new (h, w, 3) uint8 array."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    # rgb*a/255 + 255*(1 - a/255), rounded; stays within 0..255.
+    out = (rgb * alpha + 127) // 255 + (255 - alpha)
+    return out.astype(np.uint8)
+
+
+class OpenSlideReader:
+    """OpenSlide backend. OpenSlide takes level-0 coordinates and returns RGBA: both hidden here."""
+
+    backend = "openslide"
+
+    def __init__(self, path: str | Path) -> None:
+        import openslide
+
+        self.path = Path(path)
+        self._slide = openslide.OpenSlide(str(self.path))
+        self.backend_version = f"openslide-python {openslide.__version__}, libopenslide {openslide.__library_version__}"
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.properties: Mapping[str, str] = dict(self._slide.properties)
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        _check_request(self, level, width, height)
+        ds = self.level_downsamples[level]
+        # OpenSlide divides level-0 coordinates by the downsample; rounding keeps the sub-pixel error smallest
+        # (OpenSlide resamples at fractional positions on levels with non-integer downsamples).
+        x0, y0 = round(x * ds), round(y * ds)
+        try:
+            image = self._slide.read_region((x0, y0), level, (width, height))
+        except Exception as exc:  # openslide.OpenSlideError
+            # OpenSlide handles stay in an error state after a failed read: reopen so that reads of other
+            # regions (the per-tile fallback) still work.
+            self._reopen()
+            raise RegionReadError(f"{self.path}: OpenSlide could not read level {level} region x={x} y={y} "
+                                  f"{width}x{height}: {exc}") from exc
+        alpha_min = image.getextrema()[3][0]
+        if alpha_min == 255:  # the usual case: fully opaque, drop alpha in C
+            return np.asarray(image.convert("RGB"))
+        return rgba_to_rgb_white(np.asarray(image))
+
+    def _reopen(self) -> None:
+        import openslide
+
+        try:
+            self._slide.close()
+            self._slide = openslide.OpenSlide(str(self.path))
+        except Exception:  # keep the broken handle; the next read reports its error again
+            pass
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffSlideReader:
+    """tiffslide backend (tifffile underneath); sees OME SubIFD pyramids."""
+
+    backend = "tiffslide"
+
+    def __init__(self, path: str | Path) -> None:
+        import tifffile
+        import tiffslide
+
+        self.path = Path(path)
+        self._slide = tiffslide.TiffSlide(str(self.path))
+        self.backend_version = f"tiffslide {tiffslide.__version__}, tifffile {tifffile.__version__}"
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        # tiffslide gives floats and enums; the protocol promises strings.
+        self.properties: Mapping[str, str] = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
+
+    def _level0_coord(self, value: int, ds: float) -> int:
+        # tiffslide maps level-0 -> level coordinates with int(x0 / ds): find the x0 that lands exactly on `value`.
+        x0 = math.ceil(value * ds - 1e-6)
+        while int(x0 / ds) < value:
+            x0 += 1
+        while x0 > 0 and int((x0 - 1) / ds) >= value:
+            x0 -= 1
+        return x0
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        _check_request(self, level, width, height)
+        level_w, level_h = self.level_dimensions[level]
+        # Clip to the level ourselves: tiffslide pads with black, we want white.
+        cx0, cy0 = max(x, 0), max(y, 0)
+        cx1, cy1 = min(x + width, level_w), min(y + height, level_h)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return np.full((height, width, 3), 255, np.uint8)
+        ds = self.level_downsamples[level]
+        loc = (self._level0_coord(cx0, ds), self._level0_coord(cy0, ds))
+        try:
+            arr = self._slide.read_region(loc, level, (cx1 - cx0, cy1 - cy0), as_array=True, padding=False)
+        except Exception as exc:  # tifffile/imagecodecs decode errors have many types
+            raise RegionReadError(f"{self.path}: tiffslide could not read level {level} region x={x} y={y} "
+                                  f"{width}x{height}: {exc}") from exc
+        arr = _as_rgb_uint8(arr, self.path)
+        if (cx0, cy0, cx1, cy1) == (x, y, x + width, y + height):
+            return arr
+        out = np.full((height, width, 3), 255, np.uint8)
+        out[cy0 - y: cy1 - y, cx0 - x: cx1 - x] = arr
+        return out
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def _as_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise RegionReadError(f"{path}: pixels are {arr.dtype}, only 8-bit RGB slides are supported")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    channels = arr.shape[2]
+    if channels == 3:
+        return arr
+    if channels == 1:
+        return np.repeat(arr, 3, axis=2)
+    if channels == 4:
+        return rgba_to_rgb_white(arr)
+    raise RegionReadError(f"{path}: {channels}-channel images are not supported (need RGB)")
+
+
+_BACKENDS = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
+
+
+def _try_open(path: Path, backend: str) -> tuple[SlideReader | None, str]:
+    """Open and probe one pixel of the coarsest level; returns (reader, "") or (None, why not)."""
+    try:
+        reader = _BACKENDS[backend](path)
+    except Exception as exc:  # each backend raises its own zoo of exception types
+        return None, f"{type(exc).__name__}: {exc}"
+    try:
+        if not reader.level_dimensions:
+            raise RegionReadError("no pyramid levels")
+        reader.read_region(len(reader.level_dimensions) - 1, 0, 0, 1, 1)
+    except Exception as exc:
+        reader.close()
+        return None, f"opened, but reading pixels failed: {exc}"
+    return reader, ""
+
+
+def open_slide(path: str | Path, backend: Backend = "auto") -> SlideReader:
+    """Open a slide with the given backend, or with `auto` the one that sees all its pyramid levels.
+
+    `auto`: for .tif/.tiff (possibly OME with SubIFD levels) both backends are opened and the one with more levels
+    wins (a tie goes to OpenSlide); for other files OpenSlide is tried first. Either way, if one backend cannot open
+    the file the other is used. Raises `SlideOpenError` naming the file and every backend's reason.
+    """
+    path = Path(path)
+    if backend not in ("auto", *_BACKENDS):
+        raise ValueError(f"unknown slide backend {backend!r}: use auto, openslide or tiffslide")
+    if not path.exists():
+        raise SlideOpenError(f"{path}: file does not exist")
+
+    if backend != "auto":
+        reader, why = _try_open(path, backend)
+        if reader is None:
+            raise SlideOpenError(f"{path}: {backend} cannot open this slide ({why}); "
+                                 f"try --backend auto or the other backend")
+        return reader
+
+    reasons: dict[str, str] = {}
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+        opened: list[SlideReader] = []
+        for name in ("openslide", "tiffslide"):
+            reader, why = _try_open(path, name)
+            if reader is None:
+                reasons[name] = why
+            else:
+                opened.append(reader)
+        if opened:
+            # max() keeps the first of equals, and OpenSlide was opened first: ties go to OpenSlide.
+            best = max(opened, key=lambda r: len(r.level_dimensions))
+            for other in opened:
+                if other is not best:
+                    other.close()
+            return best
+    else:
+        for name in ("openslide", "tiffslide"):
+            reader, why = _try_open(path, name)
+            if reader is not None:
+                return reader
+            reasons[name] = why
+    detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    raise SlideOpenError(f"{path}: no backend can open this slide ({detail})")
