@@ -67,7 +67,7 @@ def draw_qc_image(
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", optimize=False)
+            image.save(fh, format="PNG", optimize=False, compress_level=1)  # fast: QC pictures are viewed, not archived
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -55,14 +55,18 @@ def now_iso() -> str:
 # Tile encoding
 
 
-def encode_tile(tile: np.ndarray, encoding: str = "jpeg", jpeg_quality: int = 90) -> bytes:
-    """Encode one RGB uint8 tile (H, W, 3) as JPEG (lossy, default) or PNG (lossless)."""
+def encode_tile(tile: np.ndarray, encoding: str = "jpeg", jpeg_quality: int = 90,
+                jpeg_subsampling: str = "420") -> bytes:
+    """Encode one RGB uint8 tile (H, W, 3) as JPEG (lossy, default) or PNG (lossless).
+
+    JPEG chroma subsampling "420" (the default, as PIL and most tile datasets) is ~1.5x faster to encode, ~1.3x
+    faster to decode and ~1.5x smaller than "444"; "444" keeps colour detail (mean abs error 1.3 vs 4.3 grey levels
+    at q90 on the bundled slide's tissue).
+    """
     import imagecodecs
 
     if encoding == "jpeg":
-        # libjpeg-turbo's default 4:2:0 chroma subsampling: smaller and ~1.5x faster to encode and decode than
-        # 4:4:4 at q90, with PSNR ~46 dB on H&E (measured on the bundled slide).
-        return bytes(imagecodecs.jpeg8_encode(tile, level=jpeg_quality))
+        return bytes(imagecodecs.jpeg8_encode(tile, level=jpeg_quality, subsampling=jpeg_subsampling))
     if encoding == "png":
         return bytes(imagecodecs.png_encode(tile, level=1))
     raise ValueError(f"unknown tile encoding {encoding!r}; expected one of {TILE_ENCODINGS}")

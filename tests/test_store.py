@@ -1,0 +1,125 @@
+"""The tile-store format: round trips, the index as the commit marker, safe ids, plain-zarr readability."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from tiling.store import (
+    FORMAT_VERSION, StoreError, TileStore, TileStoreWriter, decode_tile, encode_tile, safe_slide_id,
+)
+
+
+def _tiles(n: int, px: int = 32, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # smooth, mostly-luminance images (like H&E) so JPEG's error is small, as on real tissue
+    grey = rng.integers(60, 200, (n, 4, 4, 1))
+    base = np.clip(grey + rng.integers(-15, 15, (n, 4, 4, 3)), 0, 255).astype(np.uint8)
+    return [np.kron(b, np.ones((px // 4, px // 4, 1), np.uint8)) for b in base]
+
+
+def _write(url, slide_id="s1", n=300, px=32, encoding="jpeg", shard=256, chunk=16):
+    w = TileStoreWriter(url)
+    sw = w.begin_slide(slide_id, px, encoding=encoding, tiles_per_shard=shard, tiles_per_chunk=chunk)
+    tiles = _tiles(n, px)
+    xy = np.arange(2 * n).reshape(n, 2)
+    # arrive in uneven batches, as blocks do
+    for start in range(0, n, 70):
+        stop = min(start + 70, n)
+        sw.add([encode_tile(t, encoding) for t in tiles[start:stop]], xy[start:stop], np.linspace(0, 1, n)[start:stop])
+    sw.commit({"source_path": "/x/s1.svs", "source_fingerprint": "fp"})
+    return w, tiles, xy
+
+
+def test_round_trip_jpeg_and_png(tmp_path):
+    url = tmp_path / "store.zarr"
+    _, tiles, xy = _write(url, n=300)
+    store = TileStore(url)
+    assert store.slide_ids == ["s1"] and store.n_tiles("s1") == 300
+    slide = store.slide("s1")
+    assert slide.shard_ranges() == [(0, 256), (256, 300)]
+    np.testing.assert_array_equal(slide.coords, xy)
+    assert slide.tissue_fraction.shape == (300,)
+    got = slide.read_tiles(250, 300)
+    err = np.abs(got.astype(int) - np.stack(tiles[250:300]).astype(int)).mean()
+    assert got.shape == (50, 32, 32, 3) and got.dtype == np.uint8 and err < 4
+
+    _write(tmp_path / "png.zarr", encoding="png", n=20)
+    png = TileStore(tmp_path / "png.zarr").slide("s1")
+    np.testing.assert_array_equal(png.read_tiles(0, 20), np.stack(_tiles(20)))  # lossless
+
+
+def test_slide_invisible_until_commit_and_abort_leaves_nothing(tmp_path):
+    url = tmp_path / "store.zarr"
+    w = TileStoreWriter(url)
+    sw = w.begin_slide("half", 32)
+    sw.add([encode_tile(t) for t in _tiles(300)], np.zeros((300, 2)), np.ones(300))  # one full shard written
+    assert TileStore(url).slide_ids == []
+    assert not (url / "slides" / "half").exists()  # staged elsewhere until commit
+    with pytest.raises(StoreError, match="not a complete slide"):
+        TileStore(url).slide("half")
+    sw.abort()
+    assert not any((url / ".staging").iterdir())
+
+
+def test_recommit_replaces_and_failures_are_cleared(tmp_path):
+    url = tmp_path / "store.zarr"
+    w, _, _ = _write(url, n=40)
+    w.record_failure("s1", {"reason": "boom"})
+    assert "s1" in TileStore(url).failures
+    _write(url, n=10)
+    store = TileStore(url)
+    assert store.n_tiles("s1") == 10 and store.failures == {}
+
+
+def test_plain_zarr_opens_store_in_fresh_process(tmp_path):
+    url = tmp_path / "store.zarr"
+    _write(url, n=20)
+    code = (
+        "import zarr, imagecodecs, json, sys\n"
+        f"root = zarr.open_group({str(url)!r}, mode='r')\n"
+        "index = root.attrs['pathdino']['slides']\n"
+        "tiles = root['slides/s1/tiles'][0:20]\n"
+        "img = imagecodecs.jpeg8_decode(tiles[3])\n"
+        "print(json.dumps([sorted(index), img.shape, root['slides/s1/coords'][3].tolist()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [["s1"], [32, 32, 3], [6, 7]]
+
+
+def test_unknown_version_and_not_a_store(tmp_path):
+    url = tmp_path / "store.zarr"
+    _write(url, n=5)
+    root = zarr.open_group(str(url), mode="r+")
+    meta = dict(root.attrs["pathdino"])
+    meta["format_version"] = FORMAT_VERSION + 1
+    root.attrs["pathdino"] = meta
+    with pytest.raises(StoreError, match="format version"):
+        TileStore(url)
+    with pytest.raises(StoreError, match="no tile store"):
+        TileStore(tmp_path / "missing.zarr")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not a pathdino tile store"):
+        TileStore(tmp_path / "other.zarr")
+
+
+@pytest.mark.parametrize("raw", ["../../etc/passwd", "a/b", "a b", ".hidden", "..", "x" * 300, "é", ""])
+def test_safe_slide_id_never_escapes(raw):
+    safe = safe_slide_id(raw)
+    assert "/" not in safe and "\\" not in safe and not safe.startswith(".") and safe not in ("", "..")
+    assert len(safe) <= 200 and safe == safe_slide_id(safe)
+
+
+def test_safe_slide_id_keeps_normal_ids_and_separates_collisions():
+    assert safe_slide_id("TCGA-AA-3520.01") == "TCGA-AA-3520.01"
+    assert safe_slide_id("a/b") != safe_slide_id("a_b") and safe_slide_id("a/b") != safe_slide_id("a b")
+
+
+def test_decode_rejects_unknown_encoding():
+    with pytest.raises(ValueError, match="unknown tile encoding"):
+        decode_tile(b"", "webp")

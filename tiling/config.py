@@ -1,0 +1,85 @@
+"""The tiler's configuration: one typed dataclass, filled from `configs/tiling/*.yaml` and/or CLI flags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tiling.configio import to_dict
+from tiling.pixel_qc import PixelQCConfig
+from tiling.tissue import TissueConfig
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """What `pathdino tile` does; every default is documented here and in docs/tiling.md."""
+
+    target_mpp: float = 0.5
+    """Output resolution in µm per pixel (0.5 ≈ "20x")."""
+    tile_px: int = 224
+    """Output tile side in pixels."""
+    overlap_px: int = 0
+    """Overlap between neighbouring tiles, in output pixels (step = tile_px - overlap_px)."""
+    mpp_tolerance: float = 0.05
+    """A pyramid level whose mpp is within this relative distance of target_mpp is read as is."""
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    """Slide reader; auto picks the one that sees all pyramid levels."""
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    """Tissue mask and per-tile tissue threshold (see tiling/tissue.py)."""
+    pixel_qc: PixelQCConfig = field(default_factory=PixelQCConfig)
+    """Per-tile white/black/blur checks on the decoded pixels (see tiling/pixel_qc.py)."""
+    encoding: Literal["jpeg", "png"] = "jpeg"
+    """Tile encoding in the store: jpeg (lossy, ~8x smaller) or png (lossless)."""
+    jpeg_quality: int = 90
+    """JPEG quality (1-100) when encoding is jpeg."""
+    jpeg_subsampling: Literal["420", "444"] = "420"
+    """JPEG chroma subsampling: 420 is faster and smaller; 444 keeps colour detail (see tiling.store.encode_tile)."""
+    tiles_per_shard: int = 256
+    """Tiles per shard file (one file per shard)."""
+    tiles_per_chunk: int = 16
+    """Tiles per chunk inside a shard (the unit of partial reads)."""
+    block_tiles: int = 8
+    """Tiles are read in blocks of block_tiles x block_tiles grid cells (one region read per block)."""
+    workers: int = 0
+    """Worker processes; 0 means one per CPU core."""
+    qc_images: bool = True
+    """Write qc/<slide_id>.png (thumbnail, tissue outline, kept tiles)."""
+    tiff_fast_path: bool = True
+    """Decode TIFF source tiles directly (each once) instead of going through the reader's read_region."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.target_mpp > 0:
+            problems.append(f"target_mpp must be > 0, got {self.target_mpp}")
+        if self.tile_px < 8:
+            problems.append(f"tile_px must be >= 8, got {self.tile_px}")
+        if not 0 <= self.overlap_px < self.tile_px:
+            problems.append(f"overlap_px must be in [0, tile_px), got {self.overlap_px}")
+        if not 0 <= self.mpp_tolerance < 0.5:
+            problems.append(f"mpp_tolerance must be in [0, 0.5), got {self.mpp_tolerance}")
+        if not 1 <= self.jpeg_quality <= 100:
+            problems.append(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.tiles_per_chunk < 1 or self.tiles_per_shard % self.tiles_per_chunk:
+            problems.append(f"tiles_per_shard ({self.tiles_per_shard}) must be a positive multiple of "
+                            f"tiles_per_chunk ({self.tiles_per_chunk})")
+        if self.block_tiles < 1:
+            problems.append(f"block_tiles must be >= 1, got {self.block_tiles}")
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else os.cpu_count() or 1)
+
+    def params_key(self) -> str:
+        """A hash of every parameter that changes the tiles written; resume compares it with the store's."""
+        params = to_dict(self)
+        for run_only in ("workers", "qc_images"):
+            params.pop(run_only)
+        return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]

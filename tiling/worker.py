@@ -1,0 +1,195 @@
+"""Work done in the tiler's worker processes: plan a slide, and turn blocks of grid cells into encoded tiles.
+
+Both functions take and return plain picklable values; slides are opened inside the worker (never inherited
+from the parent) and a few recently used readers are kept open per worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tiling.config import TilingConfig
+from tiling.geometry import TileGeometry, grid_shape, plan_geometry, tile_level0_xy
+from tiling.inputs import SlideInput
+from tiling.mpp import resolve_mpp
+from tiling.pixel_qc import check_tiles
+from tiling.readers import open_slide
+from tiling.regions import BlockReader, slice_tiles
+from tiling.store import encode_tile
+from tiling.tissue import read_thumbnail, tissue_fractions, tissue_mask
+
+_OPEN_READERS_PER_WORKER = 2
+
+
+@dataclass
+class SlidePlan:
+    """Everything the parent needs to schedule a slide's blocks and to describe it afterwards."""
+
+    slide: SlideInput
+    geometry: TileGeometry
+    backend: str
+    backend_version: str
+    slide_mpp_source: str
+    level0_size: tuple[int, int]
+    grid_rows: int
+    grid_cols: int
+    thumbnail: np.ndarray
+    thumbnail_mpp: float
+    mask: np.ndarray
+    rows: np.ndarray  # candidate cells (tissue fraction >= threshold), in block-major order
+    cols: np.ndarray
+    level0_xy: np.ndarray
+    tissue_fraction: np.ndarray
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # (start, stop) into the candidate arrays
+    fingerprint: str = ""
+    size_bytes: int = 0
+
+
+@dataclass
+class BlockResult:
+    """One block's outcome: kept candidate positions (into the block's slice) and their encoded tiles."""
+
+    kept: np.ndarray
+    encoded: list[bytes]
+    rejected: dict[str, list[int]]  # QC reason -> candidate positions
+    n_decode_failures: int
+    pixel_source: str
+    fast_path_reason: str = ""
+
+
+def fingerprint(path: Path) -> tuple[str, int]:
+    """A cheap content fingerprint: SHA-256 of the size and the first, middle and last MiB of the file.
+
+    Hashing whole multi-GB slides on every resume would cost more than tiling some of them; three MiB samples change
+    whenever a slide is re-scanned or re-encoded. For folders (DICOM series) the file names and sizes are hashed.
+    """
+    h = hashlib.sha256()
+    if path.is_dir():
+        total = 0
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                size = p.stat().st_size
+                total += size
+                h.update(f"{p.relative_to(path)}:{size};".encode())
+        return f"sha256-listing:{h.hexdigest()[:32]}", total
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    mib = 1 << 20
+    with open(path, "rb") as fh:
+        for offset in sorted({0, max(0, size // 2 - mib // 2), max(0, size - mib)}):
+            fh.seek(offset)
+            h.update(fh.read(mib))
+    return f"sha256-3MiB:{h.hexdigest()[:32]}", size
+
+
+def _block_order(rows: np.ndarray, cols: np.ndarray, block_tiles: int) -> np.ndarray:
+    """Sort cells block by block (row-major over blocks), then row-major inside a block."""
+    return np.lexsort((cols, rows, cols // block_tiles, rows // block_tiles))
+
+
+def plan_slide(slide: SlideInput, cfg: TilingConfig) -> SlidePlan:
+    """Open a slide, resolve its mpp and geometry, find tissue, and list the candidate tiles in blocks."""
+    fp, size = fingerprint(slide.path)
+    reader = open_slide(slide.path, cfg.backend)
+    try:
+        mpp = resolve_mpp(reader, slide.mpp_override)
+        geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, mpp.mpp, cfg.target_mpp,
+                                 cfg.tile_px, cfg.overlap_px, cfg.mpp_tolerance)
+        level0_size = tuple(int(v) for v in reader.level_dimensions[0])
+        n_rows, n_cols = grid_shape(geometry, level0_size)
+        thumbnail, thumbnail_mpp = read_thumbnail(reader, mpp.mpp, cfg.tissue.thumbnail_mpp)
+        mask = tissue_mask(thumbnail, cfg.tissue, thumbnail_mpp)
+        rows, cols = np.divmod(np.arange(n_rows * n_cols, dtype=np.int64), max(n_cols, 1))
+        xy = tile_level0_xy(geometry, rows, cols)
+        fractions = tissue_fractions(mask, thumbnail_mpp, xy, geometry.level0_tile_px, mpp.mpp)
+        keep = fractions >= cfg.tissue.min_tissue_fraction
+        rows, cols, xy, fractions = rows[keep], cols[keep], xy[keep], fractions[keep]
+        order = _block_order(rows, cols, cfg.block_tiles)
+        rows, cols, xy, fractions = rows[order], cols[order], xy[order], fractions[order]
+        block_ids = (rows // cfg.block_tiles) * (n_cols // cfg.block_tiles + 1) + cols // cfg.block_tiles
+        starts = np.flatnonzero(np.r_[True, block_ids[1:] != block_ids[:-1]]) if len(rows) else np.zeros(0, int)
+        stops = np.r_[starts[1:], len(rows)]
+        return SlidePlan(slide=slide, geometry=geometry, backend=reader.backend,
+                         backend_version=reader.backend_version, slide_mpp_source=mpp.source,
+                         level0_size=level0_size, grid_rows=n_rows, grid_cols=n_cols, thumbnail=thumbnail,
+                         thumbnail_mpp=thumbnail_mpp, mask=mask, rows=rows, cols=cols, level0_xy=xy,
+                         tissue_fraction=fractions, blocks=list(zip(starts.tolist(), stops.tolist())),
+                         fingerprint=fp, size_bytes=size)
+    finally:
+        reader.close()
+
+
+_readers: "collections.OrderedDict[tuple, BlockReader]" = collections.OrderedDict()
+
+
+def _block_reader(path: Path, backend: str, geometry: TileGeometry, fast_path: bool) -> BlockReader:
+    key = (str(path), backend, geometry, fast_path, os.getpid())
+    if key in _readers:
+        _readers.move_to_end(key)
+        return _readers[key]
+    while len(_readers) >= _OPEN_READERS_PER_WORKER:
+        _, old = _readers.popitem(last=False)
+        old.close()
+        old.reader.close()  # BlockReader does not own the slide handle
+    reader = BlockReader(open_slide(path, backend), geometry, use_tiff_fast_path=fast_path)
+    _readers[key] = reader
+    return reader
+
+
+def close_readers() -> None:
+    while _readers:
+        block_reader = _readers.popitem()[1]
+        block_reader.close()
+        block_reader.reader.close()
+
+
+def _row_runs(rows: np.ndarray, cols: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of horizontally adjacent cells (cells come row-major within a block)."""
+    breaks = np.flatnonzero((np.diff(rows) != 0) | (np.diff(cols) != 1)) + 1
+    edges = np.r_[0, breaks, len(rows)]
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def _read_run(reader: BlockReader, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    strip = reader.read_block(int(rows[0]), int(cols[0]), 1, len(cols))
+    return slice_tiles(strip, geometry, np.zeros_like(rows), cols - cols[0])
+
+
+def tile_block(path: Path, backend: str, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray,
+               cfg: TilingConfig) -> BlockResult:
+    """Read the pixels under one block's candidate cells, cut the tiles, check their pixels, encode them.
+
+    Each run of adjacent candidate cells in a row is one region read, so only source tiles under candidates are
+    decoded; the reader's cache of decoded source tiles keeps each one decoded once. When a read fails (a corrupt
+    source tile), each tile is read on its own so only the tiles that really fail are lost; they are counted, not
+    fatal.
+    """
+    reader = _block_reader(path, backend, geometry, cfg.tiff_fast_path)
+    failures = 0
+    ok = np.ones(len(rows), dtype=bool)
+    try:
+        tiles = np.concatenate([_read_run(reader, geometry, rows[a:b], cols[a:b]) for a, b in _row_runs(rows, cols)])
+    except Exception:  # noqa: BLE001 - any decode error: fall back to per-tile reads
+        tiles = np.zeros((len(rows), geometry.tile_px, geometry.tile_px, 3), dtype=np.uint8)
+        for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+            try:
+                tiles[i] = reader.read_tile(r, c)
+            except Exception:  # noqa: BLE001
+                ok[i] = False
+                failures += 1
+    keep_qc, reasons = check_tiles(tiles, cfg.pixel_qc)
+    keep = ok & np.asarray(keep_qc, dtype=bool)
+    rejected: dict[str, list[int]] = {}
+    for i, reason in enumerate(reasons):
+        if ok[i] and reason is not None:
+            rejected.setdefault(reason, []).append(i)
+    kept = np.flatnonzero(keep)
+    encoded = [encode_tile(tiles[i], cfg.encoding, cfg.jpeg_quality, cfg.jpeg_subsampling) for i in kept]
+    return BlockResult(kept=kept, encoded=encoded, rejected=rejected, n_decode_failures=failures,
+                       pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "")
