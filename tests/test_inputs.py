@@ -72,3 +72,13 @@ def test_shards_partition_deterministically(tmp_path):
     assert parse_shard(None, {}) == (0, 1)
     with pytest.raises(InputError):
         parse_shard("3/3")
+
+
+def test_dicom_series_folder_is_one_slide_named_after_the_folder(tmp_path):
+    _touch(tmp_path / "case7" / "level-1.dcm")
+    _touch(tmp_path / "case7" / "level-0.dcm")
+    _touch(tmp_path / "a.svs")
+    slides = {s.slide_id: s for s in collect_slides([str(tmp_path)])}
+    assert sorted(slides) == ["a", "case7"]
+    assert slides["case7"].path.name == "level-0.dcm"
+    assert [s.slide_id for s in collect_slides([str(tmp_path / "case7")])] == ["case7"]

@@ -123,3 +123,16 @@ def test_safe_slide_id_keeps_normal_ids_and_separates_collisions():
 def test_decode_rejects_unknown_encoding():
     with pytest.raises(ValueError, match="unknown tile encoding"):
         decode_tile(b"", "webp")
+
+
+def test_fsspec_url_store_round_trip():
+    """Object stores (here fsspec's in-memory filesystem) take the no-rename path: index entry = commit."""
+    url = "memory://pathdino-test/store.zarr"
+    _, tiles, xy = _write(url, n=40)
+    store = TileStore(url)
+    assert store.slide_ids == ["s1"]
+    np.testing.assert_array_equal(store.slide("s1").coords, xy)
+    writer = TileStoreWriter(url)
+    assert writer.write_file("qc/s1.png", b"png") == f"{url}/qc/s1.png"
+    writer.remove_slide("s1")
+    assert TileStore(url).slide_ids == []

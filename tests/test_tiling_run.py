@@ -181,3 +181,14 @@ def test_two_concurrent_shard_runs_fill_one_store(tmp_path):
     assert sum(seq.n_tiles(s) for s in seq.slide_ids) > 0
     for sid in seq.slide_ids:
         assert store.slide(sid).read_encoded(0, store.n_tiles(sid)) == seq.slide(sid).read_encoded(0, seq.n_tiles(sid))
+
+
+def test_tiling_into_an_fsspec_url(tmp_path):
+    import fsspec
+
+    url = "memory://pathdino-run/tiles.zarr"
+    outcomes = run_tiling(collect_slides([str(SAMPLE)]), url, TilingConfig(workers=1))
+    assert [o.status for o in outcomes] == ["done"]
+    store = TileStore(url)
+    assert store.n_tiles("CMU-1-Small-Region") == outcomes[0].n_tiles > 0
+    assert fsspec.filesystem("memory").exists("/pathdino-run/tiles.zarr/qc/CMU-1-Small-Region.png")

@@ -45,6 +45,12 @@ def _dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
 
 
+def _dicom_input(folder: Path) -> SlideInput:
+    """A DICOM WSI series is a folder; OpenSlide opens it through any one of its files."""
+    first = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")[0]
+    return _make_input(first, folder.name, None)
+
+
 def _from_folder(folder: Path) -> list[Path]:
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
@@ -118,15 +124,20 @@ def collect_slides(inputs: list[str], slide_mpp: float | None = None) -> list[Sl
             found = _from_folder(path)
             if not found:
                 raise InputError(f"{path}: no slide files found (extensions: {', '.join(SLIDE_EXTENSIONS)})")
-            slides.extend(_make_input(p, _slide_id_for(p), None) for p in found)
+            slides.extend(_dicom_input(p) if p.is_dir() else _make_input(p, _slide_id_for(p), None) for p in found)
+        elif _dicom_folder(path):
+            slides.append(_dicom_input(path))
         elif path.exists():
             slides.append(_make_input(path, _slide_id_for(path), None))
         else:
             matches = sorted(glob.glob(str(path), recursive=True))
             if not matches:
                 raise InputError(f"{item}: no such file, folder or glob match")
-            slides.extend(_make_input(Path(m), _slide_id_for(Path(m)), None)
-                          for m in matches if _is_slide(Path(m)) or _dicom_folder(Path(m)))
+            for match in map(Path, matches):
+                if _dicom_folder(match):
+                    slides.append(_dicom_input(match))
+                elif _is_slide(match):
+                    slides.append(_make_input(match, _slide_id_for(match), None))
     if slide_mpp is not None:
         slides = [s if s.mpp_override is not None else SlideInput(s.path, s.slide_id, slide_mpp, s.source_id)
                   for s in slides]
