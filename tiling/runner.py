@@ -22,7 +22,8 @@ from tiling.config import TilingConfig
 from tiling.configio import to_dict
 from tiling.errors import SlideError
 from tiling.inputs import SlideInput
-from tiling.store import SlideWriter, TileStoreWriter, now_iso
+from tiling.store import now_iso
+from tiling.store_write import SlideWriter, TileStoreWriter
 from tiling.worker import BlockResult, SlidePlan, close_readers, fingerprint, plan_slide, tile_block
 
 TILE_ORDER = "block-major"

@@ -16,18 +16,13 @@ nothing a reader can mistake for data.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import re
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
@@ -36,8 +31,6 @@ import zarr.storage
 FORMAT_NAME = "pathdino-tile-store"
 FORMAT_VERSION = 1
 TILE_ENCODINGS = ("jpeg", "png")
-_STAGING_DIR = ".staging"
-_LOCK_FILE = ".pathdino.lock"
 
 # zarr-python warns that variable-length bytes have no Zarr v3 spec yet; docs/tile-store.md says what we rely on.
 warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
@@ -241,230 +234,6 @@ class TileStore:
         return f"{self.url.rstrip('/')}/qc/{slide_id}.png"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Writing
-
-
-class SlideWriter:
-    """Writes one slide's tiles shard by shard; nothing is visible to readers until `commit`.
-
-    Tiles arrive already encoded (the tiler encodes in worker processes). They are buffered until a whole shard is
-    ready, because writing tile by tile into a shard rewrites the shard each time (30x slower, measured).
-    """
-
-    def __init__(self, writer: "TileStoreWriter", slide_id: str, tile_px: int, encoding: str,
-                 tiles_per_shard: int, tiles_per_chunk: int, tile_attrs: dict[str, Any]):
-        if encoding not in TILE_ENCODINGS:
-            raise ValueError(f"unknown tile encoding {encoding!r}; expected one of {TILE_ENCODINGS}")
-        if tiles_per_shard % tiles_per_chunk:
-            raise ValueError(f"tiles_per_shard ({tiles_per_shard}) must be a multiple of tiles_per_chunk "
-                             f"({tiles_per_chunk})")
-        self.slide_id = slide_id
-        self._writer = writer
-        self._shard = tiles_per_shard
-        self._group, self._final_key = writer._staging_group(slide_id)
-        from zarr.core.dtype import VariableLengthBytes
-
-        self._tiles = self._group.create_array(
-            "tiles", shape=(0,), chunks=(tiles_per_chunk,), shards=(tiles_per_shard,), dtype=VariableLengthBytes(),
-            compressors=None, fill_value=b"")
-        self._tiles.attrs.update({"encoding": encoding, "tile_px": int(tile_px), "channels": 3, **tile_attrs})
-        self._buffer: list[bytes] = []
-        self._coords: list[np.ndarray] = []
-        self._fractions: list[np.ndarray] = []
-        self.n_written = 0
-
-    def add(self, encoded_tiles: list[bytes], level0_xy: np.ndarray, tissue_fraction: np.ndarray) -> None:
-        """Append tiles (in their final order) with their level-0 coordinates and tissue fractions."""
-        if not (len(encoded_tiles) == len(level0_xy) == len(tissue_fraction)):
-            raise ValueError("encoded_tiles, level0_xy and tissue_fraction must have the same length")
-        self._buffer.extend(encoded_tiles)
-        self._coords.append(np.asarray(level0_xy, dtype=np.int64).reshape(-1, 2))
-        self._fractions.append(np.asarray(tissue_fraction, dtype=np.float32).reshape(-1))
-        while len(self._buffer) >= self._shard:
-            self._flush(self._shard)
-
-    def _flush(self, n: int) -> None:
-        chunk = np.empty(n, dtype=object)
-        chunk[:] = self._buffer[:n]
-        del self._buffer[:n]
-        start = self.n_written
-        self._tiles.resize((start + n,))
-        self._tiles[start:start + n] = chunk
-        self.n_written += n
-
-    def commit(self, provenance: dict[str, Any]) -> int:
-        """Write the last partial shard, coordinates and provenance, then make the slide visible. Returns N."""
-        if self._buffer:
-            self._flush(len(self._buffer))
-        coords = np.concatenate(self._coords) if self._coords else np.zeros((0, 2), np.int64)
-        fractions = np.concatenate(self._fractions) if self._fractions else np.zeros((0,), np.float32)
-        n = self.n_written
-        rows = max(min(n, 1 << 16), 1)
-        self._group.create_array("coords", data=coords, chunks=(rows, 2), compressors=None)
-        self._group.create_array("tissue_fraction", data=fractions, chunks=(rows,), compressors=None)
-        self._group.attrs["pathdino"] = {**provenance, "n_tiles": n, "complete": True}
-        self._writer._publish(self.slide_id, self._final_key, n, provenance)
-        return n
-
-    def abort(self) -> None:
-        """Drop everything written for this slide (used when the slide fails mid-way)."""
-        self._writer._discard_staging(self._final_key)
-
-
-class TileStoreWriter:
-    """Creates or opens a tile store for writing; safe for several processes (or machines) on disjoint slides.
-
-    Local stores stage each slide under `.staging/` and move it into `slides/` with one rename; index updates are
-    serialised with a lock file. On object stores (fsspec URLs) a slide is written in place and becomes visible
-    only through the index entry written last.
-    """
-
-    def __init__(self, url: str | Path):
-        self.url = str(url)
-        self.remote = _is_remote(self.url)
-        if not self.remote:
-            _local_root(self.url).mkdir(parents=True, exist_ok=True)
-        with self._index_lock():
-            store = _zarr_store(self.url, read_only=False)
-            try:
-                root = zarr.open_group(store=store, mode="r")
-                _check_format(dict(root.attrs.get("pathdino", {})), self.url)
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                root = zarr.open_group(store=store, mode="a")
-                root.attrs["pathdino"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                                          "created": now_iso(), "slides": {}, "failures": {}}
-                root.require_group("slides")
-
-    # -- index ---------------------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _index_lock(self) -> Iterator[None]:
-        if self.remote:
-            yield
-            return
-        with open(_local_root(self.url) / _LOCK_FILE, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def _root(self) -> zarr.Group:
-        # Re-open every time: another process may have changed the index since we last looked.
-        return zarr.open_group(store=_zarr_store(self.url, read_only=False), mode="r+")
-
-    def _update_meta(self, update: "callable[[dict[str, Any]], None]") -> None:
-        with self._index_lock():
-            root = self._root()
-            meta = dict(root.attrs["pathdino"])
-            meta["slides"] = dict(meta.get("slides", {}))
-            meta["failures"] = dict(meta.get("failures", {}))
-            update(meta)
-            root.attrs["pathdino"] = meta
-
-    def read_meta(self) -> dict[str, Any]:
-        return dict(self._root().attrs["pathdino"])
-
-    def completed_provenance(self, slide_id: str) -> dict[str, Any] | None:
-        """The provenance of `slide_id` if it is complete in this store, else None."""
-        if slide_id not in self.read_meta().get("slides", {}):
-            return None
-        return dict(self._root()[f"slides/{slide_id}"].attrs.get("pathdino", {}))
-
-    def record_failure(self, slide_id: str, failure: dict[str, Any]) -> None:
-        self._update_meta(lambda m: m["failures"].__setitem__(slide_id, {**failure, "time": now_iso()}))
-
-    def remove_slide(self, slide_id: str) -> None:
-        """Forget a slide (index first, so readers stop seeing it before its data goes)."""
-        self._update_meta(lambda m: m["slides"].pop(slide_id, None))
-        self._delete_key(f"slides/{slide_id}")
-
-    # -- slides --------------------------------------------------------------------------------------------------
-
-    def begin_slide(self, slide_id: str, tile_px: int, encoding: str = "jpeg", tiles_per_shard: int = 256,
-                    tiles_per_chunk: int = 16, tile_attrs: dict[str, Any] | None = None) -> SlideWriter:
-        if slide_id != safe_slide_id(slide_id):
-            raise StoreError(f"slide id {slide_id!r} is not a safe group name; pass it through safe_slide_id()")
-        self.remove_slide(slide_id)
-        return SlideWriter(self, slide_id, tile_px, encoding, tiles_per_shard, tiles_per_chunk, tile_attrs or {})
-
-    def _staging_group(self, slide_id: str) -> tuple[zarr.Group, str]:
-        if self.remote:
-            group = zarr.open_group(store=_zarr_store(self.url, read_only=False), mode="r+")
-            return group.create_group(f"slides/{slide_id}", overwrite=True), slide_id
-        staging = _local_root(self.url) / _STAGING_DIR / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        return zarr.open_group(store=zarr.storage.LocalStore(staging), mode="w"), str(staging)
-
-    def _publish(self, slide_id: str, staged: str, n_tiles: int, provenance: dict[str, Any]) -> None:
-        if not self.remote:
-            final = _local_root(self.url) / "slides" / slide_id
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staged, final)
-
-        def update(meta: dict[str, Any]) -> None:
-            meta["slides"][slide_id] = {"n_tiles": int(n_tiles), "source_path": str(provenance.get("source_path", "")),
-                                        "fingerprint": str(provenance.get("source_fingerprint", "")),
-                                        "committed": now_iso()}
-            meta["failures"].pop(slide_id, None)
-
-        self._update_meta(update)
-
-    def _discard_staging(self, staged: str) -> None:
-        if self.remote:
-            self._delete_key(f"slides/{staged}")
-        else:
-            shutil.rmtree(staged, ignore_errors=True)
-
-    def _delete_key(self, key: str) -> None:
-        if self.remote:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(f"{self.url.rstrip('/')}/{key}")
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-        else:
-            shutil.rmtree(_local_root(self.url) / key, ignore_errors=True)
-
-    def clean_stale_staging(self, max_age_s: float = 0.0) -> None:
-        """Remove staging folders left by killed runs of THIS host's dead processes (local stores only)."""
-        if self.remote:
-            return
-        staging_root = _local_root(self.url) / _STAGING_DIR
-        for path in staging_root.glob("*.*.*") if staging_root.exists() else []:
-            pid = path.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-
-    def write_file(self, key: str, data: bytes) -> str:
-        """Write a non-Zarr file (QC image, failure log) under the store atomically; returns its path or URL."""
-        if self.remote:
-            import fsspec
-
-            url = f"{self.url.rstrip('/')}/{key}"
-            with fsspec.open(url, "wb") as fh:
-                fh.write(data)
-            return url
-        path = _local_root(self.url) / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return str(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def summarise(store: TileStore) -> dict[str, Any]:
     """A JSON-friendly summary of a store (used by `pathdino info` and the demo)."""
     entries = store.entries
@@ -475,3 +244,13 @@ def summarise(store: TileStore) -> dict[str, Any]:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def __getattr__(name: str) -> Any:
+    # The writer lives in tiling.store_write (it imports this module); `from tiling.store import TileStoreWriter`
+    # keeps working so there is one place to import the store API from.
+    if name in ("TileStoreWriter", "SlideWriter"):
+        from tiling import store_write
+
+        return getattr(store_write, name)
+    raise AttributeError(f"module 'tiling.store' has no attribute {name!r}")
