@@ -96,6 +96,118 @@ def demo(
     raise typer.Exit(code)
 
 
+def _use_errors() -> tuple[type[BaseException], ...]:
+    from pathdino.cli_use import known_errors
+
+    return known_errors()
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="A training checkpoint (step_* folder) or a training output folder "
+                                               "(its newest complete checkpoint is used)."),
+    out: str = typer.Option(..., "--out", "-o", help="Encoder folder to write (model.safetensors, config.json, "
+                                                     "README.md)."),
+    tile_px: Optional[int] = typer.Option(None, help="Tile side the encoder was trained on [default: read from the "
+                                                     "training stores]."),
+    target_mpp: Optional[float] = typer.Option(None, "--mpp", help="µm/px the encoder was trained at [default: read "
+                                                                   "from the training stores]."),
+    name: Optional[str] = typer.Option(None, help="Model name for the model card [default: the folder name]."),
+    license_: str = typer.Option("other", "--license", help="License written in the model card / pretrained_cfg."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Export the teacher backbone of a checkpoint as a timm encoder folder (checked by reloading it)."""
+    from pathdino.cli_use import export_command
+
+    try:
+        code = export_command(checkpoint, out, tile_px, target_mpp, name, license_, overwrite)
+    except _use_errors() as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def embed(
+    store: str = typer.Argument(..., help="A tile store (folder or fsspec URL)."),
+    encoder: str = typer.Option(..., "--encoder", "-e", help="An exported encoder folder (`pathdino export`)."),
+    out: str = typer.Option(..., "--out", "-o", help="Embeddings store to create or complete (local folder)."),
+    formats: List[str] = typer.Option(["zarr"], "--format", "-f", help="zarr (always written) | h5: also one "
+                                                                       "CLAM/TRIDENT-style HDF5 per slide in OUT/h5/."),
+    mean_patch: bool = typer.Option(False, "--mean-patch", help="Also store each tile's mean patch token."),
+    batch_size: int = typer.Option(256, help="Tiles per forward pass."),
+    workers: int = typer.Option(4, "--workers", "-j", help="Decoding worker processes (0: decode in-process)."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu | cuda:N [default: cuda when available]."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides", help="Only these slide ids / glob patterns "
+                                                                      "(repeatable)."),
+    force: bool = typer.Option(False, help="Embed even if the store's tile size or µm/px differ from the "
+                                           "encoder's."),
+    overwrite: bool = typer.Option(False, help="Recompute slides that are already complete."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Embed every tile of every slide (CLS, optionally mean patch token) with level-0 coordinates; resumable."""
+    from pathdino.cli_use import embed_command
+
+    try:
+        code = embed_command(store, encoder, out, formats, mean_patch, batch_size, workers, device, precision,
+                             slides, force, overwrite, not no_progress)
+    except _use_errors() as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command(name="eval")
+def eval_(
+    dataset: str = typer.Argument(..., help="Labelled tiles: a folder with one sub-folder per class (optionally "
+                                            "under train/val/test) or a CSV path,label[,split][,patient]."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="An exported encoder folder."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="A timm architecture with random weights (the "
+                                                            "baseline), instead of --encoder."),
+    out: str = typer.Option(..., "--out", "-o", help="JSON report to write."),
+    methods: List[str] = typer.Option(["knn", "linear", "fewshot", "diagnostics"], "--method", "-m",
+                                      help="knn | linear | fewshot | diagnostics (repeatable)."),
+    img_size: int = typer.Option(224, help="Input size of the --arch baseline."),
+    batch_size: int = typer.Option(64, help="Tiles per forward pass."),
+    workers: int = typer.Option(0, "--workers", "-j", help="Image-decoding worker processes."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu [default: cuda when available]."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
+    from pathdino.cli_use import eval_command
+
+    try:
+        code = eval_command(dataset, encoder, arch, out, methods, img_size, batch_size, workers, device,
+                            not no_progress)
+    except _use_errors() as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def mil(
+    labels_csv: str = typer.Argument(..., help="CSV with columns slide_id,label[,split]."),
+    embeddings: str = typer.Option(..., "--embeddings", help="An embeddings store (`pathdino embed --out`) or a "
+                                                             "folder of <slide_id>.h5 (features, coords)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for abmil.safetensors, attention.npz, metrics.json."),
+    feature: str = typer.Option("cls", help="cls | mean_patch (embeddings stores made with --mean-patch)."),
+    max_epochs: int = typer.Option(50, help="Passes over the training slides (early stopping on validation)."),
+    hidden_dim: int = typer.Option(256, help="ABMIL hidden width."),
+    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    skip_missing: bool = typer.Option(False, help="Drop labelled slides without embeddings instead of failing."),
+    seed: int = typer.Option(0, help="Seed of the model, slide order and the drawn split."),
+) -> None:
+    """Train and evaluate a gated-attention MIL (ABMIL) slide classifier on slide embeddings."""
+    from pathdino.cli_use import mil_command
+
+    try:
+        code = mil_command(labels_csv, embeddings, out, feature, max_epochs, hidden_dim, lr, device, skip_missing,
+                           seed)
+    except _use_errors() as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,252 @@
+"""The embeddings store written by ``pathdino embed``: one Zarr v3 group per slide (layout in
+docs/export-embed-eval.md), written atomically, indexed in the root attributes.
+
+::
+
+    <emb>/zarr.json                       attrs["pathdino"]: format, version, encoder, tile store, index, failures
+    <emb>/slides/<slide_id>/zarr.json     attrs["pathdino"]: {"slide": tile-store provenance, "embedding": ...}
+    <emb>/slides/<slide_id>/cls           (N, D) float32: CLS embedding of tile i (the tile store's order)
+    <emb>/slides/<slide_id>/mean_patch    (N, D) float32: mean patch token (only with --mean-patch)
+    <emb>/slides/<slide_id>/coords        (N, 2) int64: level-0 (x, y) of tile i's top-left corner
+    <emb>/h5/<slide_id>.h5                CLAM/TRIDENT-style copy (only with --format h5)
+
+Only slides in the root index are complete. Local folders only (the tile store may be remote).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+
+from tiling.store import now_iso
+
+FORMAT_NAME = "pathdino-embeddings"
+FORMAT_VERSION = 1
+FEATURE_NAMES = ("cls", "mean_patch")
+H5_DIR = "h5"
+_STAGING = ".staging"
+_LOCK = ".pathdino.lock"
+
+
+class EmbedError(ValueError):
+    """An embedding run cannot start or an embeddings store is not what it should be; names the file or flag."""
+
+
+def _check_local(url: str | Path) -> Path:
+    if "://" in str(url) and not str(url).startswith("file://"):
+        raise EmbedError(f"embeddings output {url}: only local folders are supported; write locally, then copy")
+    return Path(str(url).removeprefix("file://")).expanduser().resolve()
+
+
+def _check_format(meta: dict[str, Any], where: Path) -> None:
+    if meta.get("format") != FORMAT_NAME:
+        raise EmbedError(f"{where} is a Zarr group but not a pathdino embeddings store (attrs['pathdino']['format'] "
+                         f"!= {FORMAT_NAME!r}); choose another --out")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EmbedError(f"{where}: embeddings format version {meta.get('format_version')!r}, this pathdino reads "
+                         f"{FORMAT_VERSION}")
+
+
+class EmbeddingStore(Mapping):
+    """Read an embeddings store: a mapping ``slide_id -> (features [N, D], coords [N, 2])`` (complete slides only).
+
+    ``feature`` picks the array returned as features (``"cls"`` or ``"mean_patch"``); this mapping plugs directly
+    into ``pathdino.mil.train_abmil``.
+    """
+
+    def __init__(self, url: str | Path, feature: str = "cls"):
+        self.path = _check_local(url)
+        if not (self.path / "zarr.json").is_file():
+            raise EmbedError(f"no embeddings store at {self.path} (create one with `pathdino embed STORE --encoder "
+                             f"DIR --out {self.path}`)")
+        self.root = zarr.open_group(store=zarr.storage.LocalStore(self.path, read_only=True), mode="r")
+        self.meta: dict[str, Any] = dict(self.root.attrs.get("pathdino", {}))
+        _check_format(self.meta, self.path)
+        if feature not in self.meta.get("features", FEATURE_NAMES):
+            raise EmbedError(f"{self.path} has no {feature!r} features (it holds {self.meta.get('features')}); "
+                             "re-run `pathdino embed` with --mean-patch")
+        self.feature = feature
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return sorted(self.meta.get("slides", {}))
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        return dict(self.meta.get("encoder", {}))
+
+    def __getitem__(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        group = self.group(slide_id)
+        if self.feature not in self.meta["slides"][slide_id].get("features", ["cls"]):
+            raise EmbedError(f"slide {slide_id!r} of {self.path} has no {self.feature!r} features; re-run "
+                             "`pathdino embed` with --mean-patch")
+        return np.asarray(group[self.feature][:]), np.asarray(group["coords"][:], dtype=np.int64)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.slide_ids)
+
+    def __len__(self) -> int:
+        return len(self.meta.get("slides", {}))
+
+    def __contains__(self, slide_id: object) -> bool:
+        return slide_id in self.meta.get("slides", {})
+
+    def group(self, slide_id: str) -> zarr.Group:
+        if slide_id not in self:
+            raise KeyError(f"slide {slide_id!r} is not a complete slide of {self.path}")
+        return self.root[f"slides/{slide_id}"]
+
+    def slide_attrs(self, slide_id: str) -> dict[str, Any]:
+        """``{"slide": tile-store provenance, "embedding": encoder, features, precision, ...}``."""
+        return dict(self.group(slide_id).attrs.get("pathdino", {}))
+
+
+class EmbeddingWriter:
+    """Creates or opens an embeddings store; writes whole slides atomically (staging folder + one rename)."""
+
+    def __init__(self, url: str | Path, encoder: dict[str, Any], tile_store: str, features: tuple[str, ...]):
+        self.path = _check_local(url)
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            if (self.path / "zarr.json").is_file():
+                meta = dict(zarr.open_group(store=self._store(), mode="r").attrs.get("pathdino", {}))
+                _check_format(meta, self.path)
+                old = meta.get("encoder", {}).get("weights_sha256")
+                if old != encoder.get("weights_sha256"):
+                    raise EmbedError(
+                        f"{self.path} holds embeddings from another encoder ({meta['encoder'].get('dir')}, weights "
+                        f"sha256 {str(old)[:12]}...); embeddings of two encoders must not mix: choose another --out")
+            else:
+                root = zarr.open_group(store=self._store(), mode="a")
+                root.attrs["pathdino"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                                          "created": now_iso(), "encoder": encoder, "tile_store": tile_store,
+                                          "features": list(features), "slides": {}, "failures": {}}
+                root.require_group("slides")
+        self._clean_stale_staging()
+
+    def _store(self) -> zarr.storage.LocalStore:
+        return zarr.storage.LocalStore(self.path)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.path / _LOCK, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def meta(self) -> dict[str, Any]:
+        return dict(zarr.open_group(store=self._store(), mode="r").attrs["pathdino"])
+
+    def _update(self, change) -> None:
+        with self._lock():
+            root = zarr.open_group(store=self._store(), mode="r+")
+            meta = dict(root.attrs["pathdino"])
+            meta["slides"], meta["failures"] = dict(meta.get("slides", {})), dict(meta.get("failures", {}))
+            change(meta)
+            root.attrs["pathdino"] = meta
+
+    def entry(self, slide_id: str) -> dict[str, Any] | None:
+        """The index entry of a complete slide, or None."""
+        return self.meta().get("slides", {}).get(slide_id)
+
+    def h5_path(self, slide_id: str) -> Path:
+        return self.path / H5_DIR / f"{slide_id}.h5"
+
+    def write_slide(self, slide_id: str, arrays: dict[str, np.ndarray], coords: np.ndarray,
+                    attrs: dict[str, Any], index_entry: dict[str, Any]) -> None:
+        """Write one slide's arrays in a staging folder, move it into ``slides/`` and add it to the index."""
+        staging = self.path / _STAGING / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            group = zarr.open_group(store=zarr.storage.LocalStore(staging), mode="w")
+            n = int(coords.shape[0])
+            for name, values in arrays.items():
+                rows = max(1, min(n, max(1, (8 << 20) // max(1, values.shape[1] * 4))))  # ~8 MiB chunks
+                group.create_array(name, data=np.ascontiguousarray(values, dtype=np.float32),
+                                   chunks=(rows, values.shape[1]))
+            group.create_array("coords", data=np.asarray(coords, dtype=np.int64), chunks=(max(1, n), 2),
+                               compressors=None)
+            group.attrs["pathdino"] = attrs
+            final = self.path / "slides" / slide_id
+            with self._lock():
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+        def publish(meta: dict[str, Any]) -> None:
+            meta["slides"][slide_id] = {**index_entry, "n_tiles": n, "committed": now_iso()}
+            meta["failures"].pop(slide_id, None)
+        self._update(publish)
+
+    def forget(self, slide_id: str) -> None:
+        """Drop a slide from the index (before it is recomputed, so a killed rerun never shows stale data)."""
+        self._update(lambda meta: meta["slides"].pop(slide_id, None))
+
+    def record_failure(self, slide_id: str, failure: dict[str, Any]) -> None:
+        self._update(lambda meta: meta["failures"].__setitem__(slide_id, {**failure, "time": now_iso()}))
+
+    def set_features(self, features: tuple[str, ...]) -> None:
+        """Record the union of feature arrays slides may hold (``EmbeddingStore`` checks it)."""
+        def change(meta: dict[str, Any]) -> None:
+            meta["features"] = sorted(set(meta.get("features", [])) | set(features), key=FEATURE_NAMES.index)
+        self._update(change)
+
+    def _clean_stale_staging(self) -> None:
+        root = self.path / _STAGING
+        for path in root.glob("*.*.*") if root.is_dir() else []:
+            pid = path.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict[str, Any],
+             file_attrs: dict[str, Any], extra: dict[str, np.ndarray] | None = None) -> Path:
+    """A CLAM/TRIDENT-style HDF5: ``features`` float32 [N, D], ``coords`` int64 [N, 2] (level-0 x, y) with the
+    patch-size attributes on ``coords`` (where CLAM and TRIDENT put them); written to a temporary name, then renamed.
+    """
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("features", data=np.asarray(features, dtype=np.float32))
+            h5.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for name, values in (extra or {}).items():
+                h5.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+            for key, value in coords_attrs.items():
+                if value is not None:
+                    h5["coords"].attrs[key] = value
+            for key, value in file_attrs.items():
+                if value is not None:
+                    h5.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
