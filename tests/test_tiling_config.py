@@ -48,3 +48,12 @@ def test_unknown_and_invalid_keys_are_named(tmp_path):
 def test_params_key_ignores_run_only_settings():
     assert TilingConfig(workers=1).params_key() == TilingConfig(workers=8, qc_images=False).params_key()
     assert TilingConfig().params_key() != TilingConfig(tile_px=256).params_key()
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("target_mpp: 5e-1\n")  # YAML 1.1 reads this as a string
+    assert build_config(cfg_file, {}).target_mpp == 0.5
+    cfg_file.write_text("target_mpp: half\n")
+    with pytest.raises(ConfigError, match="expected a number"):
+        build_config(cfg_file, {})
