@@ -1,0 +1,66 @@
+"""Command line: ``python -m pathdino.train`` or ``accelerate launch [...] -m pathdino.train``.
+
+    python -m pathdino.train --config configs/train/vits14.yaml data.stores=[/data/tiles] train.batch_size=256
+    python -m pathdino.train --config ... --resume                 # newest checkpoint in train.output_dir
+    python -m pathdino.train --config ... --resume runs/x/checkpoints/step_000010000
+    python -m pathdino.train --config ... --check                  # validate config and stores, then exit
+
+Exit codes: 0 done (or stopped by stop_at_step / a signal, with a checkpoint), 2 bad config or launch, 3 too many
+non-finite steps in a row, 1 anything else. Every process ends through ``exit_process`` (see distributed.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pathdino.train",
+        description="DINOv2 pretraining on pathdino tile stores (launch with accelerate for several processes).")
+    p.add_argument("--config", required=True, help="YAML training config, e.g. configs/train/vits14.yaml")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="resume from the newest checkpoint in train.output_dir (or from CHECKPOINT)")
+    p.add_argument("--check", action="store_true", help="validate the config and tile stores, then exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys, e.g. optim.base_lr=2e-4 train.batch_size=512")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, train, and return the exit code (the caller decides how to exit)."""
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before or after flags
+    from pathdino.train.checkpoint import CheckpointError
+    from pathdino.train.config import load_config, validate_config
+    from pathdino.train.distributed import LaunchError
+    from pathdino.train.health import NonFiniteError
+    from tiling.configio import ConfigError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.check:
+            validate_config(cfg, world_size=1, check_stores=True)
+            print(f"{args.config}: config and stores are valid")
+            return 0
+        from pathdino.train.loop import train
+
+        resume = True if args.resume == "latest" else args.resume
+        train(cfg, resume=resume)
+        return 0
+    except (ConfigError, LaunchError, CheckpointError) as exc:
+        print(f"pathdino.train: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"pathdino.train: {exc}", file=sys.stderr)
+        return 3
+    except Exception:  # noqa: BLE001 - report, then exit non-zero so the launcher stops the other processes
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    from pathdino.train.distributed import exit_process
+
+    exit_process(main())

@@ -1,0 +1,262 @@
+"""Training checkpoints: atomic, resumable with any number of processes, no pickled objects.
+
+Layout of ``<output_dir>/checkpoints/step_<step:09d>/`` (see docs/training.md)::
+
+    student.safetensors     full (unsharded) student state: backbone.*, dino_head.*, ibot_head.*
+    teacher.safetensors     full teacher state, same names
+    losses.safetensors      loss buffers (DINO and iBOT centers)
+    optimizer.pt            AdamW state keyed by parameter name (tensors, numbers, strings only)
+    rng_rank<r>.pt          each process's RNG states as tensors (torch, CUDA, numpy, python)
+    trainer_state.json      step, counters, world size, every process's loader state, the resolved config
+
+A checkpoint is written into ``checkpoints/.tmp-step_<step>`` and renamed when complete, so a directory named
+``step_*`` is always whole; the newest ``keep`` are kept. Model and optimizer states are gathered to full
+tensors (``torch.distributed.checkpoint.state_dict``), so DDP, FSDP2 and single-process runs read each other's
+checkpoints and a run may resume with a different number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model being trained."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)`` in ``output_dir``, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_RE.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``output_dir``, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as plain tensors (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_meta": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
+        "python_meta": torch.tensor([py_version, py_gauss is not None], dtype=torch.int64),
+        "python_gauss": torch.tensor([py_gauss or 0.0], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda_{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"])
+    meta = state["numpy_meta"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1],
+                         float(state["numpy_gauss"][0])))
+    py_version, has_gauss = state["python_meta"].tolist()
+    gauss = float(state["python_gauss"][0]) if has_gauss else None
+    random.setstate((py_version, tuple(state["python_internal"].tolist()), gauss))
+    if torch.cuda.is_available():
+        cuda = [state[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in state]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------------------------------------- save
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses views and shared storage; the copies are on CPU already.
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    student: nn.Module,
+    teacher: nn.Module,
+    losses: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` (every process must call this: the state is gathered collectively).
+
+    ``student`` may be wrapped (DDP) or sharded (FSDP2); ``trainer_state`` must be JSON-friendly and already hold
+    every process's loader state. Returns the final directory.
+    """
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{step:09d}"
+    tmp = root / f".tmp-step_{step:09d}"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over from a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    # Collective: every rank takes part, only rank 0 receives the full tensors (cpu_offload).
+    student_sd = get_model_state_dict(student, options=_FULL)
+    teacher_sd = get_model_state_dict(teacher, options=_FULL)
+    optim_sd = get_optimizer_state_dict(student, optimizer, options=_FULL)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_file(_contiguous(student_sd), tmp / "student.safetensors")
+        save_file(_contiguous(teacher_sd), tmp / "teacher.safetensors")
+        save_file(_contiguous(losses.state_dict()), tmp / "losses.safetensors")
+        torch.save(optim_sd, tmp / "optimizer.pt")
+        state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    _barrier()
+    if rank == 0:
+        for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # same step saved again (e.g. the final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(output_dir, keep)
+    _barrier()
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
+    found = list_checkpoints(output_dir)
+    for _, path in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another step_* folder")
+    state = json.loads(file.read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    return state
+
+
+def _load_model(module: nn.Module, file: Path) -> None:
+    sd = load_file(file)
+    own = set(get_model_state_dict(module, options=StateDictOptions(full_state_dict=False)).keys())
+    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file} does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}); was it saved "
+            "with another model config?")
+    set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer, file: Path) -> None:
+    """Load AdamW state by parameter name; the current param groups' settings (multipliers, betas) are kept."""
+    # mmap: the 2x-model-size moments are paged in as they are copied, not read whole on every process.
+    optim_sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    module = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    named = dict(module.named_parameters())
+    unknown = sorted(set(optim_sd["state"]) - set(named))
+    if unknown:
+        raise CheckpointError(f"{file} has optimizer state for parameters this model lacks: {unknown[:5]}")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    # strict=False: a parameter without state is legitimate (the last layer while it is frozen) ...
+    set_optimizer_state_dict(student, optimizer, optim_sd,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    # ... but the loader first creates state for every parameter (a zero-lr step); remove what the checkpoint
+    # did not have, or AdamW's step count (its bias correction) would differ from the uninterrupted run.
+    for name, param in named.items():
+        if name not in optim_sd["state"]:
+            optimizer.state.pop(param, None)
+    if len(settings) != len(optimizer.param_groups):
+        raise CheckpointError(f"{file}: {len(optimizer.param_groups)} parameter groups, expected {len(settings)}")
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
+def load_checkpoint(
+    path: str | Path,
+    student: nn.Module,
+    teacher: nn.Module,
+    losses: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """Load a checkpoint into (possibly wrapped or sharded) modules on every process; returns the trainer state.
+
+    Every process reads the files itself (the output directory must be shared between nodes). This process's
+    RNG state is restored when the checkpoint has one for its rank; ``state["rng_restored"]`` says whether it did.
+    """
+    path = Path(path)
+    state = read_trainer_state(path)
+    _load_model(student, path / "student.safetensors")
+    _load_model(teacher, path / "teacher.safetensors")
+    losses.load_state_dict(load_file(path / "losses.safetensors"))
+    _load_optimizer(student, optimizer, path / "optimizer.pt")
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    state["rng_restored"] = rng_file.is_file()
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return state

@@ -1,0 +1,219 @@
+"""The training config: typed frozen dataclasses filled from YAML (``configs/train/*.yaml``) + ``key=value``.
+
+Every default is documented here once (field comments) and in docs/training.md. ``load_config`` parses and
+type-checks (unknown keys and wrong types are errors naming the key); ``validate_config`` checks the things that
+need several sections or the launch (crop sizes vs patch size, batch divisibility, tile stores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pathdino.data import AugmentConfig, DataConfig, MaskConfig
+from pathdino.models import BackboneConfig, HeadConfig
+from tiling.configio import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and heads (DINOv2 ViT-S/14 defaults)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # see pathdino.models.BackboneConfig
+    dino_head: HeadConfig = field(default_factory=HeadConfig)  # 65,536 prototypes, bottleneck 256 (L/g: 131,072, 384)
+    ibot_separate_head: bool = False  # DINOv2 shares the head for S/B; separate for L/g
+    ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head
+    init_checkpoint: str | None = None  # local timm/dinov2 checkpoint to start the backbone from (no download)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """DINO + iBOT + uniformity objective (DINOv2 defaults)."""
+
+    dino_weight: float = 1.0  # DINO CLS loss (global + local terms)
+    ibot_weight: float = 1.0  # iBOT masked-patch loss
+    uniformity: Literal["koleo", "kde", "none"] = "koleo"  # KoLeo (DINOv2) or KDE (Virchow2 / Midnight)
+    uniformity_weight: float = 0.1  # KoLeo 0.1 (DINOv2); use 0.05 with kde (OpenMidnight)
+    koleo_duplicate_tol: float = 1e-3  # neighbours closer than this count as duplicates (guard, dinov2 #492)
+    kde_kappa: float = 5.0  # vMF kernel concentration for kde
+    targets: Literal["centering", "sinkhorn"] = "centering"  # teacher targets; DINOv2 uses sinkhorn for L/g
+    center_momentum: float = 0.9  # EMA momentum of the teacher centers
+    sinkhorn_iterations: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # after the warm-up
+    teacher_temp_warmup_start: float = 0.04
+    teacher_temp_warmup_steps: int = 37_500  # DINOv2: 30 "epochs" x 1,250 iterations
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the schedules, all counted in optimizer steps (DINOv2 ViT-S/B defaults)."""
+
+    base_lr: float = 0.004  # peak lr for 1,024 images per step; scaled by lr_scaling
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"  # DINOv2: lr = base_lr * sqrt(batch_size / 1024)
+    min_lr: float = 1e-6  # end of the cosine (not scaled)
+    warmup_steps: int = 12_500  # linear lr warm-up from 0
+    weight_decay: float = 0.04  # cosine from this ...
+    weight_decay_end: float = 0.4  # ... to this (0.2 for L/g)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layerwise_decay: float = 0.9  # lr x decay^(depth + 1 - layer) in the backbone (1.0 for L/g)
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_steps: int = 1_250  # prototype layers get no update for this many steps
+    clip_grad: float = 3.0  # max grad norm per module (backbone, each head); 0 disables clipping
+    momentum_teacher: float = 0.992  # EMA momentum, cosine to momentum_teacher_end (0.994 for L/g)
+    momentum_teacher_end: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run: batch, length, precision, parallelism, checkpoints."""
+
+    output_dir: str = "runs/pathdino"  # metrics.jsonl, checkpoints/, config.yaml, done.json, <log.project_name>/
+    batch_size: int = 1024  # images per optimizer step over all processes and accumulation micro-steps
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    total_steps: int = 125_000  # optimizer steps; every schedule ends here (DINOv2: 100 x 1,250)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast (fp32 master weights, fp32 losses) or plain fp32
+    compile: bool = False  # torch.compile each ViT block of student and teacher (in place: same checkpoints)
+    parallel: Literal["auto", "ddp", "fsdp2"] = "auto"  # auto: fsdp2 under an accelerate FSDP config, else ddp
+    fsdp_reshard_after_forward: bool = True  # FSDP2: free unsharded params after forward (ZeRO-3 style)
+    checkpoint_every_steps: int = 2_500
+    checkpoint_at_end: bool = True  # also checkpoint the last step of the run (done, stop_at_step); off for benchmarks
+    keep_checkpoints: int = 3  # newest N complete checkpoints are kept
+    max_nonfinite_steps: int = 5  # this many consecutive NaN/inf steps stop the run
+    stop_at_step: int | None = None  # stop (after a checkpoint) at this step; schedules still use total_steps
+    synthetic_data: bool = False  # random pixels instead of tile stores (benchmarks, smoke tests)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Metrics and health checks."""
+
+    every_steps: int = 20  # full metrics (entropies, rank, throughput, memory, MFU) every N steps; losses always
+    trackers: list[str] | None = None  # None = tensorboard if installed + wandb if installed and configured
+    project_name: str = "pathdino"  # tracker project / run group name
+    collapse_after_steps: int = 2_000  # no collapse warnings before this step
+    collapse_drop_fraction: float = 0.5  # warn when rank or prototype usage falls below this x its best
+    peak_tflops: float | None = None  # per device, for MFU; None = from the GPU name (unknown on CPU)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run; YAML sections have the field names."""
+
+    data: DataConfig
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Crop geometry of a step, read from the data sections (the one place that knows their field names)."""
+
+    n_global: int
+    global_px: int
+    n_local: int
+    local_px: int
+    mask_probability: float
+    mask_ratio_mean: float
+
+
+def crop_plan(cfg: RunConfig) -> CropPlan:
+    a, m = cfg.augment, cfg.masks
+    return CropPlan(
+        n_global=a.n_global_crops,
+        global_px=a.global_crop_px,
+        n_local=a.n_local_crops,
+        local_px=a.local_crop_px,
+        mask_probability=m.mask_probability,
+        mask_ratio_mean=(m.mask_ratio[0] + m.mask_ratio[1]) / 2,
+    )
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides, build the typed config (ConfigError on any problem)."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    where = f"{path}" if path is not None else "config"
+    if "data" not in data:
+        raise ConfigError(f"{where}: missing section 'data' (the tile stores to train on)")
+    return from_dict(RunConfig, data, where)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data (JSON/YAML)."""
+    return to_dict(cfg)
+
+
+def per_process_batch(cfg: RunConfig, world_size: int) -> int:
+    """Images per process per micro-step; ConfigError unless train.batch_size divides evenly."""
+    t = cfg.train
+    denom = world_size * t.grad_accum_steps
+    if t.batch_size % denom:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by processes ({world_size}) x "
+            f"train.grad_accum_steps ({t.grad_accum_steps}); choose a multiple of {denom}")
+    return t.batch_size // denom
+
+
+def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = True) -> None:
+    """Cross-section checks before any work starts; raises ConfigError naming the key and what to do."""
+    bb = cfg.model.backbone
+    plan = crop_plan(cfg)
+    for key, px in (("augment.global_crop_px", plan.global_px), ("augment.local_crop_px", plan.local_px)):
+        if key.endswith("local_crop_px") and plan.n_local == 0:
+            continue
+        if px % bb.patch_size:
+            raise ConfigError(
+                f"{key}={px} is not divisible by model.backbone.patch_size={bb.patch_size}; use a multiple "
+                f"(e.g. {px - px % bb.patch_size} or {px - px % bb.patch_size + bb.patch_size})")
+    if plan.global_px != bb.img_size:
+        raise ConfigError(
+            f"augment.global_crop_px={plan.global_px} differs from model.backbone.img_size={bb.img_size}; the "
+            "position embedding is learned at the global crop size: set both to the same value")
+    if plan.n_global < 1 or (plan.n_global < 2 and plan.n_local == 0):
+        raise ConfigError("the DINO loss needs 2 global crops, or 1 global crop and some local crops")
+    per_process_batch(cfg, world_size)
+    m, t, o, lo = cfg.model, cfg.train, cfg.optim, cfg.loss
+    if not m.ibot_separate_head and m.ibot_head is not None:
+        raise ConfigError("model.ibot_head is only used with model.ibot_separate_head=true; remove it or enable that")
+    positive = {"train.total_steps": t.total_steps, "train.batch_size": t.batch_size,
+                "train.grad_accum_steps": t.grad_accum_steps, "train.checkpoint_every_steps": t.checkpoint_every_steps,
+                "train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_steps": t.max_nonfinite_steps,
+                "log.every_steps": cfg.log.every_steps, "optim.base_lr": o.base_lr,
+                "loss.student_temp": lo.student_temp, "loss.teacher_temp": lo.teacher_temp,
+                "loss.teacher_temp_warmup_start": lo.teacher_temp_warmup_start}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    non_negative = {"optim.warmup_steps": o.warmup_steps, "optim.freeze_last_layer_steps": o.freeze_last_layer_steps,
+                    "optim.min_lr": o.min_lr, "optim.clip_grad": o.clip_grad,
+                    "loss.teacher_temp_warmup_steps": lo.teacher_temp_warmup_steps,
+                    "loss.dino_weight": lo.dino_weight, "loss.ibot_weight": lo.ibot_weight,
+                    "loss.uniformity_weight": lo.uniformity_weight}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if o.warmup_steps > t.total_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}")
+    for key, value in (("optim.momentum_teacher", o.momentum_teacher),
+                       ("optim.momentum_teacher_end", o.momentum_teacher_end),
+                       ("optim.layerwise_decay", o.layerwise_decay)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{key}={value} must be in (0, 1]")
+    if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.total_steps:
+        raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be in [1, train.total_steps={t.total_steps}]")
+    if check_stores and not t.synthetic_data:
+        from pathdino.data import validate_stores
+        from tiling.store import StoreError
+
+        try:
+            validate_stores(cfg.data, cfg.augment)
+        except (StoreError, ValueError) as exc:
+            raise ConfigError(f"data.stores: {exc}") from exc

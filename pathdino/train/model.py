@@ -1,0 +1,115 @@
+"""The student / teacher pair: backbone with mask token + DINO head (+ separate iBOT head), and the EMA update.
+
+Student and teacher are two instances of ``SSLModel`` with identical parameter names (the teacher has no drop
+path), so the EMA, checkpoints and FSDP sharding treat them alike. One ``forward`` serves both roles: DDP and FSDP2
+only hook ``forward``, and the whole student computation must run inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from pathdino.models import BackboneConfig, DINOHead, HeadConfig, MaskedViT, build_backbone
+
+
+class SSLModel(nn.Module):
+    """``backbone`` (``MaskedViT``), ``dino_head`` and, if separate, ``ibot_head`` (else the DINO head serves iBOT).
+
+    ``forward(global_crops, local_crops, masks, teacher=False)`` returns logits and the backbone CLS:
+
+    * ``global_cls_logits`` [G*B, K], ``local_cls_logits`` [L*B, K] (student only; None if no local crops),
+    * ``masked_patch_logits`` [M, K_ibot] at the M patches where ``masks`` is True, in ``masks``' row-major order,
+    * ``global_cls`` [G*B, D], the backbone CLS after the final norm (KoLeo / KDE and health metrics).
+
+    The student replaces masked patches by the mask token; the teacher (``teacher=True``) sees the crops unmasked
+    and only reads its patch tokens at the masked positions.
+    """
+
+    def __init__(self, backbone_cfg: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig | None = None):
+        super().__init__()
+        self.backbone = MaskedViT(build_backbone(backbone_cfg))
+        dim = self.backbone.embed_dim
+        self.dino_head = DINOHead.from_config(dim, dino_head)
+        self.ibot_head = DINOHead.from_config(dim, ibot_head) if ibot_head is not None else None
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None,
+        masks: torch.Tensor,
+        teacher: bool = False,
+        mask_indices: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """See the class docstring; ``mask_indices`` (``masks.flatten().nonzero()[:, 0]``, computed once per step)
+        avoids a device sync per call for the boolean gather."""
+        if teacher:
+            out = self.backbone.forward_crops(global_crops, None, None)
+        else:
+            # Masks always go in (even with none set) so the mask token is in every step's graph, which DDP
+            # needs; likewise the heads run on zero rows when no patch is masked.
+            out = self.backbone.forward_crops(global_crops, local_crops, masks)
+        g_cls = out["global"]["cls"]
+        patch = out["global"]["patch"]
+        if mask_indices is None:
+            masked_patches = patch[masks]
+        else:
+            masked_patches = patch.flatten(0, 1).index_select(0, mask_indices)
+        local = out["local"]
+        n_global = g_cls.shape[0]
+        n_local = 0 if local is None else local["cls"].shape[0]
+        if self.ibot_head is None:
+            # One pass through the shared head: its 65k-prototype layer dominates the head cost.
+            tokens = [g_cls] + ([local["cls"]] if local is not None else []) + [masked_patches]
+            logits = self.dino_head(torch.cat(tokens))
+            global_logits = logits[:n_global]
+            local_logits = logits[n_global:n_global + n_local] if local is not None else None
+            patch_logits = logits[n_global + n_local:]
+        else:
+            cls = g_cls if local is None else torch.cat([g_cls, local["cls"]])
+            cls_logits = self.dino_head(cls)
+            global_logits = cls_logits[:n_global]
+            local_logits = cls_logits[n_global:] if local is not None else None
+            patch_logits = self.ibot_head(masked_patches)
+        return {
+            "global_cls_logits": global_logits,
+            "local_cls_logits": local_logits,
+            "masked_patch_logits": patch_logits,
+            "global_cls": g_cls,
+        }
+
+
+def build_student_teacher(
+    backbone_cfg: BackboneConfig,
+    dino_head: HeadConfig,
+    ibot_head: HeadConfig | None,
+) -> tuple[SSLModel, SSLModel]:
+    """Student (with drop path) and teacher (without, eval mode, no grads) starting from identical weights."""
+    student = SSLModel(backbone_cfg, dino_head, ibot_head)
+    teacher = SSLModel(replace(backbone_cfg, drop_path_rate=0.0), dino_head, ibot_head)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return student, teacher
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 parameters are DTensors; student and teacher are sharded alike, so the EMA is shard-local.
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter (same names)."""
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    if t_params.keys() != s_params.keys():
+        missing = sorted(set(t_params) ^ set(s_params))[:5]
+        raise ValueError(f"EMA: student and teacher parameters differ (e.g. {missing})")
+    names = list(t_params)
+    t_list = [_local(t_params[n].data) for n in names]
+    s_list = [_local(s_params[n].data).to(t_list[i].dtype) for i, n in enumerate(names)]
+    torch._foreach_mul_(t_list, momentum)
+    torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)

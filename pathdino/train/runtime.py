@@ -1,0 +1,159 @@
+"""Run bookkeeping for the training loop: resume point, loader construction and state, metric-log truncation,
+trackers, logging, stop signals. No training logic lives here (see loop.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pathdino.train.checkpoint import latest_checkpoint, list_checkpoints
+from pathdino.train.config import RunConfig
+from tiling.configio import ConfigError
+
+log = logging.getLogger("pathdino.train")
+
+
+def build_loader(cfg: RunConfig, plan: Any, batch_per_process: int, rank: int, world: int, device: torch.device):
+    patch = cfg.model.backbone.patch_size
+    if cfg.train.synthetic_data:
+        from pathdino.train.synthetic import SyntheticLoader
+
+        low, high = cfg.masks.mask_ratio
+        return SyntheticLoader(plan.n_global, plan.global_px, plan.n_local, plan.local_px, patch, batch_per_process,
+                               rank, cfg.train.seed, plan.mask_probability, low, high, device)
+    from pathdino.data import build_train_loader
+
+    return build_train_loader(cfg.data, cfg.augment, cfg.masks, patch, batch_per_process, rank, world,
+                              cfg.train.seed, device=device)
+
+
+def gather_loader_states(loader: Any, world: int) -> list[Any]:
+    state = loader.state_dict()
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def loader_state_for(states: list[Any], rank: int, world: int) -> Any:
+    """This process's saved loader state: its own rank's with the same number of processes, else rank 0's.
+
+    ``TrainLoader`` states are identical on every rank and hold the old layout, from which the loader itself
+    continues under a new world size (pathdino.data.loader); per-rank states are kept for loaders that differ.
+    """
+    if len(states) == world:
+        return states[rank]
+    return states[0]
+
+
+def resume_point(out_dir: Path, resume: bool | str | None) -> Path | None:
+    if resume is None or resume is False:
+        found = list_checkpoints(out_dir)
+        if found:
+            raise ConfigError(
+                f"{out_dir} already holds checkpoints (newest: {found[-1][1].name}); pass --resume to continue "
+                "that run, or set train.output_dir to a new directory")
+        return None
+    if resume is True or resume == "latest":
+        latest = latest_checkpoint(out_dir)
+        if latest is None:
+            log.info("--resume: no checkpoint in %s yet, starting from scratch", out_dir)
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {path}: no such checkpoint directory")
+    return path
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only records up to ``step`` (the resume point; 0 = start a new log), so the log matches the run."""
+    if not path.exists():
+        return
+    kept = []
+    if step > 0:
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def trackers(requested: list[str] | None) -> list[str]:
+    import importlib.util
+
+    if requested is not None:
+        return list(requested)
+    found = []
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        found.append("tensorboard")
+    if importlib.util.find_spec("wandb") and (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+        found.append("wandb")
+    return found
+
+
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume."""
+    ignore = {"train.output_dir", "train.stop_at_step", "train.checkpoint_every_steps", "train.keep_checkpoints",
+              "train.checkpoint_at_end", "log.trackers", "log.every_steps", "data.num_workers"}
+    old, new = flat_config(saved), flat_config(current)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in ignore and old.get(k) != new.get(k)]
+
+
+def setup_logging(is_main: bool) -> None:
+    logger = logging.getLogger("pathdino")
+    if not any(getattr(h, "_pathdino", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._pathdino = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    # Training messages are the same on every process (metrics are all-reduced): print them once.
+    logging.getLogger("pathdino.train").setLevel(logging.INFO if is_main else logging.ERROR)
+
+
+_STOP = {"flag": False, "previous": {}}
+
+
+def install_stop_handlers():
+    """SIGTERM / SIGUSR1 (cluster preemption) -> finish the step, checkpoint, stop. Main thread only."""
+    import threading
+
+    _STOP["flag"] = False
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):  # noqa: ARG001
+            _STOP["flag"] = True
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            _STOP["previous"][sig] = signal.signal(sig, handler)
+    return lambda: _STOP["flag"]
+
+
+def restore_stop_handlers() -> None:
+    for sig, previous in _STOP["previous"].items():
+        signal.signal(sig, previous)
+    _STOP["previous"] = {}
