@@ -216,7 +216,7 @@ class TileStoreWriter:
         staging_root = _local_root(self.url) / _STAGING_DIR
         for path in staging_root.glob("*.*.*") if staging_root.exists() else []:
             pid = path.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
     def write_file(self, key: str, data: bytes) -> str:
@@ -236,7 +236,8 @@ class TileStoreWriter:
         return str(path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (staging folders carry their writer's pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

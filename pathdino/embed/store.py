@@ -29,6 +29,7 @@ import zarr
 import zarr.storage
 
 from tiling.store import now_iso
+from tiling.store_write import pid_alive
 
 FORMAT_NAME = "pathdino-embeddings"
 FORMAT_VERSION = 1
@@ -210,18 +211,8 @@ class EmbeddingWriter:
         root = self.path / _STAGING
         for path in root.glob("*.*.*") if root.is_dir() else []:
             pid = path.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict[str, Any],

@@ -122,12 +122,8 @@ class PrototypeTargets(nn.Module):
         return probs
 
 
-class DINOLoss(nn.Module):
-    """DINO cross-entropy between teacher targets on global crops and student logits on all crops.
-
-    Usage: ``t = loss.teacher_targets(teacher_global_logits, teacher_temp)`` then
-    ``loss(student_global_logits, student_local_logits, t, n_global_crops)``.
-    """
+class PrototypeCrossEntropy(nn.Module):
+    """Shared by the DINO and iBOT losses: a student temperature and the teacher-target method (with its state)."""
 
     def __init__(
         self,
@@ -144,10 +140,19 @@ class DINOLoss(nn.Module):
         self.targets = PrototypeTargets(n_prototypes, targets, center_momentum, sinkhorn_iterations)
 
     def teacher_targets(
-        self, teacher_global_logits: torch.Tensor, teacher_temp: float, update_center: bool = True
+        self, teacher_logits: torch.Tensor, teacher_temp: float, update_center: bool = True
     ) -> torch.Tensor:
-        """Teacher targets [G*B, K] from the teacher's CLS logits on the global crops (crop-major)."""
-        return self.targets(teacher_global_logits, teacher_temp, update_center)
+        """Teacher targets [rows, K] from the teacher's logits (DINO: CLS of the global crops, crop-major;
+        iBOT: the masked positions, in ``gather_masked_tokens`` order)."""
+        return self.targets(teacher_logits, teacher_temp, update_center)
+
+
+class DINOLoss(PrototypeCrossEntropy):
+    """DINO cross-entropy between teacher targets on global crops and student logits on all crops.
+
+    Usage: ``t = loss.teacher_targets(teacher_global_logits, teacher_temp)`` then
+    ``loss(student_global_logits, student_local_logits, t, n_global_crops)``.
+    """
 
     def forward_terms(
         self,

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pathdino.losses.dino import PrototypeTargets, TargetMethod
+from pathdino.losses.dino import PrototypeCrossEntropy
 
 
 def _check_masks(tokens_or_none: torch.Tensor | None, masks: torch.Tensor) -> None:
@@ -49,32 +48,12 @@ def masked_token_weights(masks: torch.Tensor) -> torch.Tensor:
     return per_crop.unsqueeze(1).expand_as(masks)[masks]
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(PrototypeCrossEntropy):
     """Cross-entropy between teacher targets and student logits over masked patch tokens (module docstring).
 
     Usage: ``t = loss.teacher_targets(teacher_masked_logits, teacher_temp)`` then
     ``loss(student_masked_logits, t, masks, n_global_crops)``.
     """
-
-    def __init__(
-        self,
-        n_prototypes: int,
-        student_temp: float = 0.1,
-        targets: TargetMethod = "centering",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        if student_temp <= 0:
-            raise ValueError(f"student_temp={student_temp} must be positive")
-        self.student_temp = student_temp
-        self.targets = PrototypeTargets(n_prototypes, targets, center_momentum, sinkhorn_iterations)
-
-    def teacher_targets(
-        self, teacher_masked_logits: torch.Tensor, teacher_temp: float, update_center: bool = True
-    ) -> torch.Tensor:
-        """Targets [M, K] from the teacher's logits at the masked positions (teacher saw the unmasked crops)."""
-        return self.targets(teacher_masked_logits, teacher_temp, update_center)
 
     def forward(
         self,
