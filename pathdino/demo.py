@@ -90,4 +90,6 @@ def run_demo(out_dir: Path, workers: int, sample_slide: Path, train_steps: int =
         return 1
     console.rule("done")
     console.print(f"everything is under {out_dir.resolve()}: tiles.zarr/, train/, encoder/, embeddings/")
+    console.print(f"next: the notebooks in notebooks/ use these outputs when started with "
+                  f"PATHDINO_NOTEBOOK_DIR={out_dir.resolve()} (03 trains an ABMIL model and maps its attention)")
     return 0
