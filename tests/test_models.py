@@ -287,3 +287,16 @@ def test_flops_match_published_dinov2_figures(arch, fwd_gflops, train_gflops):
     assert dinov2_train_flops_per_image(cfg).total / 1e9 == pytest.approx(train_gflops, rel=0.01)
     # registers add tokens, hence FLOPs
     assert vit_forward_flops(BackboneConfig(arch=arch), 224) > vit_forward_flops(cfg, 224)
+
+
+def test_plain_and_fused_attention_give_the_same_outputs():
+    from pathdino.models.backbone import set_fused_attention
+
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(arch="custom", embed_dim=64, depth=2, num_heads=2, img_size=28))
+    model.eval()
+    x = torch.randn(2, 3, 28, 28)
+    fused = model(x)
+    set_fused_attention(model, False)
+    assert not any(block.attn.fused_attn for block in model.blocks)
+    torch.testing.assert_close(model(x), fused, atol=1e-5, rtol=1e-5)

@@ -185,9 +185,20 @@ def build_backbone(cfg: BackboneConfig) -> VisionTransformer:
         # timm's drop_path_rate is a linear ramp; DINOv2 uses the same rate in every block.
         block.drop_path1 = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
         block.drop_path2 = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
-        # F.scaled_dot_product_attention even if TIMM_FUSED_ATTN=0 is set in the environment.
-        block.attn.fused_attn = True
+    set_fused_attention(model, True)  # F.scaled_dot_product_attention even if TIMM_FUSED_ATTN=0 is set
     return model
+
+
+def set_fused_attention(module: nn.Module, enabled: bool) -> None:
+    """Use `F.scaled_dot_product_attention` (True) or timm's plain q·kᵀ-softmax attention (False) in every block.
+
+    A runtime switch only: weights and exported models are unaffected. On CPUs under bf16 autocast the plain path is
+    faster (ViT-S/14 DINOv2 step, 2-core Xeon: 1.6-2.0 vs 1.2-1.45 img/s; SDPA's CPU flash-attention backward was
+    26% of the step), while in fp32 SDPA is slightly ahead (0.90 vs 0.83 img/s).
+    """
+    for sub in module.modules():
+        if hasattr(sub, "fused_attn") and hasattr(sub, "qkv"):
+            sub.fused_attn = enabled
 
 
 class MaskedViT(nn.Module):
