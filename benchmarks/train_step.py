@@ -173,6 +173,8 @@ def main() -> None:
                 ref = LIGHTLY_TRAIN_VITS14_CPU[r["precision"]]
                 print(f"  ours {r['precision']}: {r['images_per_s']:.2f} img/s = {r['images_per_s'] / ref:.2f}x "
                       "the quoted figure (target >= 1.5x)")
+        print("Side by side on this machine: run benchmarks/lightly_compare.py in a venv with lightly-train "
+              "(see its docstring) right after this script.")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
