@@ -29,14 +29,7 @@ from pathdino.data.params import CropParams, random_resized_crop, sample_params
 from pathdino.data.resize import crop_resize_batched, resize_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Augmentation runs one thread per worker; in-process here, so match that (tiny ops + a busy second core make
-    OpenMP's barriers cost milliseconds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,7 @@ AUG = AugmentConfig(global_crop_px=32, local_crop_px=16, n_local_crops=3)
 PATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Augmentation runs one thread per worker; in-process here, so match that (tiny ops + a busy second core make
-    OpenMP's barriers cost milliseconds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.filters import gaussian
 
+from tiling.readers import open_slide
 from tiling.pixel_qc import PixelQCConfig, check_tiles, qc_stats
 from tiling.tissue import TissueConfig, read_thumbnail, tissue_fractions, tissue_mask
 
@@ -20,23 +21,10 @@ TILES = REPO / "tests" / "data" / "tiles"
 TILE_PX = 224
 
 
-class _OpenSlideAdapter:
-    def __init__(self, path: Path) -> None:
-        import openslide
-
-        self._slide = openslide.OpenSlide(str(path))
-        self.level_dimensions = self._slide.level_dimensions
-        self.level_downsamples = self._slide.level_downsamples
-
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        ds = self.level_downsamples[level]
-        return np.asarray(self._slide.read_region((round(x * ds), round(y * ds)), level, (width, height)).convert("RGB"))
-
-
 @pytest.fixture(scope="module")
 def cmu_tiles() -> tuple[np.ndarray, np.ndarray]:
     """All 224-px level-0 grid tiles of the bundled slide and their tissue fraction from the default mask."""
-    reader = _OpenSlideAdapter(SLIDE)
+    reader = open_slide(SLIDE, "openslide")
     cfg = TissueConfig()
     thumb, mpp = read_thumbnail(reader, SLIDE_MPP, cfg.thumbnail_mpp)
     mask = tissue_mask(thumb, cfg, mpp)

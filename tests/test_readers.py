@@ -20,14 +20,6 @@ from tiling.readers import SlideReader, open_slide, rgba_to_rgb_white  # noqa: E
 REPO = Path(__file__).resolve().parents[1]
 CMU_SVS = REPO / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
 EDGE = REPO / "tests" / "data" / "slides"
-SHARED_SLIDES = REPO.parent / "shared" / "data" / "slides"
-
-
-@pytest.fixture
-def shared_slides() -> Path:
-    if not SHARED_SLIDES.is_dir():
-        pytest.skip("shared data (../shared/data/slides) not available")
-    return SHARED_SLIDES
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,6 @@ from tiling.regions import TIFF_FAST_PATH, BlockReader, downsample, slice_tiles 
 
 REPO = Path(__file__).resolve().parents[1]
 CMU_SVS = REPO / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
-SHARED_SLIDES = REPO.parent / "shared" / "data" / "slides"
-
-
-@pytest.fixture
-def shared_slides() -> Path:
-    if not SHARED_SLIDES.is_dir():
-        pytest.skip("shared data (../shared/data/slides) not available")
-    return SHARED_SLIDES
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tiling.readers import open_slide
 from tiling.qc_image import MAX_SIDE_PX, draw_qc_image
 from tiling.tissue import (
     TissueConfig,
@@ -30,22 +31,6 @@ FIXTURE_MPP = 4.0
 
 def _png(name: str) -> np.ndarray:
     return np.asarray(Image.open(TILES / name).convert("RGB"))
-
-
-class _OpenSlideAdapter:
-    """Minimal reader (level pixels in, RGB out) so these tests do not depend on tiling.readers."""
-
-    def __init__(self, path: Path) -> None:
-        import openslide
-
-        self._slide = openslide.OpenSlide(str(path))
-        self.level_dimensions = self._slide.level_dimensions
-        self.level_downsamples = self._slide.level_downsamples
-
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        ds = self.level_downsamples[level]
-        image = self._slide.read_region((round(x * ds), round(y * ds)), level, (width, height))
-        return np.asarray(image.convert("RGB"))
 
 
 class _ArrayReader:
@@ -80,7 +65,7 @@ def _box_mean(a: np.ndarray, f: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cmu_thumbnail() -> tuple[np.ndarray, float]:
-    return read_thumbnail(_OpenSlideAdapter(SLIDE), SLIDE_MPP, TissueConfig().thumbnail_mpp)
+    return read_thumbnail(open_slide(SLIDE, "openslide"), SLIDE_MPP, TissueConfig().thumbnail_mpp)
 
 
 # --- config ---------------------------------------------------------------------------------------------
