@@ -192,3 +192,32 @@ def test_tiling_into_an_fsspec_url(tmp_path):
     store = TileStore(url)
     assert store.n_tiles("CMU-1-Small-Region") == outcomes[0].n_tiles > 0
     assert fsspec.filesystem("memory").exists("/pathdino-run/tiles.zarr/qc/CMU-1-Small-Region.png")
+
+
+def test_a_killed_worker_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path):
+    import psutil
+
+    image = _tissue_image(4000, 3000)
+    path = write_pyramid(tmp_path / "big.tif", image, downsamples=(1, 4), mpp=0.5)
+    url = tmp_path / "tiles.zarr"
+    args = [sys.executable, "-m", "pathdino.cli", "tile", str(path), "--out", str(url), "--tile-px", "64", "-j", "2",
+            "--config", str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text("tiles_per_shard: 32\ntiles_per_chunk: 16\n")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any((url / ".staging").glob("*/tiles/c/*")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "tiling finished before a worker could be killed"
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "resource_tracker" not in " ".join(c.cmdline())]
+    assert workers, "no worker processes found"
+    workers[0].kill()  # as the kernel's OOM killer would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    store = TileStore(url)
+    assert store.slide_ids == [] and "worker process died" in store.failures["big"]["reason"]
+    result = _pathdino(*args[3:])
+    assert result.returncode == 0, result.stderr
+    assert TileStore(url).n_tiles("big") > 0 and TileStore(url).failures == {}

@@ -12,6 +12,7 @@ import multiprocessing
 import tempfile
 import time
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +72,11 @@ class _SlideJob:
     n_tiles: int = 0
     pixel_source: str = ""
     fast_path_reason: str = ""
+
+
+def _worker_ready() -> bool:
+    """A no-op task: submitting it starts the worker processes (they import tiling.worker) right away."""
+    return True
 
 
 def _failure_record(slide: SlideInput, exc: BaseException) -> dict[str, Any]:
@@ -165,6 +171,10 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
     n_workers = min(cfg.n_workers, max(1, len(pending) and cfg.n_workers))
     executor: cf.Executor = (_InlineExecutor() if n_workers == 1 else cf.ProcessPoolExecutor(
         n_workers, mp_context=multiprocessing.get_context("spawn")))
+    plan_inline_next = n_workers > 1  # see fill()
+    if n_workers > 1 and pending:
+        for _ in range(n_workers):
+            executor.submit(_worker_ready)
     max_in_flight = 2 * n_workers
     plans_ahead = max(1, n_workers // 2)
     futures: dict[cf.Future, tuple[str, str, int]] = {}  # future -> (kind, slide_id, block index)
@@ -200,13 +210,18 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
         emit("slide_end", {"slide_id": sid, "status": "done", "n_tiles": job.n_tiles})
 
     def fill() -> None:
+        nonlocal plan_inline_next
         # Plans first (a few slides ahead), then blocks of the oldest slides, so slides finish in order and only a
         # bounded number of results wait in memory.
         n_plans = sum(1 for kind, _, _ in futures.values() if kind == "plan")
         while queue and n_plans < plans_ahead and len(jobs) + n_plans <= n_workers and len(futures) < max_in_flight:
             slide = queue.pop(0)
             emit("slide_start", {"slide_id": slide.slide_id})
-            futures[executor.submit(plan_slide, slide, cfg)] = ("plan", slide.slide_id, -1)
+            # The first slide is planned here while the workers start (spawning and importing takes ~1.5 s), so a
+            # single huge slide does not wait for both one after the other.
+            planner = _InlineExecutor() if plan_inline_next else executor
+            plan_inline_next = False
+            futures[planner.submit(plan_slide, slide, cfg)] = ("plan", slide.slide_id, -1)
             n_plans += 1
         for job in list(jobs.values()):
             plan = job.plan
@@ -264,6 +279,14 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
                 except Exception as exc:  # noqa: BLE001 - store errors etc. fail the slide, not the run
                     fail(sid, exc)
             fill()
+    except BrokenProcessPool as exc:
+        # A worker died (killed, typically out of memory): nothing more can run in this pool. Committed slides are
+        # kept; every other slide is recorded so that rerunning the same command resumes exactly there.
+        broken = RuntimeError(f"a tiling worker process died ({exc}); slides already committed are kept: rerun "
+                              "the same command to resume (with fewer --workers if memory ran out)")
+        for sid in [*jobs, *(k[1] for k in futures.values()), *(s.slide_id for s in queue)]:
+            if sid not in outcomes:
+                fail(sid, broken)
     finally:
         for job in list(jobs.values()):
             job.writer.abort()
