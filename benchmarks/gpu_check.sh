@@ -15,15 +15,7 @@ out_dir=${OUT:-/tmp/gpu_check}
 mkdir -p "$out_dir"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-    || { echo "gpu_check: installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH=$PWD/.site:$PWD
-else
-  export PYTHONPATH=$PWD
-  echo "gpu_check: no .whl/ carried; pathdino.data needs zarr/imagecodecs (run ../shared/tools/device-wheels.sh here"
-  echo "           and pass carry=[\".whl\"]). Trying anyway."
-fi
+source benchmarks/device_env.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 - <<'PY' || { echo "gpu_check: environment check failed"; exit 1; }

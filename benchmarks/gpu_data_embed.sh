@@ -12,14 +12,7 @@ cd "$(dirname "$0")/.."
 out_dir=${OUT:-/tmp/gpu_data_embed}
 mkdir -p "$out_dir"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-    || { echo "gpu_data_embed: installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH=$PWD/.site:$PWD
-else
-  export PYTHONPATH=$PWD
-  echo "gpu_data_embed: no .whl/ carried; zarr/imagecodecs/openslide are needed (../shared/tools/device-wheels.sh)"
-fi
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 workers=$(( $(nproc) > 12 ? 12 : $(nproc) ))
 
