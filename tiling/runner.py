@@ -168,7 +168,7 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
         else:
             pending.append(slide)
 
-    n_workers = min(cfg.n_workers, max(1, len(pending) and cfg.n_workers))
+    n_workers = cfg.n_workers if pending else 1  # nothing to do: no pool to start
     executor: cf.Executor = (_InlineExecutor() if n_workers == 1 else cf.ProcessPoolExecutor(
         n_workers, mp_context=multiprocessing.get_context("spawn")))
     plan_inline_next = n_workers > 1  # see fill()
@@ -261,6 +261,8 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
                 if sid in outcomes:  # the slide already failed; drop its remaining blocks
                     continue
                 exc = fut.exception()
+                if isinstance(exc, BrokenProcessPool):
+                    raise exc  # the pool is gone for every slide, not just this one: handled below
                 if exc is not None:
                     fail(sid, exc)
                     continue
@@ -284,7 +286,7 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
         # kept; every other slide is recorded so that rerunning the same command resumes exactly there.
         broken = RuntimeError(f"a tiling worker process died ({exc}); slides already committed are kept: rerun "
                               "the same command to resume (with fewer --workers if memory ran out)")
-        for sid in [*jobs, *(k[1] for k in futures.values()), *(s.slide_id for s in queue)]:
+        for sid in by_id:  # every slide of this run that is not done yet
             if sid not in outcomes:
                 fail(sid, broken)
     finally:
