@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pathdino.cli_tile import build_config
+from pathdino.cli.tile import build_config
 from tiling.config import TilingConfig
 from tiling.configio import ConfigError, from_dict, load_yaml
 

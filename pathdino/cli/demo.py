@@ -16,7 +16,7 @@ from tiling.runner import run_tiling
 from tiling.store import TileStore, summarise
 
 console = Console()
-SMOKE_CONFIG = Path(__file__).parents[1] / "configs" / "train" / "cpu_smoke.yaml"
+SMOKE_CONFIG = Path(__file__).parents[2] / "configs" / "train" / "cpu_smoke.yaml"
 
 
 def _tile(sample_slide: Path, store_url: str, workers: int) -> bool:

@@ -11,7 +11,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
                        "slide embeddings.")
 
-SAMPLE_SLIDE = Path(__file__).parent / "sample_data" / "CMU-1-Small-Region.svs"
+SAMPLE_SLIDE = Path(__file__).parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -52,7 +52,7 @@ def tile(
     no_qc_images: bool = typer.Option(False, "--no-qc-images", help="Skip the per-slide QC PNGs."),
 ) -> None:
     """Tile whole-slide images into a sharded Zarr v3 tile store (resumable; failures recorded per slide)."""
-    from pathdino.cli_tile import build_config, tile_command
+    from pathdino.cli.tile import build_config, tile_command
 
     flags = {"target_mpp": target_mpp, "tile_px": tile_px, "overlap_px": overlap_px, "mpp_tolerance": mpp_tolerance,
              "backend": backend, "tissue.min_tissue_fraction": min_tissue_fraction, "encoding": encoding,
@@ -72,7 +72,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Print what a tile store holds: slides, tiles, parameters, failures."""
-    from pathdino.cli_tile import info_command
+    from pathdino.cli.tile import info_command
 
     try:
         code = info_command(store, failures, as_json)
@@ -87,7 +87,7 @@ def demo(
     workers: int = typer.Option(2, "--workers", "-j", help="Tiling worker processes."),
 ) -> None:
     """Run the pipeline on the bundled sample slide (CMU-1-Small-Region, CC0) and print where each output is."""
-    from pathdino.demo import run_demo
+    from pathdino.cli.demo import run_demo
 
     try:
         code = run_demo(out, workers=workers, sample_slide=SAMPLE_SLIDE)
@@ -97,7 +97,7 @@ def demo(
 
 
 def _use_errors() -> tuple[type[BaseException], ...]:
-    from pathdino.cli_use import known_errors
+    from pathdino.cli.use import known_errors
 
     return known_errors()
 
@@ -117,7 +117,7 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Export the teacher backbone of a checkpoint as a timm encoder folder (checked by reloading it)."""
-    from pathdino.cli_use import export_command
+    from pathdino.cli.use import export_command
 
     try:
         code = export_command(checkpoint, out, tile_px, target_mpp, name, license_, overwrite)
@@ -146,7 +146,7 @@ def embed(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Embed every tile of every slide (CLS, optionally mean patch token) with level-0 coordinates; resumable."""
-    from pathdino.cli_use import embed_command
+    from pathdino.cli.use import embed_command
 
     try:
         code = embed_command(store, encoder, out, formats, mean_patch, batch_size, workers, device, precision,
@@ -173,7 +173,7 @@ def eval_(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
     """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
-    from pathdino.cli_use import eval_command
+    from pathdino.cli.use import eval_command
 
     try:
         code = eval_command(dataset, encoder, arch, out, methods, img_size, batch_size, workers, device,
@@ -198,7 +198,7 @@ def mil(
     seed: int = typer.Option(0, help="Seed of the model, slide order and the drawn split."),
 ) -> None:
     """Train and evaluate a gated-attention MIL (ABMIL) slide classifier on slide embeddings."""
-    from pathdino.cli_use import mil_command
+    from pathdino.cli.use import mil_command
 
     try:
         code = mil_command(labels_csv, embeddings, out, feature, max_epochs, hidden_dim, lr, device, skip_missing,

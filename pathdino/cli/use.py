@@ -1,7 +1,7 @@
-"""Implementations of ``pathdino export``, ``embed``, ``eval`` and ``mil`` (the typer commands in cli.py are thin).
+"""Implementations of ``pathdino export``, ``embed``, ``eval`` and ``mil`` (the typer commands in main.py are thin).
 
 Each returns a process exit code and prints where its outputs are. Heavy modules (torch, timm) are imported here,
-never by cli.py at import time, so ``pathdino tile`` stays light.
+never by main.py at import time, so ``pathdino tile`` stays light.
 """
 
 from __future__ import annotations
