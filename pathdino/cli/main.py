@@ -82,6 +82,34 @@ def info(
 
 
 @app.command()
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML training config, e.g. configs/train/vits14.yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Config overrides with dotted keys, e.g. "
+                                                         "train.batch_size=256 optim.base_lr=2e-4."),
+    resume: bool = typer.Option(False, "--resume", help="Resume from the newest checkpoint in train.output_dir."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="CHECKPOINT",
+                                              help="Resume from this checkpoint folder (step_*)."),
+    check: bool = typer.Option(False, "--check", help="Validate the config and tile stores, then exit."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", "-n",
+                                                help="Processes in total (default: 1, or the accelerate config's). "
+                                                     "More than 1: print the accelerate launch line to run."),
+    accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config",
+                                                     help="An accelerate config (configs/accelerate/*.yaml): print "
+                                                          "the accelerate launch line that uses it."),
+) -> None:
+    """DINOv2 pretraining: runs `python -m pathdino.train` here (one process) or prints the `accelerate launch` line."""
+    from pathdino.cli.train import plan_launch, train_command
+
+    try:
+        launch = plan_launch(config=config, overrides=list(overrides or []), resume=resume, resume_from=resume_from,
+                             check=check, num_processes=num_processes, accelerate_config=accelerate_config)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    raise typer.Exit(train_command(launch))
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("pathdino-demo"), "--out", "-o", help="Folder for every output of the demo."),
     workers: int = typer.Option(2, "--workers", "-j", help="Tiling worker processes."),
