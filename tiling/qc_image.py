@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tiling.fsio import atomic_path
 
 __all__ = ["draw_qc_image", "MAX_SIDE_PX", "MIN_SIDE_PX"]
 
@@ -62,17 +62,8 @@ def draw_qc_image(
             # Pillow needs x1 >= x0; a tile under one output pixel is drawn as a dot.
             draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=1)
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", optimize=False, compress_level=1)  # fast: QC pictures are viewed, not archived
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", optimize=False, compress_level=1)  # fast: QC pictures are viewed, not archived
 
 
 def _as_boxes(boxes: np.ndarray | None, name: str) -> np.ndarray:

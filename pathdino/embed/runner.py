@@ -28,7 +28,9 @@ from pathdino.embed.store import (
     write_h5,
 )
 from pathdino.export.load import EncoderInfo, load_encoder, read_encoder_config
-from tiling.store import StoreSlide, TileStore, now_iso
+from tiling import __version__
+from tiling.fsio import file_sha256, now_iso
+from tiling.store import StoreSlide, TileStore
 
 log = logging.getLogger(__name__)
 FORMATS = ("zarr", "h5")
@@ -124,8 +126,6 @@ def _select(store: TileStore, patterns: tuple[str, ...] | None) -> list[str]:
 
 
 def _encoder_meta(info: EncoderInfo) -> dict[str, Any]:
-    from pathdino.export.export import file_sha256
-
     sha = info.weights_sha256 or file_sha256(info.path / "model.safetensors")
     return {"dir": str(info.path.resolve()), "architecture": info.architecture, "weights_sha256": sha,
             "embed_dim": info.embed_dim, "tile_px": info.tile_px, "target_mpp": info.target_mpp,
@@ -288,14 +288,12 @@ def _run(store: TileStore, slides: dict[str, StoreSlide], pending: list[str], in
 def _finish_slide(writer: EmbeddingWriter, store: TileStore, slide: StoreSlide, encoder: dict[str, Any],
                   options: EmbedOptions, forced: set[str], bf16: bool, device: torch.device, dim: int,
                   arrays: dict[str, np.ndarray]) -> None:
-    import pathdino
-
     coords = slide.coords
     attrs = {"slide": slide.attrs,
              "embedding": {"encoder": encoder, "features": list(options.features), "dim": dim,
                            "precision": "bf16-autocast" if bf16 else "fp32", "device": device.type,
                            "tile_store": store.url, "forced": slide.slide_id in forced, "created": now_iso(),
-                           "pathdino_version": pathdino.__version__}}
+                           "pathdino_version": __version__}}
     if "h5" in options.formats:  # before the index entry: a slide listed as complete always has its h5
         coords_attrs, file_attrs = _h5_attrs(slide, encoder)
         extra = {"mean_patch_features": arrays["mean_patch"]} if "mean_patch" in arrays else None

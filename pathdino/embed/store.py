@@ -28,8 +28,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
-from tiling.store import now_iso
-from tiling.store_write import pid_alive
+from tiling.fsio import atomic_path, check_format, now_iso, pid_alive, publish_dir
 
 FORMAT_NAME = "pathdino-embeddings"
 FORMAT_VERSION = 1
@@ -50,12 +49,10 @@ def _check_local(url: str | Path) -> Path:
 
 
 def _check_format(meta: dict[str, Any], where: Path) -> None:
-    if meta.get("format") != FORMAT_NAME:
-        raise EmbedError(f"{where} is a Zarr group but not a pathdino embeddings store (attrs['pathdino']['format'] "
-                         f"!= {FORMAT_NAME!r}); choose another --out")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise EmbedError(f"{where}: embeddings format version {meta.get('format_version')!r}, this pathdino reads "
-                         f"{FORMAT_VERSION}")
+    check_format(meta, where=where, kind="pathdino embeddings store", format_name=FORMAT_NAME,
+                 format_version=FORMAT_VERSION, error=EmbedError,
+                 not_this_format="Choose another --out (or point at a folder `pathdino embed --out` created).",
+                 other_version="Re-embed the slides or install the pathdino release that wrote it.")
 
 
 class EmbeddingStore(Mapping):
@@ -182,9 +179,7 @@ class EmbeddingWriter:
             group.attrs["pathdino"] = attrs
             final = self.path / "slides" / slide_id
             with self._lock():
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(staging, final)
+                publish_dir(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -223,8 +218,7 @@ def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs:
     import h5py
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.create_dataset("features", data=np.asarray(features, dtype=np.float32))
             h5.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
@@ -236,8 +230,4 @@ def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs:
             for key, value in file_attrs.items():
                 if value is not None:
                     h5.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -8,30 +8,25 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD
 from pathdino.eval.datasets import TileDataset, TileDatasetSpec, TileRecord, load_tile_dataset
 from pathdino.eval.diagnostics import DEFAULT_MAX_ITEMS, diagnose
 from pathdino.eval.features import extract_features
 from pathdino.eval.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_evaluate
 from pathdino.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from pathdino.eval.linear import DEFAULT_L2_GRID, linear_probe_evaluate
+from tiling.fsio import atomic_write_json, now_iso, to_jsonable
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 METHODS = ("knn", "linear", "fewshot", "diagnostics")
 REPORT_SCHEMA = "pathdino.eval/1"
 
@@ -129,41 +124,6 @@ def describe_encoder(encoder: nn.Module) -> dict[str, object]:
     return info
 
 
-def to_jsonable(obj: object) -> object:
-    """Plain JSON types; NaN/inf become None (strict JSON has no NaN)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json_atomic(path: str | Path, payload: object) -> Path:
-    """Write ``payload`` as JSON to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(to_jsonable(payload), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _subset(records: Sequence[TileRecord], n_max: int, seed: int) -> list[TileRecord]:
     if len(records) <= n_max:
         return list(records)
@@ -249,7 +209,7 @@ def run_eval(
 
     report = {
         "schema": REPORT_SCHEMA,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": now_iso(),
         "encoder": describe_encoder(encoder),
         "dataset": dataset.summary(),
         "eval_split": eval_split,
@@ -261,7 +221,7 @@ def run_eval(
     }
     report = to_jsonable(report)
     if out_json is not None:
-        write_json_atomic(out_json, report)
+        atomic_write_json(out_json, report, allow_nan=False)
     return report  # type: ignore[return-value]
 
 

@@ -8,13 +8,11 @@ pass, and only then renamed into place: a folder at the output path is always a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,8 @@ from pathdino.export.source import (
     training_cwd,
     training_geometry,
 )
+from tiling import __version__
+from tiling.fsio import file_sha256, now_iso, publish_dir
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,6 @@ def export_backbone(backbone, backbone_cfg, out_dir: str | Path, geometry: Train
     import torch
     from safetensors.torch import save_file
 
-    import pathdino
     from pathdino.models import timm_create_kwargs
 
     out_dir = Path(out_dir).expanduser()
@@ -126,8 +125,8 @@ def export_backbone(backbone, backbone_cfg, out_dir: str | Path, geometry: Train
             "input_px": backbone_cfg.img_size, "patch_size": backbone_cfg.patch_size,
             "embed_dim": backbone_cfg.embed_dim_, "num_register_tokens": backbone_cfg.num_register_tokens,
             "num_prefix_tokens": n_prefix, "backbone_config": asdict(backbone_cfg), "training": provenance,
-            "export": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "pathdino_version": pathdino.__version__, "timm_version": timm.__version__,
+            "export": {"created": now_iso(),
+                       "pathdino_version": __version__, "timm_version": timm.__version__,
                        "torch_version": torch.__version__, "weights_sha256": file_sha256(tmp / WEIGHTS_FILE)},
             "notes": list(geometry.notes),
         }
@@ -142,7 +141,7 @@ def export_backbone(backbone, backbone_cfg, out_dir: str | Path, geometry: Train
                                                "checkpoint's forward at 2 input sizes"}
         _write_json(tmp / CONFIG_FILE, config)
         (tmp / CARD_FILE).write_text(model_card(config, options.model_name or out_dir.name))
-        _publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -180,30 +179,6 @@ def _timm_config(arch: str, kwargs: dict[str, Any], cfg, geometry: TrainingGeome
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    for path in tmp.iterdir():  # durable before the rename makes them visible
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None and old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old is not None:
-        old.unlink()
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_export(reference, out_dir: str | Path) -> float:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD
 from pathdino.export.export import ExportOptions, ExportResult, export_backbone
-from pathdino.export.source import IMAGENET_MEAN, IMAGENET_STD, TrainingGeometry
+from pathdino.export.source import TrainingGeometry
 
 
 def export_untrained_encoder(out_dir: str | Path, tile_px: int = 224, target_mpp: float = 0.5, embed_dim: int = 64,

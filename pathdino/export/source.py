@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD  # augment defaults, for configs without that section
+
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -25,9 +27,6 @@ _BACKBONE_PREFIXES = ("backbone.backbone.", "teacher.backbone.backbone.", "teach
 _TRAINER_ONLY = ("mask_token",)
 _WRAPPER = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
 _MAX_SLIDES_CHECKED = 64
-# The augmentation default (pathdino.data.config); used when a config has no augment section.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ExportError(ValueError):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +29,8 @@ import torch.nn.functional as F
 
 from pathdino.eval.datasets import SPLITS, stratified_split
 from pathdino.eval.metrics import classification_report
-from pathdino.eval.run import write_json_atomic
 from pathdino.mil.abmil import ABMIL
+from tiling.fsio import atomic_path, atomic_write_json, to_jsonable
 
 Bag = tuple[object, object]  # (features [N, D], coords [N, 2]) as numpy arrays or tensors
 FeatureSource = Union[Mapping[str, Bag], Callable[[str], Bag]]
@@ -164,14 +162,11 @@ def write_h5_features(path: str | Path, features: np.ndarray, coords: np.ndarray
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as h5:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("features", data=np.asarray(features, dtype=np.float32))
         h5.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         for key, value in (attrs or {}).items():
             h5["coords"].attrs[key] = value
-    os.replace(tmp, path)
     return path
 
 
@@ -190,10 +185,8 @@ def _bag(source: FeatureSource, slide_id: str) -> tuple[torch.Tensor, np.ndarray
 
 
 def _save_atomic_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def load_attention(path: str | Path) -> dict[str, dict[str, object]]:
@@ -349,14 +342,13 @@ def _finish(model, model_args, table, features, ids, device, out_dir, config, hi
         "coords": np.concatenate(coords).astype(np.int64), "class_names": np.asarray(table.class_names),
     })
     weights_path = out_dir / WEIGHTS_FILE
-    tmp = weights_path.with_name(f".{weights_path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"model": model_args, "class_names": list(table.class_names)}
-    save_file(state, str(tmp), metadata={"pathdino.abmil": json.dumps(meta)})
-    os.replace(tmp, weights_path)
-    metrics_path = write_json_atomic(out_dir / METRICS_FILE, {
+    with atomic_path(weights_path) as tmp:
+        save_file(state, str(tmp), metadata={"pathdino.abmil": json.dumps(meta)})
+    metrics_path = atomic_write_json(out_dir / METRICS_FILE, to_jsonable({
         "metrics": metrics, "best_epoch": best_epoch, "epochs_run": epochs_run, "history": history,
         "class_names": list(table.class_names), "split_origin": table.split_origin,
         "n_slides": {s: len(ids[s]) for s in SPLITS}, "skipped_slides": skipped, "config": asdict(config),
-    })
+    }), allow_nan=False)
     return MILResult(metrics, best_epoch, epochs_run, weights_path, out_dir / ATTENTION_FILE, metrics_path)

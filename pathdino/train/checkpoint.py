@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -38,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from tiling.fsio import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +172,9 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     _barrier()
     if rank == 0:
-        for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # same step saved again (e.g. the final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # durable before the rename publishes it; replaces the same step saved again (e.g. the final save right
+        # after a periodic one)
+        publish_dir(tmp, final)
         prune_checkpoints(output_dir, keep)
     _barrier()
     return final

@@ -66,6 +66,7 @@ from pathdino.train.runtime import (
 )
 from pathdino.train.schedules import Schedules, scaled_lr
 from tiling.configio import ConfigError
+from tiling.fsio import atomic_write_text
 
 log = logging.getLogger("pathdino.train")
 
@@ -349,9 +350,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
         with open(out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(event) + "\n")
         if done:
-            tmp = out_dir / "done.json.tmp"
-            tmp.write_text(json.dumps(event))
-            os.replace(tmp, out_dir / "done.json")
+            atomic_write_text(out_dir / "done.json", json.dumps(event))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "checkpoint": last_checkpoint, "nonfinite_total": guard.total, "done": done,

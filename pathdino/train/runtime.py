@@ -17,6 +17,7 @@ import torch
 from pathdino.train.checkpoint import latest_checkpoint, list_checkpoints
 from pathdino.train.config import RunConfig
 from tiling.configio import ConfigError
+from tiling.fsio import atomic_write_text
 
 log = logging.getLogger("pathdino.train")
 
@@ -86,9 +87,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             with contextlib.suppress(json.JSONDecodeError):
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def trackers(requested: list[str] | None) -> list[str]:
