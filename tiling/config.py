@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tiling.configio import to_dict
+from tiling.configio import ConfigError, to_dict
 from tiling.pixel_qc import PixelQCConfig
 from tiling.tissue import TissueConfig
 
@@ -69,8 +69,8 @@ class TilingConfig:
             problems.append(f"block_tiles must be >= 1, got {self.block_tiles}")
         if self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        if problems:  # all of them at once: a config file is fixed in one go
+            raise ConfigError("TilingConfig: " + "; ".join(problems))
 
     @property
     def n_workers(self) -> int:

@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 
@@ -18,7 +18,57 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the config's schema."""
+    """A config file, override or value that does not fit the config's schema.
+
+    The one error type of every config in the project (tiling, data, models, train): messages name the key at
+    fault (``section.field=value``) and what would be valid; ``key`` holds the dotted key when it is known.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Field checks for the configs' __post_init__ (one message format: "Owner.field=value is invalid: expected ...").
+# Cross-section checks (several sections, the launch, the stores) live in each package's validate_* function.
+
+
+def fail(owner: str, name: str, value: Any, expected: str) -> NoReturn:
+    """Raise ConfigError ``"{owner}.{name}={value!r} is invalid: {expected}"``."""
+    raise ConfigError(f"{owner}.{name}={value!r} is invalid: {expected}", key=f"{owner}.{name}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        fail(owner, name, value, f"expected one of {choices}")
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        fail(owner, name, value, f"expected an integer >= {minimum}")
+
+
+def check_prob(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        fail(owner, name, value, "expected a probability in [0, 1]")
+
+
+def check_range(owner: str, name: str, value: Any, low: float, high: float, strict_order: bool = False) -> None:
+    """A ``(min, max)`` pair with ``low <= min <= max <= high`` (``min < max`` with ``strict_order``)."""
+    ok = isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    if ok:
+        ok = low <= value[0] <= value[1] <= high and (value[0] < value[1] or not strict_order)
+    if not ok:
+        fail(owner, name, value, f"expected (min, max) with {low} <= min <= max <= {high}")
+
+
+def freeze_tuples(obj: Any, names: tuple[str, ...]) -> None:
+    """Frozen dataclasses: lists from YAML/CLI become tuples, so configs stay hashable and immutable."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, list):
+            object.__setattr__(obj, name, tuple(value))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -42,20 +92,41 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `data` with each `key=value` override applied (nested keys with dots)."""
+def set_key(data: dict[str, Any], keys: list[str], value: Any, what: str) -> None:
+    """Set ``data[k0][k1]...[kn] = value`` in place, creating sections; ``what`` names the override in errors."""
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {what!r}: {k!r} is not a section", key=".".join(keys))
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None = None,
+                    values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key=value`` text override applied (nested keys with dots, values
+    parsed as YAML), then each already-typed ``values[key]`` (command-line flags; ``None`` means "not given")."""
     import copy
 
     out = copy.deepcopy(data)
-    for text in overrides:
+    for text in overrides or []:
         keys, value = parse_override(text)
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k!r} is not a section")
-        node[keys[-1]] = value
+        set_key(out, keys, value, text)
+    for key, value in (values or {}).items():
+        if value is not None:
+            set_key(out, key.split("."), value, f"{key}={value}")
     return out
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None, where: str | None = None) -> T:
+    """YAML file (if any), then ``key=value`` overrides, then typed flag values -> dataclass ``cls``.
+
+    The one way every command builds its config; ConfigError names the file and key on any problem.
+    """
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides, values)
+    return from_dict(cls, data, where or (str(path) if path is not None else "config"))
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -125,12 +196,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kind = "section" if dataclasses.is_dataclass(hints[name]) else "key"
+            help_ = f" ({f.metadata['help']})" if "help" in f.metadata else ""
+            raise ConfigError(f"{where}: missing {kind} {name!r}{help_}", key=name)
     kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
+    except ConfigError as exc:  # a __post_init__ check: say which file / section it came from
+        raise ConfigError(f"{where}: {exc}", key=exc.key) from exc
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
         raise ConfigError(f"{where}: {exc}") from exc
 
 

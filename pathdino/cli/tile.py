@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tiling.config import TilingConfig
-from tiling.configio import from_dict, load_yaml
+from tiling.configio import load_config
 from tiling.inputs import collect_slides, parse_shard, select_shard
 from tiling.runner import SlideOutcome, run_tiling
 from tiling.store import TileStore, summarise
@@ -21,17 +21,8 @@ console = Console(stderr=True)
 
 
 def build_config(config_path: Path | None, flags: dict[str, Any]) -> TilingConfig:
-    """YAML config (if any) first, then every flag the user actually gave on top."""
-    data: dict[str, Any] = load_yaml(config_path) if config_path else {}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        section, _, name = key.rpartition(".")
-        node = data
-        if section:
-            node = data.setdefault(section, {})
-        node[name] = value
-    return from_dict(TilingConfig, data, where=str(config_path or "tiling config"))
+    """YAML config (if any) first, then every flag the user actually gave on top (``None``: not given)."""
+    return load_config(TilingConfig, config_path, values=flags, where=str(config_path or "tiling config"))
 
 
 def tile_command(inputs: list[str], out: str, config: TilingConfig, slide_mpp: float | None, shard: str | None,

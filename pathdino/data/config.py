@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from tiling.configio import ConfigError, check_choice, check_int, check_prob, check_range, fail, freeze_tuples
+
 SAMPLING_MODES = ("tile", "slide")
 AUGMENT_PATHS = ("cpu", "gpu")
 DECODE_DEVICES = ("cpu", "gpu")
@@ -20,43 +22,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataConfigError(ValueError):
-    """A `pathdino.data` configuration value is invalid; the message names the field."""
-
-
-def _fail(cls: str, name: str, value: Any, expected: str) -> None:
-    raise DataConfigError(f"{cls}.{name}={value!r} is invalid: {expected}")
-
-
-def _check_choice(cls: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(cls, name, value, f"expected one of {choices}")
-
-
-def _check_int(cls: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(cls, name, value, f"expected an integer >= {minimum}")
-
-
-def _check_prob(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        _fail(cls, name, value, "expected a probability in [0, 1]")
-
-
-def _check_range(cls: str, name: str, value: Any, low: float, high: float, strict_order: bool = False) -> None:
-    ok = isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-    if ok:
-        ok = low <= value[0] <= value[1] <= high and (value[0] < value[1] or not strict_order)
-    if not ok:
-        _fail(cls, name, value, f"expected (min, max) with {low} <= min <= max <= {high}")
-
-
-def _freeze_tuples(obj: Any, names: tuple[str, ...]) -> None:
-    # Frozen dataclasses: lists from YAML/CLI become tuples so configs stay hashable and immutable.
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, list):
-            object.__setattr__(obj, name, tuple(value))
+# The project's one config error (tiling.configio); the old name stays so `except DataConfigError` keeps working.
+DataConfigError = ConfigError
 
 
 @dataclass(frozen=True)
@@ -116,35 +83,35 @@ class DataConfig:
             object.__setattr__(self, "stores", (self.stores,))
         if isinstance(self.slides, str):
             object.__setattr__(self, "slides", (self.slides,))
-        _freeze_tuples(self, ("stores", "slides", "store_weights"))
+        freeze_tuples(self, ("stores", "slides", "store_weights"))
         object.__setattr__(self, "stores", tuple(str(s) for s in self.stores))
         c = "DataConfig"
         if not self.stores:
-            _fail(c, "stores", self.stores, "name at least one tile store")
+            fail(c, "stores", self.stores, "name at least one tile store")
         if self.slides is not None and (not self.slides or not all(isinstance(s, str) and s for s in self.slides)):
-            _fail(c, "slides", self.slides, "expected None or a non-empty list of slide ids / glob patterns")
-        _check_choice(c, "sampling", self.sampling, SAMPLING_MODES)
+            fail(c, "slides", self.slides, "expected None or a non-empty list of slide ids / glob patterns")
+        check_choice(c, "sampling", self.sampling, SAMPLING_MODES)
         if self.store_weights is not None:
             w = self.store_weights
             if (len(w) != len(self.stores) or not all(isinstance(x, (int, float)) and x >= 0 for x in w)
                     or not sum(w) > 0):
-                _fail(c, "store_weights", w, f"expected {len(self.stores)} non-negative weights (one per store), "
+                fail(c, "store_weights", w, f"expected {len(self.stores)} non-negative weights (one per store), "
                       "not all zero")
         if self.samples_per_epoch is not None:
-            _check_int(c, "samples_per_epoch", self.samples_per_epoch, 1)
-        _check_int(c, "shuffle_buffer_tiles", self.shuffle_buffer_tiles, 1)
-        _check_int(c, "shards_in_flight", self.shards_in_flight, 1)
-        _check_int(c, "num_workers", self.num_workers, 0)
-        _check_int(c, "prefetch_batches", self.prefetch_batches, 1)
-        _check_choice(c, "path", self.path, AUGMENT_PATHS)
-        _check_choice(c, "decode_device", self.decode_device, DECODE_DEVICES)
+            check_int(c, "samples_per_epoch", self.samples_per_epoch, 1)
+        check_int(c, "shuffle_buffer_tiles", self.shuffle_buffer_tiles, 1)
+        check_int(c, "shards_in_flight", self.shards_in_flight, 1)
+        check_int(c, "num_workers", self.num_workers, 0)
+        check_int(c, "prefetch_batches", self.prefetch_batches, 1)
+        check_choice(c, "path", self.path, AUGMENT_PATHS)
+        check_choice(c, "decode_device", self.decode_device, DECODE_DEVICES)
         if self.decode_device == "gpu" and self.path != "gpu":
-            _fail(c, "decode_device", self.decode_device, "decoding on the GPU needs path='gpu'")
+            fail(c, "decode_device", self.decode_device, "decoding on the GPU needs path='gpu'")
         if self.start_method == "fork":
-            _fail(c, "start_method", "fork", "zarr 3 can deadlock in forked workers; use 'forkserver' or 'spawn'")
-        _check_choice(c, "start_method", self.start_method, START_METHODS)
-        _check_choice(c, "epoch_remainder", self.epoch_remainder, EPOCH_REMAINDERS)
-        _check_int(c, "max_open_slides", self.max_open_slides, 1)
+            fail(c, "start_method", "fork", "zarr 3 can deadlock in forked workers; use 'forkserver' or 'spawn'")
+        check_choice(c, "start_method", self.start_method, START_METHODS)
+        check_choice(c, "epoch_remainder", self.epoch_remainder, EPOCH_REMAINDERS)
+        check_int(c, "max_open_slides", self.max_open_slides, 1)
 
 
 @dataclass(frozen=True)
@@ -216,47 +183,47 @@ class AugmentConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        _freeze_tuples(self, tuple(f.name for f in fields(self)))
+        freeze_tuples(self, tuple(f.name for f in fields(self)))
         c = "AugmentConfig"
-        _check_int(c, "n_global_crops", self.n_global_crops, 1)
-        _check_int(c, "global_crop_px", self.global_crop_px, 8)
-        _check_int(c, "n_local_crops", self.n_local_crops, 0)
-        _check_int(c, "local_crop_px", self.local_crop_px, 8)
-        _check_range(c, "global_crop_scale", self.global_crop_scale, 1e-4, 1.0)
-        _check_range(c, "local_crop_scale", self.local_crop_scale, 1e-4, 1.0)
-        _check_range(c, "crop_aspect", self.crop_aspect, 1e-2, 1e2)
+        check_int(c, "n_global_crops", self.n_global_crops, 1)
+        check_int(c, "global_crop_px", self.global_crop_px, 8)
+        check_int(c, "n_local_crops", self.n_local_crops, 0)
+        check_int(c, "local_crop_px", self.local_crop_px, 8)
+        check_range(c, "global_crop_scale", self.global_crop_scale, 1e-4, 1.0)
+        check_range(c, "local_crop_scale", self.local_crop_scale, 1e-4, 1.0)
+        check_range(c, "crop_aspect", self.crop_aspect, 1e-2, 1e2)
         for name in ("hflip_p", "vflip_p", "color_jitter_p", "grayscale_p", "blur_p_local", "solarize_p_local",
                      "hed_p"):
-            _check_prob(c, name, getattr(self, name))
+            check_prob(c, name, getattr(self, name))
         for name in ("blur_p_global", "solarize_p_global"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or len(value) != self.n_global_crops:
-                _fail(c, name, value, f"expected one probability per global crop ({self.n_global_crops})")
+                fail(c, name, value, f"expected one probability per global crop ({self.n_global_crops})")
             for v in value:
-                _check_prob(c, name, v)
+                check_prob(c, name, v)
         for name in ("brightness", "contrast", "saturation"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                _fail(c, name, v, "expected a strength >= 0 (factors are drawn in [max(0, 1-s), 1+s])")
+                fail(c, name, v, "expected a strength >= 0 (factors are drawn in [max(0, 1-s), 1+s])")
         if isinstance(self.hue, bool) or not isinstance(self.hue, (int, float)) or not 0 <= self.hue <= 0.5:
-            _fail(c, "hue", self.hue, "expected a value in [0, 0.5]")
-        _check_choice(c, "color_jitter_impl", self.color_jitter_impl, JITTER_IMPLS)
-        _check_range(c, "blur_sigma", self.blur_sigma, 1e-3, 100.0)
+            fail(c, "hue", self.hue, "expected a value in [0, 0.5]")
+        check_choice(c, "color_jitter_impl", self.color_jitter_impl, JITTER_IMPLS)
+        check_range(c, "blur_sigma", self.blur_sigma, 1e-3, 100.0)
         if (isinstance(self.blur_kernel_px, bool) or not isinstance(self.blur_kernel_px, int)
                 or self.blur_kernel_px < 1 or self.blur_kernel_px % 2 == 0):
-            _fail(c, "blur_kernel_px", self.blur_kernel_px, "expected an odd integer >= 1")
+            fail(c, "blur_kernel_px", self.blur_kernel_px, "expected an odd integer >= 1")
         if self.blur_kernel_px // 2 >= min(self.global_crop_px, self.local_crop_px):
-            _fail(c, "blur_kernel_px", self.blur_kernel_px, "the kernel radius must be smaller than every crop")
+            fail(c, "blur_kernel_px", self.blur_kernel_px, "the kernel radius must be smaller than every crop")
         for name in ("hed_scale", "hed_shift"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-                _fail(c, name, v, "expected a value in [0, 1)")
+                fail(c, name, v, "expected a value in [0, 1)")
         for name in ("mean", "std"):
             v = getattr(self, name)
             if not isinstance(v, tuple) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
-                _fail(c, name, v, "expected three numbers (R, G, B)")
+                fail(c, name, v, "expected three numbers (R, G, B)")
         if not all(s > 0 for s in self.std):
-            _fail(c, "std", self.std, "every channel's std must be > 0")
+            fail(c, "std", self.std, "every channel's std must be > 0")
 
     @property
     def n_crops(self) -> int:
@@ -278,7 +245,7 @@ class AugmentConfig:
                           "hue": 0.05, "solarize_p_global": (0.0, 0.0), "hed_p": 0.5},
         }
         if name not in presets:
-            raise DataConfigError(f"unknown augmentation preset {name!r}; expected one of {sorted(presets)}")
+            raise ConfigError(f"unknown augmentation preset {name!r}; expected one of {sorted(presets)}")
         return replace(cls(), **{**presets[name], **overrides})
 
 
@@ -305,25 +272,25 @@ class MaskConfig:
     max_block_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        _freeze_tuples(self, ("mask_ratio", "block_aspect"))
+        freeze_tuples(self, ("mask_ratio", "block_aspect"))
         c = "MaskConfig"
-        _check_prob(c, "mask_probability", self.mask_probability)
-        _check_range(c, "mask_ratio", self.mask_ratio, 0.0, 1.0)
-        _check_int(c, "min_block_patches", self.min_block_patches, 1)
-        _check_range(c, "block_aspect", self.block_aspect, 1e-3, 1e3)
+        check_prob(c, "mask_probability", self.mask_probability)
+        check_range(c, "mask_ratio", self.mask_ratio, 0.0, 1.0)
+        check_int(c, "min_block_patches", self.min_block_patches, 1)
+        check_range(c, "block_aspect", self.block_aspect, 1e-3, 1e3)
         if not isinstance(self.max_block_fraction, (int, float)) or not 0 < self.max_block_fraction <= 1:
-            _fail(c, "max_block_fraction", self.max_block_fraction, "expected a value in (0, 1]")
+            fail(c, "max_block_fraction", self.max_block_fraction, "expected a value in (0, 1]")
 
 
 def check_patch_grid(aug: AugmentConfig, patch_size: int) -> int:
     """Patches per side of a global crop; crop sizes must be multiples of the model's patch size."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise DataConfigError(f"patch_size={patch_size!r} is invalid: expected a positive integer")
+        raise ConfigError(f"patch_size={patch_size!r} is invalid: expected a positive integer")
     for name in ("global_crop_px",) + (("local_crop_px",) if aug.n_local_crops else ()):
         px = getattr(aug, name)
         if px % patch_size:
             lower = max(patch_size, px // patch_size * patch_size)
-            raise DataConfigError(f"AugmentConfig.{name}={px} is not a multiple of the model's patch size "
+            raise ConfigError(f"AugmentConfig.{name}={px} is not a multiple of the model's patch size "
                                   f"{patch_size}: use {lower} or {lower + patch_size}")
     return aug.global_crop_px // patch_size
 

@@ -20,6 +20,8 @@ from timm.models import VisionTransformer
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from tiling.configio import ConfigError
+
 log = logging.getLogger(__name__)
 
 # name -> (embed_dim, depth, num_heads, default ffn); sizes as facebookresearch/dinov2 and timm's *_dinov2 models.
@@ -79,37 +81,37 @@ class BackboneConfig:
         sizes = (self.embed_dim, self.depth, self.num_heads)
         if self.arch == "custom":
             if any(s is None for s in sizes):
-                raise ValueError("BackboneConfig: arch='custom' needs embed_dim, depth and num_heads")
+                raise ConfigError("BackboneConfig: arch='custom' needs embed_dim, depth and num_heads")
         elif self.arch in ARCHS:
             if any(s is not None for s in sizes):
-                raise ValueError(
+                raise ConfigError(
                     f"BackboneConfig: embed_dim/depth/num_heads are fixed by arch={self.arch!r}; "
                     "use arch='custom' to set them")
         else:
-            raise ValueError(f"BackboneConfig.arch={self.arch!r}: expected one of {[*ARCHS, 'custom']}")
+            raise ConfigError(f"BackboneConfig.arch={self.arch!r}: expected one of {[*ARCHS, 'custom']}")
         if self.ffn == "auto":
             object.__setattr__(self, "ffn", ARCHS[self.arch][3] if self.arch in ARCHS else "mlp")
         if self.ffn not in ("mlp", "swiglu"):
-            raise ValueError(f"BackboneConfig.ffn={self.ffn!r}: expected 'mlp', 'swiglu' or 'auto'")
+            raise ConfigError(f"BackboneConfig.ffn={self.ffn!r}: expected 'mlp', 'swiglu' or 'auto'")
         if self.patch_size not in (14, 16):
-            raise ValueError(f"BackboneConfig.patch_size={self.patch_size}: expected 14 (DINOv2) or 16")
+            raise ConfigError(f"BackboneConfig.patch_size={self.patch_size}: expected 14 (DINOv2) or 16")
         if self.img_size <= 0 or self.img_size % self.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"BackboneConfig.img_size={self.img_size} must be a positive multiple of patch_size="
                 f"{self.patch_size} (e.g. 224 for patch 14)")
         if self.embed_dim_ % self.num_heads_:
-            raise ValueError(
+            raise ConfigError(
                 f"BackboneConfig: embed_dim={self.embed_dim_} not divisible by num_heads={self.num_heads_}")
         if min(self.embed_dim_, self.depth_, self.num_heads_) <= 0:
-            raise ValueError("BackboneConfig: embed_dim, depth and num_heads must be positive")
+            raise ConfigError("BackboneConfig: embed_dim, depth and num_heads must be positive")
         if self.num_register_tokens < 0:
-            raise ValueError(f"BackboneConfig.num_register_tokens={self.num_register_tokens} must be >= 0")
+            raise ConfigError(f"BackboneConfig.num_register_tokens={self.num_register_tokens} must be >= 0")
         if self.layerscale_init is not None and self.layerscale_init <= 0:
-            raise ValueError(f"BackboneConfig.layerscale_init={self.layerscale_init}: use a positive value or None")
+            raise ConfigError(f"BackboneConfig.layerscale_init={self.layerscale_init}: use a positive value or None")
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"BackboneConfig.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+            raise ConfigError(f"BackboneConfig.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
         if self.mlp_ratio <= 0:
-            raise ValueError(f"BackboneConfig.mlp_ratio={self.mlp_ratio} must be positive")
+            raise ConfigError(f"BackboneConfig.mlp_ratio={self.mlp_ratio} must be positive")
 
     @property
     def embed_dim_(self) -> int:

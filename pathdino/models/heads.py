@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiling.configio import ConfigError
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -35,7 +37,7 @@ class HeadConfig:
     def __post_init__(self) -> None:
         for name in ("n_prototypes", "hidden_dim", "bottleneck_dim", "n_layers"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"HeadConfig.{name}={getattr(self, name)} must be positive")
+                raise ConfigError(f"HeadConfig.{name}={getattr(self, name)} must be positive")
 
     @classmethod
     def for_arch(cls, arch: str, **overrides: int) -> "HeadConfig":

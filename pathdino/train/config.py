@@ -13,7 +13,21 @@ from typing import Any, Literal
 
 from pathdino.data import AugmentConfig, DataConfig, MaskConfig
 from pathdino.models import BackboneConfig, HeadConfig
-from tiling.configio import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from tiling.configio import ConfigError, load_config as load_typed_config, to_dict
+
+
+def _check_fields(section: str, *, positive: dict[str, float] | None = None,
+                  non_negative: dict[str, float] | None = None, unit: dict[str, float] | None = None) -> None:
+    """Single-field checks of a section (``__post_init__``); messages name the YAML key (``section.field``)."""
+    for name, value in (positive or {}).items():
+        if not value > 0:
+            raise ConfigError(f"{section}.{name}={value} must be positive", key=f"{section}.{name}")
+    for name, value in (non_negative or {}).items():
+        if value < 0:
+            raise ConfigError(f"{section}.{name}={value} must be >= 0", key=f"{section}.{name}")
+    for name, value in (unit or {}).items():
+        if not 0 < value <= 1:
+            raise ConfigError(f"{section}.{name}={value} must be in (0, 1]", key=f"{section}.{name}")
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,11 @@ class ModelConfig:
     ibot_separate_head: bool = False  # DINOv2 shares the head for S/B; separate for L/g
     ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head
     init_checkpoint: str | None = None  # local timm/dinov2 checkpoint to start the backbone from (no download)
+
+    def __post_init__(self) -> None:
+        if not self.ibot_separate_head and self.ibot_head is not None:
+            raise ConfigError("model.ibot_head is only used with model.ibot_separate_head=true; remove it or enable "
+                              "that", key="model.ibot_head")
 
 
 @dataclass(frozen=True)
@@ -45,6 +64,13 @@ class LossConfig:
     teacher_temp_warmup_start: float = 0.04
     teacher_temp_warmup_steps: int = 37_500  # DINOv2: 30 "epochs" x 1,250 iterations
 
+    def __post_init__(self) -> None:
+        _check_fields("loss", positive={"student_temp": self.student_temp, "teacher_temp": self.teacher_temp,
+                                        "teacher_temp_warmup_start": self.teacher_temp_warmup_start},
+                      non_negative={"teacher_temp_warmup_steps": self.teacher_temp_warmup_steps,
+                                    "dino_weight": self.dino_weight, "ibot_weight": self.ibot_weight,
+                                    "uniformity_weight": self.uniformity_weight})
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -63,6 +89,15 @@ class OptimConfig:
     clip_grad: float = 3.0  # max grad norm per module (backbone, each head); 0 disables clipping
     momentum_teacher: float = 0.992  # EMA momentum, cosine to momentum_teacher_end (0.994 for L/g)
     momentum_teacher_end: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fields("optim", positive={"base_lr": self.base_lr},
+                      non_negative={"warmup_steps": self.warmup_steps,
+                                    "freeze_last_layer_steps": self.freeze_last_layer_steps,
+                                    "min_lr": self.min_lr, "clip_grad": self.clip_grad},
+                      unit={"momentum_teacher": self.momentum_teacher,
+                            "momentum_teacher_end": self.momentum_teacher_end,
+                            "layerwise_decay": self.layerwise_decay})
 
 
 @dataclass(frozen=True)
@@ -85,6 +120,16 @@ class TrainConfig:
     stop_at_step: int | None = None  # stop (after a checkpoint) at this step; schedules still use total_steps
     synthetic_data: bool = False  # random pixels instead of tile stores (benchmarks, smoke tests)
 
+    def __post_init__(self) -> None:
+        _check_fields("train", positive={"total_steps": self.total_steps, "batch_size": self.batch_size,
+                                         "grad_accum_steps": self.grad_accum_steps,
+                                         "checkpoint_every_steps": self.checkpoint_every_steps,
+                                         "keep_checkpoints": self.keep_checkpoints,
+                                         "max_nonfinite_steps": self.max_nonfinite_steps})
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.total_steps:
+            raise ConfigError(f"train.stop_at_step={self.stop_at_step} must be in [1, train.total_steps="
+                              f"{self.total_steps}]", key="train.stop_at_step")
+
 
 @dataclass(frozen=True)
 class LogConfig:
@@ -97,12 +142,15 @@ class LogConfig:
     collapse_drop_fraction: float = 0.5  # warn when rank or prototype usage falls below this x its best
     peak_tflops: float | None = None  # per device, for MFU; None = from the GPU name (unknown on CPU)
 
+    def __post_init__(self) -> None:
+        _check_fields("log", positive={"every_steps": self.every_steps})
+
 
 @dataclass(frozen=True)
 class RunConfig:
     """A whole training run; YAML sections have the field names."""
 
-    data: DataConfig
+    data: DataConfig = field(metadata={"help": "the tile stores to train on"})
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,12 +186,7 @@ def crop_plan(cfg: RunConfig) -> CropPlan:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply ``key=value`` overrides, build the typed config (ConfigError on any problem)."""
-    data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    where = f"{path}" if path is not None else "config"
-    if "data" not in data:
-        raise ConfigError(f"{where}: missing section 'data' (the tile stores to train on)")
-    return from_dict(RunConfig, data, where)
+    return load_typed_config(RunConfig, path, list(overrides or []))
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -180,35 +223,10 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
     if plan.n_global < 1 or (plan.n_global < 2 and plan.n_local == 0):
         raise ConfigError("the DINO loss needs 2 global crops, or 1 global crop and some local crops")
     per_process_batch(cfg, world_size)
-    m, t, o, lo = cfg.model, cfg.train, cfg.optim, cfg.loss
-    if not m.ibot_separate_head and m.ibot_head is not None:
-        raise ConfigError("model.ibot_head is only used with model.ibot_separate_head=true; remove it or enable that")
-    positive = {"train.total_steps": t.total_steps, "train.batch_size": t.batch_size,
-                "train.grad_accum_steps": t.grad_accum_steps, "train.checkpoint_every_steps": t.checkpoint_every_steps,
-                "train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_steps": t.max_nonfinite_steps,
-                "log.every_steps": cfg.log.every_steps, "optim.base_lr": o.base_lr,
-                "loss.student_temp": lo.student_temp, "loss.teacher_temp": lo.teacher_temp,
-                "loss.teacher_temp_warmup_start": lo.teacher_temp_warmup_start}
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    non_negative = {"optim.warmup_steps": o.warmup_steps, "optim.freeze_last_layer_steps": o.freeze_last_layer_steps,
-                    "optim.min_lr": o.min_lr, "optim.clip_grad": o.clip_grad,
-                    "loss.teacher_temp_warmup_steps": lo.teacher_temp_warmup_steps,
-                    "loss.dino_weight": lo.dino_weight, "loss.ibot_weight": lo.ibot_weight,
-                    "loss.uniformity_weight": lo.uniformity_weight}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
+    t, o = cfg.train, cfg.optim
     if o.warmup_steps > t.total_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}")
-    for key, value in (("optim.momentum_teacher", o.momentum_teacher),
-                       ("optim.momentum_teacher_end", o.momentum_teacher_end),
-                       ("optim.layerwise_decay", o.layerwise_decay)):
-        if not 0 < value <= 1:
-            raise ConfigError(f"{key}={value} must be in (0, 1]")
-    if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.total_steps:
-        raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be in [1, train.total_steps={t.total_steps}]")
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
+                          key="optim.warmup_steps")
     if check_stores and not t.synthetic_data:
         from pathdino.data import validate_stores
         from tiling.store import StoreError
