@@ -184,6 +184,8 @@ class TrainLoader:
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage-collected)."""
         self._generation += 1
+        # torch has no public way to stop a persistent DataLoader's workers now; tests/test_private_apis.py pins
+        # DataLoader._iterator and _shutdown_workers() (without them, workers stop at garbage collection).
         iterator = getattr(self._dataloader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()

@@ -74,7 +74,7 @@ class EncoderInfo:
         The registry's dinov2 entry says 518 px input and points at facebook's weights; every field that matters is
         replaced here so nothing is downloaded and timm's data config describes this encoder.
         """
-        from timm.models._pretrained import PretrainedCfg
+        from timm.models import PretrainedCfg
 
         known = {f.name for f in dataclasses.fields(PretrainedCfg)}
         overlay = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.pretrained_cfg.items() if k in known}

@@ -16,8 +16,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import DropPath
-from timm.models import VisionTransformer
-from timm.models._manipulate import checkpoint_seq
+from timm.models import VisionTransformer, checkpoint_seq
 from torch import nn
 
 from tiling.configio import ConfigError
@@ -240,6 +239,8 @@ class MaskedViT(nn.Module):
             masked = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)
             # Before the position embedding, so a masked token still knows where it is (iBOT / DINOv2).
             tokens = torch.where(masked, self.mask_token.to(tokens.dtype), tokens)
+        # timm has no public way to add position embeddings and prefix tokens to patch tokens we have edited;
+        # tests/test_private_apis.py pins this private method's behaviour against forward_features.
         tokens = bb._pos_embed(tokens)
         tokens = bb.patch_drop(tokens)
         tokens = bb.norm_pre(tokens)
