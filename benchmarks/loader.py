@@ -101,7 +101,8 @@ def cpu_per_core(store: str, aug: AugmentConfig, samples: int, batch: int) -> di
     torch.set_num_threads(1)
     tune_worker_allocator()
     data = DataConfig(stores=(store,), num_workers=0, shuffle_buffer_tiles=4 * batch)
-    ld = build_train_loader(data, aug, MaskConfig(), PATCH, batch, rank=0, world_size=1, seed=0)
+    ld = build_train_loader(data, aug, MaskConfig(), patch_size=PATCH, batch_size_per_process=batch, rank=0,
+                            world_size=1, seed=0)
     builder = BatchBuilder(ld.spec)
     sched = Schedule(ld.spec.epoch_size, ld.spec.layout, "drop", 0)
     encoded = [b for sid in TileStore(store).slide_ids for b in TileStore(store).slide(sid).read_encoded(0, 64)]
@@ -128,7 +129,8 @@ def cpu_per_core(store: str, aug: AugmentConfig, samples: int, batch: int) -> di
 def gpu_path(store: str, aug: AugmentConfig, batch: int, workers: int, steps: int, decode_device: str) -> dict:
     data = DataConfig(stores=(store,), num_workers=workers, path="gpu", decode_device=decode_device,
                       shuffle_buffer_tiles=2 * batch, samples_per_epoch=max(10_000, 4 * batch * steps))
-    ld = build_train_loader(data, aug, MaskConfig(), PATCH, batch, rank=0, world_size=1, seed=0, device="cuda")
+    ld = build_train_loader(data, aug, MaskConfig(), patch_size=PATCH, batch_size_per_process=batch, rank=0,
+                            world_size=1, seed=0, device="cuda")
     it = iter(ld)
     for _ in range(3):
         next(it)

@@ -70,7 +70,7 @@ def test_abmil_learns_tumour_bags_and_attends_to_tumour_tiles(tmp_path):
     splits = {sid: ("train" if i < 36 else "val" if i < 44 else "test") for i, sid in enumerate(ids)}
     _write_labels(tmp_path / "labels.csv", labels, splits)
     config = MILConfig(hidden_dim=32, dropout=0.1, lr=2e-3, max_epochs=25, patience=6, seed=0)
-    result = train_abmil(tmp_path / "labels.csv", bags, tmp_path / "out", config)
+    result = train_abmil(tmp_path / "labels.csv", bags, tmp_path / "out", config=config)
 
     test = result.metrics["test"]
     assert test["n"] == 16
@@ -104,7 +104,7 @@ def test_train_without_split_column_draws_stratified_split(tmp_path):
     assert table.split_origin == "stratified"
     assert sorted(table.splits).count("test") == 4 and sorted(table.splits).count("val") == 4
     result = train_abmil(table, bags.__getitem__, tmp_path / "out",
-                         MILConfig(hidden_dim=16, max_epochs=2, max_tiles_per_step=8))
+                         config=MILConfig(hidden_dim=16, max_epochs=2, max_tiles_per_step=8))
     assert set(result.metrics) == {"train", "val", "test"}
     assert 0.0 <= result.metrics["test"]["balanced_accuracy"] <= 1.0
 
@@ -115,9 +115,9 @@ def test_missing_slides_fail_up_front_or_are_skipped(tmp_path):
     gone = sorted(bags)[:2]
     partial = {k: v for k, v in bags.items() if k not in gone}
     with pytest.raises(FileNotFoundError, match=gone[0]):
-        train_abmil(tmp_path / "labels.csv", partial, tmp_path / "out", MILConfig(hidden_dim=8, max_epochs=1))
+        train_abmil(tmp_path / "labels.csv", partial, tmp_path / "out", config=MILConfig(hidden_dim=8, max_epochs=1))
     result = train_abmil(tmp_path / "labels.csv", partial, tmp_path / "out",
-                         MILConfig(hidden_dim=8, max_epochs=1, skip_missing_slides=True))
+                         config=MILConfig(hidden_dim=8, max_epochs=1, skip_missing_slides=True))
     assert sum(m["n"] for m in result.metrics.values()) == 10
     assert set(load_attention(result.attention_path)) == set(partial)
 

@@ -108,7 +108,7 @@ def test_csv_layout_given_split_and_patient_split(tmp_path):
 
 
 def test_stratified_split_keeps_a_training_item_per_class():
-    splits = stratified_split([0, 1, 1, 2, 2, 2, 2], 0.3, 0.3, seed=0)
+    splits = stratified_split([0, 1, 1, 2, 2, 2, 2], val_fraction=0.3, test_fraction=0.3, seed=0)
     assert splits[0] == "train"
     assert sorted(s for s, y in zip(splits, [0, 1, 1, 2, 2, 2, 2]) if y == 1) == ["test", "train"]
 
@@ -156,13 +156,13 @@ def test_knn_and_linear_separate_synthetic_classes():
     xtr, ytr = _blobs(30, seed=0)
     xva, yva = _blobs(10, seed=1)
     xte, yte = _blobs(20, seed=2)
-    knn = knn_evaluate(xtr, ytr, xte, yte, 4, ks=(1, 20))
+    knn = knn_evaluate(xtr, ytr, xte, yte, n_classes=4, ks=(1, 20))
     for k in ("1", "20"):
         assert knn["by_k"][k]["balanced_accuracy"] == pytest.approx(1.0)
         assert knn["by_k"][k]["auc"] == pytest.approx(1.0)
-    lin = linear_probe_evaluate(xtr, ytr, xte, yte, 4, xva, yva)
+    lin = linear_probe_evaluate(xtr, ytr, xte, yte, n_classes=4, val_features=xva, val_labels=yva)
     assert lin["selection"] == "val" and lin["test"]["balanced_accuracy"] == pytest.approx(1.0)
-    lin_cv = linear_probe_evaluate(xtr, ytr, xte, yte, 4, l2_grid=(1e-3, 1e-1))
+    lin_cv = linear_probe_evaluate(xtr, ytr, xte, yte, n_classes=4, l2_grid=(1e-3, 1e-1))
     assert lin_cv["selection"] == "cv3" and lin_cv["test"]["accuracy"] == pytest.approx(1.0)
     assert set(lin_cv["selection_balanced_accuracy"]) == {"0.001", "0.1"}
 
@@ -179,16 +179,16 @@ def test_linear_probe_l2_shrinks_weights_and_beats_chance_on_overlap():
 def test_fewshot_on_synthetic_features():
     xtr, ytr = _blobs(10, seed=0)
     xte, yte = _blobs(20, seed=2)
-    res = fewshot_evaluate(xtr, ytr, xte, yte, 4, shots=(1, 4, 16), n_seeds=3)
+    res = fewshot_evaluate(xtr, ytr, xte, yte, n_classes=4, shots=(1, 4, 16), n_seeds=3)
     assert res["skipped_shots"] == [16]
     for k in ("1", "4"):
         ba = res["by_shots"][k]["balanced_accuracy"]
         assert len(ba["values"]) == 3 and ba["mean"] >= 0.95
         assert ba["std"] == pytest.approx(float(np.std(ba["values"])))
-    lin = fewshot_evaluate(xtr, ytr, xte, yte, 4, shots=(2,), n_seeds=2, method="linear")
+    lin = fewshot_evaluate(xtr, ytr, xte, yte, n_classes=4, shots=(2,), n_seeds=2, method="linear")
     assert lin["by_shots"]["2"]["accuracy"]["mean"] >= 0.95
     with pytest.raises(ValueError, match="simpleshot"):
-        fewshot_evaluate(xtr, ytr, xte, yte, 4, method="protonet")
+        fewshot_evaluate(xtr, ytr, xte, yte, n_classes=4, method="protonet")
 
 
 # ---------------------------------------------------------------- diagnostics
@@ -241,7 +241,8 @@ def test_extract_features_on_bundled_tiles(tiny_vit, tmp_path):
     (tmp_path / "nct.csv").write_text("\n".join(rows) + "\n")
     ds = load_tile_dataset(TileDatasetSpec(tmp_path / "nct.csv"))
     assert ds.class_names == NCT_CLASSES and len(ds.records("train")) == 9  # 1 per class stays in train
-    feats, labels, paths = extract_features(tiny_vit, eval_transform(32), ds.records("train"), 4, "cpu", 0, False)
+    feats, labels, paths = extract_features(tiny_vit, eval_transform(32), ds.records("train"), batch_size=4,
+                                            device="cpu", num_workers=0, progress=False)
     assert feats.shape == (9, 192) and feats.dtype == torch.float32 and torch.isfinite(feats).all()
     assert labels.tolist() == list(range(9)) and paths[0].endswith("ADI-AAQEFMRI.tif")
     assert tiny_vit.training is False

@@ -118,7 +118,8 @@ def test_interrupted_and_resumed_runs_reproduce_the_uninterrupted_run(tmp_path, 
     # crash while fetching step 5's batch: checkpoints at 2 and 4 exist, resume picks 4
     run = tmp_path / "crash"
     cfg = smoke(run, store)
-    inner = build_train_loader(cfg.data, cfg.augment, cfg.masks, 14, 8, 0, 1, 0)
+    inner = build_train_loader(cfg.data, cfg.augment, cfg.masks, patch_size=14, batch_size_per_process=8, rank=0,
+                               world_size=1, seed=0)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, loader=CrashingLoader(inner, crash_at=4))
     assert [s for s, _ in list_checkpoints(run)] == [2, 4] and not (run / "done.json").exists()

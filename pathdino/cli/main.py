@@ -148,7 +148,8 @@ def export(
     from pathdino.cli.use import export_command
 
     try:
-        code = export_command(checkpoint, out, tile_px, target_mpp, name, license_, overwrite)
+        code = export_command(checkpoint, out, tile_px=tile_px, target_mpp=target_mpp, name=name, license_=license_,
+                              overwrite=overwrite)
     except _use_errors() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
@@ -204,8 +205,8 @@ def eval_(
     from pathdino.cli.use import eval_command
 
     try:
-        code = eval_command(dataset, encoder, arch, out, methods, img_size, batch_size, workers, device,
-                            not no_progress)
+        code = eval_command(dataset, encoder=encoder, arch=arch, out=out, methods=methods, img_size=img_size,
+                            batch_size=batch_size, workers=workers, device=device, progress=not no_progress)
     except _use_errors() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
@@ -229,8 +230,8 @@ def mil(
     from pathdino.cli.use import mil_command
 
     try:
-        code = mil_command(labels_csv, embeddings, out, feature, max_epochs, hidden_dim, lr, device, skip_missing,
-                           seed)
+        code = mil_command(labels_csv, embeddings, out=out, feature=feature, max_epochs=max_epochs,
+                           hidden_dim=hidden_dim, lr=lr, device=device, skip_missing=skip_missing, seed=seed)
     except _use_errors() as exc:
         _fail(str(exc))
     raise typer.Exit(code)

@@ -25,7 +25,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return (ExportError, EncoderFormatError, EmbedError, StoreError, ValueError, FileNotFoundError, KeyError)
 
 
-def export_command(checkpoint: str, out: str, tile_px: int | None, target_mpp: float | None, name: str | None,
+def export_command(checkpoint: str, out: str, *, tile_px: int | None, target_mpp: float | None, name: str | None,
                    license_: str, overwrite: bool) -> int:
     from pathdino.export import ExportOptions, export_checkpoint
 
@@ -62,7 +62,7 @@ def embed_command(store: str, encoder: str, out: str, formats: list[str], mean_p
     return 1 if report.failed else 0
 
 
-def eval_command(dataset: str, encoder: str | None, arch: str | None, out: str, methods: list[str],
+def eval_command(dataset: str, *, encoder: str | None, arch: str | None, out: str, methods: list[str],
                  img_size: int, batch_size: int, workers: int, device: str | None, progress: bool) -> int:
     from pathdino.eval import EvalOptions, eval_transform, random_baseline_encoder, run_eval
 
@@ -98,14 +98,14 @@ def _headline(result: object) -> str:
     return ", ".join(found[:8]) or json.dumps(result)[:200]
 
 
-def mil_command(labels_csv: str, embeddings: str, out: str, feature: str, max_epochs: int, hidden_dim: int,
+def mil_command(labels_csv: str, embeddings: str, *, out: str, feature: str, max_epochs: int, hidden_dim: int,
                 lr: float, device: str, skip_missing: bool, seed: int) -> int:
     from pathdino.mil import MILConfig, train_abmil
 
     source = _feature_source(Path(embeddings), feature)
     config = MILConfig(max_epochs=max_epochs, hidden_dim=hidden_dim, lr=lr, device=device,
                        skip_missing_slides=skip_missing, seed=seed)
-    result = train_abmil(labels_csv, source, out, config)
+    result = train_abmil(labels_csv, source, out, config=config)
     console.print(f"ABMIL: best epoch {result.best_epoch} of {result.epochs_run}; outputs in {Path(out)}")
     for split, metrics in result.metrics.items():
         auc = metrics.get("auc")

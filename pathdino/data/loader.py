@@ -193,7 +193,7 @@ class TrainLoader:
         self._stream = None
 
 
-def build_train_loader(data: DataConfig, aug: AugmentConfig, masks: MaskConfig, patch_size: int,
+def build_train_loader(data: DataConfig, aug: AugmentConfig, masks: MaskConfig, *, patch_size: int,
                        batch_size_per_process: int, rank: int, world_size: int, seed: int,
                        device: torch.device | str = "cpu") -> TrainLoader:
     """Validate the stores against the recipe and return this process's `TrainLoader`.

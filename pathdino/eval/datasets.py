@@ -114,7 +114,7 @@ def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[in
 
 def stratified_split(
     labels: Sequence[int],
-    val_fraction: float,
+    *, val_fraction: float,
     test_fraction: float,
     seed: int,
     groups: Sequence[str] | None = None,
@@ -266,7 +266,7 @@ def load_tile_dataset(spec: TileDatasetSpec | str | Path) -> TileDataset:
         recs = records(rows[""])
         groups = [r.patient if r.patient is not None else f"#row{i}" for i, r in enumerate(recs)]
         names_per_item = stratified_split(
-            [r.label for r in recs], spec.val_fraction, spec.test_fraction, spec.seed,
+            [r.label for r in recs], val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, seed=spec.seed,
             groups=groups if has_patient else None,
         )
         splits = {s: tuple(r for r, n in zip(recs, names_per_item) if n == s) for s in SPLITS}

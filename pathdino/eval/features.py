@@ -57,6 +57,7 @@ def extract_features(
     encoder: nn.Module,
     transform: Callable[[object], object] | None,
     dataset: Sequence[TileRecord] | TileImageDataset | Dataset,
+    *,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,

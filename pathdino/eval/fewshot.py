@@ -66,6 +66,7 @@ def fewshot_evaluate(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
+    *,
     n_classes: int,
     shots: Sequence[int] = DEFAULT_SHOTS,
     n_seeds: int = DEFAULT_SEEDS,
@@ -98,7 +99,7 @@ def fewshot_evaluate(
             else:
                 scores = fit_logistic_regression(sf, sl, n_classes, FEWSHOT_LINEAR_L2).predict_proba(test_features)
             report = classification_report(
-                test_labels.numpy(), scores.argmax(dim=1).numpy(), scores.numpy(), n_classes
+                test_labels.numpy(), scores.argmax(dim=1).numpy(), scores=scores.numpy(), n_classes=n_classes
             )
             for m in _SUMMARISED:
                 per_metric[m].append(float(report[m]))  # type: ignore[arg-type]

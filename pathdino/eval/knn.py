@@ -61,6 +61,7 @@ def knn_evaluate(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
+    *,
     n_classes: int,
     ks: Sequence[int] = (DEFAULT_K,),
     temperature: float = DEFAULT_TEMPERATURE,
@@ -71,7 +72,7 @@ def knn_evaluate(
     for k in ks:
         scores = knn_scores(train_features, train_labels, test_features, n_classes, k, temperature, device=device)
         report = classification_report(
-            test_labels.numpy(), scores.argmax(dim=1).numpy(), scores.numpy(), n_classes
+            test_labels.numpy(), scores.argmax(dim=1).numpy(), scores=scores.numpy(), n_classes=n_classes
         )
         report["k_effective"] = min(int(k), int(train_features.shape[0]))
         by_k[str(int(k))] = report

@@ -151,6 +151,7 @@ def linear_probe_evaluate(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
+    *,
     n_classes: int,
     val_features: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
@@ -166,7 +167,8 @@ def linear_probe_evaluate(
     )
     probe = fit_logistic_regression(train_features, train_labels, n_classes, best, max_iter, device=device)
     probs = probe.predict_proba(test_features)
-    report = classification_report(test_labels.numpy(), probs.argmax(dim=1).numpy(), probs.numpy(), n_classes)
+    report = classification_report(test_labels.numpy(), probs.argmax(dim=1).numpy(), scores=probs.numpy(),
+                                   n_classes=n_classes)
     train_pred = probe.logits(train_features).argmax(dim=1)
     return {
         "l2": best,

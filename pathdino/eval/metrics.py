@@ -121,7 +121,7 @@ def roc_auc(y_true: object, scores: object) -> float:
 
 
 def classification_report(
-    y_true: object, y_pred: object, scores: object | None = None, n_classes: int | None = None
+    y_true: object, y_pred: object, *, scores: object | None = None, n_classes: int | None = None
 ) -> dict[str, object]:
     """All the metrics above as a JSON-friendly dict (``auc`` only when ``scores`` are given)."""
     cm = confusion_matrix(y_true, y_pred, n_classes)

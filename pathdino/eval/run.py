@@ -162,7 +162,8 @@ def run_eval(
 
     def embed(records: Sequence[TileRecord], tf: Callable, name: str):
         return extract_features(
-            encoder, tf, list(records), options.batch_size, device, options.num_workers, options.progress, name
+            encoder, tf, list(records), batch_size=options.batch_size, device=device,
+            num_workers=options.num_workers, progress=options.progress, description=name
         )
 
     needs_train = any(m in methods for m in ("knn", "linear", "fewshot"))
@@ -180,24 +181,26 @@ def run_eval(
     if "knn" in methods:
         t0 = time.perf_counter()
         results["knn"] = knn_evaluate(
-            train.features, train.labels, test.features, test.labels, n_classes, options.knn_ks,
-            options.knn_temperature, device,
+            train.features, train.labels, test.features, test.labels, n_classes=n_classes, ks=options.knn_ks,
+            temperature=options.knn_temperature, device=device,
         )
         timing["knn_s"] = time.perf_counter() - t0
     if "linear" in methods:
         t0 = time.perf_counter()
         val = feats.get("val")
         results["linear"] = linear_probe_evaluate(
-            train.features, train.labels, test.features, test.labels, n_classes,
-            val.features if val is not None else None, val.labels if val is not None else None,
-            options.l2_grid, seed=options.seed, device=device,
+            train.features, train.labels, test.features, test.labels, n_classes=n_classes,
+            val_features=val.features if val is not None else None,
+            val_labels=val.labels if val is not None else None, l2_grid=options.l2_grid, seed=options.seed,
+            device=device,
         )
         timing["linear_s"] = time.perf_counter() - t0
     if "fewshot" in methods:
         t0 = time.perf_counter()
         results["fewshot"] = fewshot_evaluate(
-            train.features, train.labels, test.features, test.labels, n_classes, options.fewshot_shots,
-            options.fewshot_seeds, options.fewshot_method, options.seed,
+            train.features, train.labels, test.features, test.labels, n_classes=n_classes,
+            shots=options.fewshot_shots, n_seeds=options.fewshot_seeds, method=options.fewshot_method,
+            seed=options.seed,
         )
         timing["fewshot_s"] = time.perf_counter() - t0
     if "diagnostics" in methods:

@@ -86,16 +86,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         raise ExportError(f"{where}: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(f"{where} (missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-    geometry = training_geometry(config, options.tile_px, options.target_mpp, training_cwd(ckpt, config))
+    geometry = training_geometry(config, tile_px=options.tile_px, target_mpp=options.target_mpp,
+                                 base_dir=training_cwd(ckpt, config))
     provenance = {
         "checkpoint": str(ckpt.resolve()), "step": state.get("step"), "stores": list(geometry.stores),
         "world_size": state.get("world_size"), "batch_size": state.get("batch_size"),
         "left_out": _summarise_keys(left_out), "config": config,
     }
-    return export_backbone(backbone, cfg, out_dir, geometry, provenance, options)
+    return export_backbone(backbone, cfg, out_dir, geometry=geometry, provenance=provenance, options=options)
 
 
-def export_backbone(backbone, backbone_cfg, out_dir: str | Path, geometry: TrainingGeometry,
+def export_backbone(backbone, backbone_cfg, out_dir: str | Path, *, geometry: TrainingGeometry,
                     provenance: dict[str, Any], options: ExportOptions = ExportOptions()) -> ExportResult:
     """Write, reload-check and publish an encoder folder for a timm ViT built from ``backbone_cfg``."""
     import timm

@@ -32,5 +32,5 @@ def export_untrained_encoder(out_dir: str | Path, tile_px: int = 224, target_mpp
                                 mean=IMAGENET_MEAN, std=IMAGENET_STD, stores=(),
                                 notes=("UNTRAINED: random initial weights, for examples and tests only",))
     provenance = {"checkpoint": None, "step": 0, "weights": f"random initialisation (seed {seed})", "stores": []}
-    return export_backbone(backbone, cfg, out_dir, geometry, provenance,
-                           ExportOptions(model_name="pathdino untrained sample encoder", overwrite=overwrite))
+    return export_backbone(backbone, cfg, out_dir, geometry=geometry, provenance=provenance,
+                           options=ExportOptions(model_name="pathdino untrained sample encoder", overwrite=overwrite))

@@ -168,7 +168,7 @@ def _locate(url: str, base: Path | None) -> str:
     return str(base / url) if (base / url).exists() else url
 
 
-def training_geometry(config: dict[str, Any], tile_px: int | None = None, target_mpp: float | None = None,
+def training_geometry(config: dict[str, Any], *, tile_px: int | None = None, target_mpp: float | None = None,
                       base_dir: Path | None = None) -> TrainingGeometry:
     """Tile size and µm/px from the training stores (explicit values win), mean/std from the augment section.
 

@@ -121,7 +121,8 @@ def read_slide_labels(csv_path: str | Path, val_fraction: float = 0.2, test_frac
     if "split" in columns:
         splits, origin = [r[2] for r in rows], "given"
     else:
-        splits, origin = stratified_split(labels, val_fraction, test_fraction, seed), "stratified"
+        splits = stratified_split(labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        origin = "stratified"
     if "train" not in splits:
         raise ValueError(f"{csv_path}: no training slides")
     return SlideTable(tuple(r[0] for r in rows), tuple(labels), tuple(splits), tuple(names), origin)
@@ -219,7 +220,7 @@ def load_abmil(path: str | Path) -> tuple[ABMIL, tuple[str, ...]]:
 
 
 def train_abmil(labels_csv: str | Path | SlideTable, features: FeatureSource, out_dir: str | Path,
-                config: MILConfig = MILConfig()) -> MILResult:
+                *, config: MILConfig = MILConfig()) -> MILResult:
     """Train ABMIL, keep the best-validation-loss weights, report per-split metrics and save the outputs."""
     table = labels_csv if isinstance(labels_csv, SlideTable) else read_slide_labels(
         labels_csv, config.val_fraction, config.test_fraction, config.seed)
@@ -333,7 +334,8 @@ def _finish(model, model_args, table, features, ids, device, out_dir, config, hi
     for s in SPLITS:
         sel = split_of == s
         if sel.any():
-            metrics[s] = classification_report(labels[sel], preds[sel], probs_arr[sel], len(table.class_names))
+            metrics[s] = classification_report(labels[sel], preds[sel], scores=probs_arr[sel],
+                                               n_classes=len(table.class_names))
     _save_atomic_npz(out_dir / ATTENTION_FILE, {
         "slide_ids": np.asarray([table.slide_ids[i] for i in order]), "splits": split_of,
         "labels": labels, "predictions": preds, "probabilities": probs_arr.astype(np.float32),

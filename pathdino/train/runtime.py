@@ -32,8 +32,9 @@ def build_loader(cfg: RunConfig, plan: Any, batch_per_process: int, rank: int, w
                                rank, cfg.train.seed, plan.mask_probability, low, high, device)
     from pathdino.data import build_train_loader
 
-    return build_train_loader(cfg.data, cfg.augment, cfg.masks, patch, batch_per_process, rank, world,
-                              cfg.train.seed, device=device)
+    return build_train_loader(cfg.data, cfg.augment, cfg.masks, patch_size=patch,
+                              batch_size_per_process=batch_per_process, rank=rank, world_size=world,
+                              seed=cfg.train.seed, device=device)
 
 
 def gather_loader_states(loader: Any, world: int) -> list[Any]:
