@@ -17,15 +17,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 def model_card(config: dict[str, Any], model_name: str) -> str:
     """Markdown model card for an encoder folder whose config.json is ``config``."""
-    meta = config.get("pathdino", {})
     pcfg = config["pretrained_cfg"]
-    training = meta.get("training", {})
-    export = meta.get("export", {})
-    check = export.get("check", {})
-    bb = meta.get("backbone_config", {})
-    tile_px, mpp = meta.get("tile_px"), meta.get("target_mpp")
-    eff = meta.get("effective_mpp_range")
-    arch, args = config["architecture"], config["model_args"]
     front = [
         "---",
         "library_name: timm",
@@ -36,8 +28,14 @@ def model_card(config: dict[str, Any], model_name: str) -> str:
                              "computational-pathology")],
         "---",
     ]
-    notes = "".join(f"- {n}\n" for n in meta.get("notes", []))
-    return "\n".join(front) + f"""
+    return "\n".join(front) + _intro(config, model_name) + _use(config) + _provenance(config)
+
+
+def _intro(config: dict[str, Any], model_name: str) -> str:
+    meta, pcfg = config.get("pathdino", {}), config["pretrained_cfg"]
+    tile_px, mpp, eff = meta.get("tile_px"), meta.get("target_mpp"), meta.get("effective_mpp_range")
+    arch, args = config["architecture"], config["model_args"]
+    return f"""
 
 # {model_name}
 
@@ -59,7 +57,12 @@ CLS embedding ({config.get('num_features')} values per tile).
 Embed tiles cut at the same µm/px: the encoder has only seen that field of view (`pathdino embed` refuses
 stores more than 5% off unless `--force`).
 
-## Use
+"""
+
+
+def _use(config: dict[str, Any]) -> str:
+    args = config["model_args"]
+    return f"""## Use
 
 With pathdino:
 
@@ -90,7 +93,15 @@ tokens (row-major).
 Slide-level use: `pathdino embed STORE --encoder FOLDER --out EMB --format h5` writes CLAM/TRIDENT-style
 per-slide HDF5 files (`features`, `coords`) for ABMIL and other slide models.
 
-## Training
+"""
+
+
+def _provenance(config: dict[str, Any]) -> str:
+    meta = config.get("pathdino", {})
+    training, export, bb = meta.get("training", {}), meta.get("export", {}), meta.get("backbone_config", {})
+    check, args = export.get("check", {}), config["model_args"]
+    notes = "".join(f"- {n}\n" for n in meta.get("notes", []))
+    return f"""## Training
 
 | | |
 |---|---|
