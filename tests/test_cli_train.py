@@ -4,6 +4,7 @@ the `accelerate launch` line to run."""
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -23,6 +24,19 @@ SMOKE = ROOT / "configs" / "train" / "cpu_smoke.yaml"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_tile_store(tmp_path_factory.mktemp("store") / "tiles.zarr", n_side=4)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Training in this process adds a handler to the 'pathdino' logger (bound to CliRunner's stream, closed after
+    invoke) and stops propagation; undo both so later tests' caplog sees pathdino's records again."""
+    logger = logging.getLogger("pathdino")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    train_level = logging.getLogger("pathdino.train").level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate, logger.level = propagate, level
+    logging.getLogger("pathdino.train").setLevel(train_level)
 
 
 def _run(*args: str):
