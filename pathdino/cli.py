@@ -27,29 +27,60 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, InputError, StoreError, ValueError, FileNotFoundError)
 
 
+def _tiling_defaults() -> dict[str, str]:
+    """Each `pathdino tile` flag's effective default, from the config dataclass (one source), with its unit."""
+    from tiling.config import TilingConfig
+
+    d = TilingConfig()
+    return {"target_mpp": f"{d.target_mpp:g} µm/px", "tile_px": f"{d.tile_px} px", "overlap_px": f"{d.overlap_px} px",
+            "mpp_tolerance": f"{d.mpp_tolerance:g} (relative, {d.mpp_tolerance:.0%})", "backend": d.backend,
+            "min_tissue_fraction": f"{d.tissue.min_tissue_fraction:g} (fraction of the tile's area)",
+            "encoding": d.encoding, "jpeg_quality": f"{d.jpeg_quality} (1-100)",
+            "workers": f"one per CPU core ({d.n_workers} here)" if d.workers == 0 else f"{d.workers} processes",
+            "slide_mpp": "read from each slide's metadata (µm/px)", "config": "none: the built-in defaults",
+            "shard": "all slides, or SLURM_ARRAY_TASK_ID/COUNT when set"}
+
+
+_D = _tiling_defaults()
+
+
 @app.command()
 def tile(
     inputs: List[str] = typer.Argument(..., help="Slide files, folders (searched recursively), globs, or a manifest "
                                                  "CSV with columns path[,slide_id][,mpp]."),
     out: str = typer.Option(..., "--out", "-o", help="Tile store: a local folder or an fsspec URL."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/tiling/); "
-                                                                        "flags given here override it."),
-    target_mpp: Optional[float] = typer.Option(None, help="Output resolution in µm/px [default 0.5]."),
-    tile_px: Optional[int] = typer.Option(None, help="Tile side in output pixels [default 224]."),
-    overlap_px: Optional[int] = typer.Option(None, help="Overlap between tiles in output pixels [default 0]."),
-    mpp_tolerance: Optional[float] = typer.Option(None, help="Relative tolerance for using a level as is "
-                                                             "[default 0.05]."),
-    backend: Optional[str] = typer.Option(None, help="auto | openslide | tiffslide [default auto]."),
-    slide_mpp: Optional[float] = typer.Option(None, help="Override every slide's level-0 µm/px (a manifest's mpp "
-                                                         "column wins per slide)."),
-    min_tissue_fraction: Optional[float] = typer.Option(None, help="Keep tiles with at least this tissue fraction."),
-    encoding: Optional[str] = typer.Option(None, help="jpeg (default) | png (lossless)."),
-    jpeg_quality: Optional[int] = typer.Option(None, help="JPEG quality [default 90]."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes [default: all cores]."),
-    shard: Optional[str] = typer.Option(None, help="i/N: tile only this machine's share of the slides (0-based); "
-                                                   "SLURM array variables are used when absent."),
-    overwrite: bool = typer.Option(False, help="Re-tile slides that are already complete with the same inputs."),
-    no_qc_images: bool = typer.Option(False, "--no-qc-images", help="Skip the per-slide QC PNGs."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", show_default=_D["config"],
+                                          help="YAML config (see configs/tiling/); flags given here override it."),
+    target_mpp: Optional[float] = typer.Option(None, show_default=_D["target_mpp"],
+                                               help="Output resolution in µm/px (0.5 ≈ 20x)."),
+    tile_px: Optional[int] = typer.Option(None, show_default=_D["tile_px"], help="Tile side in output pixels."),
+    overlap_px: Optional[int] = typer.Option(None, show_default=_D["overlap_px"],
+                                             help="Overlap between neighbouring tiles in output pixels."),
+    mpp_tolerance: Optional[float] = typer.Option(None, show_default=_D["mpp_tolerance"],
+                                                  help="A level whose µm/px is within this relative distance of "
+                                                       "--target-mpp is read as is."),
+    backend: Optional[str] = typer.Option(None, show_default=_D["backend"],
+                                          help="Slide reader: auto | openslide | tiffslide."),
+    slide_mpp: Optional[float] = typer.Option(None, show_default=_D["slide_mpp"],
+                                              help="Override every slide's level-0 µm/px (a manifest's mpp column "
+                                                   "wins per slide)."),
+    min_tissue_fraction: Optional[float] = typer.Option(None, show_default=_D["min_tissue_fraction"],
+                                                        help="Keep tiles with at least this tissue fraction (0-1)."),
+    encoding: Optional[str] = typer.Option(None, show_default=_D["encoding"],
+                                           help="Tile encoding: jpeg (lossy) | png (lossless)."),
+    jpeg_quality: Optional[int] = typer.Option(None, show_default=_D["jpeg_quality"], help="JPEG quality."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", show_default=_D["workers"],
+                                          help="Worker processes."),
+    shard: Optional[str] = typer.Option(None, show_default=_D["shard"],
+                                        help="i/N: tile only this machine's share of the slides (0-based)."),
+    overwrite: bool = typer.Option(False, "--overwrite", show_default="off: complete slides are skipped",
+                                   help="Re-tile slides that are already complete with the same inputs."),
+    no_qc_images: bool = typer.Option(False, "--no-qc-images", show_default="off: QC images are written",
+                                      help="Skip the per-slide QC PNGs."),
+    dry_run: bool = typer.Option(False, "--dry-run", show_default="off",
+                                 help="List the slides found (and the files skipped) and stop; writes nothing."),
+    fail_on_empty: bool = typer.Option(False, "--fail-on-empty", show_default="off: exit 0, the summary says so",
+                                       help="Exit 1 when a slide gave no tiles (no tissue, or every tile rejected)."),
 ) -> None:
     """Tile whole-slide images into a sharded Zarr v3 tile store (resumable; failures recorded per slide)."""
     from pathdino.cli_tile import build_config, tile_command
@@ -59,7 +90,8 @@ def tile(
              "jpeg_quality": jpeg_quality, "workers": workers, "qc_images": False if no_qc_images else None}
     try:
         cfg = build_config(config, flags)
-        code = tile_command(inputs, out, cfg, slide_mpp=slide_mpp, shard=shard, overwrite=overwrite)
+        code = tile_command(inputs, out, cfg, slide_mpp=slide_mpp, shard=shard, overwrite=overwrite,
+                            dry_run=dry_run, fail_on_empty=fail_on_empty)
     except _known_errors() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
@@ -68,7 +100,7 @@ def tile(
 @app.command()
 def info(
     store: str = typer.Argument(..., help="A tile store (folder or fsspec URL)."),
-    failures: bool = typer.Option(False, "--failures", help="Also print each failure's traceback."),
+    failures: bool = typer.Option(False, "--failures", help="Also print each failure's full message and traceback."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Print what a tile store holds: slides, tiles, parameters, failures."""

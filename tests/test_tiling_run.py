@@ -71,7 +71,8 @@ def test_real_slide_round_trip_matches_direct_reads(sample_store):
     step = attrs["level0_step_px"]
     assert np.allclose(coords / step, np.round(coords / step), atol=1e-6)
     assert (coords >= 0).all() and (coords[:, 0] + 224 <= attrs["level0_width"]).all()
-    assert (Path(sample_store) / "qc" / "CMU-1-Small-Region.png").stat().st_size > 1000
+    assert Path(TileStore(sample_store).qc_image_path("CMU-1-Small-Region")).stat().st_size > 1000
+    assert not (Path(sample_store) / "qc").exists()  # beside the store, not in its Zarr hierarchy
 
 
 def test_rerun_skips_and_changed_params_redo(sample_store, tmp_path):

@@ -271,6 +271,7 @@ def summarise(store: TileStore) -> dict[str, Any]:
     entries = store.entries
     return {"url": store.url, "format_version": store.meta.get("format_version"),
             "n_slides": len(entries), "n_tiles": sum(e.n_tiles for e in entries.values()),
+            "n_empty": sum(e.n_tiles == 0 for e in entries.values()),
             "n_failures": len(store.failures)}
 
 

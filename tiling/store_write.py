@@ -169,7 +169,7 @@ class TileStoreWriter:
 
     # -- slides --------------------------------------------------------------------------------------------------
 
-    def begin_slide(self, slide_id: str, tile_px: int, encoding: str = "jpeg", tiles_per_shard: int = 256,
+    def begin_slide(self, slide_id: str, tile_px: int, *, encoding: str = "jpeg", tiles_per_shard: int = 256,
                     tiles_per_chunk: int = 16, tile_attrs: dict[str, Any] | None = None) -> SlideWriter:
         if slide_id != safe_slide_id(slide_id):
             raise StoreError(f"slide id {slide_id!r} is not a safe group name; pass it through safe_slide_id()")
