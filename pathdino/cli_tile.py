@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -48,8 +49,8 @@ def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp
         print_slide_list(mine)
         return 0
     shard_note = f" (shard {index}/{count}: {len(mine)} of {len(scan.slides)})" if count > 1 else ""
-    console.print(f"Tiling {len(mine)} slide(s){shard_note} into [bold]{out}[/] at {config.target_mpp} µm/px, "
-                  f"{config.tile_px} px, {config.n_workers} worker(s)")
+    console.print(f"Tiling {len(mine)} slide(s){shard_note} into [bold]{escape(out)}[/] at {config.target_mpp} µm/px, "
+                  f"{config.tile_px} px, {config.n_workers} worker(s)", soft_wrap=True)
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
@@ -87,7 +88,7 @@ def print_found(scan: InputScan, *, list_all: bool, max_listed: int = 10) -> Non
     console.print(f"Skipped {len(scan.skipped)} file(s): {_counts(scan.skip_counts())}")
     shown = scan.skipped if list_all else scan.skipped[:max_listed]
     for f in shown:
-        console.print(f"  [dim]skipped[/] {escape(str(f.path))}: {escape(f.reason)}", highlight=False)
+        console.print(f"  [dim]skipped[/] {escape(str(f.path))}: {escape(f.reason)}", highlight=False, soft_wrap=True)
     if len(shown) < len(scan.skipped):
         console.print(f"  ... and {len(scan.skipped) - len(shown)} more (--dry-run lists them all)")
 
@@ -117,7 +118,9 @@ def short_reason(reason: str) -> str:
     The full message and traceback stay in the store (`pathdino info STORE --failures`).
     """
     line = (reason or "").strip().splitlines()[0] if (reason or "").strip() else ""
-    line = re.sub(r"(?:[\w.~-]*/)+([\w.-]+)", r"\1", line)  # /long/path/to/slide.svs -> slide.svs
+    # The slide column already says which slide: drop "path/to/slide.svs: " prefixes, shorten other paths.
+    line = re.sub(r"(?:^|(?<=: ))(?:[\w.~-]*/)*[\w.-]+\.\w+: ", "", line)
+    line = re.sub(r"(?:[\w.~-]*/)+([\w.-]+)", r"\1", line)
     return re.split(r"; | \(|\. ", line, maxsplit=1)[0]
 
 
@@ -132,11 +135,16 @@ def _outcome_note(o: SlideOutcome) -> str:
 
 def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     """The end-of-run table (slide, status, tiles, one-line note: fits 80 columns) and the totals line."""
-    table = Table(title="pathdino tile: summary (full failure messages: `pathdino info STORE --failures`)")
-    table.add_column("slide", no_wrap=True, overflow="ellipsis", max_width=28)
-    table.add_column("status", no_wrap=True)
+    table = Table(title="pathdino tile: summary", caption="full failure messages: pathdino info STORE --failures",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    # Every cell stays on one line: the slide id and the reason are cut with "…" to fit the terminal (80 columns).
+    id_width = min(22, max([len(o.slide_id) for o in outcomes] + [5]))
+    tiles_width = max([len(f"{o.n_tiles:,}") for o in outcomes] + [5])
+    reason_width = max(20, console.width - id_width - 7 - tiles_width - 6)  # 6: the padding between 4 columns
+    table.add_column("slide", no_wrap=True, overflow="ellipsis", max_width=id_width)
+    table.add_column("status", no_wrap=True, min_width=7)
     table.add_column("tiles", justify="right", no_wrap=True)
-    table.add_column("reason / note", no_wrap=True, overflow="ellipsis")
+    table.add_column("reason / note", no_wrap=True, overflow="ellipsis", max_width=reason_width)
     for o in outcomes:
         style = STATUS_STYLE[o.status]
         table.add_row(escape(o.slide_id), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}", escape(_outcome_note(o)))

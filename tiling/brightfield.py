@@ -76,21 +76,34 @@ def _tiff_channels(path: Path) -> tuple[str, list[str]]:
         return "", names
 
 
-def check_metadata(path: Path, properties: Mapping[str, str] | None = None) -> None:
-    """Raise NotBrightfieldError when a slide's metadata names fluorophores or more than three channels."""
-    names = [v for k, v in (properties or {}).items()
-             if k.lower().endswith(("channel.name", ".fluor")) and FLUOROPHORE.search(v)]
-    channels = ""
-    if path.name.lower().endswith(_TIFF_SUFFIXES) and path.is_file():
-        try:
-            channels, tiff_names = _tiff_channels(path)
-            names += tiff_names
-        except Exception:  # noqa: BLE001 - unreadable headers are the readers' business, not this check's
-            pass
+def _named(path: Path, names: list[str]) -> NotBrightfieldError:
+    return _not_brightfield(path, f"fluorescence: channels named {', '.join(list(dict.fromkeys(names))[:6])}")
+
+
+def check_metadata(path: Path) -> None:
+    """Raise NotBrightfieldError when a TIFF's headers name fluorophores or more than three channels.
+
+    Runs before a reader opens the slide: readers often cannot open multiplex files at all, and "not brightfield"
+    says more than "cannot open".
+    """
+    if not (path.name.lower().endswith(_TIFF_SUFFIXES) and path.is_file()):
+        return
+    try:
+        channels, names = _tiff_channels(path)
+    except Exception:  # noqa: BLE001 - unreadable headers are the readers' business, not this check's
+        return
     if names:
-        raise _not_brightfield(path, f"fluorescence: channels named {', '.join(list(dict.fromkeys(names))[:6])}")
+        raise _named(path, names)
     if channels:
         raise _not_brightfield(path, channels)
+
+
+def check_properties(path: Path, properties: Mapping[str, str]) -> None:
+    """Raise NotBrightfieldError when the reader's slide properties name fluorophores as channels."""
+    names = [v for k, v in properties.items()
+             if k.lower().endswith(("channel.name", ".fluor", ".biomarker")) and FLUOROPHORE.search(v)]
+    if names:
+        raise _named(path, names)
 
 
 def check_pixels(path: Path, thumbnail: np.ndarray) -> None:

@@ -335,8 +335,7 @@ def why_empty(n_candidates: int, rejected: dict[str, int], n_decode_failures: in
               min_tissue_fraction: float) -> str:
     """One line saying why a slide gave no tiles: no tissue, or which rules rejected every candidate."""
     if n_candidates == 0:
-        return (f"no tissue found: no grid cell reached min_tissue_fraction {min_tissue_fraction:g} "
-                "(see the QC image)")
+        return f"no tissue found (no tile reached min_tissue_fraction {min_tissue_fraction:g}; see the QC image)"
     rules = [f"{reason} {n}" for reason, n in sorted(rejected.items(), key=lambda kv: -kv[1])]
     if n_decode_failures:
         rules.append(f"unreadable {n_decode_failures}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiling.brightfield import check_metadata, check_pixels
+from tiling.brightfield import check_metadata, check_pixels, check_properties
 from tiling.config import TilingConfig
 from tiling.geometry import TileGeometry, grid_shape, plan_geometry, tile_level0_xy
 from tiling.inputs import SlideInput
@@ -101,9 +101,10 @@ def plan_slide(slide: SlideInput, cfg: TilingConfig, *, source: tuple[str, int] 
     decide what to resume); fluorescence and multiplex slides raise NotBrightfieldError.
     """
     fp, size = source if source is not None else fingerprint(slide.path)
+    check_metadata(slide.path)
     reader = open_slide(slide.path, cfg.backend)
     try:
-        check_metadata(slide.path, reader.properties)
+        check_properties(slide.path, reader.properties)
         mpp = resolve_mpp(reader, slide.mpp_override)
         geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=mpp.mpp,
                                  target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, overlap_px=cfg.overlap_px,
