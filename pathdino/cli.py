@@ -33,12 +33,12 @@ def _tiling_defaults() -> dict[str, str]:
 
     d = TilingConfig()
     return {"target_mpp": f"{d.target_mpp:g} µm/px", "tile_px": f"{d.tile_px} px", "overlap_px": f"{d.overlap_px} px",
-            "mpp_tolerance": f"{d.mpp_tolerance:g} (relative, {d.mpp_tolerance:.0%})", "backend": d.backend,
-            "min_tissue_fraction": f"{d.tissue.min_tissue_fraction:g} (fraction of the tile's area)",
-            "encoding": d.encoding, "jpeg_quality": f"{d.jpeg_quality} (1-100)",
-            "workers": f"one per CPU core ({d.n_workers} here)" if d.workers == 0 else f"{d.workers} processes",
-            "slide_mpp": "read from each slide's metadata (µm/px)", "config": "none: the built-in defaults",
-            "shard": "all slides, or SLURM_ARRAY_TASK_ID/COUNT when set"}
+            "mpp_tolerance": f"{d.mpp_tolerance:g}, i.e. {d.mpp_tolerance:.0%}", "backend": d.backend,
+            "min_tissue_fraction": f"{d.tissue.min_tissue_fraction:g} of the tile's area",
+            "encoding": d.encoding, "jpeg_quality": f"{d.jpeg_quality} on 1-100",
+            "workers": f"one per CPU core, {d.n_workers} here" if d.workers == 0 else f"{d.workers} processes",
+            "slide_mpp": "each slide's own, from its metadata", "config": "none: the built-in defaults",
+            "shard": "all slides; a SLURM array's share when set"}
 
 
 _D = _tiling_defaults()

@@ -157,7 +157,7 @@ def test_help_shows_every_default_with_units():
         name = re.match(r"\s*│\s*(?:\*\s*)?(--[\w-]+)", block)
         if name and name.group(1) not in ("--out", "--help"):
             assert "[default:" in block, f"{name.group(1)} shows no default:\n{block}"
-    for expected in ("0.5 µm/px", "224 px", "0 px", "one per CPU core", "0.05 (relative", "jpeg", "90 (1-100)"):
+    for expected in ("0.5 µm/px", "224 px", "0 px", "one per CPU core", "0.05, i.e. 5%", "jpeg", "90 on 1-100"):
         assert expected in text, expected
     assert " ." not in text  # the empty slot the issue saw
 
