@@ -124,6 +124,14 @@ def short_reason(reason: str) -> str:
     return re.split(r"; | \(|\. ", line, maxsplit=1)[0]
 
 
+def _middle_cut(text: str, width: int) -> str:
+    """Cut the middle out of a long id: slides often share a prefix and differ at the end."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head):]}"
+
+
 def _outcome_note(o: SlideOutcome) -> str:
     if o.status in ("failed", "empty"):
         return short_reason(o.reason)
@@ -147,7 +155,7 @@ def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     table.add_column("reason / note", no_wrap=True, overflow="ellipsis", max_width=reason_width)
     for o in outcomes:
         style = STATUS_STYLE[o.status]
-        table.add_row(escape(o.slide_id), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}", escape(_outcome_note(o)))
+        table.add_row(escape(_middle_cut(o.slide_id, id_width)), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}", escape(_outcome_note(o)))
     console.print(table, highlight=False)
     n = collections.Counter(o.status for o in outcomes)
     n_empty_old = sum(o.status == "empty" and o.already_complete for o in outcomes)
