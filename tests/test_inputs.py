@@ -126,3 +126,9 @@ def test_one_series_spread_over_folders_is_one_slide(tmp_path):
     write_dicom(tmp_path / "y" / "l1.dcm", series, width_px=64)
     slides = collect_slides([str(tmp_path)])
     assert [s.path for s in slides] == [tmp_path / "x" / "l0.dcm"]
+
+
+def test_inputs_with_only_non_slide_dicom_are_an_error_that_says_why(tmp_path):
+    write_dicom(tmp_path / "label.dcm", generate_uid(), image_type="LABEL")
+    with pytest.raises(InputError, match="no slides found .* 1 a DICOM label image"):
+        collect_slides([str(tmp_path)])

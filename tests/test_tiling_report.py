@@ -192,3 +192,26 @@ def test_summary_fits_80_columns_and_info_failures_has_the_full_message(tmp_path
     assert message in full.stdout.replace("\n", "") or message.split(";")[0] in full.stdout
     assert "Traceback" in full.stdout and "Traceback" not in brief.stdout
     assert json.loads(_pathdino("info", str(url), "--json").stdout)["n_failures"] == 1
+
+
+def test_each_slide_file_is_fingerprinted_once_per_run(tmp_path, monkeypatch):
+    import tiling.runner
+    import tiling.worker
+
+    calls: list[str] = []
+    real = tiling.worker.fingerprint
+
+    def counting(path):
+        calls.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(tiling.worker, "fingerprint", counting)
+    monkeypatch.setattr(tiling.runner, "fingerprint", counting)
+    path = write_pyramid(tmp_path / "t.tif", _sample_pixels(), downsamples=(1,), mpp=0.5)
+    url = str(tmp_path / "s.zarr")
+    for cfg, expected in ((TilingConfig(workers=1, tile_px=64), "done"),  # fresh: the planner fingerprints
+                          (TilingConfig(workers=1, tile_px=64), "skipped"),  # resume check only
+                          (TilingConfig(workers=1, tile_px=96), "done")):  # resume check, handed to the planner
+        calls.clear()
+        [outcome] = run_tiling(collect_slides([str(path)]), url, cfg)
+        assert outcome.status == expected and calls == ["t.tif"], (expected, calls)

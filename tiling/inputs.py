@@ -181,7 +181,11 @@ def scan_inputs(inputs: list[str], slide_mpp: float | None = None) -> InputScan:
     if slide_mpp is not None:
         slides = [s if s.mpp_override is not None else SlideInput(s.path, s.slide_id, slide_mpp, s.source_id)
                   for s in slides]
-    return InputScan(_unique_by_id(slides), sorted(set(skipped), key=lambda f: str(f.path)))
+    scan = InputScan(_unique_by_id(slides), sorted(set(skipped), key=lambda f: str(f.path)))
+    if not scan.slides:
+        skips = ", ".join(f"{n} {why}" for why, n in scan.skip_counts().items())
+        raise InputError(f"no slides found in {' '.join(inputs)}; skipped {len(scan.skipped)} file(s): {skips}")
+    return scan
 
 
 def _unique_by_id(slides: list[SlideInput]) -> list[SlideInput]:

@@ -160,7 +160,9 @@ class _TilingRun:
         self.outcomes: dict[str, SlideOutcome] = {}
         self.queue: list[SlideInput] = []  # slides still to plan
         self.by_id: dict[str, SlideInput] = {}  # every slide this run tiles
-        self.sources: dict[str, tuple[str, int]] = {}  # slide id -> (fingerprint, size), computed once
+        # slide id -> (fingerprint, size) where resuming needed it here; plan_slide computes the others, so each
+        # slide file is fingerprinted once
+        self.sources: dict[str, tuple[str, int]] = {}
         self.jobs: dict[str, _SlideJob] = {}  # planned slides whose blocks are being tiled
         self.futures: dict[cf.Future, tuple[str, str, int]] = {}  # future -> (kind, slide_id, block index)
         self.executor: cf.Executor = _InlineExecutor()
@@ -194,10 +196,6 @@ class _TilingRun:
             close_readers()
 
     def _skip_or_queue(self, slide: SlideInput, *, overwrite: bool) -> None:
-        try:
-            self.sources[slide.slide_id] = fingerprint(slide.path)
-        except OSError:
-            pass  # planning opens the file and fails the slide with the reader's message
         done = None if overwrite else self._up_to_date(slide)
         if done is None:
             self.queue.append(slide)
@@ -212,9 +210,12 @@ class _TilingRun:
     def _up_to_date(self, slide: SlideInput) -> dict[str, Any] | None:
         """The stored provenance when the slide is complete with the same file and parameters, else None."""
         done = self.store.completed_provenance(slide.slide_id)
-        source = self.sources.get(slide.slide_id)
-        if not done or source is None:
-            return None
+        if not done:
+            return None  # the worker that plans the slide fingerprints it, in parallel with the others
+        try:
+            source = self.sources[slide.slide_id] = fingerprint(slide.path)
+        except OSError:
+            return None  # planning opens the file and fails the slide with the reader's message
         same = (done.get("source_fingerprint") == source[0] and done.get("source_size_bytes") == source[1]
                 and done.get("params_key") == self.cfg.params_key()
                 and (slide.mpp_override is None or abs(done.get("slide_mpp", 0) - slide.mpp_override) < 1e-9))

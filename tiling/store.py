@@ -52,7 +52,7 @@ def now_iso() -> str:
 # Tile encoding
 
 
-def encode_tile(tile: np.ndarray, encoding: str = "jpeg", jpeg_quality: int = 90,
+def encode_tile(tile: np.ndarray, encoding: str = "jpeg", *, jpeg_quality: int = 90,
                 jpeg_subsampling: str = "420") -> bytes:
     """Encode one RGB uint8 tile (H, W, 3) as JPEG (lossy, default) or PNG (lossless).
 

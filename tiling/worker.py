@@ -199,6 +199,7 @@ def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.nda
         if ok[i] and reason is not None:
             rejected.setdefault(reason, []).append(i)
     kept = np.flatnonzero(keep)
-    encoded = [encode_tile(tiles[i], cfg.encoding, cfg.jpeg_quality, cfg.jpeg_subsampling) for i in kept]
+    encoded = [encode_tile(tiles[i], cfg.encoding, jpeg_quality=cfg.jpeg_quality, jpeg_subsampling=cfg.jpeg_subsampling)
+               for i in kept]
     return BlockResult(kept=kept, encoded=encoded, rejected=rejected, n_decode_failures=failures,
                        pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "")
