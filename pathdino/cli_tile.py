@@ -143,8 +143,8 @@ def _outcome_note(o: SlideOutcome) -> str:
 
 def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     """The end-of-run table (slide, status, tiles, one-line note: fits 80 columns) and the totals line."""
-    table = Table(title="pathdino tile: summary", caption="full failure messages: pathdino info STORE --failures",
-                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table = Table(title="pathdino tile: summary", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
     # Every cell stays on one line: the slide id and the reason are cut with "…" to fit the terminal (80 columns).
     id_width = min(22, max([len(o.slide_id) for o in outcomes] + [5]))
     tiles_width = max([len(f"{o.n_tiles:,}") for o in outcomes] + [5])
@@ -163,6 +163,8 @@ def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     console.print(f"{n['done']} done, [yellow]{n['empty']} empty[/], {n['skipped'] + n_empty_old} skipped (already "
                   f"complete), [red]{n['failed']} failed[/]; {total:,} new tiles in {elapsed_s:.1f} s "
                   f"({total / max(elapsed_s, 1e-9):,.0f} tiles/s)")
+    if n["failed"]:
+        console.print("[red]full failure messages and tracebacks[/]: pathdino info STORE --failures")
     if n["empty"]:
         console.print(f"[yellow]{n['empty']} slide(s) gave no tiles[/] (reasons above; --fail-on-empty makes this "
                       "an error)")

@@ -215,3 +215,23 @@ def test_each_slide_file_is_fingerprinted_once_per_run(tmp_path, monkeypatch):
         calls.clear()
         [outcome] = run_tiling(collect_slides([str(path)]), url, cfg)
         assert outcome.status == expected and calls == ["t.tif"], (expected, calls)
+
+
+def test_mixed_folder_with_dicom_slides_tiles_every_slide(tmp_path):
+    """Two single-file DICOM WSIs beside a TIFF: three slides tiled; the blank DICOM is reported empty."""
+    from tests.synthetic_dicom import write_dicom_wsi
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    tissue = _sample_pixels()
+    write_pyramid(folder / "he.tif", tissue, downsamples=(1,), mpp=0.5)
+    write_dicom_wsi(folder / "dicom-tissue.dcm", tissue)
+    write_dicom_wsi(folder / "dicom-blank.dcm", np.full((300, 300, 3), 243, np.uint8))
+    url = tmp_path / "tiles.zarr"
+    result = _pathdino("tile", str(folder), "--out", str(url), "-j", "1", "--tile-px", "64", "--fail-on-empty")
+    assert "Found 3 slide(s): 2 dicom, 1 tiff" in result.stderr
+    assert result.returncode == 1 and "1 slide(s) gave no tiles" in result.stderr, result.stderr
+    store = TileStore(url)
+    assert store.slide_ids == ["dicom-blank", "dicom-tissue", "he"] and store.failures == {}
+    assert store.n_tiles("dicom-tissue") == store.n_tiles("he") > 0 and store.n_tiles("dicom-blank") == 0
+    np.testing.assert_array_equal(store.slide("dicom-tissue").coords, store.slide("he").coords)
