@@ -100,8 +100,9 @@ def tile(
 @app.command()
 def info(
     store: str = typer.Argument(..., help="A tile store (folder or fsspec URL)."),
-    failures: bool = typer.Option(False, "--failures", help="Also print each failure's full message and traceback."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    failures: bool = typer.Option(False, "--failures", show_default="off: one line per failure",
+                                  help="Also print each failure's full message and traceback."),
+    as_json: bool = typer.Option(False, "--json", show_default="off: tables", help="Print the summary as JSON."),
 ) -> None:
     """Print what a tile store holds: slides, tiles, parameters, failures."""
     from pathdino.cli_tile import info_command
@@ -140,11 +141,12 @@ def export(
                                                "(its newest complete checkpoint is used)."),
     out: str = typer.Option(..., "--out", "-o", help="Encoder folder to write (model.safetensors, config.json, "
                                                      "README.md)."),
-    tile_px: Optional[int] = typer.Option(None, help="Tile side the encoder was trained on [default: read from the "
-                                                     "training stores]."),
-    target_mpp: Optional[float] = typer.Option(None, "--mpp", help="µm/px the encoder was trained at [default: read "
-                                                                   "from the training stores]."),
-    name: Optional[str] = typer.Option(None, help="Model name for the model card [default: the folder name]."),
+    tile_px: Optional[int] = typer.Option(None, show_default="read from the training stores",
+                                          help="Tile side the encoder was trained on, px."),
+    target_mpp: Optional[float] = typer.Option(None, "--mpp", show_default="read from the training stores",
+                                               help="µm/px the encoder was trained at."),
+    name: Optional[str] = typer.Option(None, show_default="the output folder's name",
+                                       help="Model name for the model card."),
     license_: str = typer.Option("other", "--license", help="License written in the model card / pretrained_cfg."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
@@ -165,17 +167,20 @@ def embed(
     out: str = typer.Option(..., "--out", "-o", help="Embeddings store to create or complete (local folder)."),
     formats: List[str] = typer.Option(["zarr"], "--format", "-f", help="zarr (always written) | h5: also one "
                                                                        "CLAM/TRIDENT-style HDF5 per slide in OUT/h5/."),
-    mean_patch: bool = typer.Option(False, "--mean-patch", help="Also store each tile's mean patch token."),
+    mean_patch: bool = typer.Option(False, "--mean-patch", show_default="off: CLS only",
+                                    help="Also store each tile's mean patch token."),
     batch_size: int = typer.Option(256, help="Tiles per forward pass."),
     workers: int = typer.Option(4, "--workers", "-j", help="Decoding worker processes (0: decode in-process)."),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu | cuda:N [default: cuda when available]."),
+    device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu",
+                                         help="cuda | cpu | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),
-    slides: Optional[List[str]] = typer.Option(None, "--slides", help="Only these slide ids / glob patterns "
-                                                                      "(repeatable)."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides", show_default="every complete slide",
+                                               help="Only these slide ids / glob patterns (repeatable)."),
     force: bool = typer.Option(False, help="Embed even if the store's tile size or µm/px differ from the "
                                            "encoder's."),
     overwrite: bool = typer.Option(False, help="Recompute slides that are already complete."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    no_progress: bool = typer.Option(False, "--no-progress", show_default="off: a bar on terminals",
+                                     help="No progress bar."),
 ) -> None:
     """Embed every tile of every slide (CLS, optionally mean patch token) with level-0 coordinates; resumable."""
     from pathdino.cli_use import embed_command
@@ -192,17 +197,20 @@ def embed(
 def eval_(
     dataset: str = typer.Argument(..., help="Labelled tiles: a folder with one sub-folder per class (optionally "
                                             "under train/val/test) or a CSV path,label[,split][,patient]."),
-    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="An exported encoder folder."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="A timm architecture with random weights (the "
-                                                            "baseline), instead of --encoder."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", show_default="none: give it or --arch",
+                                          help="An exported encoder folder."),
+    arch: Optional[str] = typer.Option(None, "--arch", show_default="none: give it or --encoder",
+                                       help="A timm architecture with random weights (the baseline), instead of "
+                                            "--encoder."),
     out: str = typer.Option(..., "--out", "-o", help="JSON report to write."),
     methods: List[str] = typer.Option(["knn", "linear", "fewshot", "diagnostics"], "--method", "-m",
                                       help="knn | linear | fewshot | diagnostics (repeatable)."),
     img_size: int = typer.Option(224, help="Input size of the --arch baseline."),
     batch_size: int = typer.Option(64, help="Tiles per forward pass."),
     workers: int = typer.Option(0, "--workers", "-j", help="Image-decoding worker processes."),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu [default: cuda when available]."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu", help="cuda | cpu."),
+    no_progress: bool = typer.Option(False, "--no-progress", show_default="off: bars on terminals",
+                                     help="No progress bars."),
 ) -> None:
     """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
     from pathdino.cli_use import eval_command

@@ -138,7 +138,8 @@ def _outcome_note(o: SlideOutcome) -> str:
     if o.status == "skipped":
         return "already complete"
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(o.rejected.items()))
-    return f"of {o.n_candidates:,} candidates; rejected: {rejected}" if rejected else f"of {o.n_candidates:,} candidates"
+    note = f"of {o.n_candidates:,} candidates"
+    return f"{note}; rejected: {rejected}" if rejected else note
 
 
 def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
@@ -155,7 +156,8 @@ def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     table.add_column("reason / note", no_wrap=True, overflow="ellipsis", max_width=reason_width)
     for o in outcomes:
         style = STATUS_STYLE[o.status]
-        table.add_row(escape(_middle_cut(o.slide_id, id_width)), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}", escape(_outcome_note(o)))
+        table.add_row(escape(_middle_cut(o.slide_id, id_width)), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}",
+                      escape(_outcome_note(o)))
     console.print(table, highlight=False)
     n = collections.Counter(o.status for o in outcomes)
     n_empty_old = sum(o.status == "empty" and o.already_complete for o in outcomes)

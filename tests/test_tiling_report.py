@@ -146,17 +146,24 @@ def test_found_and_skipped_summary_and_dry_run(tmp_path):
     assert not url.exists()  # a dry run writes nothing
 
 
-def test_help_shows_every_default_with_units():
-    result = _pathdino("tile", "--help", columns=250)
-    assert result.returncode == 0
-    text = result.stdout
-    options = re.findall(r"^\s*│\s*(?:\*\s*)?(--[\w-]+)", text, re.M)
-    assert len(options) >= 15
+def _options_without_default(command: str) -> tuple[int, list[str]]:
+    text = _pathdino(command, "--help", columns=250).stdout
     blocks = re.split(r"\n(?=\s*│\s*(?:\*\s*)?--)", text)
-    for block in blocks:
-        name = re.match(r"\s*│\s*(?:\*\s*)?(--[\w-]+)", block)
-        if name and name.group(1) not in ("--out", "--help"):
-            assert "[default:" in block, f"{name.group(1)} shows no default:\n{block}"
+    names = [(m.group(1), "[required]" in b or "[default:" in b) for b in blocks
+             if (m := re.match(r"\s*│\s*(?:\*\s*)?(--[\w-]+)", b))]
+    return len(names), [n for n, ok in names if not ok and n != "--help"]
+
+
+@pytest.mark.parametrize("command", ["info", "demo", "export", "embed", "eval", "mil"])
+def test_every_command_option_shows_a_default(command):
+    n_options, missing = _options_without_default(command)
+    assert n_options >= 2 and missing == [], f"pathdino {command}: no default shown for {missing}"
+
+
+def test_help_shows_every_default_with_units():
+    n_options, missing = _options_without_default("tile")
+    assert n_options >= 15 and missing == [], missing
+    text = _pathdino("tile", "--help", columns=250).stdout
     for expected in ("0.5 µm/px", "224 px", "0 px", "one per CPU core", "0.05, i.e. 5%", "jpeg", "90 on 1-100"):
         assert expected in text, expected
     assert " ." not in text  # the empty slot the issue saw
