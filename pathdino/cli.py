@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
@@ -41,38 +43,39 @@ def _tiling_defaults() -> dict[str, str]:
             "shard": "all slides; a SLURM array's share when set"}
 
 
-_D = _tiling_defaults()
+class _TileCommand(TyperCommand):
+    """Fills in each flag's default from the tiling config when help is shown: `pathdino` itself starts without
+    importing the tiler (its tissue module pulls in scikit-image, ~1.5 s)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        defaults = _tiling_defaults()
+        for param in self.params:
+            if param.name in defaults:
+                param.show_default = defaults[param.name]
+        super().format_help(ctx, formatter)
 
 
-@app.command()
+@app.command(cls=_TileCommand)
 def tile(
     inputs: List[str] = typer.Argument(..., help="Slide files, folders (searched recursively), globs, or a manifest "
                                                  "CSV with columns path[,slide_id][,mpp]."),
     out: str = typer.Option(..., "--out", "-o", help="Tile store: a local folder or an fsspec URL."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", show_default=_D["config"],
-                                          help="YAML config (see configs/tiling/); flags given here override it."),
-    target_mpp: Optional[float] = typer.Option(None, show_default=_D["target_mpp"],
-                                               help="Output resolution in µm/px (0.5 ≈ 20x)."),
-    tile_px: Optional[int] = typer.Option(None, show_default=_D["tile_px"], help="Tile side in output pixels."),
-    overlap_px: Optional[int] = typer.Option(None, show_default=_D["overlap_px"],
-                                             help="Overlap between neighbouring tiles in output pixels."),
-    mpp_tolerance: Optional[float] = typer.Option(None, show_default=_D["mpp_tolerance"],
-                                                  help="A level whose µm/px is within this relative distance of "
-                                                       "--target-mpp is read as is."),
-    backend: Optional[str] = typer.Option(None, show_default=_D["backend"],
-                                          help="Slide reader: auto | openslide | tiffslide."),
-    slide_mpp: Optional[float] = typer.Option(None, show_default=_D["slide_mpp"],
-                                              help="Override every slide's level-0 µm/px (a manifest's mpp column "
-                                                   "wins per slide)."),
-    min_tissue_fraction: Optional[float] = typer.Option(None, show_default=_D["min_tissue_fraction"],
-                                                        help="Keep tiles with at least this tissue fraction (0-1)."),
-    encoding: Optional[str] = typer.Option(None, show_default=_D["encoding"],
-                                           help="Tile encoding: jpeg (lossy) | png (lossless)."),
-    jpeg_quality: Optional[int] = typer.Option(None, show_default=_D["jpeg_quality"], help="JPEG quality."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", show_default=_D["workers"],
-                                          help="Worker processes."),
-    shard: Optional[str] = typer.Option(None, show_default=_D["shard"],
-                                        help="i/N: tile only this machine's share of the slides (0-based)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/tiling/); flags "
+                                                                        "given here override it."),
+    target_mpp: Optional[float] = typer.Option(None, help="Output resolution in µm/px (0.5 ≈ 20x)."),
+    tile_px: Optional[int] = typer.Option(None, help="Tile side in output pixels."),
+    overlap_px: Optional[int] = typer.Option(None, help="Overlap between neighbouring tiles in output pixels."),
+    mpp_tolerance: Optional[float] = typer.Option(None, help="A level whose µm/px is within this relative distance "
+                                                             "of --target-mpp is read as is."),
+    backend: Optional[str] = typer.Option(None, help="Slide reader: auto | openslide | tiffslide."),
+    slide_mpp: Optional[float] = typer.Option(None, help="Override every slide's level-0 µm/px (a manifest's mpp "
+                                                         "column wins per slide)."),
+    min_tissue_fraction: Optional[float] = typer.Option(None, help="Keep tiles with at least this tissue fraction "
+                                                                   "(0-1)."),
+    encoding: Optional[str] = typer.Option(None, help="Tile encoding: jpeg (lossy) | png (lossless)."),
+    jpeg_quality: Optional[int] = typer.Option(None, help="JPEG quality."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes."),
+    shard: Optional[str] = typer.Option(None, help="i/N: tile only this machine's share of the slides (0-based)."),
     overwrite: bool = typer.Option(False, "--overwrite", show_default="off: complete slides are skipped",
                                    help="Re-tile slides that are already complete with the same inputs."),
     no_qc_images: bool = typer.Option(False, "--no-qc-images", show_default="off: QC images are written",

@@ -242,3 +242,10 @@ def test_mixed_folder_with_dicom_slides_tiles_every_slide(tmp_path):
     assert store.slide_ids == ["dicom-blank", "dicom-tissue", "he"] and store.failures == {}
     assert store.n_tiles("dicom-tissue") == store.n_tiles("he") > 0 and store.n_tiles("dicom-blank") == 0
     np.testing.assert_array_equal(store.slide("dicom-tissue").coords, store.slide("he").coords)
+
+
+def test_the_cli_starts_without_importing_the_tiler():
+    """Help defaults come from TilingConfig only when help is shown: `pathdino embed ...` does not pay for skimage."""
+    code = "import sys, pathdino.cli; print(sorted(m for m in sys.modules if m.startswith(('tiling.', 'skimage'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # the bare `tiling` package (its version) is cheap and allowed
