@@ -51,7 +51,8 @@ def build_store(url: str, tile_px: int, n_tiles: int, tiles_per_slide: int) -> s
     from tiling.config import TilingConfig
     from tiling.inputs import collect_slides
     from tiling.runner import run_tiling
-    from tiling.store import TileStore, TileStoreWriter
+    from tiling.store import TileStore
+    from tiling.store_write import TileStoreWriter
 
     seed_url = url + ".seed"
     run_tiling(collect_slides([str(SAMPLE)]), seed_url, TilingConfig(workers=1, tile_px=tile_px, qc_images=False))

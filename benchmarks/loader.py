@@ -36,7 +36,8 @@ from pathdino.data.masks import BlockMasker
 from pathdino.data.params import CropParams, sample_params
 from pathdino.data.plan import Schedule
 from pathdino.data.worker import BatchBuilder, tune_worker_allocator
-from tiling.store import TileStore, TileStoreWriter, encode_tile
+from tiling.store import TileStore, encode_tile
+from tiling.store_write import TileStoreWriter
 
 SAMPLE = Path(__file__).parents[1] / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
 PATCH = 14

@@ -53,7 +53,8 @@ def tiny_store(path: Path, tile_px: int) -> Path:
     import numpy as np
     import tiffslide
 
-    from tiling.store import TileStoreWriter, encode_tile
+    from tiling.store import encode_tile
+    from tiling.store_write import TileStoreWriter
 
     n_side = 8
     with tiffslide.TiffSlide(ROOT / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs") as slide:

@@ -13,7 +13,8 @@ import torch
 import zarr
 
 from pathdino.data import AugmentConfig, DataConfig, MaskConfig, MultiCropBatch, build_train_loader, validate_stores
-from tiling.store import StoreError, TileStoreWriter, encode_tile
+from tiling.store import StoreError, encode_tile
+from tiling.store_write import TileStoreWriter
 
 TILE_PX = 48
 AUG = AugmentConfig(global_crop_px=32, local_crop_px=16, n_local_crops=3)

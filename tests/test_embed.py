@@ -224,7 +224,8 @@ def test_cli_eval_with_exported_encoder_and_random_baseline(encoder, tmp_path):
 def test_a_corrupt_slide_fails_alone(store, encoder, tmp_path):
     """Undecodable tiles fail their slide (recorded, exit code 1 from the CLI); the other slides are embedded."""
     from pathdino.embed import EmbeddingStore, embed_store
-    from tiling.store import TileStore, TileStoreWriter
+    from tiling.store import TileStore
+    from tiling.store_write import TileStoreWriter
 
     src = TileStore(store).slide("slide-a")
     writer = TileStoreWriter(str(tmp_path / "mixed.zarr"))

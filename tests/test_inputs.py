@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tiling.inputs import InputError, collect_slides, parse_shard, read_manifest, select_shard
+from pydicom.uid import generate_uid
+
+from tests.synthetic_dicom import CT, write_dicom
+from tiling.inputs import InputError, collect_slides, parse_shard, read_manifest, scan_inputs, select_shard
 
 
 def _touch(path):
@@ -75,10 +78,57 @@ def test_shards_partition_deterministically(tmp_path):
 
 
 def test_dicom_series_folder_is_one_slide_named_after_the_folder(tmp_path):
-    _touch(tmp_path / "case7" / "level-1.dcm")
-    _touch(tmp_path / "case7" / "level-0.dcm")
+    uid = generate_uid()
+    write_dicom(tmp_path / "case7" / "level-1.dcm", uid, width_px=32)
+    write_dicom(tmp_path / "case7" / "level-0.dcm", uid, width_px=64)
+    write_dicom(tmp_path / "case7" / "label.dcm", uid, image_type="LABEL")
     _touch(tmp_path / "a.svs")
-    slides = {s.slide_id: s for s in collect_slides([str(tmp_path)])}
+    scan = scan_inputs([str(tmp_path)])
+    slides = {s.slide_id: s for s in scan.slides}
     assert sorted(slides) == ["a", "case7"]
-    assert slides["case7"].path.name == "level-0.dcm"
+    assert slides["case7"].path.name == "level-0.dcm"  # the largest level is the one opened
+    assert [(f.path.name, f.reason) for f in scan.skipped] == [("label.dcm", "a DICOM label image")]
     assert [s.slide_id for s in collect_slides([str(tmp_path / "case7")])] == ["case7"]
+
+
+def test_mixed_folder_yields_every_slide_and_says_what_it_skipped(tmp_path):
+    """SVS + TIFF + two unrelated single-file DICOMs + one multi-file series in ONE folder: five slides."""
+    _touch(tmp_path / "he.svs")
+    _touch(tmp_path / "ihc.tiff")
+    write_dicom(tmp_path / "single-a.dcm", generate_uid())
+    write_dicom(tmp_path / "single-b", generate_uid())  # DICOM without a suffix: found by its preamble
+    series = generate_uid()
+    for i, width in enumerate((256, 128, 64)):
+        write_dicom(tmp_path / f"series-level{i}.dcm", series, width_px=width)
+    write_dicom(tmp_path / "series-overview.dcm", series, image_type="OVERVIEW")
+    write_dicom(tmp_path / "ct.dcm", generate_uid(), sop_class=CT, modality="CT")
+    _touch(tmp_path / "notes.txt")
+    _touch(tmp_path / "broken.dcm")
+    scan = scan_inputs([str(tmp_path)])
+    got = {s.slide_id: s.path.name for s in scan.slides}
+    series_id = next(k for k in got if k.startswith(tmp_path.name + "-"))
+    assert got == {"he": "he.svs", "ihc": "ihc.tiff", "single-a": "single-a.dcm", "single-b": "single-b",
+                   series_id: "series-level0.dcm"}
+    assert scan.format_counts() == {"dicom": 3, "svs": 1, "tiff": 1}
+    assert {f.path.name: f.reason for f in scan.skipped} == {
+        "broken.dcm": "not a readable DICOM file (InvalidDicomError)",
+        "ct.dcm": "a DICOM file that is not a whole-slide image (CT)",
+        "notes.txt": "unknown extension",
+        "series-overview.dcm": "a DICOM overview (macro) image",
+    }
+    # a glob over the same folder finds the same slides
+    assert [s.slide_id for s in collect_slides([str(tmp_path / "*")])] == sorted(got)
+
+
+def test_one_series_spread_over_folders_is_one_slide(tmp_path):
+    series = generate_uid()
+    write_dicom(tmp_path / "x" / "l0.dcm", series, width_px=128)
+    write_dicom(tmp_path / "y" / "l1.dcm", series, width_px=64)
+    slides = collect_slides([str(tmp_path)])
+    assert [s.path for s in slides] == [tmp_path / "x" / "l0.dcm"]
+
+
+def test_inputs_with_only_non_slide_dicom_are_an_error_that_says_why(tmp_path):
+    write_dicom(tmp_path / "label.dcm", generate_uid(), image_type="LABEL")
+    with pytest.raises(InputError, match="no slides found .* 1 a DICOM label image"):
+        collect_slides([str(tmp_path)])

@@ -32,8 +32,8 @@ def jpeg_pyramid(tmp_path_factory) -> Path:
 def _open(path, backend="auto", target_mpp=0.5, tile_px=64, overlap_px=0, tolerance=0.05, fast=True):
     reader = open_slide(path, backend)
     mpp = resolve_mpp(reader, None).mpp
-    geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, mpp, target_mpp, tile_px,
-                             overlap_px, tolerance)
+    geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=mpp, target_mpp=target_mpp,
+                             tile_px=tile_px, overlap_px=overlap_px, tolerance=tolerance)
     return reader, geometry, BlockReader(reader, geometry, use_tiff_fast_path=fast)
 
 
@@ -199,7 +199,7 @@ def test_corrupt_source_tile_fails_its_block_only(tmp_path, fast):
 def test_untiled_tiff_falls_back_to_backend(tmp_path):
     path = write_stripped(tmp_path / "strips.tif", texture_image(300, 200))
     reader = open_slide(path)
-    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, 0.5, 0.5, 64)
+    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=0.5, target_mpp=0.5, tile_px=64)
     blocks = BlockReader(reader, g)
     assert blocks.pixel_source == "tiffslide" and "not tiled" in blocks.fast_path_reason
     assert blocks.read_block(0, 0, 2, 3).shape == (128, 192, 3)
@@ -223,7 +223,8 @@ def test_fast_path_disabled_when_it_disagrees_with_backend(jpeg_pyramid):
             self._inner.close()
 
     reader = Inverted(open_slide(jpeg_pyramid))
-    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, 0.25, 0.25, 64)
+    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=0.25, target_mpp=0.25,
+                      tile_px=64)
     blocks = BlockReader(reader, g)
     assert blocks.pixel_source == reader.backend and "differs" in blocks.fast_path_reason
     reader.close()
@@ -233,7 +234,8 @@ def test_fast_path_only_for_plain_tiff_vendors(jpeg_pyramid):
     reader = open_slide(jpeg_pyramid, "openslide")
     assert reader.properties["openslide.vendor"] == "aperio"
     reader.properties = {**reader.properties, "openslide.vendor": "ventana"}  # BIF: overlapping tiles
-    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, 0.25, 0.25, 64)
+    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=0.25, target_mpp=0.25,
+                      tile_px=64)
     blocks = BlockReader(reader, g)
     assert blocks.pixel_source == "openslide" and "ventana" in blocks.fast_path_reason
     reader.close()
@@ -256,7 +258,7 @@ def test_fast_path_can_be_switched_off(jpeg_pyramid):
 
 
 def test_slice_tiles_and_downsample_validate():
-    g = plan_geometry(((1000, 1000),), (1.0,), 0.5, 0.5, 32, overlap_px=8)
+    g = plan_geometry(((1000, 1000),), (1.0,), slide_mpp=0.5, target_mpp=0.5, tile_px=32, overlap_px=8)
     block = np.arange(80 * 104 * 3, dtype=np.uint32).astype(np.uint8).reshape(80, 104, 3)  # 3 rows x 4 cols
     tiles = slice_tiles(block, g, [2, 0], [3, 1])
     np.testing.assert_array_equal(tiles[0], block[48:80, 72:104])

@@ -11,8 +11,9 @@ import pytest
 import zarr
 
 from tiling.store import (
-    FORMAT_VERSION, StoreError, TileStore, TileStoreWriter, decode_tile, encode_tile, safe_slide_id,
+    FORMAT_VERSION, StoreError, TileStore, decode_tile, encode_tile, safe_slide_id, sidecar_url,
 )
+from tiling.store_write import TileStoreWriter
 
 
 def _tiles(n: int, px: int = 32, seed: int = 0) -> list[np.ndarray]:
@@ -64,7 +65,7 @@ def test_slide_invisible_until_commit_and_abort_leaves_nothing(tmp_path):
     with pytest.raises(StoreError, match="not a complete slide"):
         TileStore(url).slide("half")
     sw.abort()
-    assert not any((url / ".staging").iterdir())
+    assert not any((tmp_path / "store.zarr.pathdino" / "staging").iterdir())
 
 
 def test_recommit_replaces_and_failures_are_cleared(tmp_path):
@@ -90,6 +91,30 @@ def test_plain_zarr_opens_store_in_fresh_process(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [["s1"], [32, 32, 3], [6, 7]]
+
+
+def test_plain_zarr_walks_the_whole_store_without_a_warning(tmp_path):
+    """Lock, staging area and QC images live beside the store: zarr sees nothing it does not recognise."""
+    url = tmp_path / "store.zarr"
+    _write(url, n=20)
+    writer = TileStoreWriter(url)
+    writer.write_file("qc/s1.png", b"png")
+    writer.begin_slide("in-progress", 32)  # a slide being staged right now
+    writer.record_failure("bad", {"reason": "x"})
+    assert sorted(p.name for p in url.iterdir()) == ["slides", "zarr.json"]
+    assert TileStore(url).qc_image_path("s1") == sidecar_url(url) + "/qc/s1.png"
+    code = (
+        "import warnings, zarr\n"
+        "warnings.simplefilter('error')\n"
+        f"root = zarr.open_group({str(url)!r}, mode='r')\n"
+        "members = dict(root.members(max_depth=None))\n"
+        "print(sorted(members))\n"
+        "root.tree()\n"
+        f"zarr.open({str(url)!r}, mode='r')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "slides/s1/tiles" in out.stdout and out.stderr == ""
 
 
 def test_unknown_version_and_not_a_store(tmp_path):
@@ -133,6 +158,6 @@ def test_fsspec_url_store_round_trip():
     assert store.slide_ids == ["s1"]
     np.testing.assert_array_equal(store.slide("s1").coords, xy)
     writer = TileStoreWriter(url)
-    assert writer.write_file("qc/s1.png", b"png") == f"{url}/qc/s1.png"
+    assert writer.write_file("qc/s1.png", b"png") == f"{url}.pathdino/qc/s1.png" == store.qc_image_path("s1")
     writer.remove_slide("s1")
     assert TileStore(url).slide_ids == []

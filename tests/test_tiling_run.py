@@ -71,7 +71,8 @@ def test_real_slide_round_trip_matches_direct_reads(sample_store):
     step = attrs["level0_step_px"]
     assert np.allclose(coords / step, np.round(coords / step), atol=1e-6)
     assert (coords >= 0).all() and (coords[:, 0] + 224 <= attrs["level0_width"]).all()
-    assert (Path(sample_store) / "qc" / "CMU-1-Small-Region.png").stat().st_size > 1000
+    assert Path(TileStore(sample_store).qc_image_path("CMU-1-Small-Region")).stat().st_size > 1000
+    assert not (Path(sample_store) / "qc").exists()  # beside the store, not in its Zarr hierarchy
 
 
 def test_rerun_skips_and_changed_params_redo(sample_store, tmp_path):
@@ -140,7 +141,7 @@ def test_killed_mid_slide_then_rerun_is_complete_and_consistent(tmp_path):
     (tmp_path / "c.yaml").write_text("tiles_per_shard: 32\ntiles_per_chunk: 16\n")
     proc = subprocess.Popen([sys.executable, "-m", "pathdino.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    staging = url / ".staging"
+    staging = tmp_path / "tiles.zarr.pathdino" / "staging"
     deadline = time.time() + 120
     # wait until at least one shard of the slide has been written, then kill the run hard
     while time.time() < deadline and proc.poll() is None:
@@ -191,7 +192,7 @@ def test_tiling_into_an_fsspec_url(tmp_path):
     assert [o.status for o in outcomes] == ["done"]
     store = TileStore(url)
     assert store.n_tiles("CMU-1-Small-Region") == outcomes[0].n_tiles > 0
-    assert fsspec.filesystem("memory").exists("/pathdino-run/tiles.zarr/qc/CMU-1-Small-Region.png")
+    assert fsspec.filesystem("memory").exists("/pathdino-run/tiles.zarr.pathdino/qc/CMU-1-Small-Region.png")
 
 
 def test_a_killed_worker_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path):
@@ -206,7 +207,7 @@ def test_a_killed_worker_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path):
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if any((url / ".staging").glob("*/tiles/c/*")):
+        if any((tmp_path / "tiles.zarr.pathdino" / "staging").glob("*/tiles/c/*")):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "tiling finished before a worker could be killed"

@@ -107,7 +107,8 @@ def test_missing_store_is_a_clear_error(tmp_path, capsys):
 
 
 def test_check_passes_on_a_real_store(tmp_path, capsys):
-    from tiling.store import TileStoreWriter, encode_tile
+    from tiling.store import encode_tile
+    from tiling.store_write import TileStoreWriter
 
     url = tmp_path / "store.zarr"
     sw = TileStoreWriter(url).begin_slide("s1", 64)

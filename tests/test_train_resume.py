@@ -31,7 +31,8 @@ def make_tile_store(url: Path, n_side: int = 8, tile_px: int = 64) -> Path:
     """A tiny JPEG tile store of real H&E pixels: an n_side x n_side grid of tiles from the bundled slide."""
     import tiffslide
 
-    from tiling.store import TileStoreWriter, encode_tile
+    from tiling.store import encode_tile
+    from tiling.store_write import TileStoreWriter
 
     with tiffslide.TiffSlide(SLIDE) as slide:
         side = n_side * tile_px

@@ -29,3 +29,7 @@ class RegionReadError(SlideError):
 
     Raised for one block or one tile: the caller may retry smaller regions and skip only what is really broken.
     """
+
+
+class NotBrightfieldError(SlideError):
+    """The slide is fluorescence or multiplex imaging, not the brightfield RGB (H&E, IHC) the tiler is made for."""

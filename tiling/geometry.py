@@ -75,7 +75,7 @@ def _validate(slide_mpp: float, target_mpp: float, tile_px: int, overlap_px: int
                        f"pass --slide-mpp or an mpp column in the manifest CSV")
 
 
-def plan_geometry(level_dimensions: Sequence[tuple[int, int]], level_downsamples: Sequence[float],
+def plan_geometry(level_dimensions: Sequence[tuple[int, int]], level_downsamples: Sequence[float], *,
                   slide_mpp: float, target_mpp: float, tile_px: int, overlap_px: int = 0,
                   tolerance: float = 0.05) -> TileGeometry:
     """Choose the read level and scale for tiles of `tile_px` output px at `target_mpp`.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiling.dicom import group_series, looks_like_dicom
 from tiling.store import safe_slide_id
 
 # Extensions OpenSlide or tiffslide can open. `.mrxs` slides are a file plus a folder of the same name.
@@ -38,35 +40,49 @@ def _slide_id_for(path: Path) -> str:
 
 
 def _is_slide(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(SLIDE_EXTENSIONS)
+    return path.is_file() and path.name.lower().endswith(SLIDE_EXTENSIONS) and path.suffix.lower() != ".dcm"
 
 
-def _dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+def slide_format(path: Path) -> str:
+    """A short format name for counts and listings: svs, ndpi, tiff, ome-tiff, dicom, ..."""
+    name = path.name.lower()
+    if name.endswith((".ome.tif", ".ome.tiff")):
+        return "ome-tiff"
+    if path.suffix.lower() == ".dcm" or (path.is_file() and not path.suffix and looks_like_dicom(path)):
+        return "dicom"
+    return {".tif": "tiff"}.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "unknown")
 
 
-def _dicom_input(folder: Path) -> SlideInput:
-    """A DICOM WSI series is a folder; OpenSlide opens it through any one of its files."""
-    first = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")[0]
-    return _make_input(first, folder.name, None)
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file met while collecting inputs that is not tiled, and why."""
+
+    path: Path
+    reason: str
 
 
-def _from_folder(folder: Path) -> list[Path]:
-    found: list[Path] = []
+@dataclass
+class _Found:
+    slides: list[Path] = field(default_factory=list)
+    dicom: list[Path] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def add_file(self, path: Path) -> None:
+        if _is_slide(path):
+            self.slides.append(path)
+        elif looks_like_dicom(path):
+            self.dicom.append(path)
+        else:
+            self.skipped.append(SkippedFile(path, "unknown extension"))
+
+
+def _walk_folder(folder: Path, found: _Found) -> None:
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
-            path = Path(root) / name
-            if path.suffix.lower() == ".dcm":
-                continue  # DICOM series are opened by folder, below
-            if _is_slide(path):
-                found.append(path)
-        for d in dirs:
-            if _dicom_folder(Path(root) / d):
-                found.append(Path(root) / d)
+            found.add_file(Path(root) / name)
         # a MIRAX slide's data folder sits next to its .mrxs file: don't look inside it
-        dirs[:] = [d for d in dirs if not (Path(root) / f"{d}.mrxs").exists() and not _dicom_folder(Path(root) / d)]
-    return found
+        dirs[:] = [d for d in dirs if not (Path(root) / f"{d}.mrxs").exists()]
 
 
 def _parse_mpp(value: str, where: str) -> float | None:
@@ -109,38 +125,70 @@ def _make_input(path: Path, raw_id: str, mpp: float | None) -> SlideInput:
     return SlideInput(path=path, slide_id=safe, mpp_override=mpp, source_id=None if safe == raw_id else raw_id)
 
 
-def collect_slides(inputs: list[str], slide_mpp: float | None = None) -> list[SlideInput]:
-    """Expand files, folders (recursive, by extension), globs and manifest CSVs into slides sorted by id.
+@dataclass
+class InputScan:
+    """Every slide found in the inputs, and every file met but not tiled, with its reason."""
 
-    `slide_mpp` (the `--slide-mpp` flag) overrides every slide's mpp unless its manifest row gives one.
-    Duplicate slide ids are an error (two slides would write the same group).
+    slides: list[SlideInput]
+    skipped: list[SkippedFile]
+
+    def format_counts(self) -> dict[str, int]:
+        """Slides per format (svs, tiff, dicom, ...), most common first."""
+        counts = collections.Counter(slide_format(s.path) for s in self.slides)
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped files per reason, most common first."""
+        counts = collections.Counter(f.reason for f in self.skipped)
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def scan_inputs(inputs: list[str], slide_mpp: float | None = None) -> InputScan:
+    """Expand files, folders (recursive), globs and manifest CSVs into slides sorted by id, plus skipped files.
+
+    DICOM files are grouped into slides by SeriesInstanceUID wherever they sit (see tiling.dicom); label and
+    overview images and non-slide DICOM are skipped with a reason. `slide_mpp` (the `--slide-mpp` flag) overrides
+    every slide's mpp unless its manifest row gives one. Duplicate slide ids are an error (two slides would write
+    the same group).
     """
     slides: list[SlideInput] = []
+    found = _Found()
     for item in inputs:
         path = Path(item).expanduser()
         if path.suffix.lower() == ".csv" and path.is_file():
             slides.extend(read_manifest(path))
-        elif path.is_dir() and not _dicom_folder(path):
-            found = _from_folder(path)
-            if not found:
-                raise InputError(f"{path}: no slide files found (extensions: {', '.join(SLIDE_EXTENSIONS)})")
-            slides.extend(_dicom_input(p) if p.is_dir() else _make_input(p, _slide_id_for(p), None) for p in found)
-        elif _dicom_folder(path):
-            slides.append(_dicom_input(path))
-        elif path.exists():
-            slides.append(_make_input(path, _slide_id_for(path), None))
+        elif path.is_dir():
+            n_before = len(found.slides) + len(found.dicom)
+            _walk_folder(path, found)
+            if len(found.slides) + len(found.dicom) == n_before:
+                raise InputError(f"{path}: no slide files found (extensions: {', '.join(SLIDE_EXTENSIONS)}, "
+                                 "or DICOM files)")
+        elif path.is_file():
+            (found.dicom if looks_like_dicom(path) else found.slides).append(path)
         else:
             matches = sorted(glob.glob(str(path), recursive=True))
             if not matches:
                 raise InputError(f"{item}: no such file, folder or glob match")
             for match in map(Path, matches):
-                if _dicom_folder(match):
-                    slides.append(_dicom_input(match))
-                elif _is_slide(match):
-                    slides.append(_make_input(match, _slide_id_for(match), None))
+                if match.is_dir():
+                    _walk_folder(match, found)
+                elif match.is_file():
+                    found.add_file(match)
+    slides.extend(_make_input(p, _slide_id_for(p), None) for p in found.slides)
+    series, dicom_skipped = group_series(found.dicom, set(found.slides))
+    slides.extend(_make_input(s.open_path, s.default_id, None) for s in series)
+    skipped = found.skipped + [SkippedFile(h.path, h.skip_reason) for h in dicom_skipped]
     if slide_mpp is not None:
         slides = [s if s.mpp_override is not None else SlideInput(s.path, s.slide_id, slide_mpp, s.source_id)
                   for s in slides]
+    scan = InputScan(_unique_by_id(slides), sorted(set(skipped), key=lambda f: str(f.path)))
+    if not scan.slides:
+        skips = ", ".join(f"{n} {why}" for why, n in scan.skip_counts().items())
+        raise InputError(f"no slides found in {' '.join(inputs)}; skipped {len(scan.skipped)} file(s): {skips}")
+    return scan
+
+
+def _unique_by_id(slides: list[SlideInput]) -> list[SlideInput]:
     seen: dict[str, Path] = {}
     for s in slides:
         if s.slide_id in seen and seen[s.slide_id] != s.path:
@@ -149,6 +197,11 @@ def collect_slides(inputs: list[str], slide_mpp: float | None = None) -> list[Sl
         seen[s.slide_id] = s.path
     unique = {s.slide_id: s for s in slides}
     return [unique[k] for k in sorted(unique)]
+
+
+def collect_slides(inputs: list[str], slide_mpp: float | None = None) -> list[SlideInput]:
+    """The slides of `scan_inputs` (files not tiled are dropped from the answer, see scan_inputs)."""
+    return scan_inputs(inputs, slide_mpp).slides
 
 
 def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:

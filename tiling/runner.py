@@ -36,13 +36,14 @@ class SlideOutcome:
 
     slide_id: str
     source_path: str
-    status: str  # "done" | "skipped" | "failed"
+    status: str  # "done" | "empty" (committed with 0 tiles) | "skipped" (already complete) | "failed"
     n_tiles: int = 0
     n_candidates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     n_decode_failures: int = 0
     seconds: float = 0.0
-    reason: str = ""
+    reason: str = ""  # why it failed or gave no tiles
+    already_complete: bool = False  # committed by an earlier run (an "empty" slide can be both)
 
 
 class _InlineExecutor(cf.Executor):
@@ -112,19 +113,6 @@ def provenance(plan: SlidePlan, cfg: TilingConfig, job: _SlideJob) -> dict[str, 
     }
 
 
-def _is_up_to_date(store: TileStoreWriter, slide: SlideInput, cfg: TilingConfig) -> bool:
-    done = store.completed_provenance(slide.slide_id)
-    if not done:
-        return False
-    try:
-        fp, size = fingerprint(slide.path)
-    except OSError:
-        return False
-    return (done.get("source_fingerprint") == fp and done.get("source_size_bytes") == size
-            and done.get("params_key") == cfg.params_key()
-            and (slide.mpp_override is None or abs(done.get("slide_mpp", 0) - slide.mpp_override) < 1e-9))
-
-
 def _write_qc_image(store: TileStoreWriter, plan: SlidePlan, job: _SlideJob) -> None:
     from tiling.qc_image import draw_qc_image
 
@@ -152,87 +140,148 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> list[SlideOutcome]:
     """Tile `slides` into the store at `out_url`; returns one outcome per slide (in input order).
 
-    `on_event(kind, info)` receives "slide_start", "tiles" (info["n"] new tiles), "slide_end" for progress display.
+    `on_event(kind, info)` receives "slide_start", "slide_planned", "tiles" (info["n"] new tiles), "slide_end" and
+    "warning" for progress display.
     """
-    emit = on_event or (lambda kind, info: None)
-    store = TileStoreWriter(out_url)
-    store.clean_stale_staging()
-    outcomes: dict[str, SlideOutcome] = {}
-    pending: list[SlideInput] = []
-    for slide in slides:
-        if not overwrite and _is_up_to_date(store, slide, cfg):
-            done = store.completed_provenance(slide.slide_id) or {}
-            outcomes[slide.slide_id] = SlideOutcome(slide.slide_id, str(slide.path), "skipped",
-                                                    n_tiles=int(done.get("n_tiles", 0)))
-            emit("slide_end", {"slide_id": slide.slide_id, "status": "skipped"})
-        else:
-            pending.append(slide)
+    run = _TilingRun(TileStoreWriter(out_url), cfg, on_event or (lambda kind, info: None))
+    run.run(slides, overwrite=overwrite)
+    return [run.outcomes[s.slide_id] for s in slides if s.slide_id in run.outcomes]
 
-    n_workers = cfg.n_workers if pending else 1  # nothing to do: no pool to start
-    executor: cf.Executor = (_InlineExecutor() if n_workers == 1 else cf.ProcessPoolExecutor(
-        n_workers, mp_context=multiprocessing.get_context("spawn")))
-    plan_inline_next = n_workers > 1  # see fill()
-    if n_workers > 1 and pending:
-        for _ in range(n_workers):
-            executor.submit(_worker_ready)
-    max_in_flight = 2 * n_workers
-    plans_ahead = max(1, n_workers // 2)
-    futures: dict[cf.Future, tuple[str, str, int]] = {}  # future -> (kind, slide_id, block index)
-    jobs: dict[str, _SlideJob] = {}
-    queue = list(pending)
-    by_id = {s.slide_id: s for s in pending}
 
-    def fail(slide_id: str, exc: BaseException) -> None:
-        job = jobs.pop(slide_id, None)
-        if job is not None:
-            job.writer.abort()
-        store.record_failure(slide_id, _failure_record(by_id[slide_id], exc))
-        outcomes[slide_id] = SlideOutcome(slide_id, str(by_id[slide_id].path), "failed",
-                                          reason=f"{type(exc).__name__}: {exc}")
-        emit("slide_end", {"slide_id": slide_id, "status": "failed"})
+class _TilingRun:
+    """One `run_tiling` call: which slides wait, are planned, are being tiled, and how each ended.
 
-    def finish(job: _SlideJob) -> None:
-        plan = job.plan
-        sid = plan.slide.slide_id
-        if not plan.blocks:
-            job.pixel_source = "none (no tissue)"
-        job.writer.commit(provenance(plan, cfg, job))
-        jobs.pop(sid)
-        if cfg.qc_images:
-            try:
-                _write_qc_image(store, plan, job)
-            except Exception as exc:  # noqa: BLE001 - a QC picture is not worth losing the slide for
-                emit("warning", {"slide_id": sid, "message": f"QC image not written: {exc}"})
-        outcomes[sid] = SlideOutcome(
-            sid, str(plan.slide.path), "done", n_tiles=job.n_tiles, n_candidates=len(plan.rows),
-            rejected={k: int(sum(len(v) for v in vs)) for k, vs in job.rejected.items()},
-            n_decode_failures=job.n_decode_failures, seconds=time.perf_counter() - job.started)
-        emit("slide_end", {"slide_id": sid, "status": "done", "n_tiles": job.n_tiles})
+    Plans go first (a few slides ahead), then blocks of the oldest slides, so slides finish in order and only a
+    bounded number of block results wait in memory.
+    """
 
-    def fill() -> None:
-        nonlocal plan_inline_next
-        # Plans first (a few slides ahead), then blocks of the oldest slides, so slides finish in order and only a
-        # bounded number of results wait in memory.
-        n_plans = sum(1 for kind, _, _ in futures.values() if kind == "plan")
-        while queue and n_plans < plans_ahead and len(jobs) + n_plans <= n_workers and len(futures) < max_in_flight:
-            slide = queue.pop(0)
-            emit("slide_start", {"slide_id": slide.slide_id})
-            # The first slide is planned here while the workers start (spawning and importing takes ~1.5 s), so a
-            # single huge slide does not wait for both one after the other.
-            planner = _InlineExecutor() if plan_inline_next else executor
-            plan_inline_next = False
-            futures[planner.submit(plan_slide, slide, cfg)] = ("plan", slide.slide_id, -1)
+    def __init__(self, store: TileStoreWriter, cfg: TilingConfig, emit: Callable[[str, dict[str, Any]], None]):
+        self.store, self.cfg, self.emit = store, cfg, emit
+        self.outcomes: dict[str, SlideOutcome] = {}
+        self.queue: list[SlideInput] = []  # slides still to plan
+        self.by_id: dict[str, SlideInput] = {}  # every slide this run tiles
+        # slide id -> (fingerprint, size) where resuming needed it here; plan_slide computes the others, so each
+        # slide file is fingerprinted once
+        self.sources: dict[str, tuple[str, int]] = {}
+        self.jobs: dict[str, _SlideJob] = {}  # planned slides whose blocks are being tiled
+        self.futures: dict[cf.Future, tuple[str, str, int]] = {}  # future -> (kind, slide_id, block index)
+        self.executor: cf.Executor = _InlineExecutor()
+        self.n_workers = 1
+        self.plan_inline_next = False
+
+    def run(self, slides: list[SlideInput], *, overwrite: bool) -> None:
+        self.store.clean_stale_staging()
+        for slide in slides:
+            self._skip_or_queue(slide, overwrite=overwrite)
+        self._start_workers()
+        try:
+            self._fill()
+            while self.futures:
+                done, _ = cf.wait(list(self.futures), return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    self._on_done(fut)
+                self._fill()
+        except BrokenProcessPool as exc:
+            # A worker died (killed, typically out of memory): nothing more can run in this pool. Committed slides
+            # are kept; every other slide is recorded so that rerunning the same command resumes exactly there.
+            broken = RuntimeError(f"a tiling worker process died ({exc}); slides already committed are kept: rerun "
+                                  "the same command to resume (with fewer --workers if memory ran out)")
+            for sid in self.by_id:
+                if sid not in self.outcomes:
+                    self._fail(sid, broken)
+        finally:
+            for job in list(self.jobs.values()):
+                job.writer.abort()
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            close_readers()
+
+    def _skip_or_queue(self, slide: SlideInput, *, overwrite: bool) -> None:
+        done = None if overwrite else self._up_to_date(slide)
+        if done is None:
+            self.queue.append(slide)
+            self.by_id[slide.slide_id] = slide
+            return
+        n_tiles = int(done.get("n_tiles", 0))
+        status, reason = ("skipped", "") if n_tiles else ("empty", done.get("empty_reason", "no tiles"))
+        self.outcomes[slide.slide_id] = SlideOutcome(slide.slide_id, str(slide.path), status, n_tiles=n_tiles,
+                                                     reason=reason, already_complete=True)
+        self.emit("slide_end", {"slide_id": slide.slide_id, "status": status})
+
+    def _up_to_date(self, slide: SlideInput) -> dict[str, Any] | None:
+        """The stored provenance when the slide is complete with the same file and parameters, else None."""
+        done = self.store.completed_provenance(slide.slide_id)
+        if not done:
+            return None  # the worker that plans the slide fingerprints it, in parallel with the others
+        try:
+            source = self.sources[slide.slide_id] = fingerprint(slide.path)
+        except OSError:
+            return None  # planning opens the file and fails the slide with the reader's message
+        same = (done.get("source_fingerprint") == source[0] and done.get("source_size_bytes") == source[1]
+                and done.get("params_key") == self.cfg.params_key()
+                and (slide.mpp_override is None or abs(done.get("slide_mpp", 0) - slide.mpp_override) < 1e-9))
+        return done if same else None
+
+    def _start_workers(self) -> None:
+        self.n_workers = self.cfg.n_workers if self.queue else 1  # nothing to do: no pool to start
+        if self.n_workers > 1:
+            self.executor = cf.ProcessPoolExecutor(self.n_workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self.n_workers):
+                self.executor.submit(_worker_ready)
+            # The first slide is planned here while the workers start (spawning and importing takes ~1.5 s), so
+            # a single huge slide does not wait for both one after the other.
+            self.plan_inline_next = True
+
+    def _fill(self) -> None:
+        max_in_flight = 2 * self.n_workers
+        n_plans = sum(1 for kind, _, _ in self.futures.values() if kind == "plan")
+        while (self.queue and n_plans < max(1, self.n_workers // 2) and len(self.jobs) + n_plans <= self.n_workers
+               and len(self.futures) < max_in_flight):
+            slide = self.queue.pop(0)
+            self.emit("slide_start", {"slide_id": slide.slide_id})
+            planner = _InlineExecutor() if self.plan_inline_next else self.executor
+            self.plan_inline_next = False
+            fut = planner.submit(plan_slide, slide, self.cfg, source=self.sources.get(slide.slide_id))
+            self.futures[fut] = ("plan", slide.slide_id, -1)
             n_plans += 1
-        for job in list(jobs.values()):
+        for job in list(self.jobs.values()):
             plan = job.plan
-            while job.next_submit < len(plan.blocks) and len(futures) < max_in_flight:
+            while job.next_submit < len(plan.blocks) and len(self.futures) < max_in_flight:
                 start, stop = plan.blocks[job.next_submit]
-                fut = executor.submit(tile_block, plan.slide.path, plan.backend, plan.geometry,
-                                      plan.rows[start:stop], plan.cols[start:stop], cfg)
-                futures[fut] = ("block", plan.slide.slide_id, job.next_submit)
+                fut = self.executor.submit(tile_block, plan.slide.path, backend=plan.backend, geometry=plan.geometry,
+                                           rows=plan.rows[start:stop], cols=plan.cols[start:stop], cfg=self.cfg)
+                self.futures[fut] = ("block", plan.slide.slide_id, job.next_submit)
                 job.next_submit += 1
 
-    def on_block(job: _SlideJob, index: int, result: BlockResult) -> None:
+    def _on_done(self, fut: cf.Future) -> None:
+        kind, sid, index = self.futures.pop(fut)
+        if sid in self.outcomes:  # the slide already failed; drop its remaining blocks
+            return
+        exc = fut.exception()
+        if isinstance(exc, BrokenProcessPool):
+            raise exc  # the pool is gone for every slide, not just this one: handled in run()
+        if exc is not None:
+            self._fail(sid, exc)
+            return
+        try:
+            if kind == "plan":
+                self._on_plan(fut.result())
+            else:
+                self._on_block(self.jobs[sid], index, fut.result())
+        except Exception as exc:  # noqa: BLE001 - store errors etc. fail the slide, not the run
+            self._fail(sid, exc)
+
+    def _on_plan(self, plan: SlidePlan) -> None:
+        cfg, sid = self.cfg, plan.slide.slide_id
+        writer = self.store.begin_slide(
+            sid, cfg.tile_px, encoding=cfg.encoding, tiles_per_shard=cfg.tiles_per_shard,
+            tiles_per_chunk=cfg.tiles_per_chunk,
+            tile_attrs={"jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling})
+        self.jobs[sid] = job = _SlideJob(plan=plan, writer=writer, started=time.perf_counter())
+        self.emit("slide_planned", {"slide_id": sid, "n_candidates": len(plan.rows)})
+        if not plan.blocks:
+            self._finish(job)
+
+    def _on_block(self, job: _SlideJob, index: int, result: BlockResult) -> None:
         job.results[index] = result
         plan = job.plan
         while job.next_write in job.results:
@@ -248,53 +297,50 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
             job.n_tiles += len(res.kept)
             job.pixel_source, job.fast_path_reason = res.pixel_source, res.fast_path_reason
             job.next_write += 1
-            emit("tiles", {"slide_id": plan.slide.slide_id, "n": len(res.kept)})
+            self.emit("tiles", {"slide_id": plan.slide.slide_id, "n": len(res.kept)})
         if job.next_write == len(plan.blocks):
-            finish(job)
+            self._finish(job)
 
-    try:
-        fill()
-        while futures:
-            done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
-            for fut in done:
-                kind, sid, index = futures.pop(fut)
-                if sid in outcomes:  # the slide already failed; drop its remaining blocks
-                    continue
-                exc = fut.exception()
-                if isinstance(exc, BrokenProcessPool):
-                    raise exc  # the pool is gone for every slide, not just this one: handled below
-                if exc is not None:
-                    fail(sid, exc)
-                    continue
-                try:
-                    if kind == "plan":
-                        plan: SlidePlan = fut.result()
-                        writer = store.begin_slide(sid, cfg.tile_px, cfg.encoding, cfg.tiles_per_shard,
-                                                   cfg.tiles_per_chunk, {"jpeg_quality": cfg.jpeg_quality,
-                                                                           "jpeg_subsampling": cfg.jpeg_subsampling})
-                        jobs[sid] = _SlideJob(plan=plan, writer=writer, started=time.perf_counter())
-                        emit("slide_planned", {"slide_id": sid, "n_candidates": len(plan.rows)})
-                        if not plan.blocks:
-                            finish(jobs[sid])
-                    else:
-                        on_block(jobs[sid], index, fut.result())
-                except Exception as exc:  # noqa: BLE001 - store errors etc. fail the slide, not the run
-                    fail(sid, exc)
-            fill()
-    except BrokenProcessPool as exc:
-        # A worker died (killed, typically out of memory): nothing more can run in this pool. Committed slides are
-        # kept; every other slide is recorded so that rerunning the same command resumes exactly there.
-        broken = RuntimeError(f"a tiling worker process died ({exc}); slides already committed are kept: rerun "
-                              "the same command to resume (with fewer --workers if memory ran out)")
-        for sid in by_id:  # every slide of this run that is not done yet
-            if sid not in outcomes:
-                fail(sid, broken)
-    finally:
-        for job in list(jobs.values()):
+    def _finish(self, job: _SlideJob) -> None:
+        plan, sid = job.plan, job.plan.slide.slide_id
+        if not plan.blocks:
+            job.pixel_source = "none (no tissue)"
+        rejected = {k: int(sum(len(v) for v in vs)) for k, vs in job.rejected.items()}
+        empty_reason = "" if job.n_tiles else why_empty(len(plan.rows), rejected, job.n_decode_failures,
+                                                        self.cfg.tissue.min_tissue_fraction)
+        job.writer.commit({**provenance(plan, self.cfg, job), "empty_reason": empty_reason})
+        self.jobs.pop(sid)
+        if self.cfg.qc_images:
+            try:
+                _write_qc_image(self.store, plan, job)
+            except Exception as exc:  # noqa: BLE001 - a QC picture is not worth losing the slide for
+                self.emit("warning", {"slide_id": sid, "message": f"QC image not written: {exc}"})
+        status = "done" if job.n_tiles else "empty"
+        self.outcomes[sid] = SlideOutcome(
+            sid, str(plan.slide.path), status, n_tiles=job.n_tiles, n_candidates=len(plan.rows), rejected=rejected,
+            n_decode_failures=job.n_decode_failures, seconds=time.perf_counter() - job.started, reason=empty_reason)
+        self.emit("slide_end", {"slide_id": sid, "status": status, "n_tiles": job.n_tiles})
+
+    def _fail(self, slide_id: str, exc: BaseException) -> None:
+        job = self.jobs.pop(slide_id, None)
+        if job is not None:
             job.writer.abort()
-        executor.shutdown(wait=True, cancel_futures=True)
-        close_readers()
-    return [outcomes[s.slide_id] for s in slides if s.slide_id in outcomes]
+        slide = self.by_id[slide_id]
+        self.store.record_failure(slide_id, _failure_record(slide, exc))
+        self.outcomes[slide_id] = SlideOutcome(slide_id, str(slide.path), "failed",
+                                               reason=f"{type(exc).__name__}: {exc}")
+        self.emit("slide_end", {"slide_id": slide_id, "status": "failed"})
 
 
-__all__ = ["run_tiling", "SlideOutcome", "SlideError", "provenance"]
+def why_empty(n_candidates: int, rejected: dict[str, int], n_decode_failures: int,
+              min_tissue_fraction: float) -> str:
+    """One line saying why a slide gave no tiles: no tissue, or which rules rejected every candidate."""
+    if n_candidates == 0:
+        return f"no tissue found (no tile reached min_tissue_fraction {min_tissue_fraction:g}; see the QC image)"
+    rules = [f"{reason} {n}" for reason, n in sorted(rejected.items(), key=lambda kv: -kv[1])]
+    if n_decode_failures:
+        rules.append(f"unreadable {n_decode_failures}")
+    return f"all {n_candidates} candidate tile(s) rejected: {', '.join(rules)}"
+
+
+__all__ = ["run_tiling", "SlideOutcome", "SlideError", "provenance", "why_empty"]

@@ -8,7 +8,11 @@ A store is a Zarr v3 hierarchy::
     <store>/slides/<slide_id>/tiles        (N,) variable-length bytes: one encoded image (JPEG or PNG) per tile
     <store>/slides/<slide_id>/coords       (N, 2) int64: level-0 (x, y) of each tile's top-left corner
     <store>/slides/<slide_id>/tissue_fraction  (N,) float32
-    <store>/qc/<slide_id>.png              QC image (not part of the Zarr hierarchy)
+
+Beside it, outside the Zarr hierarchy so that plain zarr opens the store without a warning::
+
+    <store>.pathdino/qc/<slide_id>.png     QC image
+    <store>.pathdino/staging/, lock        the writers' scratch space and lock file (store_write.py)
 
 Only slides listed in the root index are complete; readers never look at anything else, so a killed writer leaves
 nothing a reader can mistake for data.
@@ -48,7 +52,7 @@ def now_iso() -> str:
 # Tile encoding
 
 
-def encode_tile(tile: np.ndarray, encoding: str = "jpeg", jpeg_quality: int = 90,
+def encode_tile(tile: np.ndarray, encoding: str = "jpeg", *, jpeg_quality: int = 90,
                 jpeg_subsampling: str = "420") -> bytes:
     """Encode one RGB uint8 tile (H, W, 3) as JPEG (lossy, default) or PNG (lossless).
 
@@ -104,21 +108,25 @@ def safe_slide_id(raw_id: str) -> str:
 # Opening
 
 
-def _is_remote(url: str) -> bool:
+def is_remote_url(url: str) -> bool:
+    """Whether a store address is an fsspec URL (memory://, s3://, ...) rather than a local folder."""
     return "://" in str(url) and not str(url).startswith("file://")
 
 
-def _local_root(url: str | Path) -> Path:
+def local_root(url: str | Path) -> Path:
+    """The absolute folder of a local store address (a path or a file:// URL)."""
     return Path(str(url).removeprefix("file://")).expanduser().resolve()
 
 
-def _zarr_store(url: str | Path, read_only: bool) -> zarr.abc.store.Store:
-    if _is_remote(str(url)):
+def zarr_store(url: str | Path, read_only: bool) -> zarr.abc.store.Store:
+    """The zarr Store object for a local folder or an fsspec URL."""
+    if is_remote_url(str(url)):
         return zarr.storage.FsspecStore.from_url(str(url), read_only=read_only)
-    return zarr.storage.LocalStore(_local_root(url), read_only=read_only)
+    return zarr.storage.LocalStore(local_root(url), read_only=read_only)
 
 
-def _check_format(meta: dict[str, Any], url: str) -> None:
+def check_format(meta: dict[str, Any], url: str) -> None:
+    """Raise StoreError unless `meta` (the root's attrs["pathdino"]) is a tile store of the version this code reads."""
     if meta.get("format") != FORMAT_NAME:
         raise StoreError(f"{url} is a Zarr group but not a pathdino tile store (no attrs['pathdino']['format'] == "
                          f"{FORMAT_NAME!r}). Point at the folder that `pathdino tile --out` created.")
@@ -126,6 +134,25 @@ def _check_format(meta: dict[str, Any], url: str) -> None:
     if version != FORMAT_VERSION:
         raise StoreError(f"{url} has tile-store format version {version!r}; this pathdino reads version "
                          f"{FORMAT_VERSION}. Re-tile the slides or install the pathdino release that wrote it.")
+
+
+SIDECAR_SUFFIX = ".pathdino"
+
+
+def sidecar_url(url: str | Path) -> str:
+    """The folder beside a store that holds what is not Zarr: QC images, the writers' lock and staging area.
+
+    Kept out of the store itself because zarr warns about every non-Zarr object it meets inside a hierarchy.
+    """
+    if is_remote_url(str(url)):
+        return str(url).rstrip("/") + SIDECAR_SUFFIX
+    root = local_root(url)
+    return str(root.with_name(root.name + SIDECAR_SUFFIX))
+
+
+def qc_image_key(slide_id: str) -> str:
+    """Where a slide's QC image lies, relative to the sidecar folder."""
+    return f"qc/{slide_id}.png"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,15 +220,15 @@ class TileStore:
 
     def __init__(self, url: str | Path):
         self.url = str(url)
-        if not _is_remote(self.url) and not (_local_root(self.url) / "zarr.json").exists():
+        if not is_remote_url(self.url) and not (local_root(self.url) / "zarr.json").exists():
             raise StoreError(f"no tile store at {self.url}: expected a folder with zarr.json "
                              "(create one with `pathdino tile SLIDES --out STORE`)")
         try:
-            self.root = zarr.open_group(store=_zarr_store(self.url, read_only=True), mode="r")
+            self.root = zarr.open_group(store=zarr_store(self.url, read_only=True), mode="r")
         except Exception as exc:  # noqa: BLE001 - zarr raises several types for "not a group"
             raise StoreError(f"cannot open {self.url} as a Zarr v3 group: {exc}") from exc
         self.meta: dict[str, Any] = dict(self.root.attrs.get("pathdino", {}))
-        _check_format(self.meta, self.url)
+        check_format(self.meta, self.url)
 
     @property
     def entries(self) -> dict[str, SlideEntry]:
@@ -231,7 +258,12 @@ class TileStore:
         return StoreSlide(self.root[f"slides/{slide_id}"], slide_id)
 
     def qc_image_path(self, slide_id: str) -> str:
-        return f"{self.url.rstrip('/')}/qc/{slide_id}.png"
+        """Path or URL of a slide's QC image (falls back to `<store>/qc/`, where earlier versions wrote it)."""
+        path = f"{sidecar_url(self.url)}/{qc_image_key(slide_id)}"
+        legacy = f"{self.url.rstrip('/')}/{qc_image_key(slide_id)}"
+        if not is_remote_url(self.url) and not Path(path).exists() and Path(legacy).exists():
+            return legacy
+        return path
 
 
 def summarise(store: TileStore) -> dict[str, Any]:
@@ -239,18 +271,9 @@ def summarise(store: TileStore) -> dict[str, Any]:
     entries = store.entries
     return {"url": store.url, "format_version": store.meta.get("format_version"),
             "n_slides": len(entries), "n_tiles": sum(e.n_tiles for e in entries.values()),
+            "n_empty": sum(e.n_tiles == 0 for e in entries.values()),
             "n_failures": len(store.failures)}
 
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
-
-
-def __getattr__(name: str) -> Any:
-    # The writer lives in tiling.store_write (it imports this module); `from tiling.store import TileStoreWriter`
-    # keeps working so there is one place to import the store API from.
-    if name in ("TileStoreWriter", "SlideWriter"):
-        from tiling import store_write
-
-        return getattr(store_write, name)
-    raise AttributeError(f"module 'tiling.store' has no attribute {name!r}")

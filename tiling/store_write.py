@@ -18,12 +18,16 @@ import zarr
 import zarr.storage
 
 from tiling.store import (
-    FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, _check_format, _is_remote, _local_root, _zarr_store,
-    now_iso, safe_slide_id,
+    FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, check_format, is_remote_url, local_root, now_iso,
+    safe_slide_id, sidecar_url, zarr_store,
 )
 
-_STAGING_DIR = ".staging"
-_LOCK_FILE = ".pathdino.lock"
+# Both live in the sidecar folder beside the store (tiling.store.sidecar_url), outside the Zarr hierarchy. Staging
+# there keeps the commit one rename: the sidecar and the store share a parent folder, hence a filesystem.
+_STAGING_DIR = "staging"
+_LOCK_FILE = "lock"
+# Where earlier versions kept them, inside the store: stale staging folders there are still cleaned up.
+_LEGACY_STAGING_DIR = ".staging"
 
 
 class SlideWriter:
@@ -103,14 +107,16 @@ class TileStoreWriter:
 
     def __init__(self, url: str | Path):
         self.url = str(url)
-        self.remote = _is_remote(self.url)
+        self.remote = is_remote_url(self.url)
+        self.sidecar = sidecar_url(self.url)
         if not self.remote:
-            _local_root(self.url).mkdir(parents=True, exist_ok=True)
+            local_root(self.url).mkdir(parents=True, exist_ok=True)
+            Path(self.sidecar).mkdir(exist_ok=True)
         with self._index_lock():
-            store = _zarr_store(self.url, read_only=False)
+            store = zarr_store(self.url, read_only=False)
             try:
                 root = zarr.open_group(store=store, mode="r")
-                _check_format(dict(root.attrs.get("pathdino", {})), self.url)
+                check_format(dict(root.attrs.get("pathdino", {})), self.url)
             except (FileNotFoundError, zarr.errors.GroupNotFoundError):
                 root = zarr.open_group(store=store, mode="a")
                 root.attrs["pathdino"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -124,7 +130,7 @@ class TileStoreWriter:
         if self.remote:
             yield
             return
-        with open(_local_root(self.url) / _LOCK_FILE, "a+") as fh:
+        with open(Path(self.sidecar) / _LOCK_FILE, "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -133,7 +139,7 @@ class TileStoreWriter:
 
     def _root(self) -> zarr.Group:
         # Re-open every time: another process may have changed the index since we last looked.
-        return zarr.open_group(store=_zarr_store(self.url, read_only=False), mode="r+")
+        return zarr.open_group(store=zarr_store(self.url, read_only=False), mode="r+")
 
     def _update_meta(self, update: Callable[[dict[str, Any]], None]) -> None:
         with self._index_lock():
@@ -163,7 +169,7 @@ class TileStoreWriter:
 
     # -- slides --------------------------------------------------------------------------------------------------
 
-    def begin_slide(self, slide_id: str, tile_px: int, encoding: str = "jpeg", tiles_per_shard: int = 256,
+    def begin_slide(self, slide_id: str, tile_px: int, *, encoding: str = "jpeg", tiles_per_shard: int = 256,
                     tiles_per_chunk: int = 16, tile_attrs: dict[str, Any] | None = None) -> SlideWriter:
         if slide_id != safe_slide_id(slide_id):
             raise StoreError(f"slide id {slide_id!r} is not a safe group name; pass it through safe_slide_id()")
@@ -172,15 +178,15 @@ class TileStoreWriter:
 
     def _staging_group(self, slide_id: str) -> tuple[zarr.Group, str]:
         if self.remote:
-            group = zarr.open_group(store=_zarr_store(self.url, read_only=False), mode="r+")
+            group = zarr.open_group(store=zarr_store(self.url, read_only=False), mode="r+")
             return group.create_group(f"slides/{slide_id}", overwrite=True), slide_id
-        staging = _local_root(self.url) / _STAGING_DIR / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        staging = Path(self.sidecar) / _STAGING_DIR / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         return zarr.open_group(store=zarr.storage.LocalStore(staging), mode="w"), str(staging)
 
     def _publish(self, slide_id: str, staged: str, n_tiles: int, provenance: dict[str, Any]) -> None:
         if not self.remote:
-            final = _local_root(self.url) / "slides" / slide_id
+            final = local_root(self.url) / "slides" / slide_id
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staged, final)
@@ -207,28 +213,30 @@ class TileStoreWriter:
             if fs.exists(path):
                 fs.rm(path, recursive=True)
         else:
-            shutil.rmtree(_local_root(self.url) / key, ignore_errors=True)
+            shutil.rmtree(local_root(self.url) / key, ignore_errors=True)
 
     def clean_stale_staging(self, max_age_s: float = 0.0) -> None:
         """Remove staging folders left by killed runs of THIS host's dead processes (local stores only)."""
         if self.remote:
             return
-        staging_root = _local_root(self.url) / _STAGING_DIR
-        for path in staging_root.glob("*.*.*") if staging_root.exists() else []:
-            pid = path.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+        for staging_root in (Path(self.sidecar) / _STAGING_DIR, local_root(self.url) / _LEGACY_STAGING_DIR):
+            for path in staging_root.glob("*.*.*") if staging_root.exists() else []:
+                pid = path.name.rsplit(".", 2)[-2]
+                if pid.isdigit() and not pid_alive(int(pid)):
+                    shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # gone from earlier versions' stores once nothing is staged there
+            (local_root(self.url) / _LEGACY_STAGING_DIR).rmdir()
 
     def write_file(self, key: str, data: bytes) -> str:
-        """Write a non-Zarr file (QC image, failure log) under the store atomically; returns its path or URL."""
+        """Write a non-Zarr file (QC image) into the sidecar folder atomically; returns its path or URL."""
         if self.remote:
             import fsspec
 
-            url = f"{self.url.rstrip('/')}/{key}"
+            url = f"{self.sidecar}/{key}"
             with fsspec.open(url, "wb") as fh:
                 fh.write(data)
             return url
-        path = _local_root(self.url) / key
+        path = Path(self.sidecar) / key
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_bytes(data)

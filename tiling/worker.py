@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiling.brightfield import check_metadata, check_pixels, check_properties
 from tiling.config import TilingConfig
 from tiling.geometry import TileGeometry, grid_shape, plan_geometry, tile_level0_xy
 from tiling.inputs import SlideInput
@@ -93,17 +94,25 @@ def _block_order(rows: np.ndarray, cols: np.ndarray, block_tiles: int) -> np.nda
     return np.lexsort((cols, rows, cols // block_tiles, rows // block_tiles))
 
 
-def plan_slide(slide: SlideInput, cfg: TilingConfig) -> SlidePlan:
-    """Open a slide, resolve its mpp and geometry, find tissue, and list the candidate tiles in blocks."""
-    fp, size = fingerprint(slide.path)
+def plan_slide(slide: SlideInput, cfg: TilingConfig, *, source: tuple[str, int] | None = None) -> SlidePlan:
+    """Open a slide, resolve its mpp and geometry, find tissue, and list the candidate tiles in blocks.
+
+    `source` is the slide file's (fingerprint, size) when the caller already computed it (the runner does, to
+    decide what to resume); fluorescence and multiplex slides raise NotBrightfieldError.
+    """
+    fp, size = source if source is not None else fingerprint(slide.path)
+    check_metadata(slide.path)
     reader = open_slide(slide.path, cfg.backend)
     try:
+        check_properties(slide.path, reader.properties)
         mpp = resolve_mpp(reader, slide.mpp_override)
-        geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, mpp.mpp, cfg.target_mpp,
-                                 cfg.tile_px, cfg.overlap_px, cfg.mpp_tolerance)
+        geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=mpp.mpp,
+                                 target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, overlap_px=cfg.overlap_px,
+                                 tolerance=cfg.mpp_tolerance)
         level0_size = tuple(int(v) for v in reader.level_dimensions[0])
         n_rows, n_cols = grid_shape(geometry, level0_size)
         thumbnail, thumbnail_mpp = read_thumbnail(reader, mpp.mpp, cfg.tissue.thumbnail_mpp)
+        check_pixels(slide.path, thumbnail)
         mask = tissue_mask(thumbnail, cfg.tissue, thumbnail_mpp)
         rows, cols = np.divmod(np.arange(n_rows * n_cols, dtype=np.int64), max(n_cols, 1))
         xy = tile_level0_xy(geometry, rows, cols)
@@ -161,7 +170,7 @@ def _read_run(reader: BlockReader, geometry: TileGeometry, rows: np.ndarray, col
     return slice_tiles(strip, geometry, np.zeros_like(rows), cols - cols[0])
 
 
-def tile_block(path: Path, backend: str, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray,
+def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray,
                cfg: TilingConfig) -> BlockResult:
     """Read the pixels under one block's candidate cells, cut the tiles, check their pixels, encode them.
 
@@ -190,6 +199,7 @@ def tile_block(path: Path, backend: str, geometry: TileGeometry, rows: np.ndarra
         if ok[i] and reason is not None:
             rejected.setdefault(reason, []).append(i)
     kept = np.flatnonzero(keep)
-    encoded = [encode_tile(tiles[i], cfg.encoding, cfg.jpeg_quality, cfg.jpeg_subsampling) for i in kept]
+    encoded = [encode_tile(tiles[i], cfg.encoding, jpeg_quality=cfg.jpeg_quality, jpeg_subsampling=cfg.jpeg_subsampling)
+               for i in kept]
     return BlockResult(kept=kept, encoded=encoded, rejected=rejected, n_decode_failures=failures,
                        pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "")

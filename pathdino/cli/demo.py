@@ -23,8 +23,8 @@ def _tile(sample_slide: Path, store_url: str, workers: int) -> bool:
     console.rule("1/4  tile the sample slide")
     outcomes = run_tiling(collect_slides([str(sample_slide)]), store_url, TilingConfig(workers=workers))
     for o in outcomes:
-        if o.status == "failed":
-            console.print(f"[red]tiling failed[/]: {o.reason}")
+        if o.status in ("failed", "empty"):
+            console.print(f"[red]tiling {o.status}[/]: {o.reason}")
             return False
     store = TileStore(store_url)
     for sid in store.slide_ids:
@@ -35,7 +35,7 @@ def _tile(sample_slide: Path, store_url: str, workers: int) -> bool:
                       f"{attrs['slide_mpp_source']}, read level {attrs['read_level']}, {attrs['pixel_source']})")
     summary = summarise(store)
     console.print(f"tile store: {store_url}  ({summary['n_slides']} slide(s), {summary['n_tiles']} tiles); "
-                  f"QC image: {Path(store_url) / 'qc'}")
+                  f"QC image: {store.qc_image_path(store.slide_ids[0]) if store.slide_ids else '-'}")
     return True
 
 

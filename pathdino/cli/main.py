@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
@@ -27,29 +29,61 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, InputError, StoreError, ValueError, FileNotFoundError)
 
 
-@app.command()
+def _tiling_defaults() -> dict[str, str]:
+    """Each `pathdino tile` flag's effective default, from the config dataclass (one source), with its unit."""
+    from tiling.config import TilingConfig
+
+    d = TilingConfig()
+    return {"target_mpp": f"{d.target_mpp:g} µm/px", "tile_px": f"{d.tile_px} px", "overlap_px": f"{d.overlap_px} px",
+            "mpp_tolerance": f"{d.mpp_tolerance:g}, i.e. {d.mpp_tolerance:.0%}", "backend": d.backend,
+            "min_tissue_fraction": f"{d.tissue.min_tissue_fraction:g} of the tile's area",
+            "encoding": d.encoding, "jpeg_quality": f"{d.jpeg_quality} on 1-100",
+            "workers": f"one per CPU core, {d.n_workers} here" if d.workers == 0 else f"{d.workers} processes",
+            "slide_mpp": "each slide's own, from its metadata", "config": "none: the built-in defaults",
+            "shard": "all slides; a SLURM array's share when set"}
+
+
+class _TileCommand(TyperCommand):
+    """Fills in each flag's default from the tiling config when help is shown: `pathdino` itself starts without
+    importing the tiler (its tissue module pulls in scikit-image, ~1.5 s)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        defaults = _tiling_defaults()
+        for param in self.params:
+            if param.name in defaults:
+                param.show_default = defaults[param.name]
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_TileCommand)
 def tile(
     inputs: List[str] = typer.Argument(..., help="Slide files, folders (searched recursively), globs, or a manifest "
                                                  "CSV with columns path[,slide_id][,mpp]."),
     out: str = typer.Option(..., "--out", "-o", help="Tile store: a local folder or an fsspec URL."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/tiling/); "
-                                                                        "flags given here override it."),
-    target_mpp: Optional[float] = typer.Option(None, help="Output resolution in µm/px [default 0.5]."),
-    tile_px: Optional[int] = typer.Option(None, help="Tile side in output pixels [default 224]."),
-    overlap_px: Optional[int] = typer.Option(None, help="Overlap between tiles in output pixels [default 0]."),
-    mpp_tolerance: Optional[float] = typer.Option(None, help="Relative tolerance for using a level as is "
-                                                             "[default 0.05]."),
-    backend: Optional[str] = typer.Option(None, help="auto | openslide | tiffslide [default auto]."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/tiling/); flags "
+                                                                        "given here override it."),
+    target_mpp: Optional[float] = typer.Option(None, help="Output resolution in µm/px (0.5 ≈ 20x)."),
+    tile_px: Optional[int] = typer.Option(None, help="Tile side in output pixels."),
+    overlap_px: Optional[int] = typer.Option(None, help="Overlap between neighbouring tiles in output pixels."),
+    mpp_tolerance: Optional[float] = typer.Option(None, help="A level whose µm/px is within this relative distance "
+                                                             "of --target-mpp is read as is."),
+    backend: Optional[str] = typer.Option(None, help="Slide reader: auto | openslide | tiffslide."),
     slide_mpp: Optional[float] = typer.Option(None, help="Override every slide's level-0 µm/px (a manifest's mpp "
                                                          "column wins per slide)."),
-    min_tissue_fraction: Optional[float] = typer.Option(None, help="Keep tiles with at least this tissue fraction."),
-    encoding: Optional[str] = typer.Option(None, help="jpeg (default) | png (lossless)."),
-    jpeg_quality: Optional[int] = typer.Option(None, help="JPEG quality [default 90]."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes [default: all cores]."),
-    shard: Optional[str] = typer.Option(None, help="i/N: tile only this machine's share of the slides (0-based); "
-                                                   "SLURM array variables are used when absent."),
-    overwrite: bool = typer.Option(False, help="Re-tile slides that are already complete with the same inputs."),
-    no_qc_images: bool = typer.Option(False, "--no-qc-images", help="Skip the per-slide QC PNGs."),
+    min_tissue_fraction: Optional[float] = typer.Option(None, help="Keep tiles with at least this tissue fraction "
+                                                                   "(0-1)."),
+    encoding: Optional[str] = typer.Option(None, help="Tile encoding: jpeg (lossy) | png (lossless)."),
+    jpeg_quality: Optional[int] = typer.Option(None, help="JPEG quality."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes."),
+    shard: Optional[str] = typer.Option(None, help="i/N: tile only this machine's share of the slides (0-based)."),
+    overwrite: bool = typer.Option(False, "--overwrite", show_default="off: complete slides are skipped",
+                                   help="Re-tile slides that are already complete with the same inputs."),
+    no_qc_images: bool = typer.Option(False, "--no-qc-images", show_default="off: QC images are written",
+                                      help="Skip the per-slide QC PNGs."),
+    dry_run: bool = typer.Option(False, "--dry-run", show_default="off",
+                                 help="List the slides found (and the files skipped) and stop; writes nothing."),
+    fail_on_empty: bool = typer.Option(False, "--fail-on-empty", show_default="off: exit 0, the summary says so",
+                                       help="Exit 1 when a slide gave no tiles (no tissue, or every tile rejected)."),
 ) -> None:
     """Tile whole-slide images into a sharded Zarr v3 tile store (resumable; failures recorded per slide)."""
     from pathdino.cli.tile import build_config, tile_command
@@ -59,7 +93,8 @@ def tile(
              "jpeg_quality": jpeg_quality, "workers": workers, "qc_images": False if no_qc_images else None}
     try:
         cfg = build_config(config, flags)
-        code = tile_command(inputs, out, cfg, slide_mpp=slide_mpp, shard=shard, overwrite=overwrite)
+        code = tile_command(inputs, out, cfg, slide_mpp=slide_mpp, shard=shard, overwrite=overwrite,
+                            dry_run=dry_run, fail_on_empty=fail_on_empty)
     except _known_errors() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
@@ -68,8 +103,9 @@ def tile(
 @app.command()
 def info(
     store: str = typer.Argument(..., help="A tile store (folder or fsspec URL)."),
-    failures: bool = typer.Option(False, "--failures", help="Also print each failure's traceback."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    failures: bool = typer.Option(False, "--failures", show_default="off: one line per failure",
+                                  help="Also print each failure's full message and traceback."),
+    as_json: bool = typer.Option(False, "--json", show_default="off: tables", help="Print the summary as JSON."),
 ) -> None:
     """Print what a tile store holds: slides, tiles, parameters, failures."""
     from pathdino.cli.tile import info_command
@@ -136,11 +172,12 @@ def export(
                                                "(its newest complete checkpoint is used)."),
     out: str = typer.Option(..., "--out", "-o", help="Encoder folder to write (model.safetensors, config.json, "
                                                      "README.md)."),
-    tile_px: Optional[int] = typer.Option(None, help="Tile side the encoder was trained on [default: read from the "
-                                                     "training stores]."),
-    target_mpp: Optional[float] = typer.Option(None, "--mpp", help="µm/px the encoder was trained at [default: read "
-                                                                   "from the training stores]."),
-    name: Optional[str] = typer.Option(None, help="Model name for the model card [default: the folder name]."),
+    tile_px: Optional[int] = typer.Option(None, show_default="read from the training stores",
+                                          help="Tile side the encoder was trained on, px."),
+    target_mpp: Optional[float] = typer.Option(None, "--mpp", show_default="read from the training stores",
+                                               help="µm/px the encoder was trained at."),
+    name: Optional[str] = typer.Option(None, show_default="the output folder's name",
+                                       help="Model name for the model card."),
     license_: str = typer.Option("other", "--license", help="License written in the model card / pretrained_cfg."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
@@ -162,17 +199,20 @@ def embed(
     out: str = typer.Option(..., "--out", "-o", help="Embeddings store to create or complete (local folder)."),
     formats: List[str] = typer.Option(["zarr"], "--format", "-f", help="zarr (always written) | h5: also one "
                                                                        "CLAM/TRIDENT-style HDF5 per slide in OUT/h5/."),
-    mean_patch: bool = typer.Option(False, "--mean-patch", help="Also store each tile's mean patch token."),
+    mean_patch: bool = typer.Option(False, "--mean-patch", show_default="off: CLS only",
+                                    help="Also store each tile's mean patch token."),
     batch_size: int = typer.Option(256, help="Tiles per forward pass."),
     workers: int = typer.Option(4, "--workers", "-j", help="Decoding worker processes (0: decode in-process)."),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu | cuda:N [default: cuda when available]."),
+    device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu",
+                                         help="cuda | cpu | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),
-    slides: Optional[List[str]] = typer.Option(None, "--slides", help="Only these slide ids / glob patterns "
-                                                                      "(repeatable)."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides", show_default="every complete slide",
+                                               help="Only these slide ids / glob patterns (repeatable)."),
     force: bool = typer.Option(False, help="Embed even if the store's tile size or µm/px differ from the "
                                            "encoder's."),
     overwrite: bool = typer.Option(False, help="Recompute slides that are already complete."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    no_progress: bool = typer.Option(False, "--no-progress", show_default="off: a bar on terminals",
+                                     help="No progress bar."),
 ) -> None:
     """Embed every tile of every slide (CLS, optionally mean patch token) with level-0 coordinates; resumable."""
     from pathdino.cli.use import embed_command
@@ -189,17 +229,20 @@ def embed(
 def eval_(
     dataset: str = typer.Argument(..., help="Labelled tiles: a folder with one sub-folder per class (optionally "
                                             "under train/val/test) or a CSV path,label[,split][,patient]."),
-    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="An exported encoder folder."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="A timm architecture with random weights (the "
-                                                            "baseline), instead of --encoder."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", show_default="none: give it or --arch",
+                                          help="An exported encoder folder."),
+    arch: Optional[str] = typer.Option(None, "--arch", show_default="none: give it or --encoder",
+                                       help="A timm architecture with random weights (the baseline), instead of "
+                                            "--encoder."),
     out: str = typer.Option(..., "--out", "-o", help="JSON report to write."),
     methods: List[str] = typer.Option(["knn", "linear", "fewshot", "diagnostics"], "--method", "-m",
                                       help="knn | linear | fewshot | diagnostics (repeatable)."),
     img_size: int = typer.Option(224, help="Input size of the --arch baseline."),
     batch_size: int = typer.Option(64, help="Tiles per forward pass."),
     workers: int = typer.Option(0, "--workers", "-j", help="Image-decoding worker processes."),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu [default: cuda when available]."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu", help="cuda | cpu."),
+    no_progress: bool = typer.Option(False, "--no-progress", show_default="off: bars on terminals",
+                                     help="No progress bars."),
 ) -> None:
     """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
     from pathdino.cli.use import eval_command

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tiling.config import TilingConfig
 from tiling.configio import load_config
-from tiling.inputs import collect_slides, parse_shard, select_shard
+from tiling.inputs import InputScan, SlideInput, parse_shard, scan_inputs, select_shard, slide_format
 from tiling.runner import SlideOutcome, run_tiling
 from tiling.store import TileStore, summarise
 
@@ -25,14 +29,19 @@ def build_config(config_path: Path | None, flags: dict[str, Any]) -> TilingConfi
     return load_config(TilingConfig, config_path, values=flags, where=str(config_path or "tiling config"))
 
 
-def tile_command(inputs: list[str], out: str, config: TilingConfig, slide_mpp: float | None, shard: str | None,
-                 overwrite: bool) -> int:
-    slides = collect_slides(inputs, slide_mpp=slide_mpp)
+def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp: float | None, shard: str | None,
+                 overwrite: bool, dry_run: bool = False, fail_on_empty: bool = False) -> int:
+    """`pathdino tile`: say what was found, tile it with progress bars, summarise; returns the exit status."""
+    scan = scan_inputs(inputs, slide_mpp=slide_mpp)
     index, count = parse_shard(shard)
-    mine = select_shard(slides, index, count)
-    shard_note = f" (shard {index}/{count}: {len(mine)} of {len(slides)})" if count > 1 else ""
-    console.print(f"Tiling {len(mine)} slide(s){shard_note} into [bold]{out}[/] at {config.target_mpp} µm/px, "
-                  f"{config.tile_px} px, {config.n_workers} worker(s)")
+    mine = select_shard(scan.slides, index, count)
+    print_found(scan, list_all=dry_run)
+    if dry_run:
+        print_slide_list(mine)
+        return 0
+    shard_note = f" (shard {index}/{count}: {len(mine)} of {len(scan.slides)})" if count > 1 else ""
+    console.print(f"Tiling {len(mine)} slide(s){shard_note} into [bold]{escape(out)}[/] at {config.target_mpp} µm/px, "
+                  f"{config.tile_px} px, {config.n_workers} worker(s)", soft_wrap=True)
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
@@ -52,10 +61,37 @@ def tile_command(inputs: list[str], out: str, config: TilingConfig, slide_mpp: f
                 console.print(f"[yellow]warning[/] {info['slide_id']}: {info['message']}")
 
         outcomes = run_tiling(mine, out, config, overwrite=overwrite, on_event=on_event)
-    elapsed = time.perf_counter() - started
-    print_summary(outcomes, elapsed)
-    failed = [o for o in outcomes if o.status == "failed"]
-    return 1 if failed else 0
+    print_summary(outcomes, time.perf_counter() - started)
+    failed = any(o.status == "failed" for o in outcomes)
+    empty = any(o.status == "empty" for o in outcomes)
+    return 1 if failed or (fail_on_empty and empty) else 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in counts.items())
+
+
+def print_found(scan: InputScan, *, list_all: bool, max_listed: int = 10) -> None:
+    """Before tiling: slides per format, and the files that will not be tiled with their reason."""
+    console.print(f"Found {len(scan.slides)} slide(s): {_counts(scan.format_counts()) or 'none'}")
+    if not scan.skipped:
+        return
+    console.print(f"Skipped {len(scan.skipped)} file(s): {_counts(scan.skip_counts())}")
+    shown = scan.skipped if list_all else scan.skipped[:max_listed]
+    for f in shown:
+        console.print(f"  [dim]skipped[/] {escape(str(f.path))}: {escape(f.reason)}", highlight=False, soft_wrap=True)
+    if len(shown) < len(scan.skipped):
+        console.print(f"  ... and {len(scan.skipped) - len(shown)} more (--dry-run lists them all)")
+
+
+def print_slide_list(slides: list[SlideInput]) -> None:
+    """`--dry-run`: every slide that would be tiled, to stdout (one per line: id, format, path)."""
+    table = Table(title=f"{len(slides)} slide(s) would be tiled (--dry-run: nothing written)")
+    for col in ("slide", "format", "path"):
+        table.add_column(col, overflow="fold")
+    for s in slides:
+        table.add_row(s.slide_id, slide_format(s.path), str(s.path))
+    Console().print(table, highlight=False)
 
 
 def _force_progress() -> bool:
@@ -64,32 +100,71 @@ def _force_progress() -> bool:
     return bool(os.environ.get("PATHDINO_PROGRESS"))
 
 
+STATUS_STYLE = {"done": "green", "empty": "yellow", "skipped": "cyan", "failed": "red"}
+
+
+def short_reason(reason: str) -> str:
+    """One line for an 80-column table: the error class and the message's first clause, file paths shortened.
+
+    The full message and traceback stay in the store (`pathdino info STORE --failures`).
+    """
+    line = (reason or "").strip().splitlines()[0] if (reason or "").strip() else ""
+    # The slide column already says which slide: drop "path/to/slide.svs: " prefixes, shorten other paths.
+    line = re.sub(r"(?:^|(?<=: ))(?:[\w.~-]*/)*[\w.-]+\.\w+: ", "", line)
+    line = re.sub(r"(?:[\w.~-]*/)+([\w.-]+)", r"\1", line)
+    return re.split(r"; | \(|\. ", line, maxsplit=1)[0]
+
+
+def _middle_cut(text: str, width: int) -> str:
+    """Cut the middle out of a long id: slides often share a prefix and differ at the end."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head):]}"
+
+
+def _outcome_note(o: SlideOutcome) -> str:
+    if o.status in ("failed", "empty"):
+        return short_reason(o.reason)
+    if o.status == "skipped":
+        return "already complete"
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(o.rejected.items()))
+    note = f"of {o.n_candidates:,} candidates"
+    return f"{note}; rejected: {rejected}" if rejected else note
+
+
 def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
-    table = Table(title="pathdino tile: summary")
-    for col in ("slide", "status", "tiles", "candidates", "rejected by QC", "decode failures", "seconds"):
-        table.add_column(col, justify="left" if col in ("slide", "status") else "right")
+    """The end-of-run table (slide, status, tiles, one-line note: fits 80 columns) and the totals line."""
+    table = Table(title="pathdino tile: summary", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    # Every cell stays on one line: the slide id and the reason are cut with "…" to fit the terminal (80 columns).
+    id_width = min(22, max([len(o.slide_id) for o in outcomes] + [5]))
+    tiles_width = max([len(f"{o.n_tiles:,}") for o in outcomes] + [5])
+    reason_width = max(20, console.width - id_width - 7 - tiles_width - 6)  # 6: the padding between 4 columns
+    table.add_column("slide", no_wrap=True, overflow="ellipsis", max_width=id_width)
+    table.add_column("status", no_wrap=True, min_width=7)
+    table.add_column("tiles", justify="right", no_wrap=True)
+    table.add_column("reason / note", no_wrap=True, overflow="ellipsis", max_width=reason_width)
     for o in outcomes:
-        rejected = ", ".join(f"{k} {v}" for k, v in sorted(o.rejected.items())) or "-"
-        style = {"done": "green", "skipped": "cyan", "failed": "red"}[o.status]
-        table.add_row(o.slide_id, f"[{style}]{o.status}[/]", f"{o.n_tiles:,}", f"{o.n_candidates:,}", rejected,
-                      str(o.n_decode_failures), f"{o.seconds:.1f}")
-    console.print(table)
+        style = STATUS_STYLE[o.status]
+        table.add_row(escape(_middle_cut(o.slide_id, id_width)), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}",
+                      escape(_outcome_note(o)))
+    console.print(table, highlight=False)
+    n = collections.Counter(o.status for o in outcomes)
+    n_empty_old = sum(o.status == "empty" and o.already_complete for o in outcomes)
     total = sum(o.n_tiles for o in outcomes if o.status == "done")
-    console.print(f"{sum(o.status == 'done' for o in outcomes)} done, {sum(o.status == 'skipped' for o in outcomes)} "
-                  f"skipped (already complete), {sum(o.status == 'failed' for o in outcomes)} failed; {total:,} new "
-                  f"tiles in {elapsed_s:.1f} s ({total / max(elapsed_s, 1e-9):,.0f} tiles/s)")
-    failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        ftable = Table(title="failed slides (details and tracebacks: `pathdino info STORE --failures`)")
-        ftable.add_column("slide")
-        ftable.add_column("path")
-        ftable.add_column("reason")
-        for o in failed:
-            ftable.add_row(o.slide_id, o.source_path, o.reason)
-        console.print(ftable)
+    console.print(f"{n['done']} done, [yellow]{n['empty']} empty[/], {n['skipped'] + n_empty_old} skipped (already "
+                  f"complete), [red]{n['failed']} failed[/]; {total:,} new tiles in {elapsed_s:.1f} s "
+                  f"({total / max(elapsed_s, 1e-9):,.0f} tiles/s)")
+    if n["failed"]:
+        console.print("[red]full failure messages and tracebacks[/]: pathdino info STORE --failures")
+    if n["empty"]:
+        console.print(f"[yellow]{n['empty']} slide(s) gave no tiles[/] (reasons above; --fail-on-empty makes this "
+                      "an error)")
 
 
 def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
+    """`pathdino info`: slides with tiles, slides that gave none, failures (full messages with --failures)."""
     from tiling.store import dumps
 
     store = TileStore(store_url)
@@ -99,26 +174,43 @@ def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
                      "failures": store.failures}))
         return 0
     out = Console()
-    out.print(f"[bold]{store.url}[/]: pathdino tile store v{summary['format_version']}, {summary['n_slides']} "
-              f"complete slide(s), {summary['n_tiles']:,} tiles, {summary['n_failures']} failure(s)")
+    out.print(f"[bold]{escape(store.url)}[/]: pathdino tile store v{summary['format_version']}, "
+              f"{summary['n_slides'] - summary['n_empty']} slide(s) with {summary['n_tiles']:,} tiles, "
+              f"[yellow]{summary['n_empty']} empty[/] (no tiles), [red]{summary['n_failures']} failed[/]")
     table = Table()
     for col in ("slide", "tiles", "µm/px", "tile px", "read level", "reader", "source"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for sid, entry in store.entries.items():
         attrs = store.slide(sid).attrs
-        table.add_row(sid, f"{entry.n_tiles:,}", f"{attrs.get('effective_mpp', float('nan')):.4f}",
+        tiles = f"{entry.n_tiles:,}" if entry.n_tiles else "[yellow]0 (empty)[/]"
+        table.add_row(escape(sid), tiles, f"{attrs.get('effective_mpp', float('nan')):.4f}",
                       str(attrs.get("tile_px")), str(attrs.get("read_level")),
-                      f"{attrs.get('reader')} ({attrs.get('pixel_source')})", entry.source_path)
+                      escape(f"{attrs.get('reader')} ({attrs.get('pixel_source')})"), escape(entry.source_path))
     out.print(table)
+    empty = {sid: store.slide(sid).attrs.get("empty_reason", "") for sid, e in store.entries.items() if not e.n_tiles}
+    if empty:
+        etable = Table(title="empty slides (committed, no tiles)")
+        etable.add_column("slide", overflow="fold")
+        etable.add_column("why", overflow="fold")
+        for sid, why in empty.items():
+            etable.add_row(escape(sid), escape(why or "no tiles"))
+        out.print(etable)
     if store.failures:
-        ftable = Table(title="failures")
-        for col in ("slide", "error", "reason", "path"):
-            ftable.add_column(col)
-        for sid, f in sorted(store.failures.items()):
-            ftable.add_row(sid, f.get("error_type", ""), f.get("reason", ""), f.get("source_path", ""))
-        out.print(ftable)
-        if show_failures:
-            for sid, f in sorted(store.failures.items()):
-                out.rule(sid)
-                out.print(f.get("traceback", ""), markup=False, highlight=False)
+        _print_failures(out, store.failures, full=show_failures)
     return 0
+
+
+def _print_failures(out: Console, failures: dict[str, dict[str, Any]], *, full: bool) -> None:
+    if not full:
+        ftable = Table(title="failures (full messages and tracebacks: --failures)")
+        for col, width in (("slide", 28), ("reason", None)):
+            ftable.add_column(col, no_wrap=True, overflow="ellipsis", max_width=width)
+        for sid, f in sorted(failures.items()):
+            ftable.add_row(escape(sid), escape(short_reason(f"{f.get('error_type', '')}: {f.get('reason', '')}")))
+        out.print(ftable)
+        return
+    for sid, f in sorted(failures.items()):
+        out.rule(escape(sid))
+        out.print(f"{f.get('source_path', '')}\n{f.get('error_type', '')}: {f.get('reason', '')}\n",
+                  markup=False, highlight=False)
+        out.print(f.get("traceback", ""), markup=False, highlight=False)
