@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tiling.config import TilingConfig
-from tiling.geometry import TileGeometry, grid_shape, plan_geometry, tile_level0_xy
+from tiling.geometry import VIRTUAL_REDUCTIONS, TileGeometry, grid_shape, plan_geometry, tile_level0_xy
 from tiling.inputs import SlideInput
 from tiling.mpp import resolve_mpp
 from tiling.pixel_qc import check_tiles
@@ -61,6 +61,7 @@ class BlockResult:
     n_decode_failures: int
     pixel_source: str
     fast_path_reason: str = ""
+    decoder: str = ""
 
 
 def fingerprint(path: Path) -> tuple[str, int]:
@@ -100,7 +101,8 @@ def plan_slide(slide: SlideInput, cfg: TilingConfig) -> SlidePlan:
     try:
         mpp = resolve_mpp(reader, slide.mpp_override)
         geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, mpp.mpp, cfg.target_mpp,
-                                 cfg.tile_px, cfg.overlap_px, cfg.mpp_tolerance)
+                                 cfg.tile_px, cfg.overlap_px, cfg.mpp_tolerance,
+                                 virtual_reductions=VIRTUAL_REDUCTIONS if cfg.virtual_levels else ())
         level0_size = tuple(int(v) for v in reader.level_dimensions[0])
         n_rows, n_cols = grid_shape(geometry, level0_size)
         thumbnail, thumbnail_mpp = read_thumbnail(reader, mpp.mpp, cfg.tissue.thumbnail_mpp)
@@ -192,4 +194,5 @@ def tile_block(path: Path, backend: str, geometry: TileGeometry, rows: np.ndarra
     kept = np.flatnonzero(keep)
     encoded = [encode_tile(tiles[i], cfg.encoding, cfg.jpeg_quality, cfg.jpeg_subsampling) for i in kept]
     return BlockResult(kept=kept, encoded=encoded, rejected=rejected, n_decode_failures=failures,
-                       pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "")
+                       pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "",
+                       decoder=reader.decoder)
