@@ -3,8 +3,8 @@
 - As stored: tifffile's codec for the page (imagecodecs: libjpeg-turbo, OpenJPEG, zlib, ...).
 - JPEG at 1/r: libjpeg-turbo's scaled inverse DCT (through Pillow's `draft`, the only scaled-decode entry point
   among our dependencies: imagecodecs' `jpeg8_decode(shape=...)` does not scale). The entropy decoding is the same,
-  the IDCT, colour conversion and upsampling shrink by r^2: measured ~0.6 of a full decode's time at 1/2, and no
-  area mean to compute afterwards.
+  the IDCT, colour conversion and upsampling shrink by r^2: with Pillow's per-call overhead a 1/2 decode costs
+  about one full imagecodecs decode, ~0.6 of a full decode plus the 2x2 area mean it replaces.
 - JPEG 2000 at 1/r: OpenJPEG decodes only the wavelet's next lower resolution level (Pillow's `reduce`: ~1/2 of a
   full decode), then r/2 x r/2 area mean for r = 4, 8. Lower resolution levels of the codestream would be cheaper
   still, but their samples sit (f-1)/2 stored px before the centre of the f x f area they stand for (the wavelet
