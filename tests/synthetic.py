@@ -8,7 +8,10 @@
 - description_style "aperio": an Aperio-like ImageDescription with "|MPP = <mpp>" (read as `aperio.MPP` by both
   readers; OpenSlide treats the file as an Aperio slide); "none": a generic tiled TIFF.
 - resolution_tags: write XResolution/YResolution in pixels per centimetre (scaled per level) when mpp is given.
-- compression "jpeg" (quality `jpeg_quality`, RGB, no chroma subsampling) or None (raw, lossless).
+- compression "jpeg" (quality `jpeg_quality`, RGB, no chroma subsampling), None (raw, lossless), or JPEG 2000
+  codestreams (OpenJPEG, quality `j2k_level`, the PSNR it aims at; None = lossless): "jpeg2000" (TIFF compression
+  34712: tiffslide reads it, OpenSlide does not), "aperio-j2k-rgb" (Aperio 33005) or "aperio-j2k-ycbcr" (Aperio
+  33003: the samples are stored as full-range YCbCr, as Aperio's scanners do; OpenSlide converts them back).
 
 Also `gradient_image(width, height)`: pixel values that encode level-0 coordinates (R = x, G = y, both < 256).
 """
@@ -43,9 +46,21 @@ def _description(style: str, width: int, height: int, tile: int, mpp: float | No
     return text
 
 
+_J2K_COMPRESSIONS = {"jpeg2000": 34712, "aperio-j2k-rgb": 33005, "aperio-j2k-ycbcr": 33003}
+
+
+def rgb_to_ycbcr(image: np.ndarray) -> np.ndarray:
+    """Full-range (JFIF) BT.601 RGB -> YCbCr, uint8."""
+    rgb = image.astype(np.float64)
+    matrix = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+    ycbcr = rgb @ matrix.T + np.array([0.0, 128.0, 128.0])
+    return np.clip(np.rint(ycbcr), 0, 255).astype(np.uint8)
+
+
 def write_pyramid(path: str | Path, image: np.ndarray, downsamples=(1, 2, 4), mpp: float | None = 0.25,
                   tile: int = 256, compression: str | None = "jpeg", description_style: str = "aperio",
-                  resolution_tags: bool = False, layout: str = "ifds", jpeg_quality: int = 90) -> Path:
+                  resolution_tags: bool = False, layout: str = "ifds", jpeg_quality: int = 90,
+                  j2k_level: int | None = 80) -> Path:
     """Write `image` (h, w, 3) uint8 and its box-downsampled levels as a tiled pyramid TIFF; returns the path."""
     path = Path(path)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -55,13 +70,19 @@ def write_pyramid(path: str | Path, image: np.ndarray, downsamples=(1, 2, 4), mp
     if layout not in ("ifds", "subifds"):
         raise ValueError(f"layout must be 'ifds' or 'subifds', got {layout!r}")
     levels = [box_downsample(image, int(d)) for d in downsamples]
-    if compression not in ("jpeg", None):
-        raise ValueError(f"compression must be 'jpeg' or None, got {compression!r}")
+    if compression not in ("jpeg", None, *_J2K_COMPRESSIONS):
+        raise ValueError(f"compression must be 'jpeg', None or one of {sorted(_J2K_COMPRESSIONS)}, "
+                         f"got {compression!r}")
+    if compression == "aperio-j2k-ycbcr":
+        levels = [rgb_to_ycbcr(array) for array in levels]
 
     def options(level: int, array: np.ndarray) -> dict:
-        opts = dict(tile=(tile, tile), photometric="rgb", compression=compression, metadata=None)
+        opts = dict(tile=(tile, tile), photometric="rgb", compression=_J2K_COMPRESSIONS.get(compression, compression),
+                    metadata=None)
         if compression == "jpeg":
             opts.update(compressionargs={"level": jpeg_quality}, subsampling=(1, 1))
+        elif compression in _J2K_COMPRESSIONS:
+            opts.update(compressionargs={"level": j2k_level})
         desc = _description(description_style, array.shape[1], array.shape[0], tile, mpp, level)
         if desc is not None:
             opts["description"] = desc
@@ -124,3 +145,17 @@ def write_stripped(path: str | Path, image: np.ndarray) -> Path:
     """A single-level, untiled (stripped) uncompressed RGB TIFF: only tiffslide opens it."""
     tifffile.imwrite(path, image, photometric="rgb", metadata=None, rowsperstrip=16)
     return Path(path)
+
+
+def tissue_image(width: int, height: int) -> np.ndarray:
+    """Real H&E pixels of any size: the bundled CMU-1-Small-Region sample mirrored (needs OpenSlide)."""
+    import openslide
+
+    sample = Path(__file__).resolve().parents[1] / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
+    with openslide.OpenSlide(str(sample)) as slide:
+        src = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    ys = np.arange(height) % (2 * src.shape[0])
+    xs = np.arange(width) % (2 * src.shape[1])
+    ys = np.where(ys < src.shape[0], ys, 2 * src.shape[0] - 1 - ys)
+    xs = np.where(xs < src.shape[1], xs, 2 * src.shape[1] - 1 - xs)
+    return np.ascontiguousarray(src[ys[:, None], xs[None, :]])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tiling.errors import MppError, ResolutionError
-from tiling.geometry import TileGeometry, grid_shape, plan_geometry, tile_level0_xy
+from tiling.geometry import VIRTUAL_REDUCTIONS, TileGeometry, grid_shape, plan_geometry, tile_level0_xy
 
 PYRAMID_DIMS = ((4000, 3000), (2000, 1500), (1000, 750))
 PYRAMID_DS = (1.0, 2.0, 4.0)
@@ -129,3 +129,67 @@ def test_tile_level0_coordinates():
                                   [[round(2 * 224 * 0.5 / 0.2527), round(224 * 0.5 / 0.2527)]])
     with pytest.raises(ValueError):
         tile_level0_xy(g, [0, 1], [0])
+
+
+# --- virtual levels (a stored level decoded at 1/2, 1/4, 1/8) ---------------------------------------------------
+
+APERIO_40X_DIMS = ((40000, 30000), (10000, 7500), (2500, 1875))
+APERIO_40X_DS = (1.0, 4.0, 16.0)
+
+
+def _virtual(dims=APERIO_40X_DIMS, ds=APERIO_40X_DS, slide_mpp=0.2527, target_mpp=0.5, **kwargs):
+    return plan_geometry(dims, ds, slide_mpp=slide_mpp, target_mpp=target_mpp, tile_px=224,
+                         virtual_reductions=VIRTUAL_REDUCTIONS, **kwargs)
+
+
+def test_virtual_level_within_tolerance_is_read_as_is():
+    # The 40x scan: no stored level within 5% of 0.5, level 0 at 1/2 is 0.5054 µm/px.
+    g = _virtual()
+    assert (g.read_level, g.read_reduction, g.within_tolerance) == (0, 2, True)
+    assert g.scale == 2.0 and g.resample == 1.0
+    assert g.read_mpp == pytest.approx(0.2527) and g.effective_mpp == pytest.approx(0.5054)
+    assert g.read_tile_px == 448 and g.level0_tile_px == 448 and g.level0_step_px == 448
+    assert grid_shape(g, APERIO_40X_DIMS[0]) == (30000 // 448, 40000 // 448)
+    np.testing.assert_array_equal(tile_level0_xy(g, [0, 2, 5], [1, 0, 7]), [[448, 0], [0, 896], [7 * 448, 5 * 448]])
+    # Without virtual levels the same slide is resampled by 1.98 from level 0, to exactly 0.5 µm/px.
+    stored_only = plan_geometry(APERIO_40X_DIMS, APERIO_40X_DS, slide_mpp=0.2527, target_mpp=0.5, tile_px=224)
+    assert (stored_only.read_level, stored_only.read_reduction) == (0, 1)
+    assert stored_only.scale == pytest.approx(0.5 / 0.2527) and stored_only.effective_mpp == pytest.approx(0.5)
+
+
+def test_stored_level_within_tolerance_beats_a_closer_virtual_one():
+    # Level 1 at 0.52 (4% off) is read as is although level 0 at 1/2 would be exactly 0.5: it decodes 4x less.
+    g = _virtual(dims=((4000, 4000), (1923, 1923)), ds=(1.0, 2.08), slide_mpp=0.25)
+    assert (g.read_level, g.read_reduction, g.scale) == (1, 1, 1.0)
+
+
+def test_virtual_level_of_the_coarsest_stored_level_is_preferred():
+    # target 2.0 on 0.25 µm/px: level 1 (1.0) at 1/2 and level 0 at 1/8 are both 2.0; level 1 decodes 16x less.
+    g = _virtual(dims=((8000, 8000), (2000, 2000)), ds=(1.0, 4.0), slide_mpp=0.25, target_mpp=2.0)
+    assert (g.read_level, g.read_reduction, g.scale, g.resample) == (1, 2, 2.0, 1.0)
+    assert g.level0_tile_px == pytest.approx(224 * 8)
+
+
+def test_outside_tolerance_resamples_from_the_nearest_finer_level_virtual_or_not():
+    # target 0.7 on 0.25 µm/px, levels 1 and 4: level 0 at 1/2 (0.5) is the nearest finer one; 1.4x remains.
+    g = _virtual(dims=((8000, 8000), (2000, 2000)), ds=(1.0, 4.0), slide_mpp=0.25, target_mpp=0.7)
+    assert (g.read_level, g.read_reduction, g.within_tolerance) == (0, 2, False)
+    assert g.scale == pytest.approx(2.8) and g.resample == pytest.approx(1.4)
+    assert g.effective_mpp == pytest.approx(0.7) and g.level0_tile_px == pytest.approx(224 * 2.8)
+    # A stored level (nearly) as fine as a virtual one is read instead: 3.9997 vs 4 is the same resolution.
+    g = _virtual(dims=((8000, 8000), (2000, 2000)), ds=(1.0, 3.9997), slide_mpp=0.25, target_mpp=1.5)
+    assert (g.read_level, g.read_reduction) == (1, 1)
+    # With a tight tolerance the 40x scan is resampled from level 0 at full resolution (1/2 would be coarser).
+    g = _virtual(tolerance=0.005)
+    assert (g.read_level, g.read_reduction, g.within_tolerance) == (0, 1, False)
+
+
+def test_virtual_levels_never_upsample():
+    with pytest.raises(ResolutionError):
+        _virtual(slide_mpp=0.6, target_mpp=0.5)
+
+
+def test_invalid_virtual_reductions_are_value_errors():
+    with pytest.raises(ValueError, match="virtual_reductions"):
+        plan_geometry(PYRAMID_DIMS, PYRAMID_DS, slide_mpp=0.25, target_mpp=0.5, tile_px=224,
+                      virtual_reductions=(1,))

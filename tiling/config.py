@@ -49,6 +49,10 @@ class TilingConfig:
     """Write qc/<slide_id>.png (thumbnail, tissue outline, kept tiles)."""
     tiff_fast_path: bool = True
     """Decode TIFF source tiles directly (each once) instead of going through the reader's read_region."""
+    virtual_levels: bool = True
+    """Offer every pyramid level decoded at 1/2, 1/4 and 1/8 as a level too (JPEG and JPEG 2000 reduce while
+    decoding, other codecs by an area mean), under the same mpp_tolerance rule as stored levels: a 40x scan at
+    0.2527 µm/px is read at 1/2 as 0.5054 µm/px instead of being resampled by 1.98. false: stored levels only."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -73,6 +73,7 @@ class _SlideJob:
     n_tiles: int = 0
     pixel_source: str = ""
     fast_path_reason: str = ""
+    decoder: str = ""
 
 
 def _worker_ready() -> bool:
@@ -110,6 +111,7 @@ def provenance(plan: SlidePlan, cfg: TilingConfig, job: _SlideJob) -> dict[str, 
         "n_rejected": {k: int(sum(len(v) for v in vs)) for k, vs in job.rejected.items()},
         "n_decode_failures": job.n_decode_failures, "qc_image": f"qc/{plan.slide.slide_id}.png",
         "package_version": __version__, "created": now_iso(),
+        "read_reduction": g.read_reduction, "decoder": job.decoder,
     }
 
 
@@ -296,6 +298,7 @@ class _TilingRun:
             job.n_decode_failures += res.n_decode_failures
             job.n_tiles += len(res.kept)
             job.pixel_source, job.fast_path_reason = res.pixel_source, res.fast_path_reason
+            job.decoder = res.decoder
             job.next_write += 1
             self.emit("tiles", {"slide_id": plan.slide.slide_id, "n": len(res.kept)})
         if job.next_write == len(plan.blocks):

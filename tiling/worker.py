@@ -16,7 +16,7 @@ import numpy as np
 
 from tiling.brightfield import check_metadata, check_pixels, check_properties
 from tiling.config import TilingConfig
-from tiling.geometry import TileGeometry, grid_shape, plan_geometry, tile_level0_xy
+from tiling.geometry import VIRTUAL_REDUCTIONS, TileGeometry, grid_shape, plan_geometry, tile_level0_xy
 from tiling.inputs import SlideInput
 from tiling.mpp import resolve_mpp
 from tiling.pixel_qc import check_tiles
@@ -62,6 +62,7 @@ class BlockResult:
     n_decode_failures: int
     pixel_source: str
     fast_path_reason: str = ""
+    decoder: str = ""
 
 
 def fingerprint(path: Path) -> tuple[str, int]:
@@ -108,7 +109,8 @@ def plan_slide(slide: SlideInput, cfg: TilingConfig, *, source: tuple[str, int] 
         mpp = resolve_mpp(reader, slide.mpp_override)
         geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=mpp.mpp,
                                  target_mpp=cfg.target_mpp, tile_px=cfg.tile_px, overlap_px=cfg.overlap_px,
-                                 tolerance=cfg.mpp_tolerance)
+                                 tolerance=cfg.mpp_tolerance,
+                                 virtual_reductions=VIRTUAL_REDUCTIONS if cfg.virtual_levels else ())
         level0_size = tuple(int(v) for v in reader.level_dimensions[0])
         n_rows, n_cols = grid_shape(geometry, level0_size)
         thumbnail, thumbnail_mpp = read_thumbnail(reader, mpp.mpp, cfg.tissue.thumbnail_mpp)
@@ -202,4 +204,5 @@ def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.nda
     encoded = [encode_tile(tiles[i], cfg.encoding, jpeg_quality=cfg.jpeg_quality, jpeg_subsampling=cfg.jpeg_subsampling)
                for i in kept]
     return BlockResult(kept=kept, encoded=encoded, rejected=rejected, n_decode_failures=failures,
-                       pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "")
+                       pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "",
+                       decoder=reader.decoder)
