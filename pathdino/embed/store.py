@@ -10,6 +10,7 @@ docs/export-embed-eval.md), written atomically, indexed in the root attributes.
     <emb>/slides/<slide_id>/patch_tokens  (N, T, D) float16: every patch token, registers excluded (--patch-tokens)
     <emb>/slides/<slide_id>/coords        (N, 2) int64: level-0 (x, y) of tile i's top-left corner
     <emb>/h5/<slide_id>.h5                CLAM/TRIDENT-style copy (only with --format h5)
+    <emb>/commits.jsonl                   one line per slide commit: slide, tiles, host, pid, rank, time
 
 Only slides in the root index are complete. Local folders only (the tile store may be remote). The tile embedding
 ("features") follows the encoder's recipe (``attrs["pathdino"]["encoder"]["recipe"]``): ``cls``, ``mean_patch`` or
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import socket
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -40,6 +43,7 @@ FEATURE_NAMES = ("cls", "mean_patch", "patch_tokens")
 H5_DIR = "h5"
 _STAGING = ".staging"
 _LOCK = ".pathdino.lock"
+JOURNAL = "commits.jsonl"
 
 
 class EmbedError(ValueError):
@@ -225,18 +229,19 @@ class EmbeddingWriter:
                                compressors=None)
             group.attrs["pathdino"] = attrs
             final = self.path / "slides" / slide_id
+
+            def publish(meta: dict[str, Any]) -> None:
+                meta["slides"][slide_id] = {**index_entry, "n_tiles": n, "committed": now_iso()}
+                meta["failures"].pop(slide_id, None)
             with self.lock():
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(staging, final)
+                self._apply(publish)
+                self._journal(slide_id, n)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
-        def publish(meta: dict[str, Any]) -> None:
-            meta["slides"][slide_id] = {**index_entry, "n_tiles": n, "committed": now_iso()}
-            meta["failures"].pop(slide_id, None)
-        self._update(publish)
 
     def commit_staged(self, slide_id: str, staged: Path, index_entry: dict[str, Any]) -> None:
         """Move a finished staging group (coords and attributes written) into ``slides/`` and list it; both under
@@ -252,6 +257,14 @@ class EmbeddingWriter:
                 shutil.rmtree(final)
             os.replace(staged, final)
             self._apply(publish)
+            self._journal(slide_id, n)
+
+    def _journal(self, slide_id: str, n_tiles: int) -> None:
+        """One line per commit in ``commits.jsonl`` (who committed what, when); the caller holds the lock."""
+        record = {"slide_id": slide_id, "n_tiles": n_tiles, "host": socket.gethostname(), "pid": os.getpid(),
+                  "rank": os.environ.get("RANK"), "time": now_iso()}
+        with open(self.path / JOURNAL, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def forget(self, slide_id: str) -> None:
         """Drop a slide from the index (before it is recomputed, so a killed rerun never shows stale data)."""
@@ -274,6 +287,12 @@ class EmbeddingWriter:
             pid = path.name.rsplit(".", 2)[-2]
             if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def read_commits(url: str | Path) -> list[dict[str, Any]]:
+    """Every commit recorded in ``<emb>/commits.jsonl`` (a slide recomputed later appears again)."""
+    path = _check_local(url) / JOURNAL
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict[str, Any],
