@@ -14,19 +14,15 @@ SLIDE_SIZES = {"big": 600, "mid": 170, "small": 33, "tiny": 3, "empty": 0}
 
 def make_store(url: Path, sizes: dict[str, int] = SLIDE_SIZES, mpp: float = 0.5) -> str:
     """Slides of the given tile counts, real H&E JPEG tiles cut from the bundled slide (cycled), at ``mpp``."""
-    import tiffslide
+    import shutil
 
-    from tiling.store import TileStoreWriter, encode_tile
+    from test_train_resume import make_tile_store
+    from tiling.store import TileStore, TileStoreWriter
 
-    side = 30
-    with tiffslide.TiffSlide(SAMPLE_SLIDE) as slide:
-        region = np.asarray(slide.read_region((300, 600), 0, (side * TILE_PX, side * TILE_PX)).convert("RGB"))
-    pool, xy = [], []
-    for i in range(side):
-        for j in range(side):
-            tile = region[i * TILE_PX:(i + 1) * TILE_PX, j * TILE_PX:(j + 1) * TILE_PX]
-            pool.append(encode_tile(np.ascontiguousarray(tile)))
-            xy.append((300 + j * TILE_PX, 600 + i * TILE_PX))
+    seed = make_tile_store(url.with_name(url.name + ".seed"), n_side=30, tile_px=TILE_PX)
+    source = TileStore(seed).slide("cmu1")
+    pool, xy = source.read_encoded(0, source.n_tiles), source.coords
+    shutil.rmtree(seed)
     writer = TileStoreWriter(url)
     for k, (sid, n) in enumerate(sizes.items()):
         idx = (np.arange(n) * 7 + k) % len(pool)  # a different tile order per slide

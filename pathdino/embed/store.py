@@ -228,24 +228,14 @@ class EmbeddingWriter:
             group.create_array("coords", data=np.asarray(coords, dtype=np.int64), chunks=(max(1, n), 2),
                                compressors=None)
             group.attrs["pathdino"] = attrs
-            final = self.path / "slides" / slide_id
-
-            def publish(meta: dict[str, Any]) -> None:
-                meta["slides"][slide_id] = {**index_entry, "n_tiles": n, "committed": now_iso()}
-                meta["failures"].pop(slide_id, None)
-            with self.lock():
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(staging, final)
-                self._apply(publish)
-                self._journal(slide_id, n)
+            self.commit_staged(slide_id, staging, index_entry)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
     def commit_staged(self, slide_id: str, staged: Path, index_entry: dict[str, Any]) -> None:
         """Move a finished staging group (coords and attributes written) into ``slides/`` and list it; both under
-        one hold of the lock, so a kill leaves either the old state or the new one."""
+        one hold of the lock, so a kill leaves either the old state or the new one. Used for every slide."""
         final = self.path / "slides" / slide_id
         n = int(zarr.open_array(store=zarr.storage.LocalStore(staged / "coords"), mode="r").shape[0])
 
