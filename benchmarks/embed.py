@@ -1,6 +1,8 @@
-"""Embedding throughput: end-to-end `embed_store` tiles/s vs model-forward-only tiles/s, in the same run.
+"""Embedding throughput: end-to-end `embed_store` tiles/s vs model-forward-only tiles/s, in the same run, for one
+process and for N processes (`pathdino embed --shard i/N` started at once into one output).
 
     python benchmarks/embed.py                                   # ViT-S/14 sizes (untrained), 224-px tiles
+    python benchmarks/embed.py --processes 2                     # also 2 shard processes (threads split)
     python benchmarks/embed.py --arch vit_large --tiles 20000 --batch-size 512 --workers 8     # a GPU
     python benchmarks/embed.py --encoder runs/enc --store tiles.zarr
 
@@ -98,6 +100,59 @@ def forward_only(encoder: Path, n_tiles: int, batch_size: int, device: torch.dev
         return n_batches * batch_size / (time.perf_counter() - t0)
 
 
+def _forward_worker(encoder: str, n_tiles: int, batch_size: int, device: str, bf16: bool, tile_px: int,
+                    mean_patch: bool, threads: int, start, results) -> None:
+    torch.set_num_threads(threads)
+    start.wait()
+    results.put(forward_only(Path(encoder), n_tiles, batch_size, torch.device(device), bf16, tile_px, mean_patch))
+
+
+def multi(args, store: str, encoder: Path, work: Path, n_store: int, device: torch.device, bf16: bool) -> None:
+    """N shard processes at once: forward-only (N processes, summed) and end to end (wall clock of the slowest,
+    and per-process loop times), threads and decoding workers split between them."""
+    import multiprocessing as mp
+    import re
+    import subprocess
+
+    n = args.processes
+    threads = max(1, torch.get_num_threads() // n)
+    workers = max(0, args.workers // n)
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_forward_worker, args=(str(encoder), min(n_store, args.tiles) // n, args.batch_size,
+                                                       str(device), bf16, args.tile_px, args.mean_patch, threads,
+                                                       start, results)) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    time.sleep(3.0)  # let every process import torch and build the model before the clock starts
+    start.set()
+    fwd = sum(results.get(timeout=600) for _ in procs)
+    for proc in procs:
+        proc.join()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = work / f"emb-{n}"
+    cmd = [sys.executable, "-m", "pathdino.embed", store, "--encoder", str(encoder), "--out", str(out),
+           "--batch-size", str(args.batch_size), "-j", str(workers), "--precision", args.precision,
+           "--part-tiles", str(args.part_tiles), "--no-progress"] + (["--device", args.device] if args.device else [])
+    t0 = time.perf_counter()
+    runs = [subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    texts = [r.communicate()[0] for r in runs]
+    wall = time.perf_counter() - t0
+    loops = [re.search(r"embedded \d+ slide\(s\), (\d+) tiles in ([\d.]+) s", t) for t in texts]
+    if not all(loops):
+        print("multi-process run failed:\n" + "\n".join(texts))
+        return
+    tiles = sum(int(m[1]) for m in loops)
+    slowest = max(float(m[2]) for m in loops)
+    print(f"{n} processes, forward only : {fwd:10.1f} tiles/s (sum of {n}, {threads} thread(s) each)")
+    print(f"{n} processes, end to end   : {tiles / slowest:10.1f} tiles/s ({tiles} tiles, slowest loop "
+          f"{slowest:.1f} s, {workers} decoding worker(s) each); {tiles / wall:.1f} tiles/s by wall clock "
+          f"including process start ({wall:.1f} s)")
+    print(f"{n} processes, ratio e2e / fwd-only: {tiles / slowest / fwd:.2f}")
+
+
 def main() -> None:
     from pathdino.models.backbone import ARCHS
 
@@ -113,6 +168,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--mean-patch", action="store_true")
+    p.add_argument("--processes", type=int, default=2, help="also run this many shard processes (1: skip)")
+    p.add_argument("--part-tiles", type=int, default=16384)
     args = p.parse_args()
 
     from pathdino.embed import EmbedOptions, embed_store
@@ -145,7 +202,7 @@ def main() -> None:
         fwd_before = fwd_only()
         report = embed_store(store, encoder, work / "emb", EmbedOptions(
             batch_size=args.batch_size, num_workers=args.workers, device=str(device), precision=args.precision,
-            mean_patch=args.mean_patch, progress=False))
+            mean_patch=args.mean_patch, progress=False, part_tiles=args.part_tiles))
         fwd_after = fwd_only()
         fwd = (fwd_before + fwd_after) / 2
         steady = (report.n_tiles - args.batch_size) / max(report.seconds - report.startup_s, 1e-9)
@@ -155,6 +212,8 @@ def main() -> None:
         print(f"end to end, steady    : {steady:10.1f} tiles/s (after the first batch)")
         print(f"ratio e2e / fwd-only  : {report.tiles_per_s / fwd:.2f} overall, {steady / fwd:.2f} steady "
               "(target >= 0.9)")
+        if args.processes > 1:
+            multi(args, store, encoder, work, n_store, device, bf16)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -107,14 +107,14 @@ def test_interrupted_run_resumes_and_skips_complete_slides(store, encoder, tmp_p
     from pathdino.embed.store import EmbeddingWriter
 
     out = tmp_path / "emb"
-    real_write = EmbeddingWriter.write_slide
+    real_write = EmbeddingWriter.commit_staged
 
     def killed_on_second(self, slide_id, *args, **kwargs):
         if slide_id == "slide-b":
             raise KeyboardInterrupt  # as if the process died while writing slide-b
         return real_write(self, slide_id, *args, **kwargs)
 
-    monkeypatch.setattr(EmbeddingWriter, "write_slide", killed_on_second)
+    monkeypatch.setattr(EmbeddingWriter, "commit_staged", killed_on_second)
     with pytest.raises(KeyboardInterrupt):
         embed_store(store, encoder, out, _options(formats=("h5",)))
     monkeypatch.undo()

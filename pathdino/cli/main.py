@@ -195,12 +195,22 @@ def export(
 @app.command()
 def embed(
     store: str = typer.Argument(..., help="A tile store (folder or fsspec URL)."),
-    encoder: str = typer.Option(..., "--encoder", "-e", help="An exported encoder folder (`pathdino export`)."),
+    encoder: str = typer.Option(..., "--encoder", "-e", help="An encoder folder: `pathdino export` output, or a timm "
+                                                             "hub-style folder (UNI, Virchow2, H-optimus, ...)."),
     out: str = typer.Option(..., "--out", "-o", help="Embeddings store to create or complete (local folder)."),
     formats: List[str] = typer.Option(["zarr"], "--format", "-f", help="zarr (always written) | h5: also one "
                                                                        "CLAM/TRIDENT-style HDF5 per slide in OUT/h5/."),
     mean_patch: bool = typer.Option(False, "--mean-patch", show_default="off: CLS only",
                                     help="Also store each tile's mean patch token."),
+    patch_tokens: bool = typer.Option(False, "--patch-tokens", help="Also store every patch token (float16, "
+                                                                    "chunked) for dense tasks and heat maps."),
+    shard: Optional[str] = typer.Option(None, help="i/N: this process's share (SLURM array task, one machine); "
+                                                   "any number run at once into one OUT [default: the launcher's "
+                                                   "RANK/WORLD_SIZE under accelerate, else all]."),
+    part_tiles: int = typer.Option(16384, help="Slides with more tiles are cut into parts embedded by several "
+                                               "processes."),
+    encoder_table: Optional[str] = typer.Option(None, help="JSON list of extra known-encoder entries (µm/px, "
+                                                           "mean/std, recipe) for third-party folders."),
     batch_size: int = typer.Option(256, help="Tiles per forward pass."),
     workers: int = typer.Option(4, "--workers", "-j", help="Decoding worker processes (0: decode in-process)."),
     device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu",
@@ -214,12 +224,13 @@ def embed(
     no_progress: bool = typer.Option(False, "--no-progress", show_default="off: a bar on terminals",
                                      help="No progress bar."),
 ) -> None:
-    """Embed every tile of every slide (CLS, optionally mean patch token) with level-0 coordinates; resumable."""
+    """Embed every tile of every slide with level-0 coordinates; resumable, shardable over processes and machines."""
     from pathdino.cli.use import embed_command
 
     try:
         code = embed_command(store, encoder, out, formats, mean_patch, batch_size, workers, device, precision,
-                             slides, force, overwrite, not no_progress)
+                             slides, force, overwrite, not no_progress, patch_tokens=patch_tokens, shard=shard,
+                             part_tiles=part_tiles, encoder_table=encoder_table)
     except _use_errors() as exc:
         _fail(str(exc))
     raise typer.Exit(code)

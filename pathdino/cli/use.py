@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -44,15 +45,25 @@ def export_command(checkpoint: str, out: str, *, tile_px: int | None, target_mpp
 
 def embed_command(store: str, encoder: str, out: str, formats: list[str], mean_patch: bool, batch_size: int,
                   workers: int, device: str | None, precision: str, slides: list[str] | None, force: bool,
-                  overwrite: bool, progress: bool) -> int:
+                  overwrite: bool, progress: bool, patch_tokens: bool = False, shard: str | None = None,
+                  part_tiles: int = 16384, encoder_table: str | None = None) -> int:
     from pathdino.embed import EmbedOptions, embed_store
+    from pathdino.embed.plan import shard_from_env
 
+    if shard is None and (launched := shard_from_env()) is not None:
+        progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"  # one bar per machine
+        console.print(f"rank {launched[0]} of {launched[1]} (from the launcher): shard {launched[0]}/{launched[1]}")
     options = EmbedOptions(batch_size=batch_size, num_workers=workers, device=device, precision=precision,
-                           mean_patch=mean_patch, formats=tuple(formats), slides=tuple(slides) if slides else None,
-                           force=force, overwrite=overwrite, progress=progress)
+                           mean_patch=mean_patch, patch_tokens=patch_tokens, formats=tuple(formats),
+                           slides=tuple(slides) if slides else None, force=force, overwrite=overwrite,
+                           progress=progress, shard=shard, part_tiles=part_tiles, encoder_table=encoder_table)
     report = embed_store(store, encoder, out, options)
-    console.print(f"embedded {len(report.embedded)} slide(s), {report.n_tiles} tiles in {report.seconds:.1f} s "
+    where = f"shard {report.shard[0]}/{report.shard[1]}: " if report.shard[1] > 1 else ""
+    console.print(f"{where}embedded {len(report.embedded)} slide(s), {report.n_tiles} tiles in {report.seconds:.1f} s "
                   f"({report.tiles_per_s:.0f} tiles/s); {len(report.skipped)} already complete")
+    if report.waiting:
+        console.print(f"  {len(report.waiting)} slide(s) wait for parts other processes embed; whichever finishes "
+                      "a slide's last part commits it (rerun to finish if those processes died)")
     console.print(f"  embeddings: {report.out}" + (f"  (h5: {report.out / 'h5'})" if "h5" in options.formats else ""))
     if report.forced:
         console.print(f"  [yellow]--force:[/yellow] {len(report.forced)} slide(s) embedded despite a tile-size or "

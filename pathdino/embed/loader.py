@@ -22,16 +22,17 @@ class WorkUnit:
     slide_id: str
     start: int
     stop: int
-    last: bool  # the slide's final unit: the runner writes the slide when it arrives
+    last: bool  # the final unit of its tile range: the runner finishes that range when it arrives
+    item: int = 0  # index of the tile range (a whole slide or a part of one) this unit belongs to
 
 
-def plan_units(slides: list[tuple[str, int]], batch_size: int) -> list[WorkUnit]:
-    """Units of ``batch_size`` consecutive tiles for each ``(slide_id, n_tiles)`` (slides with 0 tiles get none)."""
+def plan_units(ranges: list[tuple[str, int, int]], batch_size: int) -> list[WorkUnit]:
+    """Units of ``batch_size`` consecutive tiles over each ``(slide_id, start, stop)`` (empty ranges get none)."""
     units = []
-    for slide_id, n in slides:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            units.append(WorkUnit(slide_id, start, stop, stop == n))
+    for k, (slide_id, first, end) in enumerate(ranges):
+        for start in range(first, end, batch_size):
+            stop = min(start + batch_size, end)
+            units.append(WorkUnit(slide_id, start, stop, stop == end, k))
     return units
 
 

@@ -6,18 +6,24 @@ docs/export-embed-eval.md), written atomically, indexed in the root attributes.
     <emb>/zarr.json                       attrs["pathdino"]: format, version, encoder, tile store, index, failures
     <emb>/slides/<slide_id>/zarr.json     attrs["pathdino"]: {"slide": tile-store provenance, "embedding": ...}
     <emb>/slides/<slide_id>/cls           (N, D) float32: CLS embedding of tile i (the tile store's order)
-    <emb>/slides/<slide_id>/mean_patch    (N, D) float32: mean patch token (only with --mean-patch)
+    <emb>/slides/<slide_id>/mean_patch    (N, D) float32: mean patch token (--mean-patch, or the recipe needs it)
+    <emb>/slides/<slide_id>/patch_tokens  (N, T, D) float16: every patch token, registers excluded (--patch-tokens)
     <emb>/slides/<slide_id>/coords        (N, 2) int64: level-0 (x, y) of tile i's top-left corner
     <emb>/h5/<slide_id>.h5                CLAM/TRIDENT-style copy (only with --format h5)
+    <emb>/commits.jsonl                   one line per slide commit: slide, tiles, host, pid, rank, time
 
-Only slides in the root index are complete. Local folders only (the tile store may be remote).
+Only slides in the root index are complete. Local folders only (the tile store may be remote). The tile embedding
+("features") follows the encoder's recipe (``attrs["pathdino"]["encoder"]["recipe"]``): ``cls``, ``mean_patch`` or
+``cls+mean_patch`` (the two concatenated, Virchow's way); it is assembled from the stored arrays when read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import socket
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -32,10 +38,11 @@ from tiling.fsio import atomic_path, check_format, now_iso, pid_alive, publish_d
 
 FORMAT_NAME = "pathdino-embeddings"
 FORMAT_VERSION = 1
-FEATURE_NAMES = ("cls", "mean_patch")
+FEATURE_NAMES = ("cls", "mean_patch", "patch_tokens")
 H5_DIR = "h5"
 _STAGING = ".staging"
 _LOCK = ".pathdino.lock"
+JOURNAL = "commits.jsonl"
 
 
 class EmbedError(ValueError):
@@ -55,14 +62,31 @@ def _check_format(meta: dict[str, Any], where: Path) -> None:
                  other_version="Re-embed the slides or install the pathdino release that wrote it.")
 
 
+RECIPE_ARRAYS = {"cls": ("cls",), "mean_patch": ("mean_patch",), "cls+mean_patch": ("cls", "mean_patch")}
+
+
+def recipe_arrays(recipe: str) -> tuple[str, ...]:
+    """The stored arrays a tile-embedding recipe is made of."""
+    if recipe not in RECIPE_ARRAYS:
+        raise EmbedError(f"unknown feature recipe {recipe!r}; expected one of {sorted(RECIPE_ARRAYS)}")
+    return RECIPE_ARRAYS[recipe]
+
+
+def apply_recipe(recipe: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The tile embeddings [N, D or 2D] of a recipe from its arrays (concatenated along features, in order)."""
+    parts = [np.asarray(arrays[name], dtype=np.float32) for name in recipe_arrays(recipe)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
 class EmbeddingStore(Mapping):
     """Read an embeddings store: a mapping ``slide_id -> (features [N, D], coords [N, 2])`` (complete slides only).
 
-    ``feature`` picks the array returned as features (``"cls"`` or ``"mean_patch"``); this mapping plugs directly
-    into ``pathdino.mil.train_abmil``.
+    ``feature`` picks what is returned as features: ``"features"`` (default: the encoder's tile embedding, e.g.
+    CLS, or CLS ++ mean patch token for Virchow2), ``"cls"``, ``"mean_patch"`` or ``"patch_tokens"`` (float16
+    [N, T, D]); this mapping plugs directly into ``pathdino.mil.train_abmil``.
     """
 
-    def __init__(self, url: str | Path, feature: str = "cls"):
+    def __init__(self, url: str | Path, feature: str = "features"):
         self.path = _check_local(url)
         if not (self.path / "zarr.json").is_file():
             raise EmbedError(f"no embeddings store at {self.path} (create one with `pathdino embed STORE --encoder "
@@ -70,9 +94,14 @@ class EmbeddingStore(Mapping):
         self.root = zarr.open_group(store=zarr.storage.LocalStore(self.path, read_only=True), mode="r")
         self.meta: dict[str, Any] = dict(self.root.attrs.get("pathdino", {}))
         _check_format(self.meta, self.path)
-        if feature not in self.meta.get("features", FEATURE_NAMES):
-            raise EmbedError(f"{self.path} has no {feature!r} features (it holds {self.meta.get('features')}); "
-                             "re-run `pathdino embed` with --mean-patch")
+        self.recipe = str(self.encoder.get("recipe", "cls"))
+        if feature not in ("features", *FEATURE_NAMES):
+            raise EmbedError(f"unknown feature {feature!r}; choose from {('features', *FEATURE_NAMES)}")
+        self.arrays = recipe_arrays(self.recipe) if feature == "features" else (feature,)
+        lacking = [a for a in self.arrays if a not in self.meta.get("features", FEATURE_NAMES)]
+        if lacking:
+            raise EmbedError(f"{self.path} has no {lacking} arrays (it holds {self.meta.get('features')}); re-run "
+                             f"`pathdino embed` with {_flag(lacking)}")
         self.feature = feature
 
     @property
@@ -85,10 +114,15 @@ class EmbeddingStore(Mapping):
 
     def __getitem__(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         group = self.group(slide_id)
-        if self.feature not in self.meta["slides"][slide_id].get("features", ["cls"]):
-            raise EmbedError(f"slide {slide_id!r} of {self.path} has no {self.feature!r} features; re-run "
-                             "`pathdino embed` with --mean-patch")
-        return np.asarray(group[self.feature][:]), np.asarray(group["coords"][:], dtype=np.int64)
+        lacking = [a for a in self.arrays if a not in self.meta["slides"][slide_id].get("features", ["cls"])]
+        if lacking:
+            raise EmbedError(f"slide {slide_id!r} of {self.path} has no {lacking} arrays; re-run `pathdino embed` "
+                             f"with {_flag(lacking)}")
+        coords = np.asarray(group["coords"][:], dtype=np.int64)
+        if self.feature == "patch_tokens":
+            return np.asarray(group["patch_tokens"][:]), coords
+        return apply_recipe(self.recipe if self.feature == "features" else self.feature,
+                            {a: group[a][:] for a in self.arrays}), coords
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.slide_ids)
@@ -109,17 +143,26 @@ class EmbeddingStore(Mapping):
         return dict(self.group(slide_id).attrs.get("pathdino", {}))
 
 
+def _flag(arrays: list[str]) -> str:
+    return " ".join(f"--{a.replace('_', '-')}" for a in arrays)
+
+
 class EmbeddingWriter:
     """Creates or opens an embeddings store; writes whole slides atomically (staging folder + one rename)."""
 
     def __init__(self, url: str | Path, encoder: dict[str, Any], tile_store: str, features: tuple[str, ...]):
         self.path = _check_local(url)
         self.path.mkdir(parents=True, exist_ok=True)
-        with self._lock():
+        with self.lock():
             if (self.path / "zarr.json").is_file():
                 meta = dict(zarr.open_group(store=self._store(), mode="r").attrs.get("pathdino", {}))
                 _check_format(meta, self.path)
                 old = meta.get("encoder", {}).get("weights_sha256")
+                old_recipe = meta.get("encoder", {}).get("recipe", "cls")
+                if old == encoder.get("weights_sha256") and old_recipe != encoder.get("recipe", "cls"):
+                    raise EmbedError(
+                        f"{self.path} holds {old_recipe!r} embeddings of this encoder, this run makes "
+                        f"{encoder.get('recipe')!r} ones (encoder table changed?): choose another --out")
                 if old != encoder.get("weights_sha256"):
                     raise EmbedError(
                         f"{self.path} holds embeddings from another encoder ({meta['encoder'].get('dir')}, weights "
@@ -136,7 +179,8 @@ class EmbeddingWriter:
         return zarr.storage.LocalStore(self.path)
 
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
+    def lock(self) -> Iterator[None]:
+        """The store's lock file (flock): index updates and renames into ``slides/`` happen under it."""
         with open(self.path / _LOCK, "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -148,12 +192,16 @@ class EmbeddingWriter:
         return dict(zarr.open_group(store=self._store(), mode="r").attrs["pathdino"])
 
     def _update(self, change) -> None:
-        with self._lock():
-            root = zarr.open_group(store=self._store(), mode="r+")
-            meta = dict(root.attrs["pathdino"])
-            meta["slides"], meta["failures"] = dict(meta.get("slides", {})), dict(meta.get("failures", {}))
-            change(meta)
-            root.attrs["pathdino"] = meta
+        with self.lock():
+            self._apply(change)
+
+    def _apply(self, change) -> None:
+        """Read-modify-write the root index; the caller holds the lock."""
+        root = zarr.open_group(store=self._store(), mode="r+")
+        meta = dict(root.attrs["pathdino"])
+        meta["slides"], meta["failures"] = dict(meta.get("slides", {})), dict(meta.get("failures", {}))
+        change(meta)
+        root.attrs["pathdino"] = meta
 
     def entry(self, slide_id: str) -> dict[str, Any] | None:
         """The index entry of a complete slide, or None."""
@@ -177,17 +225,33 @@ class EmbeddingWriter:
             group.create_array("coords", data=np.asarray(coords, dtype=np.int64), chunks=(max(1, n), 2),
                                compressors=None)
             group.attrs["pathdino"] = attrs
-            final = self.path / "slides" / slide_id
-            with self._lock():
-                publish_dir(staging, final)
+            self.commit_staged(slide_id, staging, index_entry)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    def commit_staged(self, slide_id: str, staged: Path, index_entry: dict[str, Any]) -> None:
+        """Move a finished staging group (coords and attributes written) into ``slides/`` and list it; both under
+        one hold of the lock, so a kill leaves either the old state or the new one. Used for every slide."""
+        final = self.path / "slides" / slide_id
+        n = int(zarr.open_array(store=zarr.storage.LocalStore(staged / "coords"), mode="r").shape[0])
+
         def publish(meta: dict[str, Any]) -> None:
             meta["slides"][slide_id] = {**index_entry, "n_tiles": n, "committed": now_iso()}
             meta["failures"].pop(slide_id, None)
-        self._update(publish)
+        with self.lock():
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            self._apply(publish)
+            self._journal(slide_id, n)
+
+    def _journal(self, slide_id: str, n_tiles: int) -> None:
+        """One line per commit in ``commits.jsonl`` (who committed what, when); the caller holds the lock."""
+        record = {"slide_id": slide_id, "n_tiles": n_tiles, "host": socket.gethostname(), "pid": os.getpid(),
+                  "rank": os.environ.get("RANK"), "time": now_iso()}
+        with open(self.path / JOURNAL, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def forget(self, slide_id: str) -> None:
         """Drop a slide from the index (before it is recomputed, so a killed rerun never shows stale data)."""
@@ -203,11 +267,19 @@ class EmbeddingWriter:
         self._update(change)
 
     def _clean_stale_staging(self) -> None:
-        root = self.path / _STAGING
-        for path in root.glob("*.*.*") if root.is_dir() else []:
+        root, assembly = self.path / _STAGING, self.path / ".assembly"
+        leftovers = [*(root.glob("*.*.*") if root.is_dir() else []),
+                     *(assembly.glob(".tmp.*") if assembly.is_dir() else [])]
+        for path in leftovers:  # staging folders of processes killed on this host
             pid = path.name.rsplit(".", 2)[-2]
             if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def read_commits(url: str | Path) -> list[dict[str, Any]]:
+    """Every commit recorded in ``<emb>/commits.jsonl`` (a slide recomputed later appears again)."""
+    path = _check_local(url) / JOURNAL
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict[str, Any],
