@@ -17,7 +17,8 @@ def make_store(url: Path, sizes: dict[str, int] = SLIDE_SIZES, mpp: float = 0.5)
     import shutil
 
     from test_train_resume import make_tile_store
-    from tiling.store import TileStore, TileStoreWriter
+    from tiling.store import TileStore
+    from tiling.store_write import TileStoreWriter
 
     seed = make_tile_store(url.with_name(url.name + ".seed"), n_side=30, tile_px=TILE_PX)
     source = TileStore(seed).slide("cmu1")

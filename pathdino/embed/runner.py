@@ -233,14 +233,12 @@ class _Run:
         return SlideAssembly(self.writer, slide_id, assembly_key(self.wanted[slide_id], self.options.part_tiles))
 
     def attrs(self, slide: StoreSlide) -> dict[str, Any]:
-        import pathdino
-
         return {"slide": slide.attrs,
                 "embedding": {"encoder": self.encoder, "features": list(self.arrays), "recipe": self.info.recipe,
                               "dim": self.info.embed_dim, "tile_store": self.store.url,
                               "forced": slide.slide_id in self.forced, "created": now_iso(),
                               "parts": len(self.items_of[slide.slide_id]), "part_tiles": self.options.part_tiles,
-                              "pathdino_version": pathdino.__version__, **self.provenance}}
+                              "pathdino_version": __version__, **self.provenance}}
 
     def try_commit(self, slide_id: str) -> bool:
         """Commit the slide if all its parts are done and no other process is committing it. True if committed."""
