@@ -23,7 +23,7 @@ from tiling.config import TilingConfig
 from tiling.configio import to_dict
 from tiling.errors import SlideError
 from tiling.inputs import SlideInput
-from tiling.store import now_iso
+from tiling.fsio import now_iso
 from tiling.store_write import SlideWriter, TileStoreWriter
 from tiling.worker import BlockResult, SlidePlan, close_readers, fingerprint, plan_slide, tile_block
 
@@ -133,7 +133,7 @@ def _write_qc_image(store: TileStoreWriter, plan: SlidePlan, job: _SlideJob) -> 
     rej_cols = [plan.cols[idx] for idxs in job.rejected.values() for idx in idxs]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "qc.png"
-        draw_qc_image(plan.thumbnail, plan.mask, boxes(job.kept_rows, job.kept_cols), path,
+        draw_qc_image(plan.thumbnail, plan.mask, boxes(job.kept_rows, job.kept_cols), path=path,
                       rejected_boxes=boxes(rej_rows, rej_cols))
         store.write_file(f"qc/{plan.slide.slide_id}.png", path.read_bytes())
 

@@ -24,13 +24,14 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.storage
+
+from tiling import fsio
 
 FORMAT_NAME = "pathdino-tile-store"
 FORMAT_VERSION = 1
@@ -42,10 +43,6 @@ warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specificati
 
 class StoreError(Exception):
     """A tile store is missing, of an unknown format or version, or does not hold what was asked for."""
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,13 +124,10 @@ def zarr_store(url: str | Path, read_only: bool) -> zarr.abc.store.Store:
 
 def check_format(meta: dict[str, Any], url: str) -> None:
     """Raise StoreError unless `meta` (the root's attrs["pathdino"]) is a tile store of the version this code reads."""
-    if meta.get("format") != FORMAT_NAME:
-        raise StoreError(f"{url} is a Zarr group but not a pathdino tile store (no attrs['pathdino']['format'] == "
-                         f"{FORMAT_NAME!r}). Point at the folder that `pathdino tile --out` created.")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{url} has tile-store format version {version!r}; this pathdino reads version "
-                         f"{FORMAT_VERSION}. Re-tile the slides or install the pathdino release that wrote it.")
+    fsio.check_format(meta, where=url, kind="pathdino tile store", format_name=FORMAT_NAME,
+                      format_version=FORMAT_VERSION, error=StoreError,
+                      not_this_format="Point at the folder that `pathdino tile --out` created.",
+                      other_version="Re-tile the slides or install the pathdino release that wrote it.")
 
 
 SIDECAR_SUFFIX = ".pathdino"

@@ -17,8 +17,9 @@ import numpy as np
 import zarr
 import zarr.storage
 
+from tiling.fsio import atomic_write_bytes, now_iso, pid_alive, publish_dir
 from tiling.store import (
-    FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, check_format, is_remote_url, local_root, now_iso,
+    FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, check_format, is_remote_url, local_root,
     safe_slide_id, sidecar_url, zarr_store,
 )
 
@@ -186,10 +187,8 @@ class TileStoreWriter:
 
     def _publish(self, slide_id: str, staged: str, n_tiles: int, provenance: dict[str, Any]) -> None:
         if not self.remote:
-            final = local_root(self.url) / "slides" / slide_id
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staged, final)
+            # No fsync: a slide's shards are many files, and an unfinished commit is redone on resume anyway.
+            publish_dir(staged, local_root(self.url) / "slides" / slide_id, fsync=False)
 
         def update(meta: dict[str, Any]) -> None:
             meta["slides"][slide_id] = {"n_tiles": int(n_tiles), "source_path": str(provenance.get("source_path", "")),
@@ -238,18 +237,4 @@ class TileStoreWriter:
             return url
         path = Path(self.sidecar) / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return str(path)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (staging folders carry their writer's pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return str(atomic_write_bytes(path, data))

@@ -22,7 +22,6 @@ import shutil
 import socket
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ import zarr
 import zarr.storage
 
 from pathdino.embed.plan import WorkItem
-from tiling.store_write import pid_alive
+from tiling.fsio import pid_alive
 
 ASSEMBLY_DIR = ".assembly"
 MERGE_CLAIM = "merging"

@@ -240,9 +240,7 @@ class EmbeddingWriter:
             meta["slides"][slide_id] = {**index_entry, "n_tiles": n, "committed": now_iso()}
             meta["failures"].pop(slide_id, None)
         with self.lock():
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staged, final)
+            publish_dir(staged, final)
             self._apply(publish)
             self._journal(slide_id, n)
 
