@@ -15,13 +15,15 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from pathdino.train.checkpoint import save_checkpoint
 from pathdino.train.config import RunConfig, config_to_dict
 from pathdino.train.health import memory_mb
 from pathdino.train.param_groups import apply_schedule
-from pathdino.train.run import Run, build_run
+from pathdino.train.phases import phase_at
+from pathdino.train.run import Run, build_run, switch_phase
 from pathdino.train.runtime import gather_loader_states, install_stop_handlers, restore_stop_handlers
 from pathdino.train.schedules import ScheduleValues
 from pathdino.train.step import HEALTH_TERMS, LOSS_TERMS, ReducedStep, apply_update, reduce_step, training_step
@@ -55,12 +57,12 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
             log_now = (run.step + 1) % cfg.log.every_steps == 0 or run.step + 1 == stop_at
             terms = None
             outputs = []
-            for micro in range(tc.grad_accum_steps):
+            for micro in range(run.cfg.train.grad_accum_steps):
                 t0 = time.perf_counter()
                 batch = next(data_iter).to(run.device)
                 run.throughput.add_data_wait(time.perf_counter() - t0)
-                out = training_step(run, batch, values, sync=micro == tc.grad_accum_steps - 1)
-                part = out.terms.float() / tc.grad_accum_steps
+                out = training_step(run, batch, values, sync=micro == run.cfg.train.grad_accum_steps - 1)
+                part = out.terms.float() / run.cfg.train.grad_accum_steps
                 terms = part if terms is None else terms + part
                 outputs.append(out)
             reduced = reduce_step(run, terms, outputs[-1], values, log_now, stop_requested())
@@ -70,13 +72,22 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
 
             _log_step(run, values, reduced, log_now)
             run.guard.update(reduced.finite, run.step, last_checkpoint)  # raises after too many in a row
+            # A new phase starts from a checkpoint of the step before it, exactly as a resume there would.
+            switch = run.step < stop_at and phase_at(cfg, run.step) != run.phase
             if (run.step % tc.checkpoint_every_steps == 0 or (run.step == stop_at and tc.checkpoint_at_end)
-                    or reduced.stop_requested):
+                    or reduced.stop_requested or switch):
                 last_checkpoint = _save(run)
             if reduced.stop_requested:
                 log.warning("stop requested by a signal: stopped after step %d with a checkpoint", run.step)
                 stopped_early = True
                 break
+            if switch:
+                run = switch_phase(run, Path(last_checkpoint))
+                run.metrics.write({"event": "phase", "step": run.step, "phase": run.phase,
+                                   "global_crop_px": run.plan.global_px, "local_crop_px": run.plan.local_px,
+                                   "batch_size": run.cfg.train.batch_size}, run.step, to_trackers=False)
+                data_iter = iter(run.loader)
+                run.model.train()
     except BaseException:
         with contextlib.suppress(Exception):
             run.accelerator.end_training()  # flush the trackers before the error propagates
@@ -124,7 +135,8 @@ def _save(run: Run) -> str:
     trainer_state = {
         "world_size": run.world, "batch_size": tc.batch_size, "nonfinite_total": run.guard.total,
         "collapse_best": run.collapse.best, "loader_states": gather_loader_states(run.loader, run.world),
-        "config": config_to_dict(run.cfg),
+        # The config in effect for these weights (a phase's crops, img_size and batch): export reads it.
+        "config": config_to_dict(run.cfg), "phase": run.phase,
     }
     path = save_checkpoint(run.out_dir, run.step, run.model, run.teacher, run.losses, run.optimizer, trainer_state,
                            tc.keep_checkpoints)

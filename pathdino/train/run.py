@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,13 @@ from torch import nn
 from pathdino.losses import DINOLoss, IBOTPatchLoss, build_uniformity_loss
 from pathdino.models import dinov2_train_flops_per_image, load_init_checkpoint
 from pathdino.models.backbone import set_fused_attention
-from pathdino.train.checkpoint import load_checkpoint
+from pathdino.train.checkpoint import load_checkpoint, read_trainer_state
 from pathdino.train.config import CropPlan, RunConfig, config_to_dict, crop_plan, per_process_batch, validate_config
 from pathdino.train.distributed import check_launch, make_accelerator, shard_fsdp2
 from pathdino.train.health import CollapseMonitor, MetricLogger, NonFiniteGuard, Throughput, peak_tflops
 from pathdino.train.model import SSLModel, build_student_teacher
 from pathdino.train.param_groups import param_groups
+from pathdino.train.phases import describe_phase, phase_at, phase_config
 from pathdino.train.runtime import (
     build_loader,
     config_changes,
@@ -47,10 +48,14 @@ log = logging.getLogger("pathdino.train")
 
 @dataclass
 class Run:
-    """The parts of a training run, built once by ``build_run``; ``train`` mutates only ``step``."""
+    """The parts of a training run, built by ``build_run`` (and again by ``switch_phase``); ``train`` mutates
+    only ``step``."""
 
-    cfg: RunConfig
+    base_cfg: RunConfig  # the config as given (all phases)
+    cfg: RunConfig  # the config in effect in the current phase (its crops, img_size, batch; see phases.py)
+    phase: int  # 0 = the run as ``augment``/``train`` say; i >= 1 = train.phases[i - 1]
     accelerator: Any
+    use_fsdp: bool
     out_dir: Path
     rank: int
     world: int
@@ -85,46 +90,84 @@ def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = No
     world, device, is_main = accelerator.num_processes, accelerator.device, accelerator.is_main_process
     setup_logging(is_main)
     validate_config(cfg, world, check_stores=loader is None)
-    batch_per_process = per_process_batch(cfg, world)
-    plan = crop_plan(cfg)
+    if tc.phases and loader is not None and not hasattr(loader, "for_phase"):
+        raise ConfigError("train.phases need a loader that serves each phase's crops: leave loader=None (tile "
+                          "stores or train.synthetic_data), or give the loader a for_phase(config, batch) method")
     use_fsdp = _use_fsdp(cfg, accelerator)
     resume_from = resume_point(out_dir, resume)
+    phase = phase_at(cfg, read_trainer_state(resume_from)["step"]) if resume_from is not None else 0
+    pcfg = phase_config(cfg, phase)
     log.info("%d process(es) on %s, %d images per step (%d per process x %d micro-steps), %s%s",
-             world, device, tc.batch_size, batch_per_process, tc.grad_accum_steps,
+             world, device, pcfg.train.batch_size, per_process_batch(pcfg, world), pcfg.train.grad_accum_steps,
              "FSDP2" if use_fsdp else "DDP" if world > 1 else "single process",
              f", resuming from {resume_from}" if resume_from else "")
+    if tc.phases:
+        log.info("; ".join(describe_phase(cfg, i) for i in range(len(tc.phases) + 1)))
+    parts, resumed = _build_phase(cfg, phase, accelerator, use_fsdp, resume_from, loader)
+    metrics = _start_metrics(cfg, accelerator, out_dir, resumed["step"], resume_from)
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, total=resumed["nonfinite_total"])
+    collapse = CollapseMonitor(cfg.log.collapse_after_steps, cfg.log.collapse_drop_fraction,
+                               cfg.model.dino_head.n_prototypes)
+    collapse.best.update(resumed["collapse_best"])
+    # The student's outputs are slices of one head pass; nothing modifies them in place, which is what FSDP2's
+    # "returned a view tensor" warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return Run(base_cfg=cfg, accelerator=accelerator, use_fsdp=use_fsdp, out_dir=out_dir,
+               rank=accelerator.process_index, world=world, device=device, is_main=is_main, step=resumed["step"],
+               resume_from=resume_from, metrics=metrics, guard=guard, collapse=collapse, **parts)
 
-    student, teacher, model, losses, uniformity = _build_models(cfg, accelerator, use_fsdp, resume_from)
+
+def switch_phase(run: Run, checkpoint: Path) -> Run:
+    """The run rebuilt for the phase of its current step from ``checkpoint`` (just written at this step), exactly
+    as a resume from that checkpoint would build it: models at the phase's img_size (position embedding resampled
+    on load), optimizer, schedules and loader for its crops and batch; counters and monitors carry on."""
+    phase = phase_at(run.base_cfg, run.step)
+    old_loader = run.loader
+    if hasattr(old_loader, "close"):
+        old_loader.close()
+    for name in ("student", "teacher", "model", "losses", "optimizer", "clip_modules"):
+        setattr(run, name, None)  # free the old phase's models before building the new ones
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    custom = old_loader if hasattr(old_loader, "for_phase") else None
+    parts, _ = _build_phase(run.base_cfg, phase, run.accelerator, run.use_fsdp, checkpoint, custom)
+    log.info("switched to %s; position embedding resampled to %d x %d patches", describe_phase(run.base_cfg, phase),
+             *(2 * [parts["cfg"].model.backbone.img_size // parts["cfg"].model.backbone.patch_size]))
+    return replace(run, **parts)
+
+
+def _build_phase(cfg: RunConfig, phase: int, accelerator: Any, use_fsdp: bool, resume_from: Path | None,
+                 loader: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The phase-dependent parts of a ``Run`` (as keyword arguments) and the resumed counters."""
+    pcfg = phase_config(cfg, phase)
+    tc, world, device, rank = pcfg.train, accelerator.num_processes, accelerator.device, accelerator.process_index
+    batch_per_process = per_process_batch(pcfg, world)
+    plan = crop_plan(pcfg)
+    student, teacher, model, losses, uniformity = _build_models(pcfg, accelerator, use_fsdp, resume_from)
     optimizer = torch.optim.AdamW(
-        param_groups(student.named_parameters(), cfg.model.backbone.depth_, cfg.optim.layerwise_decay,
-                     cfg.optim.patch_embed_lr_mult),
-        lr=0.0, betas=tuple(cfg.optim.betas), weight_decay=0.0,
+        param_groups(student.named_parameters(), pcfg.model.backbone.depth_, pcfg.optim.layerwise_decay,
+                     pcfg.optim.patch_embed_lr_mult),
+        lr=0.0, betas=tuple(pcfg.optim.betas), weight_decay=0.0,
         fused=True if device.type == "cuda" and not use_fsdp else None)  # one kernel per step on GPU
     clip_modules = {"backbone": student.backbone, "dino_head": student.dino_head}
     if student.ibot_head is not None:
         clip_modules["ibot_head"] = student.ibot_head
     if loader is None:
-        loader = build_loader(cfg, plan, batch_per_process, accelerator.process_index, world, device)
+        loader = build_loader(pcfg, plan, batch_per_process, rank, world, device)
+    elif phase > 0 or tc.phases:
+        loader = loader.for_phase(pcfg, batch_per_process)
 
     # Drop path etc. differ between processes; numpy / python RNGs are seeded too for libraries that use them.
-    rank = accelerator.process_index
     torch.manual_seed(tc.seed + 1 + rank)
     np.random.seed((tc.seed + 1 + rank) % 2**32)
     random.seed(tc.seed + 1 + rank)
     resumed = _load_resume_state(cfg, resume_from, model, teacher, losses, optimizer, loader, rank, world)
-    metrics = _start_metrics(cfg, accelerator, out_dir, resumed["step"], resume_from)
-    throughput, guard, collapse = _monitors(cfg, plan, device, world, student, resumed)
-    # The student's outputs are slices of one head pass; nothing modifies them in place, which is what FSDP2's
-    # "returned a view tensor" warning is about.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    return Run(
-        cfg=cfg, accelerator=accelerator, out_dir=out_dir, rank=rank, world=world, device=device, is_main=is_main,
-        plan=plan, batch_per_process=batch_per_process, student=student, teacher=teacher, model=model,
-        losses=losses, uniformity=uniformity, optimizer=optimizer, clip_modules=clip_modules,
-        schedules=_schedules(cfg), loader=loader,
-        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"),
-        step=resumed["step"], resume_from=resume_from, metrics=metrics, throughput=throughput, guard=guard,
-        collapse=collapse)
+    parts = dict(cfg=pcfg, phase=phase, plan=plan, batch_per_process=batch_per_process, student=student,
+                 teacher=teacher, model=model, losses=losses, uniformity=uniformity, optimizer=optimizer,
+                 clip_modules=clip_modules, schedules=_schedules(pcfg), loader=loader,
+                 autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"),
+                 throughput=_throughput(pcfg, plan, device, world, student))
+    return parts, resumed
 
 
 def _use_fsdp(cfg: RunConfig, accelerator: Any) -> bool:
@@ -208,7 +251,8 @@ def _load_resume_state(cfg: RunConfig, resume_from: Path | None, model: nn.Modul
                     rank, state.get("world_size"))
     if state.get("world_size") != world:
         log.info("resharded: checkpoint saved with %s processes, resumed with %d", state.get("world_size"), world)
-    changed = config_changes(state.get("config", {}), config_to_dict(cfg))
+    # Checkpoints hold the config in effect for their weights (phases.py): compare with that phase's.
+    changed = config_changes(state.get("config", {}), config_to_dict(phase_config(cfg, state.get("phase", 0))))
     if changed:
         log.warning("config differs from the checkpoint's in %d key(s): %s", len(changed), "; ".join(changed[:8]))
     return {"step": step, "nonfinite_total": state.get("nonfinite_total", 0),
@@ -232,9 +276,8 @@ def _start_metrics(cfg: RunConfig, accelerator: Any, out_dir: Path, step: int,
     return metrics
 
 
-def _monitors(cfg: RunConfig, plan: CropPlan, device: torch.device, world: int, student: nn.Module,
-              resumed: dict[str, Any]) -> tuple[Throughput, NonFiniteGuard, CollapseMonitor]:
-    """Throughput/MFU, the non-finite guard and the collapse monitor, continuing the resumed counters."""
+def _throughput(cfg: RunConfig, plan: CropPlan, device: torch.device, world: int, student: nn.Module) -> Throughput:
+    """Throughput/MFU for this phase's crops and batch."""
     mc = cfg.model
     ibot_head_cfg = (mc.ibot_head or mc.dino_head) if mc.ibot_separate_head else None
     flops = dinov2_train_flops_per_image(
@@ -243,9 +286,4 @@ def _monitors(cfg: RunConfig, plan: CropPlan, device: torch.device, world: int, 
     peak = peak_tflops(device, cfg.train.precision, cfg.log.peak_tflops)
     log.info("model: %.1fM student parameters; %s", sum(p.numel() for p in student.parameters()) / 1e6,
              flops.summary())
-    throughput = Throughput(cfg.train.batch_size, flops.total, peak * world if peak else None)
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, total=resumed["nonfinite_total"])
-    collapse = CollapseMonitor(cfg.log.collapse_after_steps, cfg.log.collapse_drop_fraction,
-                               mc.dino_head.n_prototypes)
-    collapse.best.update(resumed["collapse_best"])
-    return throughput, guard, collapse
+    return Throughput(cfg.train.batch_size, flops.total, peak * world if peak else None)
