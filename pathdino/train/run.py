@@ -22,7 +22,7 @@ from torch import nn
 
 from pathdino.losses import DINOLoss, IBOTPatchLoss, build_uniformity_loss
 from pathdino.models import dinov2_train_flops_per_image, load_init_checkpoint
-from pathdino.models.backbone import set_fused_attention
+from pathdino.models.backbone import SUBSET_DROP_PATH_ABOVE, set_fused_attention
 from pathdino.train.checkpoint import load_checkpoint, read_trainer_state
 from pathdino.train.config import CropPlan, RunConfig, config_to_dict, crop_plan, per_process_batch, validate_config
 from pathdino.train.distributed import check_launch, make_accelerator, shard_fsdp2
@@ -148,7 +148,9 @@ def _build_phase(cfg: RunConfig, phase: int, accelerator: Any, use_fsdp: bool, r
         param_groups(student.named_parameters(), pcfg.model.backbone.depth_, pcfg.optim.layerwise_decay,
                      pcfg.optim.patch_embed_lr_mult),
         lr=0.0, betas=tuple(pcfg.optim.betas), weight_decay=0.0,
-        fused=True if device.type == "cuda" and not use_fsdp else None)  # one kernel per step on GPU
+        # One fused kernel for all parameters (CUDA, and CPU since torch 2.4: the default there is a per-tensor
+        # loop); FSDP2's sharded DTensors take the default path.
+        fused=True if device.type in ("cuda", "cpu") and not use_fsdp else None)
     clip_modules = {"backbone": student.backbone, "dino_head": student.dino_head}
     if student.ibot_head is not None:
         clip_modules["ibot_head"] = student.ibot_head
@@ -282,7 +284,8 @@ def _throughput(cfg: RunConfig, plan: CropPlan, device: torch.device, world: int
     ibot_head_cfg = (mc.ibot_head or mc.dino_head) if mc.ibot_separate_head else None
     flops = dinov2_train_flops_per_image(
         mc.backbone, mc.dino_head, ibot_head_cfg or mc.dino_head, plan.global_px, plan.local_px, plan.n_global,
-        plan.n_local, plan.mask_probability, plan.mask_ratio_mean)
+        plan.n_local, plan.mask_probability, plan.mask_ratio_mean,
+        subset_drop_path=mc.backbone.drop_path_rate if mc.backbone.drop_path_rate > SUBSET_DROP_PATH_ABOVE else 0.0)
     peak = peak_tflops(device, cfg.train.precision, cfg.log.peak_tflops)
     log.info("model: %.1fM student parameters; %s", sum(p.numel() for p in student.parameters()) / 1e6,
              flops.summary())
