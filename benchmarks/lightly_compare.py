@@ -197,7 +197,8 @@ def extra_callback(callback):
         train_helpers.get_trainer = inner
 
 
-def run_one(images: Path, out_dir: Path, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
+def run_one(images: Path, out_dir: Path, precision: str, batch_size: int, steps: int, warmup: int,
+            drop_path: float = 0.3) -> dict:
     """Train ``warmup + steps`` steps with lightly-train; figures over the last ``steps``."""
     import lightly_train
 
@@ -210,6 +211,9 @@ def run_one(images: Path, out_dir: Path, precision: str, batch_size: int, steps:
             out=str(out_dir),
             data=str(images),
             model=MODEL,
+            # configs/train/vits14.yaml's stochastic depth (lightly's vits14 default is 0.1); above 0.1 both sides
+            # run each residual branch on the kept samples only (dinov2's drop_add_residual_stochastic_depth).
+            model_args={"drop_path_rate": drop_path, "drop_path_uniform": True},
             method="dinov2",
             method_args=METHOD_ARGS,
             transform_args=TRANSFORM_ARGS,
@@ -252,6 +256,8 @@ def main() -> None:
     p.add_argument("--images", type=Path, default=None,
                    help="folder of 224-px images (default: tiles cut from --slide)")
     p.add_argument("--slide", type=Path, default=SAMPLE_SLIDE, help="slide to cut tiles from (default: bundled)")
+    p.add_argument("--drop-path", type=float, default=0.3, help="student drop path, uniform (vits14 preset: 0.3)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be at least 1 (the first step builds the optimizer state)")
@@ -271,7 +277,7 @@ def main() -> None:
         for precision in precisions:
             try:
                 r = run_one(images, Path(tmp) / f"run_{precision}", precision, args.batch_size, args.steps,
-                            args.warmup)
+                            args.warmup, args.drop_path)
                 r["ok"] = True
             except Exception as exc:  # noqa: BLE001 - a failed precision is a row, not the end of the table
                 r = {"precision": precision, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -290,6 +296,10 @@ def main() -> None:
               f"{statistics.mean(r['step_s']):>9.1f}{statistics.mean(r['load_s']):>13.2f}"
               f"{r['warmup_step_s']:>11.1f}")
     print("step: forward+backward+optimizer+teacher update, loading excluded; wall: + main-process loading")
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

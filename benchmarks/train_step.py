@@ -71,7 +71,7 @@ def tiny_store(path: Path, tile_px: int) -> Path:
 
 
 def run_one(preset: str, precision: str, compile_: bool, batch_size: int | None, steps: int, warmup: int,
-            data: str, peak: float | None, extra: list[str]) -> dict:
+            data: str, peak: float | None, extra: list[str], store_path: Path | None = None) -> dict:
     """Train ``warmup + steps`` steps; figures from the loop's metric window over the last ``steps`` steps.
 
     ``warmup`` is rounded up to a multiple of ``steps`` so that a logging window ends exactly where it does.
@@ -94,15 +94,19 @@ def run_one(preset: str, precision: str, compile_: bool, batch_size: int | None,
         if data == "synthetic":
             overrides.append("train.synthetic_data=true")
         else:
-            probe = load_config(cfg_path, overrides + extra)
-            store = tiny_store(Path(tmp) / "tiles.zarr", max(64, crop_plan(probe).global_px))
-            overrides += [f"data.stores=[{store}]", "data.num_workers=0"]
+            if store_path is None:
+                probe = load_config(cfg_path, overrides + extra)
+                store_path = tiny_store(Path(tmp) / "tiles.zarr", max(64, crop_plan(probe).global_px))
+            overrides += [f"data.stores=[{store_path}]", "data.num_workers=0"]
         cfg = load_config(cfg_path, overrides + extra)
         train(cfg)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "images_per_s" in r][-1]
     assert last["step"] == warmup + steps
     out = {k: last[k] for k in ("images_per_s", "data_wait_share", "tflops_per_s", "memory_mb", "loss")}
+    # Loading excluded (as lightly_compare.py's "step" figure): the loop's wall time less its wait for batches.
+    out["step_images_per_s"] = last["images_per_s"] / max(1.0 - last["data_wait_share"], 1e-9)
+    out["flops_per_image"] = last["tflops_per_s"] * 1e12 / last["images_per_s"]
     out["batch_size"] = cfg.train.batch_size
     if "mfu" in last:
         out["mfu"] = last["mfu"]
@@ -119,6 +123,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="discarded optimizer steps before them")
     p.add_argument("--data", choices=["synthetic", "store"], default="synthetic",
                    help="synthetic pixels (model speed) or a tile store cut from the bundled slide (+ loading)")
+    p.add_argument("--store", type=Path, default=None, help="with --data store: this tile store instead")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / CPU matmul)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
@@ -142,7 +147,7 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 r = run_one(args.preset, precision, compile_, args.batch_size, args.steps, args.warmup, args.data,
-                            peak, args.overrides)
+                            peak, args.overrides, args.store)
                 r.update(ok=True)
             except Exception as exc:  # noqa: BLE001 - a failed configuration is a row, not the end of the table
                 r = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}

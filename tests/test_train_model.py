@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pathdino.models import BackboneConfig, HeadConfig
-from pathdino.train.loop import _clip_gradients
+from pathdino.train.step import _clip_gradients
 from pathdino.train.model import SSLModel, build_student_teacher, ema_update_
 from pathdino.train.param_groups import apply_schedule, drop_frozen_grads, param_groups
 from pathdino.train.schedules import ScheduleValues

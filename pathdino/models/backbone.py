@@ -17,6 +17,7 @@ import timm
 import torch
 from timm.layers import DropPath
 from timm.models import VisionTransformer, checkpoint_seq
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from tiling.configio import ConfigError
@@ -55,7 +56,10 @@ class BackboneConfig:
         num_register_tokens: register tokens (4, "reg4"); 0 gives the plain dinov2 layout.
         layerscale_init: LayerScale initial value (1e-5); None disables LayerScale.
         drop_path_rate: stochastic-depth rate, the same for every block (DINOv2 "drop_path_uniform"); 0.3 as the
-            DINOv2 default config (0.4 for L/g). Training-only: not part of the timm kwargs.
+            DINOv2 default config (0.4 for L/g). Training-only: not part of the timm kwargs. Above 0.1 each residual
+            branch runs only on a random subset of int(B * (1 - rate)) samples and is added back scaled by
+            B / subset (dinov2's ``drop_add_residual_stochastic_depth``): the same expected update as per-sample
+            drop path, at (1 - rate) of the branch compute; at 0.1 or below, per-sample drop path (timm DropPath).
         ffn: "mlp" (GELU MLP, ratio mlp_ratio) or "swiglu" (timm SwiGLUPacked with DINOv2's hidden width);
             "auto" resolves to swiglu for vit_giant, mlp otherwise.
         mlp_ratio: MLP hidden width / embed_dim for ffn="mlp" (4.0).
@@ -183,8 +187,38 @@ def build_backbone(cfg: BackboneConfig) -> VisionTransformer:
         # timm's drop_path_rate is a linear ramp; DINOv2 uses the same rate in every block.
         block.drop_path1 = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
         block.drop_path2 = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
+        if cfg.drop_path_rate > SUBSET_DROP_PATH_ABOVE and type(block) is Block:
+            # Same parameters and names: only the training forward differs (skips the dropped samples).
+            block.__class__ = SubsetDropPathBlock
     set_fused_attention(model, True)  # F.scaled_dot_product_attention even if TIMM_FUSED_ATTN=0 is set
     return model
+
+
+# dinov2's threshold: below it, whole-batch subsets would drop too coarsely for small per-process batches.
+SUBSET_DROP_PATH_ABOVE = 0.1
+
+
+def _add_residual_on_subset(x: torch.Tensor, branch, drop_ratio: float) -> torch.Tensor:
+    """``x + branch(x)`` where the branch runs on a random int(B * (1 - drop_ratio)) samples only, scaled up by
+    B / subset (the other samples keep ``x``): stochastic depth without computing the dropped samples."""
+    b = x.shape[0]
+    keep = max(int(b * (1 - drop_ratio)), 1)
+    idx = torch.randperm(b, device=x.device)[:keep]
+    residual = branch(x.index_select(0, idx))
+    out = torch.index_add(x.flatten(1), 0, idx, residual.flatten(1).to(x.dtype), alpha=b / keep)
+    return out.view_as(x)
+
+
+class SubsetDropPathBlock(Block):
+    """A timm ``Block`` whose training forward applies stochastic depth by running each residual branch on the
+    kept samples only (see ``BackboneConfig.drop_path_rate``), at the rate of its ``drop_path1`` / ``drop_path2``
+    (timm ``DropPath`` modules, which act only in the plain forward: eval, or an attention mask)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if not self.training or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = _add_residual_on_subset(x, lambda t: self.ls1(self.attn(self.norm1(t))), self.drop_path1.drop_prob)
+        return _add_residual_on_subset(x, lambda t: self.ls2(self.mlp(self.norm2(t))), self.drop_path2.drop_prob)
 
 
 def set_fused_attention(module: nn.Module, enabled: bool) -> None:

@@ -19,6 +19,11 @@ from pathdino.models.heads import HeadConfig
 
 def vit_forward_flops(cfg: BackboneConfig, img_size_px: int) -> int:
     """Forward FLOPs of the backbone for one square image of ``img_size_px`` (floor(px / patch) patches a side)."""
+    return sum(_vit_forward_parts(cfg, img_size_px))
+
+
+def _vit_forward_parts(cfg: BackboneConfig, img_size_px: int) -> tuple[int, int]:
+    """(patch embedding, all blocks) forward FLOPs for one image."""
     grid = img_size_px // cfg.patch_size
     if grid < 1:
         raise ValueError(f"img_size_px={img_size_px} is smaller than one {cfg.patch_size}-px patch")
@@ -28,7 +33,7 @@ def vit_forward_flops(cfg: BackboneConfig, img_size_px: int) -> int:
     patch_embed = 2 * n_patches * 3 * cfg.patch_size**2 * d
     attention = 6 * n_tokens * d * d + 4 * n_tokens * n_tokens * d + 2 * n_tokens * d * d
     ffn = (6 if cfg.ffn == "swiglu" else 4) * n_tokens * d * h
-    return patch_embed + cfg.depth_ * (attention + ffn)
+    return patch_embed, cfg.depth_ * (attention + ffn)
 
 
 def head_flops_per_token(in_dim: int, cfg: HeadConfig) -> int:
@@ -68,16 +73,22 @@ def dinov2_train_flops_per_image(
     n_local: int = 8,
     mask_probability: float = 0.5,
     mask_ratio_mean: float = 0.3,
+    subset_drop_path: float = 0.0,
 ) -> TrainFlops:
     """Nominal training FLOPs per tile: teacher forward on the global crops (DINO head on CLS, iBOT head on the
     masked positions), student forward+backward on global and local crops (DINO head on every CLS, iBOT head on
     masked tokens). Heads default to ``HeadConfig.for_arch``; the expected masked tokens per tile are
-    ``n_global * mask_probability * mask_ratio_mean * patches`` (DINOv2: half the global crops, ratio ~U[0.1, 0.5])."""
+    ``n_global * mask_probability * mask_ratio_mean * patches`` (DINOv2: half the global crops, ratio ~U[0.1, 0.5]).
+    ``subset_drop_path``: the student's blocks run on (1 - this) of the samples (subset stochastic depth, see
+    ``BackboneConfig.drop_path_rate``), so only that share of their FLOPs is counted: MFU stays what was computed."""
     dino_head = dino_head or HeadConfig.for_arch(cfg.arch)
     ibot_head = ibot_head or dino_head
     global_px = global_px or cfg.img_size
     fwd_global = vit_forward_flops(cfg, global_px)
-    fwd_local = vit_forward_flops(cfg, local_px) if n_local else 0
+    keep = 1.0 - subset_drop_path
+    student_global = _vit_forward_parts(cfg, global_px)[0] + keep * _vit_forward_parts(cfg, global_px)[1]
+    student_local = (_vit_forward_parts(cfg, local_px)[0] + keep * _vit_forward_parts(cfg, local_px)[1]
+                     if n_local else 0)
     d = cfg.embed_dim_
     masked = n_global * mask_probability * mask_ratio_mean * (global_px // cfg.patch_size) ** 2
     dino_tok, ibot_tok = head_flops_per_token(d, dino_head), head_flops_per_token(d, ibot_head)
@@ -85,7 +96,7 @@ def dinov2_train_flops_per_image(
     student_heads = 3 * ((n_global + n_local) * dino_tok + masked * ibot_tok)
     return TrainFlops(
         teacher_backbone=float(n_global * fwd_global),
-        student_backbone=float(3 * (n_global * fwd_global + n_local * fwd_local)),
+        student_backbone=float(3 * (n_global * student_global + n_local * student_local)),
         heads=float(teacher_heads + student_heads),
         masked_tokens_per_image=masked,
     )

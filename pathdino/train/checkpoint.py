@@ -201,8 +201,15 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def _load_model(module: nn.Module, file: Path) -> None:
+    from pathdino.train.phases import resample_position_embeddings
+
     sd = load_file(file)
-    own = set(get_model_state_dict(module, options=StateDictOptions(full_state_dict=False)).keys())
+    own_sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
+    own = set(own_sd.keys())
+    # A checkpoint from another crop-size phase: its position embedding is fitted to this model's grid.
+    resized = resample_position_embeddings(sd, {k: v.shape for k, v in own_sd.items()})  # global shapes (DTensor)
+    if resized:
+        log.info("%s: resampled %s to this model's grid", file.name, ", ".join(resized))
     missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
     if missing or unexpected:
         raise CheckpointError(
@@ -220,6 +227,12 @@ def _load_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer, file: 
     unknown = sorted(set(optim_sd["state"]) - set(named))
     if unknown:
         raise CheckpointError(f"{file} has optimizer state for parameters this model lacks: {unknown[:5]}")
+    from pathdino.train.phases import drop_mismatched_optimizer_state
+
+    # A resampled position embedding (phase switch) restarts its AdamW moments.
+    dropped = drop_mismatched_optimizer_state(optim_sd, {n: p.shape for n, p in named.items()})
+    if dropped:
+        log.info("%s: AdamW state of %s restarts (shape changed)", file.name, ", ".join(dropped))
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     # strict=False: a parameter without state is legitimate (the last layer while it is frozen) ...
     set_optimizer_state_dict(student, optimizer, optim_sd,

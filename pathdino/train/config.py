@@ -101,6 +101,22 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class PhaseConfig:
+    """A closing phase of the run at other crop sizes, e.g. DINOv2's short high-resolution phase (518 px).
+
+    Phases fill the end of ``train.total_steps`` in the order listed; the steps before them use ``augment`` and
+    ``train.batch_size``. Schedules continue (they count optimizer steps); the position embedding is resampled
+    once, at the switch (see pathdino/train/phases.py and docs/training.md).
+    """
+
+    steps: int  # length in optimizer steps
+    global_crop_px: int  # also the backbone's img_size during the phase (a multiple of the patch size)
+    local_crop_px: int | None = None  # None = augment.local_crop_px
+    batch_size: int | None = None  # images per optimizer step; None = train.batch_size (lr follows optim.lr_scaling)
+    grad_accum_steps: int | None = None  # None = train.grad_accum_steps
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The run: batch, length, precision, parallelism, checkpoints."""
 
@@ -119,6 +135,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # this many consecutive NaN/inf steps stop the run
     stop_at_step: int | None = None  # stop (after a checkpoint) at this step; schedules still use total_steps
     synthetic_data: bool = False  # random pixels instead of tile stores (benchmarks, smoke tests)
+    phases: tuple[PhaseConfig, ...] = ()  # closing phases at other crop sizes / batch sizes (high resolution)
 
     def __post_init__(self) -> None:
         _check_fields("train", positive={"total_steps": self.total_steps, "batch_size": self.batch_size,
@@ -227,6 +244,10 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
     if o.warmup_steps > t.total_steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
                           key="optim.warmup_steps")
+    if t.phases:
+        from pathdino.train.phases import validate_phases
+
+        validate_phases(cfg, world_size, check_stores)
     if check_stores and not t.synthetic_data:
         from pathdino.data import validate_stores
         from tiling.store import StoreError

@@ -1,0 +1,139 @@
+"""One optimizer step, in three functions the loop calls in order.
+
+* ``training_step``: the DINOv2 objective on one micro-batch (teacher targets, student passes, DINO + iBOT +
+  KoLeo/KDE, backward); read it beside dinov2's ``SSLMetaArch.forward_backward``.
+* ``reduce_step``: clip the gradients, and agree across processes on the loss terms, whether the step is finite,
+  whether to stop, and (on logging steps) the health figures, in one collective.
+* ``apply_update``: AdamW, the EMA teacher and the teacher centers, only for a finite step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathdino.train.distributed import all_reduce_sum_, gradient_sync
+from pathdino.train.health import effective_rank, entropy
+from pathdino.train.model import ema_update_
+from pathdino.train.param_groups import drop_frozen_grads
+from pathdino.train.schedules import ScheduleValues
+
+LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "uniformity", "masked_tokens")
+HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank")
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What the rest of the step needs from one micro-step's objective (all detached)."""
+
+    terms: torch.Tensor  # [len(LOSS_TERMS)]: total loss, its parts, and the number of masked tokens
+    teacher_cls_logits: torch.Tensor  # [G*B, K]: input to the DINO center update
+    teacher_patch_logits: torch.Tensor  # [M, K]: input to the iBOT center update
+    teacher_targets: torch.Tensor  # [G*B, K]: the DINO targets (teacher probabilities), for health figures
+    teacher_cls: torch.Tensor  # [G*B, D]: teacher backbone CLS, for the embedding rank
+    student_cls_logits: torch.Tensor  # [G*B, K]
+
+
+def training_step(run: Any, batch: Any, values: ScheduleValues, sync: bool) -> StepOutputs:
+    """The objective on one micro-batch: teacher targets -> student passes -> losses -> backward.
+
+    Gradients are divided by the number of micro-steps; ``sync`` lets DDP/FSDP2 reduce them (the last micro-step).
+    The teacher centers are not updated here: only once the whole step is known to be finite (``apply_update``).
+    """
+    lc, accum = run.cfg.loss, run.cfg.train.grad_accum_steps
+    dino_loss, ibot_loss = run.losses["dino"], run.losses["ibot"]
+    n_global = batch.n_global
+    # The one host sync of the micro-step: where the masked patches are (teacher, student, iBOT).
+    mask_idx = batch.masks.flatten().nonzero().squeeze(1)
+    token_weights = (1.0 / batch.masks.sum(dim=1).clamp_min(1).float()).index_select(
+        0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
+    with gradient_sync(run.model, enabled=sync):
+        with run.autocast:
+            with torch.no_grad():
+                t_out = run.teacher(batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx)
+                dino_t = dino_loss.teacher_targets(t_out["global_cls_logits"], values.teacher_temp,
+                                                   update_center=False)
+                ibot_t = ibot_loss.teacher_targets(t_out["masked_patch_logits"], values.teacher_temp,
+                                                   update_center=False)
+            s_out = run.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx)
+            dino_global, dino_local = dino_loss.forward_terms(
+                s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, n_global)
+            ibot = ibot_loss(s_out["masked_patch_logits"], ibot_t, batch.masks, n_global, token_weights=token_weights)
+            reg = (run.uniformity(s_out["global_cls"], n_chunks=n_global) if run.uniformity is not None
+                   else dino_global.new_zeros(()))
+            loss = lc.dino_weight * (dino_global + dino_local) + lc.ibot_weight * ibot + lc.uniformity_weight * reg
+        (loss / accum).backward()
+    terms = torch.stack([loss.detach(), dino_global.detach(), dino_local.detach(), ibot.detach(),
+                         reg.detach().float(), loss.new_tensor(float(mask_idx.shape[0]))])
+    return StepOutputs(terms=terms, teacher_cls_logits=t_out["global_cls_logits"].detach(),
+                       teacher_patch_logits=t_out["masked_patch_logits"].detach(), teacher_targets=dino_t,
+                       teacher_cls=t_out["global_cls"], student_cls_logits=s_out["global_cls_logits"].detach())
+
+
+@dataclass(frozen=True)
+class ReducedStep:
+    """The step's figures as every process agrees on them (host floats)."""
+
+    terms: list[float]  # LOSS_TERMS summed over processes (divide by world size for the mean)
+    finite: bool  # every process's loss and gradient norm are finite
+    stop_requested: bool  # some process received a stop signal
+    health: list[float]  # HEALTH_TERMS summed over processes; empty except on logging steps
+    grad_norm: float  # total, over all clipped modules, before clipping
+    grad_norms: dict[str, float]  # per clipped module, before clipping
+
+
+def reduce_step(run: Any, terms: torch.Tensor, last: StepOutputs, values: ScheduleValues, with_health: bool,
+                stop_flag: bool) -> ReducedStep:
+    """Drop frozen gradients, clip per module, and make the step's one collective and one device -> host copy."""
+    drop_frozen_grads(run.optimizer, values)
+    grad_norms = _clip_gradients(run.clip_modules, run.cfg.optim.clip_grad)
+    grad_norm = torch.stack(list(grad_norms.values())).float().square().sum().sqrt()
+    health = torch.zeros(0, device=run.device)
+    if with_health:
+        with torch.no_grad():
+            student_probs = F.softmax(last.student_cls_logits.float() / run.cfg.loss.student_temp, dim=-1)
+            dino_t = last.teacher_targets
+            health = torch.tensor([
+                entropy(dino_t).item(), entropy(dino_t.float().mean(dim=0, keepdim=True)).item(),
+                entropy(student_probs).item(), effective_rank(last.teacher_cls),
+            ], device=run.device)
+    bad = (~torch.isfinite(terms[0]) | ~torch.isfinite(grad_norm)).float()
+    # One collective per step: loss terms, the finite flag, a stop request and health figures.
+    packed = all_reduce_sum_(torch.cat([terms, bad.view(1), terms.new_tensor([float(stop_flag)]), health.float()]))
+    # Grad norms are identical on every process (taken after the gradient all-reduce): not reduced.
+    norm_values = torch.stack([grad_norm, *grad_norms.values()]).float()
+    flat = torch.cat([packed, norm_values]).tolist()  # the step's one device -> host transfer
+    n = len(LOSS_TERMS)
+    reduced, norms = flat[:packed.numel()], flat[packed.numel():]
+    return ReducedStep(terms=reduced[:n], finite=reduced[n] == 0, stop_requested=reduced[n + 1] > 0,
+                       health=reduced[n + 2:], grad_norm=norms[0], grad_norms=dict(zip(grad_norms, norms[1:])))
+
+
+def apply_update(run: Any, values: ScheduleValues, finite: bool, outputs: list[StepOutputs]) -> None:
+    """AdamW, EMA teacher and teacher centers (from every micro-step's teacher logits) if ``finite``; clear grads."""
+    if finite:
+        run.optimizer.step()
+        ema_update_(run.teacher, run.student, values.momentum)
+        if run.cfg.loss.targets == "centering":
+            for out in outputs:
+                run.losses["dino"].targets.update_center(out.teacher_cls_logits)
+                run.losses["ibot"].targets.update_center(out.teacher_patch_logits)
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _clip_gradients(modules: dict[str, nn.Module], max_norm: float) -> dict[str, torch.Tensor]:
+    """Clip each module's gradients to ``max_norm`` separately (as DINOv2); returns the norms before clipping."""
+    norms = {}
+    for name, module in modules.items():
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            norms[name] = torch.zeros((), device=next(module.parameters()).device)
+            continue
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        norms[name] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norms
