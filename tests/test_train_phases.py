@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from pathdino.train.checkpoint import list_checkpoints
 from pathdino.train.config import load_config, validate_config
 from pathdino.train.loop import train
-from pathdino.train.phases import phase_at, phase_config, resample_position_embeddings
+from pathdino.models.pos_embed import resample_position_embeddings
+from pathdino.train.phases import phase_at, phase_config
 from tests.test_train_resume import SMOKE, assert_same_checkpoint, assert_same_run, make_tile_store, steps
 from tiling.configio import ConfigError
 

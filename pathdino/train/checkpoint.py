@@ -201,7 +201,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def _load_model(module: nn.Module, file: Path) -> None:
-    from pathdino.train.phases import resample_position_embeddings
+    from pathdino.models.pos_embed import resample_position_embeddings
 
     sd = load_file(file)
     own_sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))

@@ -4,18 +4,17 @@ Phase 0 is the run as ``augment`` and ``train`` describe it; phase i >= 1 is ``t
 the end of ``train.total_steps`` in order, so ``phase_at(cfg, step)`` is a pure function of the optimizer step and
 schedules simply continue. ``phase_config`` gives the config in effect during a phase: crop sizes, the backbone's
 ``img_size`` (its position-embedding grid) and the batch replaced. The switch itself (loop.py) checkpoints, then
-rebuilds the run for the new phase from that checkpoint, exactly as a resume would; ``resample_position_embeddings``
-fits the checkpoint's position embedding to the new grid (timm's ``resample_abs_pos_embed``) on the way in.
+rebuilds the run for the new phase from that checkpoint, exactly as a resume would;
+``models.pos_embed.resample_position_embeddings`` fits the checkpoint's position embedding to the new grid (timm's ``resample_abs_pos_embed``) on the way in.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 
-from pathdino.train.config import PhaseConfig, RunConfig, per_process_batch
+from pathdino.train.config import RunConfig, per_process_batch
 from tiling.configio import ConfigError
 
 
@@ -100,33 +99,6 @@ def _check_phase_stores(pcfg: RunConfig, key: str) -> None:
             f"crops must fit in the stores' tiles: tile the slides again at the same target_mpp with tile_px >= {px} "
             "(pathdino tile ... --tile-px) into a new store and train on it (docs/training.md, 'Phases')") from exc
 
-
-def resample_position_embeddings(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> list[str]:
-    """Resample, in ``state``, every ``*pos_embed`` whose grid differs from ``shapes[key]``; returns those keys.
-
-    A position embedding is [1, P + H*W, D] with P prefix slots (0 with registers, 1 CLS slot without); the grid part
-    is resampled bicubically with timm's ``resample_abs_pos_embed``, the prefix slots are kept.
-    """
-    from timm.layers import resample_abs_pos_embed
-
-    changed = []
-    for key, value in state.items():
-        if not key.endswith("pos_embed") or key not in shapes or tuple(value.shape) == tuple(shapes[key]):
-            continue
-        old_len, new_len = value.shape[1], shapes[key][1]
-        prefix = next((p for p in range(9) if _is_square(old_len - p) and _is_square(new_len - p)), None)
-        if prefix is None or value.shape[0] != 1 or value.shape[2] != shapes[key][2]:
-            continue  # not a square-grid embedding of the same width: left for the caller's shape check
-        old_side, new_side = math.isqrt(old_len - prefix), math.isqrt(new_len - prefix)
-        state[key] = resample_abs_pos_embed(value.float(), new_size=[new_side, new_side],
-                                            old_size=[old_side, old_side], num_prefix_tokens=prefix,
-                                            verbose=False).to(value.dtype)
-        changed.append(key)
-    return changed
-
-
-def _is_square(n: int) -> bool:
-    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 def drop_mismatched_optimizer_state(optim_state: dict, shapes: dict[str, torch.Size]) -> list[str]:
