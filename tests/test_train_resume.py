@@ -209,8 +209,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert json.loads((ckpt / "trainer_state.json").read_text())["nonfinite_total"] == 1
     weights = load_file(ckpt / "student.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
-    # the skipped step 2 updated nothing: AdamW took steps 1 and 3 (the last layer, frozen for 2 steps, only 3)
+    # the skipped step 2 updated nothing: AdamW took steps 1 and 3 (the frozen last layer too, at lr 0, as DINOv2)
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    taken = {name: int(s["step"]) for name, s in optim["state"].items()}
-    assert taken.pop("dino_head.last_layer.weight") == 1 and set(taken.values()) == {2}
+    assert {int(s["step"]) for s in optim["state"].values()} == {2}
     assert not (out / "done.json").exists()

@@ -60,6 +60,10 @@ class OptimConfig:
     layerwise_decay: float = 0.9  # lr x decay^(depth + 1 - layer) in the backbone (1.0 for L/g)
     patch_embed_lr_mult: float = 0.2
     freeze_last_layer_steps: int = 1_250  # prototype layers get no update for this many steps
+    # How they are frozen. zero_lr (DINOv2): lr 0 after clipping; clipping sees their gradients, AdamW's moments
+    # and step count accumulate. drop_grads (DINO v1's cancel_gradients_last_layer): gradients dropped first.
+    freeze_last_layer: Literal["zero_lr", "drop_grads"] = "zero_lr"
+    decay_tokens: bool = True  # weight-decay CLS/register tokens, pos_embed, mask_token (DINOv2); false = timm/DINO v1
     clip_grad: float = 3.0  # max grad norm per module (backbone, each head); 0 disables clipping
     momentum_teacher: float = 0.992  # EMA momentum, cosine to momentum_teacher_end (0.994 for L/g)
     momentum_teacher_end: float = 1.0

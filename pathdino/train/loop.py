@@ -144,7 +144,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
     else:
         model = accelerator.prepare_model(student) if world > 1 else student  # DDP across processes
     optimizer = torch.optim.AdamW(
-        param_groups(student.named_parameters(), mc.backbone.depth_, oc.layerwise_decay, oc.patch_embed_lr_mult),
+        param_groups(student.named_parameters(), mc.backbone.depth_, oc.layerwise_decay, oc.patch_embed_lr_mult,
+                     oc.decay_tokens),
         lr=0.0, betas=tuple(oc.betas), weight_decay=0.0,
         fused=True if device.type == "cuda" and not use_fsdp else None)  # one kernel per step on GPU
     clip_modules = {"backbone": student.backbone, "dino_head": student.dino_head}
@@ -261,7 +262,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
                 if lc.targets == "centering":
                     center_inputs.append((t_out["global_cls_logits"].detach(), t_out["masked_patch_logits"].detach()))
 
-            drop_frozen_grads(optimizer, values)
+            drop_frozen_grads(optimizer, values, oc.freeze_last_layer)
             grad_norms = _clip_gradients(clip_modules, oc.clip_grad)
             grad_norm = torch.stack(list(grad_norms.values())).float().square().sum().sqrt()
             health = torch.zeros(0, device=device)
