@@ -31,7 +31,7 @@ def test_gradient_accumulation_runs_micro_steps(tmp_path):
     records = losses(out)
     assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
     state = json.loads((list_checkpoints(out)[-1][1] / "trainer_state.json").read_text())
-    assert state["loader_states"][0]["index"] == 6  # 2 micro-batches of 4 tiles per optimizer step
+    assert state["loader_states"][0]["next_sample"] == 24  # 3 steps x 2 micro-batches x 4 tiles
     assert records[0]["masked_tokens"] > 0
 
 
