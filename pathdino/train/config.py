@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pathdino.data import AugmentConfig, DataConfig, MaskConfig
 from pathdino.models import BackboneConfig, HeadConfig
+from pathdino.train.probe import EvalConfig
 from tiling.configio import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
@@ -23,7 +24,7 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # see pathdino.models.BackboneConfig
     dino_head: HeadConfig = field(default_factory=HeadConfig)  # 65,536 prototypes, bottleneck 256 (L/g: 131,072, 384)
     ibot_separate_head: bool = False  # DINOv2 shares the head for S/B; separate for L/g
-    ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head
+    ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head (L/g: 131,072 x 256)
     init_checkpoint: str | None = None  # local timm/dinov2 checkpoint to start the backbone from (no download)
 
 
@@ -114,6 +115,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # probes during training (pathdino.train.probe)
 
 
 @dataclass(frozen=True)

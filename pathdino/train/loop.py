@@ -51,6 +51,7 @@ from pathdino.train.health import (
 )
 from pathdino.train.model import build_student_teacher, ema_update_
 from pathdino.train.param_groups import apply_schedule, drop_frozen_grads, param_groups
+from pathdino.train.probe import build_probe, probe_metrics
 from pathdino.train.runtime import (
     build_loader,
     config_changes,
@@ -206,6 +207,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
     collapse = CollapseMonitor(cfg.log.collapse_after_steps, cfg.log.collapse_drop_fraction,
                                mc.dino_head.n_prototypes)
     collapse.best.update(collapse_best)
+    probe = build_probe(cfg, device)
     # The student's outputs are slices of one head pass; nothing modifies them in place, which is what FSDP2's
     # "returned a view tensor" warning is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -219,6 +221,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
     model.train()
     teacher.eval()
     stopped_early = False
+    if step == 0 and (probed := probe_metrics(probe, step, teacher)):  # the initial teacher: the probes' baseline
+        metrics.write({"step": 0, **probed}, 0)
     try:
         while step < stop_at:
             values = schedules.at(step)
@@ -313,6 +317,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
                          step, tc.total_steps, record["loss"], record["dino_global"], record["dino_local"],
                          record["ibot"], lc.uniformity, record["uniformity"], values.lr, record["images_per_s"],
                          f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
+            record.update(probe_metrics(probe, step, teacher))
             metrics.write(record, step)
             guard.update(finite, step, last_checkpoint)  # raises after too many non-finite steps in a row
 
