@@ -31,6 +31,7 @@ from pathdino.train.loop import LOSS_TERMS, train
 sys.path.insert(0, str(Path(__file__).parent))
 import train_driver  # noqa: E402
 from test_train_launch import _free_port  # noqa: E402
+from test_train_probe import make_labelled_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "train" / "cpu_smoke.yaml"
@@ -148,8 +149,10 @@ def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple[Path, Path]:
+    """2-process FSDP2 run, with in-training probes (sharded embedding): they must not change the run either."""
     base = tmp_path_factory.mktemp("fsdp")
-    proc = launch(base / "run", base / "dump", fsdp=True)
+    labelled = make_labelled_folder(base / "labelled")
+    proc = launch(base / "run", base / "dump", f"eval.probe={{data: {labelled}, every_steps: 2}}", fsdp=True)
     assert "FSDP2" in proc.stderr
     return base / "run", base / "dump"
 
@@ -167,6 +170,10 @@ def test_fsdp2_matches_one_process(reference, fsdp_run):
     assert_close_losses(records(reference), records(out), [1, 2, 3, 4])
     assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
     assert_ranks_equal(dump, ("centers",))  # weights are sharded; the gathered checkpoint is compared above
+    probed = [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "probe_knn_accuracy" in line]
+    assert probed == [0, 2, 4]
 
 
 def test_resume_two_processes_on_one(reference, ddp_run, tmp_path, monkeypatch):

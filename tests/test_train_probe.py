@@ -21,13 +21,11 @@ PROBE_KEYS = ("probe_knn_accuracy", "probe_knn_balanced_accuracy", "probe_linear
               "probe_linear_balanced_accuracy")
 
 
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> Path:
+def make_labelled_folder(root: Path) -> Path:
     """Class folders of two kinds of texture (horizontal vs vertical stripes, random colours and phases)."""
-    root = tmp_path_factory.mktemp("probe")
     rng = np.random.default_rng(0)
     for name, axis in (("horizontal", 0), ("vertical", 1)):
-        (root / name).mkdir()
+        (root / name).mkdir(parents=True)
         for i in range(14):
             period = rng.integers(6, 14)
             wave = (np.sin(np.arange(64) * 2 * np.pi / period + rng.uniform(0, 6)) > 0).astype(np.float32)
@@ -36,6 +34,11 @@ def labelled(tmp_path_factory) -> Path:
             img = (pattern[..., None] * colour + (1 - pattern[..., None]) * 30).astype(np.uint8)
             Image.fromarray(img).save(root / name / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    return make_labelled_folder(tmp_path_factory.mktemp("probe") / "tiles")
 
 
 def config(out: Path, *overrides: str):

@@ -127,9 +127,14 @@ class TrainingProbe:
             if pad:  # equal forward calls on every process (FSDP2 collectives), padding rows dropped later
                 filler = torch.zeros(pad, 3, self.img_px, self.img_px)
                 x = filler if x is None else torch.cat([x, filler])
+            x = x.to(self.device)
+            no_mask = torch.zeros(x.shape[0], 1, dtype=torch.bool, device=self.device)
             with autocast:
-                out = teacher.backbone.forward_crops(x.to(self.device), None, None)
-            feats.append(out["global"]["cls"].float())
+                # Through the root module's forward, as in training: FSDP2 gathers the root's own parameters
+                # (patch embedding, tokens, final norm) only there. No patch is masked: the heads see CLS rows only.
+                out = teacher(x, None, no_mask, teacher=True,
+                              mask_indices=torch.zeros(0, dtype=torch.long, device=self.device))
+            feats.append(out["global_cls"].float())
         local = torch.cat(feats) if feats else torch.zeros(0)
         if world > 1:
             gathered = [torch.empty_like(local) for _ in range(world)]
