@@ -209,13 +209,15 @@ def test_resume_fsdp2_checkpoint_with_ddp(reference, fsdp_run, tmp_path):
 
 
 def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(tmp_path):
-    """Rank 1's loss value is NaN at step 2 (gradients finite, so DDP's all-reduce cannot spread it) and at steps
-    4 and 5: every rank skips those steps, weights stay equal across ranks, and two in a row exit with code 3."""
+    """Rank 1 alone has a NaN loss value at step 2 (gradients finite, so DDP's all-reduce cannot spread it): every
+    rank skips the step and the weights stay equal across ranks. Both ranks' values are NaN at steps 4 and 5 (so a
+    broken consensus fails the assertions below rather than leaving one rank waiting in a collective): two
+    non-finite steps in a row exit with code 3 through the command line."""
     out, dump = tmp_path / "run", tmp_path / "dump"
     proc = launch(out, dump, "train.total_steps=6", "train.checkpoint_every_steps=1", "train.max_nonfinite_steps=2",
-                  poison="1:2,4,5", expect_code=3)
+                  poison="1:2,4,5;0:4,5", expect_code=3)
     assert "exitcode  : 3" in proc.stdout + proc.stderr
-    log = records(out)  # written by rank 0, whose own values were finite throughout
+    log = records(out)  # written by rank 0, whose own values were finite at step 2
     assert [log[s]["skipped"] for s in sorted(log)] == [False, True, False, True, True]
     assert_ranks_equal(dump, ("student", "teacher", "centers"))
     # AdamW stepped at steps 1 and 3 only, on both ranks alike (same weights): 2 steps in the step-3 checkpoint

@@ -10,7 +10,7 @@ functions the loop calls, according to environment variables:
   every rank, so equal digests mean the ranks hold equal weights; FSDP2 ranks hold different shards). After a
   resume, rank 0 writes what was actually reloaded (the gathered student, teacher, optimizer state) and every
   rank writes its loss buffers and its loader position, for comparison with the checkpoint's files.
-* ``PATHDINO_TEST_POISON=<rank>:<step>,<step>...``: on that rank, the DINO loss VALUE of those (1-based) steps is
+* ``PATHDINO_TEST_POISON=<rank>:<step>,<step>...[;<rank>:...]``: on that rank, the DINO loss VALUE of those steps is
   NaN while its gradient stays finite (a detached NaN is added), so only that rank's own finiteness check can
   notice: the test of the all-process agreement to skip a step.
 
@@ -107,15 +107,18 @@ def install(dump: Path, poison: str | None = None) -> None:
 
     loop.save_checkpoint, loop.load_checkpoint, loop.build_loader = save_checkpoint, load_checkpoint, build_loader
     if poison:
-        rank_text, steps_text = poison.split(":")
-        steps = {int(s) for s in steps_text.split(",")}
+        by_rank: dict[int, set[int]] = {}
+        for part in poison.split(";"):
+            rank_text, steps_text = part.split(":")
+            by_rank[int(rank_text)] = {int(s) for s in steps_text.split(",")}
         forward_terms = DINOLoss.forward_terms
         calls = {"n": 0}
 
         def poisoned(self, *args, **kwargs):
             global_term, local_term = forward_terms(self, *args, **kwargs)
             calls["n"] += 1
-            if _rank() == int(rank_text) and calls["n"] in steps:
+            # The rank is read here: the process group does not exist yet when install() runs.
+            if calls["n"] in by_rank.get(_rank(), set()):
                 global_term = global_term + torch.full_like(global_term, float("nan")).detach()
             return global_term, local_term
 
