@@ -132,6 +132,18 @@ def truncate_at(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_logging():
+    """In-process train() installs pathdino's log handler (propagate off); later tests' caplog needs it undone."""
+    import logging
+
+    logger = logging.getLogger("pathdino")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate, logger.level = propagate, level
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The 1-process run at global batch 8 (in-process): checkpoints at steps 2 and 4."""
