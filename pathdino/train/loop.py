@@ -221,9 +221,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
     model.train()
     teacher.eval()
     stopped_early = False
-    if step == 0 and (probed := probe_metrics(probe, step, teacher)):  # the initial teacher: the probes' baseline
-        metrics.write({"step": 0, **probed}, 0)
     try:
+        if step == 0 and (probed := probe_metrics(probe, step, teacher)):  # the initial teacher: probes' baseline
+            metrics.write({"step": 0, **probed}, 0)
         while step < stop_at:
             values = schedules.at(step)
             apply_schedule(optimizer, values)
