@@ -45,7 +45,7 @@ WEIGHT_TOL = 1e-5
 
 
 def launch(out: Path, dump: Path, *overrides: str, resume: bool = False, fsdp: bool = False,
-           poison: str | None = None, expect_code: int = 0) -> subprocess.CompletedProcess:
+           poison: str | None = None, expect_code: int = 0, timeout_s: int = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd += ["--config_file", str(FSDP2)] if fsdp else ["--multi_gpu"]
     cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -57,7 +57,11 @@ def launch(out: Path, dump: Path, *overrides: str, resume: bool = False, fsdp: b
     env.pop("PATHDINO_TEST_POISON", None)
     if poison:
         env["PATHDINO_TEST_POISON"] = poison
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # A hung launch (ranks waiting in mismatched collectives) ends by the workers' own deadline (train_driver.py).
+    env["PATHDINO_TEST_DEADLINE_S"] = str(timeout_s)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s + 60)
+    if "PATHDINO_TEST_DEADLINE" in proc.stderr or proc.returncode == 124 or "exitcode  : 124" in proc.stderr:
+        raise AssertionError(f"launch hung for {timeout_s} s (ranks out of step?):\n{proc.stderr[-4000:]}")
     if (proc.returncode == 0) != (expect_code == 0):
         raise AssertionError(f"launch exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
     return proc
@@ -227,7 +231,7 @@ def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(tmp_path):
     non-finite steps in a row exit with code 3 through the command line."""
     out, dump = tmp_path / "run", tmp_path / "dump"
     proc = launch(out, dump, "train.total_steps=6", "train.checkpoint_every_steps=1", "train.max_nonfinite_steps=2",
-                  poison="1:2,4,5;0:4,5", expect_code=3)
+                  poison="1:2,4,5;0:4,5", expect_code=3, timeout_s=150)
     assert "exitcode  : 3" in proc.stdout + proc.stderr
     log = records(out)  # written by rank 0, whose own values were finite at step 2
     assert [log[s]["skipped"] for s in sorted(log)] == [False, True, False, True, True]

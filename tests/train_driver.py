@@ -126,6 +126,14 @@ def install(dump: Path, poison: str | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # PATHDINO_TEST_DEADLINE_S: a rank still alive then exits (124). torchrun puts workers in their own sessions,
+    # so a test that gives up on a hung launch could not reach ranks waiting in a mismatched collective otherwise.
+    if float(os.environ.get("PATHDINO_TEST_DEADLINE_S", 0)) > 0:
+        import threading
+
+        watchdog = threading.Timer(float(os.environ["PATHDINO_TEST_DEADLINE_S"]), os._exit, args=(124,))
+        watchdog.daemon = True
+        watchdog.start()
     install(Path(os.environ["PATHDINO_TEST_DUMP"]), os.environ.get("PATHDINO_TEST_POISON"))
     from pathdino.train.__main__ import main
     from pathdino.train.distributed import exit_process
