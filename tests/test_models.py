@@ -253,7 +253,7 @@ def test_init_reports_missing_and_rejects_wrong_shapes(tmp_path):
 
 def test_head_is_l2_normalised_with_unit_gain():
     torch.manual_seed(0)
-    head = DINOHead(64, n_prototypes=50, hidden_dim=48, bottleneck_dim=16)
+    head = DINOHead(64, n_prototypes=50, hidden_dim=48, bottleneck_dim=16, trainable_gain=False)
     x = torch.randn(7, 64)
     z = head.bottleneck(x)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(7))
@@ -275,6 +275,25 @@ def test_head_is_l2_normalised_with_unit_gain():
     assert HeadConfig.for_arch("vit_small").n_prototypes == 65_536
     one_layer = DINOHead.from_config(64, HeadConfig(n_prototypes=10, bottleneck_dim=8, n_layers=1))
     assert one_layer(x).shape == (7, 10)
+
+
+def test_trainable_gain_is_torch_weight_norm_as_dinov2():
+    """Default head: prototype layer = weight_norm(Linear(bias=False)) with weight_g (starts at 1) trainable."""
+    torch.manual_seed(0)
+    head = DINOHead(64, n_prototypes=50, hidden_dim=48, bottleneck_dim=16)
+    assert [n for n, _ in head.named_parameters() if n.startswith("last_layer")] == [
+        "last_layer.weight", "last_layer.weight_g"]
+    assert head.last_layer.weight_g.shape == (50, 1) and torch.equal(head.last_layer.weight_g, torch.ones(50, 1))
+    with torch.no_grad():
+        head.last_layer.weight_g.mul_(torch.rand(50, 1) + 0.5)
+    reference = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 50, bias=False))
+    with torch.no_grad():
+        reference.parametrizations.weight.original0.copy_(head.last_layer.weight_g)
+        reference.parametrizations.weight.original1.copy_(head.last_layer.weight)
+    z = head.bottleneck(torch.randn(7, 64))
+    torch.testing.assert_close(head.last_layer(z), reference(z))
+    head(torch.randn(3, 64)).sum().backward()
+    assert head.last_layer.weight_g.grad is not None and head.last_layer.weight_g.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------- FLOPs

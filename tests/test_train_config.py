@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 SMOKE = CONFIGS / "cpu_smoke.yaml"
 
 
-@pytest.mark.parametrize("name", ["vits14", "vitb14", "vitl14", "vitg14", "cpu_smoke"])
+@pytest.mark.parametrize("name", ["vits14", "vitb14", "vitl14", "vitg14", "cpu_smoke", "small"])
 def test_presets_load_and_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     validate_config(cfg, world_size=1 if name == "cpu_smoke" else 8, check_stores=False)
@@ -30,9 +30,15 @@ def test_presets_carry_the_upstream_recipes():
     for big in (large, g):
         assert big.model.dino_head.n_prototypes == 131_072 and big.model.dino_head.bottleneck_dim == 384
         assert big.model.ibot_separate_head and big.model.ibot_head.n_prototypes == 131_072
+        assert big.model.ibot_head.bottleneck_dim == 256  # upstream overrides only the DINO head's bottleneck
         assert (big.loss.targets, big.optim.layerwise_decay, big.optim.weight_decay_end) == ("sinkhorn", 1.0, 0.2)
         assert (big.optim.momentum_teacher, big.model.backbone.drop_path_rate) == (0.994, 0.4)
-    assert g.model.backbone.ffn == "swiglu" and large.model.backbone.ffn == "mlp"
+    assert g.model.backbone.ffn == "swiglu" and large.model.backbone.ffn == "swiglu"  # ffn_layer: swiglufused
+    assert large.model.backbone.mlp_hidden_features == 2_736  # 2/3 x 4 x 1,024, rounded up to a multiple of 8
+    # DINOv2's parameter-group mechanics in every preset
+    for cfg in (s, large, g):
+        assert cfg.model.dino_head.trainable_gain and cfg.optim.decay_tokens
+        assert cfg.optim.freeze_last_layer == "zero_lr"
     # pathology augmentation defaults in every preset
     for cfg in (s, large, g):
         a = cfg.augment

@@ -8,6 +8,8 @@ import os
 import signal
 from pathlib import Path
 
+import torch
+
 from pathdino.train.checkpoint import list_checkpoints
 from pathdino.train.config import load_config
 from pathdino.train.loop import train
@@ -31,7 +33,7 @@ def test_gradient_accumulation_runs_micro_steps(tmp_path):
     records = losses(out)
     assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
     state = json.loads((list_checkpoints(out)[-1][1] / "trainer_state.json").read_text())
-    assert state["loader_states"][0]["index"] == 6  # 2 micro-batches of 4 tiles per optimizer step
+    assert state["loader_states"][0]["next_sample"] == 24  # 3 steps x 2 micro-batches x 4 tiles
     assert records[0]["masked_tokens"] > 0
 
 
@@ -73,3 +75,34 @@ def test_sigterm_finishes_the_step_checkpoints_and_stops(tmp_path):
     # and the run continues from there
     summary = train(smoke(out, "train.checkpoint_every_steps=100"), resume=True)
     assert summary["done"] and [r["step"] for r in losses(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    """train.precision=bf16 (every real preset's default) on CPU autocast: losses close to fp32 but not equal
+    (autocast really engaged), finite steps, fp32 weights in the checkpoint."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    train(smoke(fp32, "train.total_steps=2", "optim.warmup_steps=1", "model.backbone.drop_path_rate=0.0"))
+    train(smoke(bf16, "train.total_steps=2", "optim.warmup_steps=1", "model.backbone.drop_path_rate=0.0",
+                "train.precision=bf16"))
+    a, b = losses(fp32), losses(bf16)
+    assert not any(r["skipped"] for r in b)
+    for key in ("dino_global", "ibot"):
+        assert a[0][key] != b[0][key]
+        assert abs(a[0][key] - b[0][key]) <= 0.05 * abs(a[0][key]), key
+    from safetensors.torch import load_file
+
+    weights = load_file(list_checkpoints(bf16)[-1][1] / "student.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """train.compile=true: each ViT block compiled in place; same losses as eager to float tolerance."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ("train.total_steps=2", "optim.warmup_steps=1", "model.backbone.drop_path_rate=0.0")
+    train(smoke(eager, *common))
+    train(smoke(compiled, *common, "train.compile=true"))
+    a, b = losses(eager), losses(compiled)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("loss", "dino_global", "ibot", "grad_norm"):
+            assert abs(ra[key] - rb[key]) <= 1e-4 * max(1.0, abs(ra[key])), (ra["step"], key)

@@ -87,14 +87,21 @@ def test_param_groups_decay_and_lr_multipliers():
     names = [n for g in groups for n in g["names"]]
     assert sorted(names) == sorted(n for n, _ in student.named_parameters())  # each parameter exactly once
     undecayed = ["backbone.backbone.blocks.0.attn.qkv.bias", "backbone.backbone.blocks.1.norm1.weight",
-                 "backbone.backbone.blocks.2.ls1.gamma", "backbone.backbone.cls_token", "backbone.backbone.reg_token",
-                 "backbone.backbone.pos_embed", "backbone.mask_token", "backbone.backbone.norm.bias",
+                 "backbone.backbone.blocks.2.ls1.gamma", "backbone.backbone.norm.bias",
                  "dino_head.mlp.0.bias", "backbone.backbone.patch_embed.proj.bias"]
+    tokens = ["backbone.backbone.cls_token", "backbone.backbone.reg_token", "backbone.backbone.pos_embed",
+              "backbone.mask_token"]
     for name in undecayed:
         assert _group_of(groups, name)["wd_mult"] == 0.0, name
+    # DINOv2 decays everything but biases, norms and LayerScale gammas: tokens and the weight-norm gain included
     for name in ["backbone.backbone.blocks.0.attn.qkv.weight", "backbone.backbone.patch_embed.proj.weight",
-                 "dino_head.mlp.0.weight", "dino_head.last_layer.weight", "ibot_head.last_layer.weight"]:
+                 "dino_head.mlp.0.weight", "dino_head.last_layer.weight", "ibot_head.last_layer.weight",
+                 "dino_head.last_layer.weight_g", *tokens]:
         assert _group_of(groups, name)["wd_mult"] == 1.0, name
+    timm_style = param_groups(student.named_parameters(), DEPTH, decay_tokens=False)
+    for name in tokens:
+        assert _group_of(timm_style, name)["wd_mult"] == 0.0, name
+    assert _group_of(timm_style, "dino_head.last_layer.weight_g")["wd_mult"] == 1.0
     lr = {n: _group_of(groups, n)["lr_mult"] for n in names}
     assert lr["backbone.backbone.patch_embed.proj.weight"] == pytest.approx(0.9 ** (DEPTH + 1) * 0.2)
     assert lr["backbone.backbone.cls_token"] == pytest.approx(0.9 ** (DEPTH + 1))
@@ -104,7 +111,9 @@ def test_param_groups_decay_and_lr_multipliers():
     assert lr["backbone.backbone.norm.weight"] == 1.0 and lr["dino_head.mlp.0.weight"] == 1.0
     assert lr["ibot_head.last_layer.weight"] == 1.0
     last = {n for g in groups if g["is_last_layer"] for n in g["names"]}
-    assert last == {"dino_head.last_layer.weight", "ibot_head.last_layer.weight"}
+    assert last == {"dino_head.last_layer.weight", "ibot_head.last_layer.weight", "dino_head.last_layer.weight_g",
+                    "ibot_head.last_layer.weight_g"}
+    assert lr["dino_head.last_layer.weight_g"] == 1.0 and student.dino_head.last_layer.weight_g.requires_grad
 
     opt = torch.optim.AdamW(groups, lr=0.0)
     apply_schedule(opt, ScheduleValues(lr=1e-3, weight_decay=0.04, momentum=0.99, teacher_temp=0.04,
@@ -114,11 +123,14 @@ def test_param_groups_decay_and_lr_multipliers():
         assert g["weight_decay"] == pytest.approx(0.04 * g["wd_mult"])
 
 
-def test_frozen_last_layer_does_not_move_nor_accumulate_moments():
+@pytest.mark.parametrize("mode", ["zero_lr", "drop_grads"])
+def test_frozen_last_layer_does_not_move(mode):
+    """zero_lr (DINOv2): the frozen layer keeps its gradients (clipping sees them) and AdamW's moments and step
+    count accumulate at lr 0; drop_grads (DINO v1): no gradient, no moments while frozen."""
     student, teacher = _pair()
-    opt = torch.optim.AdamW(param_groups(student.named_parameters(), DEPTH), lr=0.0)
-    last = student.dino_head.last_layer.weight
-    start = last.detach().clone()
+    opt = torch.optim.AdamW(param_groups(student.named_parameters(), DEPTH), lr=0.0, weight_decay=0.0)
+    last, gain = student.dino_head.last_layer.weight, student.dino_head.last_layer.weight_g
+    start, start_gain = last.detach().clone(), gain.detach().clone()
     g, loc, masks = _batch()
     for step in range(4):
         frozen = step < 2
@@ -127,16 +139,18 @@ def test_frozen_last_layer_does_not_move_nor_accumulate_moments():
         apply_schedule(opt, values)
         out = student(g, loc, masks)
         out["global_cls_logits"].logsumexp(-1).mean().backward()
-        drop_frozen_grads(opt, values)
+        drop_frozen_grads(opt, values, mode)
+        assert (last.grad is not None) == (mode == "zero_lr" or not frozen)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if frozen:
-            assert torch.equal(last, start) and last not in opt.state
+            assert torch.equal(last, start) and torch.equal(gain, start_gain)
+            assert (last in opt.state) == (mode == "zero_lr")
         else:
-            assert not torch.equal(last, start)
+            assert not torch.equal(last, start) and not torch.equal(gain, start_gain)
     # everything else was trained all along
     assert opt.state[student.dino_head.mlp[0].weight]["step"].item() == 4
-    assert opt.state[last]["step"].item() == 2
+    assert opt.state[last]["step"].item() == (4 if mode == "zero_lr" else 2)
 
 
 def test_gradient_clipping_is_per_module():

@@ -63,7 +63,10 @@ class TrainLoader:
         self._dataloader = DataLoader(
             self._stream, batch_size=None, collate_fn=_identity, num_workers=d.num_workers,
             multiprocessing_context=ctx, persistent_workers=True, prefetch_factor=d.prefetch_batches,
-            pin_memory=d.pin_memory and self.device.type == "cuda", worker_init_fn=tune_worker_allocator)
+            pin_memory=d.pin_memory and self.device.type == "cuda", worker_init_fn=tune_worker_allocator,
+            # Its own generator: creating the worker iterator otherwise draws from the global torch RNG, which the
+            # trainer restores on resume, so a resumed run's drop path etc. would differ from the uninterrupted one.
+            generator=torch.Generator().manual_seed(self.spec.seed))
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
         """Batches from the current position on; a new iterator supersedes any earlier one."""

@@ -1,10 +1,15 @@
 """DINO / iBOT projection heads: MLP -> bottleneck -> L2 norm -> weight-normalised prototypes.
 
 The prototype layer is a plain ``[n_prototypes, bottleneck]`` parameter whose rows are L2-normalised in the
-forward pass (``F.linear(x, F.normalize(W))``). That is exactly ``weight_norm`` with the gain fixed to 1, as DINOv2
-uses it, but without parametrisation machinery: one ordinary parameter shards cleanly under FSDP2 (dim-0 sharding
-of a plain tensor; no ``parametrizations.weight.original0/1`` pair, no frozen gain to keep in sync), traces
-trivially under ``torch.compile``, and its state-dict key is just ``last_layer.weight``.
+forward pass, times a per-prototype gain ``weight_g`` ``[n_prototypes, 1]`` initialised to 1:
+``F.linear(x, g * F.normalize(W))``. That is exactly ``torch.nn.utils.weight_norm`` as DINOv2's ``DINOHead`` uses it
+(``weight_g`` filled with 1 and left TRAINABLE: it gets the head's lr and full weight decay, and is frozen with the
+rest of the last layer), written without parametrisation machinery: plain parameters shard cleanly under FSDP2
+(dim-0 sharding; no ``parametrizations.weight.original0/1`` pair), trace trivially under ``torch.compile``, and the
+state-dict keys are ``last_layer.weight`` (DINOv2's ``weight_v``) and ``last_layer.weight_g``.
+
+``HeadConfig.trainable_gain=False`` drops the gain (fixed at 1: DINO v1's ``norm_last_layer=True``), which keeps
+every logit a cosine similarity in [-1, 1].
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ class HeadConfig:
         hidden_dim: MLP hidden width (2,048).
         bottleneck_dim: MLP output width, L2-normalised before the prototype layer.
         n_layers: MLP linear layers (3), GELU between them.
+        trainable_gain: learn the prototype layer's weight-norm gain (True, as DINOv2: ``weight_g`` trainable,
+            lr x1, weight decay x1); False fixes it at 1 (DINO v1's ``norm_last_layer``; earlier pathdino).
     """
 
     n_prototypes: int = 65_536
     hidden_dim: int = 2_048
     bottleneck_dim: int = 256
     n_layers: int = 3
+    trainable_gain: bool = True
 
     def __post_init__(self) -> None:
         for name in ("n_prototypes", "hidden_dim", "bottleneck_dim", "n_layers"):
@@ -40,22 +48,25 @@ class HeadConfig:
                 raise ConfigError(f"HeadConfig.{name}={getattr(self, name)} must be positive")
 
     @classmethod
-    def for_arch(cls, arch: str, **overrides: int) -> "HeadConfig":
+    def for_arch(cls, arch: str, **overrides: int | bool) -> "HeadConfig":
         """DINOv2's head sizes for a backbone arch name (larger heads for vit_large / vit_giant)."""
         base = cls(n_prototypes=131_072, bottleneck_dim=384) if arch in ("vit_large", "vit_giant") else cls()
         return replace(base, **overrides)
 
 
 class NormalizedLinear(nn.Module):
-    """Bias-free linear layer whose weight rows are unit-norm in the forward pass (weight norm, gain 1)."""
+    """Bias-free weight-normalised linear layer: rows of ``weight`` unit-norm in the forward pass, times the
+    trainable gain ``weight_g`` [out, 1] (starts at 1) when ``trainable_gain``, else times 1."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, trainable_gain: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.trunc_normal_(self.weight, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1)) if trainable_gain else None
 
     def normalized_weight(self) -> torch.Tensor:
-        return F.normalize(self.weight, dim=1)
+        w = F.normalize(self.weight, dim=1)
+        return w if self.weight_g is None else w * self.weight_g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.normalized_weight())
@@ -75,9 +86,10 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2_048,
         bottleneck_dim: int = 256,
         n_layers: int = 3,
+        trainable_gain: bool = True,
     ) -> None:
         super().__init__()
-        HeadConfig(n_prototypes, hidden_dim, bottleneck_dim, n_layers)  # validates
+        HeadConfig(n_prototypes, hidden_dim, bottleneck_dim, n_layers, trainable_gain)  # validates
         if n_layers == 1:
             layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
         else:
@@ -86,7 +98,7 @@ class DINOHead(nn.Module):
                 layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
-        self.last_layer = NormalizedLinear(bottleneck_dim, n_prototypes)
+        self.last_layer = NormalizedLinear(bottleneck_dim, n_prototypes, trainable_gain)
         self.in_dim, self.n_prototypes, self.bottleneck_dim = in_dim, n_prototypes, bottleneck_dim
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
@@ -95,7 +107,7 @@ class DINOHead(nn.Module):
 
     @classmethod
     def from_config(cls, in_dim: int, cfg: HeadConfig) -> "DINOHead":
-        return cls(in_dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.n_layers)
+        return cls(in_dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.n_layers, cfg.trainable_gain)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters of the prototype layer (frozen by the trainer for the first iterations)."""
@@ -109,5 +121,6 @@ class DINOHead(nn.Module):
         return F.normalize(x, dim=-1, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [..., n_prototypes]; each is a cosine similarity in [-1, 1] (temperature applied by the loss)."""
+        """Logits [..., n_prototypes]: cosine similarities times the prototype's gain (temperature applied by the
+        loss)."""
         return self.last_layer(self.bottleneck(x))

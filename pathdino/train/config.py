@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pathdino.data import AugmentConfig, DataConfig, MaskConfig
 from pathdino.models import BackboneConfig, HeadConfig
+from pathdino.train.probe import EvalConfig
 from tiling.configio import ConfigError, load_config as load_typed_config, to_dict
 
 
@@ -37,7 +38,7 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # see pathdino.models.BackboneConfig
     dino_head: HeadConfig = field(default_factory=HeadConfig)  # 65,536 prototypes, bottleneck 256 (L/g: 131,072, 384)
     ibot_separate_head: bool = False  # DINOv2 shares the head for S/B; separate for L/g
-    ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head
+    ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head (L/g: 131,072 x 256)
     init_checkpoint: str | None = None  # local timm/dinov2 checkpoint to start the backbone from (no download)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,10 @@ class OptimConfig:
     layerwise_decay: float = 0.9  # lr x decay^(depth + 1 - layer) in the backbone (1.0 for L/g)
     patch_embed_lr_mult: float = 0.2
     freeze_last_layer_steps: int = 1_250  # prototype layers get no update for this many steps
+    # How they are frozen. zero_lr (DINOv2): lr 0 after clipping; clipping sees their gradients, AdamW's moments
+    # and step count accumulate. drop_grads (DINO v1's cancel_gradients_last_layer): gradients dropped first.
+    freeze_last_layer: Literal["zero_lr", "drop_grads"] = "zero_lr"
+    decay_tokens: bool = True  # weight-decay CLS/register tokens, pos_embed, mask_token (DINOv2); false = timm/DINO v1
     clip_grad: float = 3.0  # max grad norm per module (backbone, each head); 0 disables clipping
     momentum_teacher: float = 0.992  # EMA momentum, cosine to momentum_teacher_end (0.994 for L/g)
     momentum_teacher_end: float = 1.0
@@ -175,6 +180,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # probes during training (pathdino.train.probe)
 
 
 @dataclass(frozen=True)

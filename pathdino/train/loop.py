@@ -22,6 +22,7 @@ from pathdino.train.config import RunConfig, config_to_dict
 from pathdino.train.health import memory_mb
 from pathdino.train.param_groups import apply_schedule
 from pathdino.train.phases import phase_at
+from pathdino.train.probe import probe_metrics
 from pathdino.train.run import Run, build_run, switch_phase
 from pathdino.train.runtime import gather_loader_states, install_stop_handlers, restore_stop_handlers
 from pathdino.train.schedules import ScheduleValues
@@ -51,6 +52,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
     run.teacher.eval()
     stopped_early = False
     try:
+        if run.step == 0 and (probed := probe_metrics(run.probe, 0, run.teacher)):  # the initial teacher: baseline
+            run.metrics.write({"step": 0, **probed}, 0)
         while run.step < stop_at:
             values = run.schedules.at(run.step)
             apply_schedule(run.optimizer, values)
@@ -126,6 +129,7 @@ def _log_step(run: Run, values: ScheduleValues, reduced: ReducedStep, full: bool
                  step, cfg.train.total_steps, record["loss"], record["dino_global"], record["dino_local"],
                  record["ibot"], cfg.loss.uniformity, record["uniformity"], values.lr, record["images_per_s"],
                  f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
+    record.update(probe_metrics(run.probe, step, run.teacher))  # every process calls it; {} off its period
     run.metrics.write(record, step)
 
 

@@ -3,12 +3,18 @@
 Per parameter (names relative to the student ``SSLModel``: ``backbone.backbone.*`` is the timm ViT,
 ``backbone.mask_token``, ``dino_head.*``, ``ibot_head.*``):
 
-* weight-decay multiplier 0 for biases, norm weights, LayerScale gammas, and the tokens (CLS, registers, position
-  embedding, iBOT mask token); 1 otherwise;
+* weight-decay multiplier 0 for biases, norm weights and LayerScale gammas, 1 otherwise. The tokens (CLS,
+  registers, position embedding, iBOT mask token) are decayed too, as DINOv2 does (its rule is
+  ``name.endswith(".bias") or "norm" in name or "gamma" in name``); ``decay_tokens=False`` exempts them, as timm's
+  ``no_weight_decay()`` and DINO v1 do. The last layer's weight-norm gain ``weight_g`` is decayed (DINOv2);
 * layer-wise lr decay ``decay ** (depth + 1 - layer)``, where layer 0 is the patch embedding and the tokens, layer
   i + 1 is block i and the final norm is layer depth + 1 (multiplier 1); heads are not decayed;
 * patch embedding lr x ``patch_embed_lr_mult`` (0.2) on top of its layer-wise multiplier;
-* ``is_last_layer`` marks the heads' prototype layers, frozen for the first ``freeze_last_layer_steps`` steps.
+* ``is_last_layer`` marks the heads' prototype layers (``weight`` and ``weight_g``), frozen for the first
+  ``freeze_last_layer_steps`` steps. DINOv2 freezes them by setting their lr to 0 (``apply_schedule``): clipping
+  still sees their gradients and AdamW still accumulates their moments and step count. ``drop_frozen_grads``
+  (``optim.freeze_last_layer=drop_grads``) instead removes the gradients before clipping (no moments, as DINO v1's
+  ``cancel_gradients_last_layer``).
 
 Parameters with identical multipliers share a group; each group carries ``lr_mult``, ``wd_mult`` and
 ``is_last_layer`` keys that ``apply_schedule`` reads.
@@ -28,10 +34,13 @@ _TOKEN_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token", "register_t
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """True for biases, norms, LayerScale and tokens (DINOv2 leaves these undecayed)."""
+def no_weight_decay(name: str, param: torch.Tensor, decay_tokens: bool = True) -> bool:
+    """True for biases, norms and LayerScale gammas (DINOv2 leaves exactly these undecayed); also for the tokens
+    unless ``decay_tokens`` (DINOv2 decays them)."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias" or leaf in _TOKEN_NAMES or leaf == "gamma":
+    if leaf in _TOKEN_NAMES:
+        return not decay_tokens
+    if leaf == "bias" or leaf == "gamma":
         return True
     if ".ls1." in name or ".ls2." in name or "norm" in name:
         return True
@@ -62,6 +71,7 @@ def param_groups(
     depth: int,
     layerwise_decay: float = 0.9,
     patch_embed_lr_mult: float = 0.2,
+    decay_tokens: bool = True,
 ) -> list[dict]:
     """Parameter groups for ``torch.optim.AdamW`` (see the module docstring); frozen parameters are left out."""
     groups: dict[tuple[float, float, bool], dict] = {}
@@ -74,7 +84,7 @@ def param_groups(
             lr_mult = layerwise_decay ** (depth + 1 - layer)
             if ".patch_embed." in name:
                 lr_mult *= patch_embed_lr_mult
-        wd_mult = 0.0 if no_weight_decay(name, param) else 1.0
+        wd_mult = 0.0 if no_weight_decay(name, param, decay_tokens) else 1.0
         last = is_last_layer(name)
         key = (lr_mult, wd_mult, last)
         if key not in groups:
@@ -92,11 +102,14 @@ def apply_schedule(optimizer: torch.optim.Optimizer, values: ScheduleValues) -> 
         group["weight_decay"] = values.weight_decay * group["wd_mult"]
 
 
-def drop_frozen_grads(optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
-    """While the last layer is frozen, drop its gradients so AdamW neither moves it nor updates its moments
-    (lr 0 alone would still feed the moment estimates; DINOv2 cancels these gradients too)."""
-    if not values.last_layer_frozen:
+def drop_frozen_grads(optimizer: torch.optim.Optimizer, values: ScheduleValues, mode: str = "zero_lr") -> None:
+    """With ``mode="drop_grads"``, while the last layer is frozen, drop its gradients before clipping, so they
+    count in no clipping norm and AdamW neither moves it nor updates its moments (DINO v1). With ``"zero_lr"``
+    (DINOv2) nothing is dropped: the lr of 0 set by ``apply_schedule`` alone keeps the layer still."""
+    if mode == "zero_lr" or not values.last_layer_frozen:
         return
+    if mode != "drop_grads":
+        raise ValueError(f"freeze_last_layer mode {mode!r}: expected 'zero_lr' or 'drop_grads'")
     for group in optimizer.param_groups:
         if group["is_last_layer"]:
             for p in group["params"]:

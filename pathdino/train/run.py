@@ -30,6 +30,7 @@ from pathdino.train.health import CollapseMonitor, MetricLogger, NonFiniteGuard,
 from pathdino.train.model import SSLModel, build_student_teacher
 from pathdino.train.param_groups import param_groups
 from pathdino.train.phases import describe_phase, phase_at, phase_config
+from pathdino.train.probe import TrainingProbe, build_probe
 from pathdino.train.runtime import (
     build_loader,
     config_changes,
@@ -79,6 +80,7 @@ class Run:
     throughput: Throughput
     guard: NonFiniteGuard
     collapse: CollapseMonitor
+    probe: TrainingProbe | None = None  # eval.probe: kNN / linear probe of the teacher every eval.probe period
 
 
 def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) -> Run:
@@ -114,7 +116,8 @@ def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = No
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return Run(base_cfg=cfg, accelerator=accelerator, use_fsdp=use_fsdp, out_dir=out_dir,
                rank=accelerator.process_index, world=world, device=device, is_main=is_main, step=resumed["step"],
-               resume_from=resume_from, metrics=metrics, guard=guard, collapse=collapse, **parts)
+               resume_from=resume_from, metrics=metrics, guard=guard, collapse=collapse,
+               probe=build_probe(cfg, device), **parts)
 
 
 def switch_phase(run: Run, checkpoint: Path) -> Run:
@@ -146,7 +149,7 @@ def _build_phase(cfg: RunConfig, phase: int, accelerator: Any, use_fsdp: bool, r
     student, teacher, model, losses, uniformity = _build_models(pcfg, accelerator, use_fsdp, resume_from)
     optimizer = torch.optim.AdamW(
         param_groups(student.named_parameters(), pcfg.model.backbone.depth_, pcfg.optim.layerwise_decay,
-                     pcfg.optim.patch_embed_lr_mult),
+                     pcfg.optim.patch_embed_lr_mult, pcfg.optim.decay_tokens),
         lr=0.0, betas=tuple(pcfg.optim.betas), weight_decay=0.0,
         # One fused kernel for all parameters (CUDA, and CPU since torch 2.4: the default there is a per-tensor
         # loop); FSDP2's sharded DTensors take the default path.

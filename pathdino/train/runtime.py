@@ -29,7 +29,8 @@ def build_loader(cfg: RunConfig, plan: Any, batch_per_process: int, rank: int, w
 
         low, high = cfg.masks.mask_ratio
         return SyntheticLoader(plan.n_global, plan.global_px, plan.n_local, plan.local_px, patch, batch_per_process,
-                               rank, cfg.train.seed, plan.mask_probability, low, high, device)
+                               rank, cfg.train.seed, plan.mask_probability, low, high, device,
+                               world_size=world)
     from pathdino.data import build_train_loader
 
     return build_train_loader(cfg.data, cfg.augment, cfg.masks, patch_size=patch,

@@ -8,7 +8,7 @@ only the step counter to be exactly where it was. Shapes follow facebookresearch
 * teacher momentum: cosine ``momentum_teacher`` -> ``momentum_teacher_end`` over the whole run;
 * teacher temperature: linear ``teacher_temp_warmup_start`` -> ``teacher_temp`` over ``teacher_temp_warmup_steps``,
   then constant;
-* last layer: learning rate 0 (and gradients dropped) for the first ``freeze_last_layer_steps`` steps.
+* last layer: learning rate 0 for the first ``freeze_last_layer_steps`` steps (param_groups.py: how).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class ReducedStep:
 def reduce_step(run: Any, terms: torch.Tensor, last: StepOutputs, values: ScheduleValues, with_health: bool,
                 stop_flag: bool) -> ReducedStep:
     """Drop frozen gradients, clip per module, and make the step's one collective and one device -> host copy."""
-    drop_frozen_grads(run.optimizer, values)
+    drop_frozen_grads(run.optimizer, values, run.cfg.optim.freeze_last_layer)
     grad_norms = _clip_gradients(run.clip_modules, run.cfg.optim.clip_grad)
     grad_norm = torch.stack(list(grad_norms.values())).float().square().sum().sqrt()
     health = torch.zeros(0, device=run.device)

@@ -1,0 +1,208 @@
+"""In-training probes: every ``eval.probe.every_steps`` the teacher backbone embeds a labelled tile set and a kNN
+(k = 20) and a linear probe report how well its features separate the classes, beside the health metrics.
+
+The labelled set uses the layouts ``pathdino eval`` reads (``pathdino.eval.datasets``: class folders, split folders
+or a CSV ``path,label[,split][,patient]``). Probes fit on its ``train`` split and score on ``val`` + ``test``
+(when the source gives no split, a seeded stratified one is drawn). Images are decoded once, resized (shorter
+side, bicubic) and centre-cropped to the global crop size, and normalised like the training crops.
+
+Embedding is sharded: every process embeds every ``world``-th image with its teacher (under FSDP2 every process
+must take part in each forward anyway) and the CLS features are gathered; process 0 fits the probes (kNN as
+DINOv2's evaluation, T = 0.07; multinomial logistic regression, L-BFGS, l2 picked by cross-validation) and the
+result goes to metrics.jsonl and the trackers as ``probe_knn_accuracy``, ``probe_knn_balanced_accuracy``,
+``probe_linear_accuracy``, ``probe_linear_balanced_accuracy``.
+
+A probe must not change the run: it reads the teacher without grads in eval mode, and every random number
+generator (torch, numpy, python) is saved before and restored after, so a run with probes has the same losses
+as one without, and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("pathdino.train")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """A labelled tile set probed during training (section ``eval.probe``)."""
+
+    data: str  # class-folder root or CSV (the layouts `pathdino eval` reads)
+    every_steps: int = 1_000  # probe after every N optimizer steps (and once before the first step)
+    knn_k: int = 20  # neighbours of the weighted kNN (DINOv2's evaluation uses 20)
+    max_images: int = 2_000  # at most this many images (a seeded subset per split); they are held in memory
+    batch_size: int = 64  # images per teacher forward, per process
+    img_px: int | None = None  # side the images are resized/cropped to; None = augment.global_crop_px
+    at_start: bool = True  # also probe the initial teacher (the baseline a run should beat)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training."""
+
+    probe: ProbeConfig | None = None  # None = no probes
+
+
+@contextlib.contextmanager
+def _untouched_rngs():
+    """Restore torch (CPU and CUDA), numpy and python RNG states afterwards: probes draw from no training stream."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class TrainingProbe:
+    """Loads the labelled set once; ``maybe_run(step, teacher)`` probes on schedule and returns the metrics."""
+
+    def __init__(self, cfg: ProbeConfig, img_px: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device, precision: str = "fp32") -> None:
+        from pathdino.eval.datasets import load_tile_dataset
+        from pathdino.eval.run import eval_transform
+
+        if cfg.every_steps < 1 or cfg.knn_k < 1 or cfg.max_images < 2 or cfg.batch_size < 1:
+            raise ValueError("eval.probe: every_steps, knn_k and batch_size must be >= 1, max_images >= 2")
+        self.cfg, self.device, self.precision = cfg, device, precision
+        self.img_px = cfg.img_px or img_px
+        with _untouched_rngs():
+            try:
+                dataset = load_tile_dataset(Path(cfg.data))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"eval.probe.data={cfg.data}: {exc}") from exc
+            fit = list(dataset.records("train"))
+            score = list(dataset.records("val")) + list(dataset.records("test"))
+            if not score:
+                raise ValueError(f"eval.probe.data={cfg.data}: no val/test images to score the probes on")
+            share = max(1, cfg.max_images * len(fit) // (len(fit) + len(score)))
+            rng = np.random.default_rng(0)
+            fit = [fit[i] for i in sorted(rng.permutation(len(fit))[:share])]
+            score = [score[i] for i in sorted(rng.permutation(len(score))[:max(1, cfg.max_images - share)])]
+            transform = eval_transform(self.img_px, mean, std)
+            rank, world = _world()
+            records = fit + score
+            # This process decodes only its own images (every world-th), padded to equal counts across processes.
+            self.n_total, self.n_fit = len(records), len(fit)
+            self.per_rank = -(-self.n_total // world)
+            mine = records[rank::world]
+            self.images = torch.stack([transform(_open(r.path)) for r in mine]) if mine else None
+            self.labels = torch.tensor([r.label for r in records])
+            self.n_classes = len(dataset.class_names)
+        log.info("probe: %s, %d classes, fit on %d images, scored on %d, every %d steps", cfg.data, self.n_classes,
+                 len(fit), len(score), cfg.every_steps)
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.every_steps == 0 and (step > 0 or self.cfg.at_start)
+
+    @torch.no_grad()
+    def embed(self, teacher: nn.Module) -> torch.Tensor | None:
+        """CLS features [N, D] of every probe image on process 0 (None elsewhere); all processes must call."""
+        rank, world = _world()
+        n_mine = 0 if self.images is None else self.images.shape[0]
+        feats = []
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        for start in range(0, self.per_rank, self.cfg.batch_size):
+            stop = min(start + self.cfg.batch_size, self.per_rank)
+            x = self.images[start:min(stop, n_mine)] if start < n_mine else None
+            pad = stop - start - (0 if x is None else x.shape[0])
+            if pad:  # equal forward calls on every process (FSDP2 collectives), padding rows dropped later
+                filler = torch.zeros(pad, 3, self.img_px, self.img_px)
+                x = filler if x is None else torch.cat([x, filler])
+            x = x.to(self.device)
+            no_mask = torch.zeros(x.shape[0], 1, dtype=torch.bool, device=self.device)
+            with autocast:
+                # Through the root module's forward, as in training: FSDP2 gathers the root's own parameters
+                # (patch embedding, tokens, final norm) only there. No patch is masked: the heads see CLS rows only.
+                out = teacher(x, None, no_mask, teacher=True,
+                              mask_indices=torch.zeros(0, dtype=torch.long, device=self.device))
+            feats.append(out["global_cls"].float())
+        local = torch.cat(feats) if feats else torch.zeros(0)
+        if world > 1:
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local.contiguous())
+        else:
+            gathered = [local]
+        if rank != 0:
+            return None
+        # Process r holds images r, r + world, ...: interleave back to the original order.
+        out = torch.empty(self.per_rank * world, local.shape[1], device=local.device)
+        for r, g in enumerate(gathered):
+            out[r::world] = g
+        return out[:self.n_total].cpu()
+
+    def maybe_run(self, step: int, teacher: nn.Module) -> dict[str, Any]:
+        """Probe if due at ``step``: metrics on process 0, {} elsewhere and when not due."""
+        if not self.due(step):
+            return {}
+        from pathdino.eval.knn import knn_evaluate
+        from pathdino.eval.linear import linear_probe_evaluate
+
+        with _untouched_rngs():
+            features = self.embed(teacher)
+            if features is None:
+                return {}
+            f_fit, f_score = features[:self.n_fit], features[self.n_fit:]
+            y_fit, y_score = self.labels[:self.n_fit], self.labels[self.n_fit:]
+            knn = knn_evaluate(f_fit, y_fit, f_score, y_score, self.n_classes, ks=(self.cfg.knn_k,))
+            knn = knn["by_k"][str(self.cfg.knn_k)]
+            folds = max(2, min(3, int(torch.bincount(y_fit).min())))
+            try:
+                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, self.n_classes, cv_folds=folds)["test"]
+            except ValueError as exc:  # e.g. too few images per class for cross-validation
+                log.warning("probe at step %d: linear probe skipped (%s)", step, exc)
+                linear = {}
+        record = {"probe_knn_accuracy": knn["accuracy"], "probe_knn_balanced_accuracy": knn["balanced_accuracy"]}
+        if linear:
+            record.update(probe_linear_accuracy=linear["accuracy"],
+                          probe_linear_balanced_accuracy=linear["balanced_accuracy"])
+        log.info("probe at step %d: kNN accuracy %.3f, linear %s", step, record["probe_knn_accuracy"],
+                 f"{record['probe_linear_accuracy']:.3f}" if linear else "n/a")
+        return record
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"eval.probe: cannot read image {path}: {exc}") from exc
+
+
+def build_probe(cfg: Any, device: torch.device) -> TrainingProbe | None:
+    """The run's probe from a ``RunConfig`` (None without ``eval.probe``); ConfigError if its data is unusable."""
+    from tiling.configio import ConfigError
+
+    probe = cfg.eval.probe
+    if probe is None:
+        return None
+    try:
+        return TrainingProbe(probe, cfg.augment.global_crop_px, tuple(cfg.augment.mean), tuple(cfg.augment.std),
+                             device, cfg.train.precision)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def probe_metrics(probe: TrainingProbe | None, step: int, teacher: nn.Module) -> dict[str, Any]:
+    """``probe.maybe_run`` or {} without a probe: the loop's one call (every process must make it)."""
+    return {} if probe is None else probe.maybe_run(step, teacher)

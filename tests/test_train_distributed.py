@@ -1,0 +1,256 @@
+"""Distribution is real: 2-process DDP and FSDP2 runs equal a 1-process run of the same global batch, resharded
+resumes reload exactly what was saved, and one rank's non-finite step is skipped by every rank.
+
+All runs use the synthetic loader, whose samples depend on the global sample index only (pathdino.train.synthetic),
+so a 1-process run at batch 8 and a 2-process run at 4 per process see the same 8 samples per step. With drop path
+0 and the uniformity term off (KoLeo is a per-process batch statistic) the two objectives are the same function of
+the weights, and with gradients averaged across processes the runs must agree to float rounding. A run whose
+processes trained alone (no gradient all-reduce) leaves step 1 equal and then drifts by ~1e-3 at once.
+
+2-process runs go through `accelerate launch` (gloo on CPU) with tests/train_driver.py, the real command-line entry
+point plus digests of each rank's weights and dumps of what a resume reloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pathdino.train.loop as loop
+from pathdino.train.config import load_config
+from pathdino.train.loop import LOSS_TERMS, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_driver  # noqa: E402
+from test_train_launch import _free_port  # noqa: E402
+from test_train_probe import make_labelled_folder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "train" / "cpu_smoke.yaml"
+FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
+DRIVER = Path(__file__).parent / "train_driver.py"
+EXACT = ["train.synthetic_data=true", "model.backbone.drop_path_rate=0.0", "loss.uniformity=none",
+         "train.total_steps=4", "optim.warmup_steps=1", "train.checkpoint_every_steps=2", "train.keep_checkpoints=5",
+         "log.trackers=[]", "log.every_steps=1", "train.precision=fp32"]
+LOSS_TOL = 1e-5
+WEIGHT_TOL = 1e-5
+
+
+def launch(out: Path, dump: Path, *overrides: str, resume: bool = False, fsdp: bool = False,
+           poison: str | None = None, expect_code: int = 0, timeout_s: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", str(FSDP2)] if fsdp else ["--multi_gpu"]
+    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), str(DRIVER), "--config", str(SMOKE),
+            f"train.output_dir={out}", *EXACT, *overrides]
+    if resume:
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATHDINO_TEST_DUMP": str(dump)}
+    env.pop("PATHDINO_TEST_POISON", None)
+    if poison:
+        env["PATHDINO_TEST_POISON"] = poison
+    # A hung launch (ranks waiting in mismatched collectives) ends by the workers' own deadline (train_driver.py).
+    env["PATHDINO_TEST_DEADLINE_S"] = str(timeout_s)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s + 60)
+    if "PATHDINO_TEST_DEADLINE" in proc.stderr or proc.returncode == 124 or "exitcode  : 124" in proc.stderr:
+        raise AssertionError(f"launch hung for {timeout_s} s (ranks out of step?):\n{proc.stderr[-4000:]}")
+    if (proc.returncode == 0) != (expect_code == 0):
+        raise AssertionError(f"launch exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc
+
+
+def records(out: Path) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if "loss" in r}
+
+
+def ckpt(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:09d}"
+
+
+def assert_close_losses(a: dict[int, dict], b: dict[int, dict], steps: list[int], world_b: int = 2) -> None:
+    """Steps of run ``a`` (1 process) and ``b`` (``world_b`` processes) agree; masked_tokens is logged per process."""
+    for step in steps:
+        assert a[step]["masked_tokens"] == b[step]["masked_tokens"] * world_b
+        for key in (*[k for k in LOSS_TERMS if k != "masked_tokens"], "grad_norm"):
+            x, y = a[step][key], b[step][key]
+            assert abs(x - y) <= LOSS_TOL * max(1.0, abs(x)), (step, key, x, y)
+        assert a[step]["skipped"] is b[step]["skipped"] is False
+
+
+def assert_close_weights(a: Path, b: Path) -> None:
+    for name in ("student.safetensors", "teacher.safetensors", "losses.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            diff = (ta[key] - tb[key]).abs().max().item() if ta[key].numel() else 0.0
+            assert diff <= WEIGHT_TOL, (name, key, diff)
+
+
+def assert_ranks_equal(dump: Path, fields: tuple[str, ...]) -> None:
+    r0 = [json.loads(line) for line in (dump / "hashes_rank0.jsonl").read_text().splitlines()]
+    r1 = [json.loads(line) for line in (dump / "hashes_rank1.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in r0] == [r["step"] for r in r1] and r0
+    for a, b in zip(r0, r1):
+        for field in fields:
+            assert a[field] == b[field], (a["step"], field)
+
+
+def assert_reloaded(dump: Path, saved: Path, world: int) -> None:
+    """What a resume put into the model, optimizer, loss buffers and loader is what the checkpoint holds."""
+    for role in ("student", "teacher"):
+        got, want = load_file(dump / f"reloaded_{role}.safetensors"), load_file(saved / f"{role}.safetensors")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), role
+    want_centers = load_file(saved / "losses.safetensors")
+    assert want_centers["dino.targets.center"].abs().sum() > 0  # centers had moved: reloading them matters
+    for rank in range(world):
+        got = load_file(dump / f"reloaded_losses_rank{rank}.safetensors")
+        assert all(torch.equal(got[k], want_centers[k]) for k in want_centers), rank
+    got_optim = torch.load(dump / "reloaded_optimizer.pt", weights_only=True)["state"]
+    want_optim = torch.load(saved / "optimizer.pt", weights_only=True)["state"]
+    assert got_optim.keys() == want_optim.keys() and want_optim
+    for name, entries in want_optim.items():
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(got_optim[name][key]), torch.as_tensor(value)), (name, key)
+    saved_position = json.loads((saved / "trainer_state.json").read_text())["loader_states"][0]["next_sample"]
+    for rank in range(world):
+        assert json.loads((dump / f"loader_rank{rank}.json").read_text())["next_sample"] == saved_position
+
+
+def truncate_at(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run ``src`` as it was right after checkpoint ``step`` (later checkpoints and done.json removed)."""
+    shutil.copytree(src, dst)
+    for path in (dst / "checkpoints").iterdir():
+        if int(path.name.split("_")[1]) > step:
+            shutil.rmtree(path)
+    (dst / "done.json").unlink(missing_ok=True)
+    return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_logging():
+    """In-process train() installs pathdino's log handler (propagate off); later tests' caplog needs it undone."""
+    import logging
+
+    logger = logging.getLogger("pathdino")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate, logger.level = propagate, level
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The 1-process run at global batch 8 (in-process): checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(load_config(SMOKE, [f"train.output_dir={out}", *EXACT]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("ddp")
+    launch(base / "run", base / "dump")
+    return base / "run", base / "dump"
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, Path]:
+    """2-process FSDP2 run, with in-training probes (sharded embedding): they must not change the run either."""
+    base = tmp_path_factory.mktemp("fsdp")
+    labelled = make_labelled_folder(base / "labelled")
+    proc = launch(base / "run", base / "dump", f"eval.probe={{data: {labelled}, every_steps: 2}}", fsdp=True)
+    assert "FSDP2" in proc.stderr
+    return base / "run", base / "dump"
+
+
+def test_ddp_matches_one_process(reference, ddp_run):
+    out, dump = ddp_run
+    assert_close_losses(records(reference), records(out), [1, 2, 3, 4])
+    assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
+    # every rank holds the same student, teacher and centers at every checkpoint (DDP keeps full replicas)
+    assert_ranks_equal(dump, ("student", "teacher", "centers"))
+
+
+def test_fsdp2_matches_one_process(reference, fsdp_run):
+    out, dump = fsdp_run
+    assert_close_losses(records(reference), records(out), [1, 2, 3, 4])
+    assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
+    assert_ranks_equal(dump, ("centers",))  # weights are sharded; the gathered checkpoint is compared above
+    probed = [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "probe_knn_accuracy" in line]
+    assert probed == [0, 2, 4]
+
+
+def test_resume_two_processes_on_one(reference, ddp_run, tmp_path, monkeypatch):
+    out = truncate_at(ddp_run[0], tmp_path / "run", 2)
+    dump = tmp_path / "dump"
+    for name in ("save_checkpoint", "load_checkpoint", "build_loader"):  # restored after the test
+        monkeypatch.setattr(loop, name, getattr(loop, name))
+    train_driver.install(dump)
+    summary = train(load_config(SMOKE, [f"train.output_dir={out}", *EXACT]), resume=True)
+    assert summary["done"]
+    assert_reloaded(dump, ckpt(out, 2), world=1)
+    assert_close_losses(records(reference), records(out), [3, 4], world_b=1)
+    assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
+
+
+def test_resume_one_process_on_two(reference, tmp_path):
+    out = truncate_at(reference, tmp_path / "run", 2)
+    proc = launch(out, tmp_path / "dump", resume=True)
+    assert "resharded: checkpoint saved with 1 processes, resumed with 2" in proc.stderr
+    assert_reloaded(tmp_path / "dump", ckpt(out, 2), world=2)
+    assert_close_losses(records(reference), records(out), [3, 4])
+    assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
+    assert_ranks_equal(tmp_path / "dump", ("student", "teacher", "centers"))
+
+
+def test_resume_fsdp2_checkpoint_with_ddp(reference, fsdp_run, tmp_path):
+    out = truncate_at(fsdp_run[0], tmp_path / "run", 2)
+    proc = launch(out, tmp_path / "dump", resume=True)
+    assert "DDP" in proc.stderr
+    assert_reloaded(tmp_path / "dump", ckpt(out, 2), world=2)
+    assert_close_losses(records(reference), records(out), [3, 4])
+    assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
+
+
+def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(tmp_path):
+    """Rank 1 alone has a NaN loss value at step 2 (gradients finite, so DDP's all-reduce cannot spread it): every
+    rank skips the step and the weights stay equal across ranks. Both ranks' values are NaN at steps 4 and 5 (so a
+    broken consensus fails the assertions below rather than leaving one rank waiting in a collective): two
+    non-finite steps in a row exit with code 3 through the command line."""
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    proc = launch(out, dump, "train.total_steps=6", "train.checkpoint_every_steps=1", "train.max_nonfinite_steps=2",
+                  poison="1:2,4,5;0:4,5", expect_code=3, timeout_s=150)
+    assert "exitcode  : 3" in proc.stdout + proc.stderr
+    log = records(out)  # written by rank 0, whose own values were finite at step 2
+    assert [log[s]["skipped"] for s in sorted(log)] == [False, True, False, True, True]
+    assert_ranks_equal(dump, ("student", "teacher", "centers"))
+    # AdamW stepped at steps 1 and 3 only, on both ranks alike (same weights): 2 steps in the step-3 checkpoint
+    optim = torch.load(ckpt(out, 3) / "optimizer.pt", weights_only=True)["state"]
+    assert {int(s["step"]) for s in optim.values()} == {2}
+    assert "too many" in proc.stderr or "consecutive steps had a non-finite loss" in proc.stderr
+
+
+def test_cli_exits_3_after_consecutive_nonfinite_steps(tmp_path):
+    """End to end through `python -m pathdino.train` with no test hooks: an absurd lr blows the weights up."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pathdino.train", "--config", str(SMOKE), f"train.output_dir={out}",
+           "train.synthetic_data=true", "log.trackers=[]", "optim.base_lr=1e30", "optim.warmup_steps=1",
+           "optim.freeze_last_layer_steps=0", "optim.clip_grad=0", "train.total_steps=10",
+           "train.max_nonfinite_steps=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "consecutive steps had a non-finite loss" in proc.stderr
+    assert not (out / "done.json").exists()

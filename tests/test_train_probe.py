@@ -1,0 +1,106 @@
+"""In-training probes (eval.probe): logged at the right steps, to metrics.jsonl and TensorBoard, without changing
+the run (same losses and weights as without probes, exact resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pathdino.train.config import load_config
+from pathdino.train.loop import LOSS_TERMS, train
+from tiling.configio import ConfigError
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "cpu_smoke.yaml"
+PROBE_KEYS = ("probe_knn_accuracy", "probe_knn_balanced_accuracy", "probe_linear_accuracy",
+              "probe_linear_balanced_accuracy")
+
+
+def make_labelled_folder(root: Path) -> Path:
+    """Class folders of two kinds of texture (horizontal vs vertical stripes, random colours and phases)."""
+    rng = np.random.default_rng(0)
+    for name, axis in (("horizontal", 0), ("vertical", 1)):
+        (root / name).mkdir(parents=True)
+        for i in range(14):
+            period = rng.integers(6, 14)
+            wave = (np.sin(np.arange(64) * 2 * np.pi / period + rng.uniform(0, 6)) > 0).astype(np.float32)
+            pattern = np.repeat(wave[:, None], 64, axis=1) if axis == 0 else np.repeat(wave[None, :], 64, axis=0)
+            colour = rng.uniform(60, 255, size=3)
+            img = (pattern[..., None] * colour + (1 - pattern[..., None]) * 30).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    return make_labelled_folder(tmp_path_factory.mktemp("probe") / "tiles")
+
+
+def config(out: Path, *overrides: str):
+    return load_config(SMOKE, ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]",
+                               "log.every_steps=1", "train.total_steps=4", "train.checkpoint_every_steps=2",
+                               *overrides])
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, labelled) -> dict[str, Path]:
+    """Without probes; with probes every 2 steps (and TensorBoard); the same stopped after step 2 and resumed."""
+    base = tmp_path_factory.mktemp("runs")
+    probe = f"eval.probe={{data: {labelled}, every_steps: 2, knn_k: 20}}"
+    train(config(base / "plain"))
+    train(config(base / "probed", probe, "log.trackers=[tensorboard]"))
+    train(config(base / "resumed", probe, "train.stop_at_step=2"))
+    train(config(base / "resumed", probe), resume=True)
+    return {name: base / name for name in ("plain", "probed", "resumed")}
+
+
+def test_probes_are_logged_and_change_nothing(runs):
+    records = lines(runs["probed"])
+    with_probe = [r for r in records if "probe_knn_accuracy" in r]
+    assert [r["step"] for r in with_probe] == [0, 2, 4]  # the initial teacher, then every 2 steps
+    for r in with_probe:
+        assert all(0.0 <= r[k] <= 1.0 for k in PROBE_KEYS)
+    assert "loss" in with_probe[1] and "teacher_entropy" in with_probe[1]  # beside the losses and health metrics
+    # the probes consumed no random numbers and touched no weights: the run is the same, number for number
+    a = {r["step"]: r for r in lines(runs["plain"]) if "loss" in r}
+    b = {r["step"]: r for r in records if "loss" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in (*LOSS_TERMS, "grad_norm", "teacher_entropy", "embedding_rank"):
+            assert a[step][key] == b[step][key], (step, key)
+    for name in ("student.safetensors", "teacher.safetensors"):
+        wa = load_file(runs["plain"] / "checkpoints" / "step_000000004" / name)
+        wb = load_file(runs["probed"] / "checkpoints" / "step_000000004" / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # ... and TensorBoard got the probe scalars too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(runs["probed"].rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "probe_knn_accuracy" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("probe_knn_accuracy")] == [0, 2, 4]
+
+
+def test_probe_resume_is_exact(runs):
+    a = {r["step"]: r for r in lines(runs["probed"]) if "loss" in r}
+    b = {r["step"]: r for r in lines(runs["resumed"]) if "loss" in r}
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in (*LOSS_TERMS, "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    for key in PROBE_KEYS:  # the probe after the resume sees the same teacher
+        assert a[4][key] == b[4][key] and a[2][key] == b[2][key], key
+
+
+def test_probe_data_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="eval.probe.data=.*does not exist"):
+        train(config(tmp_path / "x", f"eval.probe={{data: {tmp_path / 'missing'}}}"))

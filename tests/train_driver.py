@@ -1,0 +1,141 @@
+"""`python -m pathdino.train` with test instrumentation, for launching under accelerate from the distribution tests.
+
+    accelerate launch ... tests/train_driver.py --config ... key=value ...
+
+Runs the real command-line entry point (``pathdino.train.__main__.main`` and ``exit_process``) after wrapping three
+functions the loop calls, according to environment variables:
+
+* ``PATHDINO_TEST_DUMP=<dir>`` (required): after every checkpoint each rank appends SHA-256 digests of ITS OWN copy
+  of the student, teacher and loss buffers (centers) to ``hashes_rank<r>.jsonl`` (DDP keeps full replicas on
+  every rank, so equal digests mean the ranks hold equal weights; FSDP2 ranks hold different shards). After a
+  resume, rank 0 writes what was actually reloaded (the gathered student, teacher, optimizer state) and every
+  rank writes its loss buffers and its loader position, for comparison with the checkpoint's files.
+* ``PATHDINO_TEST_POISON=<rank>:<step>,<step>...[;<rank>:...]``: on that rank, the DINO loss VALUE of those steps is
+  NaN while its gradient stays finite (a detached NaN is added), so only that rank's own finiteness check can
+  notice: the test of the all-process agreement to skip a step.
+
+``install`` is also used in-process (pytest) for single-process resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        t = t.to_local() if hasattr(t, "to_local") else t
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class RecordingLoader:
+    """A loader that writes its position right after ``load_state_dict``."""
+
+    def __init__(self, inner, dump: Path):
+        self.inner, self.dump = inner, dump
+        self.samples_per_epoch = getattr(inner, "samples_per_epoch", 0)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+        (self.dump / f"loader_rank{_rank()}.json").write_text(json.dumps(self.inner.state_dict()))
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def close(self):
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+def install(dump: Path, poison: str | None = None) -> None:
+    """Wrap the loop's save_checkpoint / load_checkpoint / build_loader (and the DINO loss when poisoning)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    import pathdino.train.loop as loop
+    from pathdino.losses.dino import DINOLoss
+    from pathdino.train.distributed import unwrap
+
+    dump.mkdir(parents=True, exist_ok=True)
+    save, load, build = loop.save_checkpoint, loop.load_checkpoint, loop.build_loader
+
+    def save_checkpoint(out_dir, step, model, teacher, losses, *args, **kwargs):
+        path = save(out_dir, step, model, teacher, losses, *args, **kwargs)
+        record = {"step": step, "student": digest(unwrap(model).state_dict()), "teacher": digest(teacher.state_dict()),
+                  "centers": digest(losses.state_dict())}
+        with open(dump / f"hashes_rank{_rank()}.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        return path
+
+    def load_checkpoint(path, student, teacher, losses, optimizer):
+        state = load(path, student, teacher, losses, optimizer)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        s, t = get_model_state_dict(student, options=full), get_model_state_dict(teacher, options=full)
+        o = get_optimizer_state_dict(student, optimizer, options=full)
+        if _rank() == 0:
+            save_file({k: v.contiguous() for k, v in s.items()}, dump / "reloaded_student.safetensors")
+            save_file({k: v.contiguous() for k, v in t.items()}, dump / "reloaded_teacher.safetensors")
+            torch.save(o, dump / "reloaded_optimizer.pt")
+        save_file({k: v.contiguous() for k, v in losses.state_dict().items()},
+                  dump / f"reloaded_losses_rank{_rank()}.safetensors")
+        return state
+
+    def build_loader(*args, **kwargs):
+        return RecordingLoader(build(*args, **kwargs), dump)
+
+    loop.save_checkpoint, loop.load_checkpoint, loop.build_loader = save_checkpoint, load_checkpoint, build_loader
+    if poison:
+        by_rank: dict[int, set[int]] = {}
+        for part in poison.split(";"):
+            rank_text, steps_text = part.split(":")
+            by_rank[int(rank_text)] = {int(s) for s in steps_text.split(",")}
+        forward_terms = DINOLoss.forward_terms
+        calls = {"n": 0}
+
+        def poisoned(self, *args, **kwargs):
+            global_term, local_term = forward_terms(self, *args, **kwargs)
+            calls["n"] += 1
+            # The rank is read here: the process group does not exist yet when install() runs.
+            if calls["n"] in by_rank.get(_rank(), set()):
+                global_term = global_term + torch.full_like(global_term, float("nan")).detach()
+            return global_term, local_term
+
+        DINOLoss.forward_terms = poisoned
+
+
+if __name__ == "__main__":
+    # PATHDINO_TEST_DEADLINE_S: a rank still alive then exits (124). torchrun puts workers in their own sessions,
+    # so a test that gives up on a hung launch could not reach ranks waiting in a mismatched collective otherwise.
+    if float(os.environ.get("PATHDINO_TEST_DEADLINE_S", 0)) > 0:
+        import threading
+
+        watchdog = threading.Timer(float(os.environ["PATHDINO_TEST_DEADLINE_S"]), os._exit, args=(124,))
+        watchdog.daemon = True
+        watchdog.start()
+    install(Path(os.environ["PATHDINO_TEST_DUMP"]), os.environ.get("PATHDINO_TEST_POISON"))
+    from pathdino.train.__main__ import main
+    from pathdino.train.distributed import exit_process
+
+    exit_process(main(sys.argv[1:]))
