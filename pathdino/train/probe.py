@@ -162,11 +162,11 @@ class TrainingProbe:
                 return {}
             f_fit, f_score = features[:self.n_fit], features[self.n_fit:]
             y_fit, y_score = self.labels[:self.n_fit], self.labels[self.n_fit:]
-            knn = knn_evaluate(f_fit, y_fit, f_score, y_score, self.n_classes, ks=(self.cfg.knn_k,))
+            knn = knn_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes, ks=(self.cfg.knn_k,))
             knn = knn["by_k"][str(self.cfg.knn_k)]
             folds = max(2, min(3, int(torch.bincount(y_fit).min())))
             try:
-                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, self.n_classes, cv_folds=folds)["test"]
+                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes, cv_folds=folds)["test"]
             except ValueError as exc:  # e.g. too few images per class for cross-validation
                 log.warning("probe at step %d: linear probe skipped (%s)", step, exc)
                 linear = {}
