@@ -172,7 +172,7 @@ def test_help_shows_every_default_with_units():
 def test_summary_fits_80_columns_and_info_failures_has_the_full_message(tmp_path, monkeypatch):
     from rich.console import Console
 
-    from pathdino import cli_tile
+    from pathdino.cli import tile as cli_tile
 
     buf = io.StringIO()
     monkeypatch.setattr(cli_tile, "console", Console(file=buf, width=80, color_system=None))

@@ -66,7 +66,8 @@ class RecordingLoader:
 
 
 def install(dump: Path, poison: str | None = None) -> None:
-    """Wrap the loop's save_checkpoint / load_checkpoint / build_loader (and the DINO loss when poisoning)."""
+    """Wrap the trainer's save_checkpoint (loop.py) / load_checkpoint / build_loader (run.py), and the DINO loss when
+    poisoning."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -75,11 +76,12 @@ def install(dump: Path, poison: str | None = None) -> None:
     )
 
     import pathdino.train.loop as loop
+    import pathdino.train.run as run
     from pathdino.losses.dino import DINOLoss
     from pathdino.train.distributed import unwrap
 
     dump.mkdir(parents=True, exist_ok=True)
-    save, load, build = loop.save_checkpoint, loop.load_checkpoint, loop.build_loader
+    save, load, build = loop.save_checkpoint, run.load_checkpoint, run.build_loader
 
     def save_checkpoint(out_dir, step, model, teacher, losses, *args, **kwargs):
         path = save(out_dir, step, model, teacher, losses, *args, **kwargs)
@@ -105,7 +107,8 @@ def install(dump: Path, poison: str | None = None) -> None:
     def build_loader(*args, **kwargs):
         return RecordingLoader(build(*args, **kwargs), dump)
 
-    loop.save_checkpoint, loop.load_checkpoint, loop.build_loader = save_checkpoint, load_checkpoint, build_loader
+    loop.save_checkpoint = save_checkpoint
+    run.load_checkpoint, run.build_loader = load_checkpoint, build_loader
     if poison:
         by_rank: dict[int, set[int]] = {}
         for part in poison.split(";"):

@@ -202,15 +202,17 @@ def embed(
                                                                        "CLAM/TRIDENT-style HDF5 per slide in OUT/h5/."),
     mean_patch: bool = typer.Option(False, "--mean-patch", show_default="off: CLS only",
                                     help="Also store each tile's mean patch token."),
-    patch_tokens: bool = typer.Option(False, "--patch-tokens", help="Also store every patch token (float16, "
-                                                                    "chunked) for dense tasks and heat maps."),
-    shard: Optional[str] = typer.Option(None, help="i/N: this process's share (SLURM array task, one machine); "
-                                                   "any number run at once into one OUT [default: the launcher's "
-                                                   "RANK/WORLD_SIZE under accelerate, else all]."),
+    patch_tokens: bool = typer.Option(False, "--patch-tokens", show_default="off: no patch tokens",
+                                      help="Also store every patch token (float16, chunked) for dense tasks and "
+                                           "heat maps."),
+    shard: Optional[str] = typer.Option(None, show_default="RANK/WORLD_SIZE under a launcher, else all slides",
+                                        help="i/N: this process's share (SLURM array task, one machine); any number "
+                                             "run at once into one OUT."),
     part_tiles: int = typer.Option(16384, help="Slides with more tiles are cut into parts embedded by several "
                                                "processes."),
-    encoder_table: Optional[str] = typer.Option(None, help="JSON list of extra known-encoder entries (µm/px, "
-                                                           "mean/std, recipe) for third-party folders."),
+    encoder_table: Optional[str] = typer.Option(None, show_default="built-in table (+ $PATHDINO_ENCODER_TABLE)",
+                                                help="JSON list of extra known-encoder entries (µm/px, mean/std, "
+                                                     "recipe) for third-party folders."),
     batch_size: int = typer.Option(256, help="Tiles per forward pass."),
     workers: int = typer.Option(4, "--workers", "-j", help="Decoding worker processes (0: decode in-process)."),
     device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu",
