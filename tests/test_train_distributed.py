@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import pathdino.train.loop as loop
+import pathdino.train.run as run_module
 from pathdino.train.config import load_config
 from pathdino.train.loop import LOSS_TERMS, train
 
@@ -195,8 +196,9 @@ def test_fsdp2_matches_one_process(reference, fsdp_run):
 def test_resume_two_processes_on_one(reference, ddp_run, tmp_path, monkeypatch):
     out = truncate_at(ddp_run[0], tmp_path / "run", 2)
     dump = tmp_path / "dump"
-    for name in ("save_checkpoint", "load_checkpoint", "build_loader"):  # restored after the test
-        monkeypatch.setattr(loop, name, getattr(loop, name))
+    monkeypatch.setattr(loop, "save_checkpoint", loop.save_checkpoint)  # all three restored after the test
+    for name in ("load_checkpoint", "build_loader"):
+        monkeypatch.setattr(run_module, name, getattr(run_module, name))
     train_driver.install(dump)
     summary = train(load_config(SMOKE, [f"train.output_dir={out}", *EXACT]), resume=True)
     assert summary["done"]
