@@ -43,7 +43,8 @@ def _nuclei_count(rgb: np.ndarray, threshold: float, min_px: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--slide", type=Path, default=BUNDLED)
+    parser.add_argument("--slide", type=Path, default=BUNDLED,
+                        help="a small single-region slide: level 0 is read into memory whole")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--crop-px", type=int, default=112)
     parser.add_argument("--min-tissue", type=float, default=0.5)
