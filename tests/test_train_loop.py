@@ -106,3 +106,17 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss", "dino_global", "ibot", "grad_norm"):
             assert abs(ra[key] - rb[key]) <= 1e-4 * max(1.0, abs(ra[key])), (ra["step"], key)
+
+
+def test_small_preset_runs_and_logs_teacher_entropy(tmp_path):
+    """configs/train/small.yaml as shipped (only data, batch and length shrunk) trains: finite losses, and the
+    teacher-entropy health metric that docs/training.md's small-budget curve is read from is logged."""
+    small = SMOKE.parent / "small.yaml"
+    out = tmp_path / "small"
+    train(load_config(small, ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]",
+                              "log.every_steps=1", "train.batch_size=4", "train.total_steps=2",
+                              "optim.warmup_steps=1"]))
+    records = losses(out)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    n_prototypes = load_config(small).model.dino_head.n_prototypes
+    assert all(0 < r["teacher_entropy"] <= math.log(n_prototypes) + 1e-4 for r in records)
