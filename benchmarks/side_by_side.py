@@ -62,7 +62,8 @@ def make_tiles(folder: Path, store: Path, n_tiles: int) -> None:
     sys.path.insert(0, str(ROOT))
     from lightly_compare import SAMPLE_SLIDE, cut_tiles
 
-    from tiling.store import TileStoreWriter, encode_tile
+    from tiling.store import encode_tile
+    from tiling.store_write import TileStoreWriter
 
     paths = cut_tiles(SAMPLE_SLIDE, folder, n_tiles)
     tiles = [np.asarray(Image.open(p).convert("RGB")) for p in paths]

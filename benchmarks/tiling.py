@@ -217,7 +217,7 @@ def decode_encode_bound(slide_path: Path, store_url: Path, slide_id: str) -> dic
     tiles = slide.read_tiles(0, min(slide.n_tiles, 2000))
     t0 = time.process_time()
     for tile in tiles:
-        encode_tile(tile, "jpeg", 90, "420")
+        encode_tile(tile, "jpeg", jpeg_quality=90, jpeg_subsampling="420")
     encode_per_tile = (time.process_time() - t0) / max(len(tiles), 1)
     tif.close()
     decode_s = reduced_s if reduced else full_s
