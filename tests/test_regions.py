@@ -94,6 +94,28 @@ def test_block_equals_per_tile_reads(jpeg_pyramid, target_mpp, fast):
     reader.close()
 
 
+@pytest.mark.parametrize("target_mpp", [0.25, 0.5, 0.6])
+@pytest.mark.parametrize("fast", [True, False])
+def test_read_tiles_equals_sliced_block(jpeg_pyramid, target_mpp, fast):
+    # read_tiles copies each tile straight from the source tiles (fast path at scale 1) or slices runs of cells;
+    # either way it must give the pixels of the block, edge tiles (white past the slide) included, into a reused
+    # buffer that held other pixels.
+    reader, g, blocks = _open(jpeg_pyramid, target_mpp=target_mpp, tile_px=48, overlap_px=6, fast=fast)
+    n_rows, n_cols = grid_shape(g, reader.level_dimensions[0])
+    row0, col0 = n_rows - 3, n_cols - 4
+    rows, cols = np.divmod(np.arange(12), 4)
+    keep = np.array([1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 1], bool)  # gaps split rows into several runs
+    expected = slice_tiles(blocks.read_block(row0, col0, 3, 4), g, rows[keep], cols[keep])
+    out = np.full((keep.sum(), 48, 48, 3), 7, np.uint8)
+    got = blocks.read_tiles(row0 + rows[keep], col0 + cols[keep], out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(blocks.read_tiles(row0 + rows[keep], col0 + cols[keep]), expected)
+    with pytest.raises(ValueError, match="out must be"):
+        blocks.read_tiles(rows, cols, out=np.zeros((1, 48, 48, 3), np.uint8))
+    reader.close()
+
+
 @pytest.mark.parametrize("target_mpp", [0.25, 0.5, 0.6, 1.0])
 def test_fast_path_matches_openslide(jpeg_pyramid, target_mpp):
     reader, g, fast = _open(jpeg_pyramid, "openslide", target_mpp=target_mpp, tile_px=64)
@@ -193,6 +215,9 @@ def test_corrupt_source_tile_fails_its_block_only(tmp_path, fast):
     assert blocks.read_tile(0, 7).shape == (64, 64, 3)
     with pytest.raises(RegionReadError):
         blocks.read_tile(5, 5)
+    with pytest.raises(RegionReadError, match="bad.tif"):
+        blocks.read_tiles(np.array([0, 5]), np.array([0, 5]))
+    assert blocks.read_tiles(np.array([0, 1]), np.array([0, 1])).shape == (2, 64, 64, 3)
     reader.close()
 
 

@@ -165,6 +165,34 @@ class BlockReader:
         """
         return self._read_cells(row0, col0, n_rows, n_cols, strict=True)
 
+    def read_tiles(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Tiles (n, tile_px, tile_px, 3) at grid cells (rows[i], cols[i]), the same pixels as slicing `read_block`;
+        written into `out` (n, tile_px, tile_px, 3) uint8 when given (a reused buffer: no page faults).
+
+        Cells should come row-major (as a block's candidates do). On the TIFF fast path without resampling, each tile
+        is copied straight from the cached source tiles (one copy, no block assembled); otherwise each run of
+        adjacent cells in a row is one `read_block`, sliced. Raises RegionReadError like `read_block`.
+        """
+        g = self.geometry
+        rows, cols = np.asarray(rows, np.int64).reshape(-1), np.asarray(cols, np.int64).reshape(-1)
+        if out is None:
+            out = np.empty((len(rows), g.tile_px, g.tile_px, 3), np.uint8)
+        if out.shape != (len(rows), g.tile_px, g.tile_px, 3) or out.dtype != np.uint8:
+            raise ValueError(f"out must be ({len(rows)}, {g.tile_px}, {g.tile_px}, 3) uint8, got {out.dtype} {out.shape}")
+        if self._source is not None and g.resample == 1.0:
+            try:
+                for i, (row, col) in enumerate(zip(rows.tolist(), cols.tolist())):
+                    self._source.read_into(out[i], col * g.step_px, row * g.step_px, g.read_reduction, self._reduce_how)
+                return out
+            except RegionReadError:
+                raise
+            except Exception:  # an unexpected fast-path failure: the general path below (and the backend) reads
+                pass
+        for a, b in _row_runs(rows, cols):
+            strip = self.read_block(int(rows[a]), int(cols[a]), 1, b - a)
+            out[a:b] = slice_tiles(strip, g, np.zeros(b - a, np.intp), cols[a:b] - cols[a])
+        return out
+
     def read_tile(self, row: int, col: int) -> np.ndarray:
         """One tile (tile_px, tile_px, 3); the fallback when a block fails. Tries the fast path, then the backend;
         raises RegionReadError if neither can read it."""
@@ -189,6 +217,13 @@ def downsample(region: np.ndarray, box: tuple[float, float, float, float], size:
             return area_mean(region[y0:y1, x0:x1], factor)
     image = Image.fromarray(np.ascontiguousarray(region))
     return np.asarray(image.resize(size, Image.Resampling.BOX, box=box))
+
+
+def _row_runs(rows: np.ndarray, cols: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of horizontally adjacent cells (cells come row-major within a block)."""
+    breaks = np.flatnonzero((np.diff(rows) != 0) | (np.diff(cols) != 1)) + 1
+    edges = np.r_[0, breaks, len(rows)]
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
 def slice_tiles(block: np.ndarray, geometry: TileGeometry, rows_in_block, cols_in_block) -> np.ndarray:

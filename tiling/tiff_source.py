@@ -104,16 +104,24 @@ class TiffLevelSource:
         virtual level, ceil(level size / factor) px) and each source tile is reduced once (cached): by an area mean
         of its full decode, or `WHILE_DECODING` (only where the decoder can) by the codec itself.
         """
+        out = np.empty((height, width, 3), np.uint8)
+        self.read_into(out, x, y, factor, how)
+        return out
+
+    def read_into(self, out: np.ndarray, x: int, y: int, factor: int = 1, how: str = AREA_MEAN) -> None:
+        """`read` into `out` (height, width, 3) uint8, which may be a view (a tile of a preallocated stack): the
+        pixels are copied once, from the cached source tiles straight to their destination."""
         if self.tile_w % factor or self.tile_h % factor:
             raise ValueError(f"source tiles of {self.tile_w}x{self.tile_h} px cannot be reduced by {factor}")
+        height, width = out.shape[:2]
         level_w, level_h = -(-self.width // factor), -(-self.height // factor)
         tile_w, tile_h = self.tile_w // factor, self.tile_h // factor
         cx0, cy0 = max(x, 0), max(y, 0)
         cx1, cy1 = min(x + width, level_w), min(y + height, level_h)
-        inside = (cx0, cy0, cx1, cy1) == (x, y, x + width, y + height)
-        out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
+        if (cx0, cy0, cx1, cy1) != (x, y, x + width, y + height):
+            out[...] = 255
         if cx1 <= cx0 or cy1 <= cy0:
-            return out
+            return
         for ty in range(cy0 // tile_h, (cy1 - 1) // tile_h + 1):
             ty0 = ty * tile_h
             sy0, sy1 = max(cy0, ty0), min(cy1, ty0 + tile_h)
@@ -126,7 +134,6 @@ class TiffLevelSource:
                     dst[...] = 255
                 else:
                     dst[...] = tile[sy0 - ty0: sy1 - ty0, sx0 - tx0: sx1 - tx0]
-        return out
 
     def self_check(self, reader: SlideReader, factor: int = 1, how: str = AREA_MEAN, attempts: int = 5) -> str:
         """Compare one source tile, decoded (at 1/factor, reduced `how`), with the backend's pixels (area-reduced

@@ -21,7 +21,7 @@ from tiling.inputs import SlideInput
 from tiling.mpp import resolve_mpp
 from tiling.pixel_qc import check_tiles
 from tiling.readers import open_slide
-from tiling.regions import BlockReader, slice_tiles
+from tiling.regions import BlockReader
 from tiling.store import encode_tile
 from tiling.tissue import read_thumbnail, tissue_fractions, tissue_mask
 
@@ -160,34 +160,35 @@ def close_readers() -> None:
         block_reader.reader.close()
 
 
-def _row_runs(rows: np.ndarray, cols: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of horizontally adjacent cells (cells come row-major within a block)."""
-    breaks = np.flatnonzero((np.diff(rows) != 0) | (np.diff(cols) != 1)) + 1
-    edges = np.r_[0, breaks, len(rows)]
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+_tile_stack: np.ndarray | None = None  # this worker's reused buffer of decoded tiles (one block's worth)
 
 
-def _read_run(reader: BlockReader, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    strip = reader.read_block(int(rows[0]), int(cols[0]), 1, len(cols))
-    return slice_tiles(strip, geometry, np.zeros_like(rows), cols - cols[0])
+def _stack(n: int, tile_px: int) -> np.ndarray:
+    """A (n, tile_px, tile_px, 3) uint8 view of this worker's tile buffer, grown when needed. Reusing it spares
+    ~10 MB of fresh pages (page faults) per block; tile_block returns encoded bytes, never these pixels."""
+    global _tile_stack
+    if _tile_stack is None or _tile_stack.shape[1] != tile_px or len(_tile_stack) < n:
+        _tile_stack = np.empty((max(n, 1), tile_px, tile_px, 3), np.uint8)
+    return _tile_stack[:n]
 
 
 def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray,
                cfg: TilingConfig) -> BlockResult:
     """Read the pixels under one block's candidate cells, cut the tiles, check their pixels, encode them.
 
-    Each run of adjacent candidate cells in a row is one region read, so only source tiles under candidates are
-    decoded; the reader's cache of decoded source tiles keeps each one decoded once. When a read fails (a corrupt
+    Only source tiles under candidates are decoded, each once (the reader caches decoded source tiles), and each
+    tile's pixels are copied once, into a reused buffer (`BlockReader.read_tiles`). When a read fails (a corrupt
     source tile), each tile is read on its own so only the tiles that really fail are lost; they are counted, not
     fatal.
     """
     reader = _block_reader(path, backend, geometry, cfg.tiff_fast_path)
     failures = 0
     ok = np.ones(len(rows), dtype=bool)
+    tiles = _stack(len(rows), geometry.tile_px)
     try:
-        tiles = np.concatenate([_read_run(reader, geometry, rows[a:b], cols[a:b]) for a, b in _row_runs(rows, cols)])
+        reader.read_tiles(rows, cols, out=tiles)
     except Exception:  # noqa: BLE001 - any decode error: fall back to per-tile reads
-        tiles = np.zeros((len(rows), geometry.tile_px, geometry.tile_px, 3), dtype=np.uint8)
+        tiles[...] = 0
         for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
             try:
                 tiles[i] = reader.read_tile(r, c)
