@@ -6,8 +6,8 @@ Generates (never commits) pyramids by mirroring the bundled sample slide's pixel
   - hs2p 6.1.0 on the same slide, one worker, 224 px at 0.5 µm/px, tiles saved (run from a separate venv; skipped
     with a message when that venv is absent), alternating with pathdino when --repeats > 1;
   - the decode+encode bound measured in the same run: the source tiles under the kept tiles fetched as raw bytes
-    and decoded once each (as the run decoded them: full, or reduced by the codec for virtual levels), plus one
-    JPEG q90 encode per kept tile; and pathdino / bound;
+    and decoded once each by the run's decoder (simplejpeg or tifffile/imagecodecs; full, or reduced by the codec
+    for virtual levels), plus one JPEG q90 encode per kept tile; and pathdino / bound;
 Cases: "20x" (JPEG mosaic at 0.499 µm/px, level 0 read as is), "40x" (the same file declared 0.2527 µm/px, as an
 Aperio 40x scan: level 0 at 1/2 is a virtual level), "j2k-40x" (an Aperio 33003 JPEG 2000 mosaic at 0.2527 µm/px).
 Then: all cores on the 20x slide, a mixed 16-slide folder (small, big, 40x, failing) with all cores (tiles/s, CPU
@@ -174,7 +174,7 @@ def run_hs2p(slide: Path, mpp: float | None, out: Path) -> dict | None:
 
 
 def _source_tiles(slide_path: Path, store_url: Path, slide_id: str):
-    """(page, sorted raw bytes of the source tiles under the kept tiles, store attrs, kept tiles)."""
+    """(tiff, page, [(index, raw bytes)] of the source tiles under the kept tiles (sorted), store attrs, slide)."""
     slide = TileStore(str(store_url)).slide(slide_id)
     attrs = slide.attrs
     coords, side = slide.coords / attrs["read_downsample"], attrs["read_tile_px"]
@@ -190,29 +190,33 @@ def _source_tiles(slide_path: Path, store_url: Path, slide_id: str):
     raw = []
     for index in sorted(needed):
         fh.seek(page.dataoffsets[index])
-        raw.append(fh.read(page.databytecounts[index]))
+        raw.append((index, fh.read(page.databytecounts[index])))
     return tif, page, raw, attrs, slide
 
 
 def decode_encode_bound(slide_path: Path, store_url: Path, slide_id: str) -> dict:
-    """Decode each source tile under the kept tiles once (as the run did), encode each kept tile once."""
+    """Decode each source tile under the kept tiles once, with the decoder the run used (simplejpeg where it was
+    adopted, else tifffile/imagecodecs; reduced while decoding for virtual levels), and encode each kept tile once.
+    Also times imagecodecs' full decode, the reference of earlier rounds."""
     import imagecodecs
 
     tif, page, raw, attrs, slide = _source_tiles(slide_path, store_url, slide_id)
     decoder = TileDecoder(page)
+    decoder.adopt_simplejpeg([(data, index) for index, data in raw[:3]])
     reduction = int(attrs.get("read_reduction", 1))
     reduced = reduction > 1 and ("DCT" in attrs.get("decoder", "") or "OpenJPEG" in attrs.get("decoder", ""))
-    full = imagecodecs.jpeg8_decode if decoder.reduced_kind == "jpeg-dct" else imagecodecs.jpeg2k_decode
+    reference = imagecodecs.jpeg8_decode if decoder.reduced_kind == "jpeg-dct" else imagecodecs.jpeg2k_decode
     tables = page.jpegtables
 
     def timed(fn) -> float:
         t0 = time.process_time()
-        for data in raw:
-            fn(data)
+        for index, data in raw:
+            fn(data, index)
         return time.process_time() - t0
 
-    full_s = timed(lambda d: full(d, tables=tables) if tables else full(d))
-    reduced_s = timed(lambda d: decoder.decode_reduced(d, reduction)) if reduction > 1 and decoder.reduced_kind \
+    reference_s = timed(lambda d, i: reference(d, tables=tables) if tables else reference(d))
+    full_s = timed(decoder.decode)
+    reduced_s = timed(lambda d, i: decoder.decode_reduced(d, reduction)) if reduction > 1 and decoder.reduced_kind \
         else float("nan")
     tiles = slide.read_tiles(0, min(slide.n_tiles, 2000))
     t0 = time.process_time()
@@ -223,6 +227,7 @@ def decode_encode_bound(slide_path: Path, store_url: Path, slide_id: str) -> dic
     decode_s = reduced_s if reduced else full_s
     n = slide.n_tiles
     return {"n_source": len(raw), "full_decode_per_s": len(raw) / full_s, "reduced_decode_per_s": len(raw) / reduced_s,
+            "reference_decode_per_s": len(raw) / reference_s, "decoder": decoder.describe(reduction, reduced),
             "encode_per_s": 1 / encode_per_tile, "bound": n / (decode_s + n * encode_per_tile), "reduced": reduced}
 
 
@@ -232,11 +237,13 @@ def reduced_quality(slide_path: Path, reduction: int = 2, n: int = 64) -> tuple[
         page = tif.pages[0]
         decoder = TileDecoder(page)
         fh = tif.filehandle
-        picks = [(i * 7919) % len(page.dataoffsets) for i in range(n)]
-        errors, absdiff = [], []
-        for index in picks:
+        picks = []
+        for index in ((i * 7919) % len(page.dataoffsets) for i in range(n)):
             fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
+            picks.append((fh.read(page.databytecounts[index]), index))
+        decoder.adopt_simplejpeg(picks[:3])  # as the run decodes
+        errors, absdiff = [], []
+        for data, index in picks:
             ours = decoder.decode_reduced(data, reduction).astype(np.float64)
             reference = area_mean(decoder.decode(data, index), reduction).astype(np.float64)
             errors.append(((ours - reference) ** 2).mean())
@@ -344,10 +351,11 @@ def main() -> None:
         peer_runs = ", ".join(f"{p['rate']:,.0f}" for p in peer) or "-"
         print(f"{case}: read level {attrs['read_level']} at 1/{attrs.get('read_reduction', 1)}, scale "
               f"{attrs['scale']:.4g}, effective {attrs['effective_mpp']:.4f} µm/px; decoder: {attrs.get('decoder')}")
-        print(f"    runs: pathdino {runs}; hs2p {peer_runs} tiles/s. {bound['n_source']:,} source tiles decoded: full "
-              f"{bound['full_decode_per_s']:,.0f}/s, reduced {bound['reduced_decode_per_s']:,.0f}/s; encode "
-              f"{bound['encode_per_s']:,.0f} tiles/s; bound uses the {'reduced' if bound['reduced'] else 'full'} "
-              f"decode")
+        print(f"    runs: pathdino {runs}; hs2p {peer_runs} tiles/s. {bound['n_source']:,} source tiles decoded by "
+              f"{bound['decoder']}: full {bound['full_decode_per_s']:,.0f}/s, reduced "
+              f"{bound['reduced_decode_per_s']:,.0f}/s (imagecodecs full: {bound['reference_decode_per_s']:,.0f}/s); "
+              f"encode {bound['encode_per_s']:,.0f} tiles/s; bound uses the "
+              f"{'reduced' if bound['reduced'] else 'full'} decode")
 
     if "20x" in cases and args.workers > 1:
         slides = collect_slides([str(jpeg_path)], slide_mpp=MPP_20X)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -173,7 +174,7 @@ def test_run_records_level_reduction_decoder_and_mpp(tmp_path):
     assert (attrs["read_level"], attrs["read_reduction"], attrs["scale"]) == (0, 2, 2.0)
     assert attrs["within_tolerance"] and attrs["effective_mpp"] == pytest.approx(0.5054)
     assert attrs["level0_tile_px"] == 256 and attrs["pixel_source"] == TIFF_FAST_PATH
-    assert attrs["decoder"] == "libjpeg-turbo DCT scaling 1/2 (Pillow)"
+    assert attrs["decoder"] == f"libjpeg-turbo DCT scaling 1/2 (simplejpeg {simplejpeg.__version__})"
     assert (slide.coords % 256 == 0).all()
     tiles = slide.read_tiles(0, slide.n_tiles)
     assert tiles.shape[1:] == (128, 128, 3)
@@ -189,4 +190,4 @@ def test_run_records_level_reduction_decoder_and_mpp(tmp_path):
     attrs = TileStore(url).slide("scan40x").attrs
     assert (attrs["read_reduction"], attrs["within_tolerance"]) == (1, False)
     assert attrs["scale"] == pytest.approx(0.5 / 0.2527) and attrs["effective_mpp"] == pytest.approx(0.5)
-    assert attrs["decoder"].startswith("tifffile/imagecodecs JPEG")
+    assert attrs["decoder"] == f"simplejpeg {simplejpeg.__version__} (libjpeg-turbo) JPEG"

@@ -6,6 +6,7 @@ tiles under a region; `self_check` compares its pixels with the slide backend's 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -56,6 +57,18 @@ class TiffLevelSource:
         self._cache: OrderedDict[tuple[int, int, str], np.ndarray] = OrderedDict()  # (tile, factor, how)
         self._cache_bytes = 0
         self._cache_limit = int(cache_bytes)
+        self.decoder.adopt_simplejpeg([(self._raw(i), i) for i in self._sample_indices(3)])
+
+    def _sample_indices(self, n: int) -> list[int]:
+        """Up to n stored tiles, the level's middle one first (more likely tissue than a corner)."""
+        middle = (self.tiles_down // 2) * self.tiles_across + self.tiles_across // 2
+        order = itertools.chain([middle], (i for i in range(len(self._counts)) if i != middle))
+        stored = (i for i in order if i < len(self._counts) and self._counts[i])
+        return list(itertools.islice(stored, n))
+
+    def _raw(self, index: int) -> bytes:
+        self._fh.seek(self._offsets[index])
+        return self._fh.read(self._counts[index])
 
     def _tile(self, index: int, factor: int, how: str) -> np.ndarray | None:
         """Decoded source tile at 1/factor (reduced `how`); None where the file stores no data.
@@ -69,8 +82,7 @@ class TiffLevelSource:
             return cached
         if not self._counts[index]:
             return None
-        self._fh.seek(self._offsets[index])
-        data = self._fh.read(self._counts[index])
+        data = self._raw(index)
         try:
             if factor > 1 and how == WHILE_DECODING:
                 tile = self.decoder.decode_reduced(data, factor)
@@ -142,11 +154,8 @@ class TiffLevelSource:
         Starts at the middle of the level (more likely tissue than a corner); a tile that either side cannot read
         (a corrupt tile must not switch the fast path off for the whole slide) is skipped for the next one.
         """
-        n_tiles = self.tiles_across * self.tiles_down
-        middle = (self.tiles_down // 2) * self.tiles_across + self.tiles_across // 2
-        candidates = [i for i in [middle, *range(n_tiles)] if self._counts[i]]
         failures: list[str] = []
-        for index in list(dict.fromkeys(candidates))[:attempts]:
+        for index in self._sample_indices(attempts):
             ty, tx = divmod(index, self.tiles_across)
             x, y = tx * self.tile_w, ty * self.tile_h
             # Whole factor x factor groups inside the level only: the backend pads with white beyond it.
