@@ -292,3 +292,38 @@ def test_slice_tiles_and_downsample_validate():
         slice_tiles(block, g, [3], [0])
     with pytest.raises(ValueError, match="upsample"):
         downsample(block, (0, 0, 10, 10), (20, 20), 0.5)
+
+
+def test_fast_level_reader_reads_like_the_backend(tmp_path, jpeg_pyramid):
+    from tiling.regions import FastLevelReader
+
+    reader = open_slide(jpeg_pyramid, "openslide")
+    fast = FastLevelReader(reader)
+    for level in (0, 1):
+        w, h = reader.level_dimensions[level]
+        # whole level, a region straddling source tiles, and one past the edge (white there, as the backend)
+        for x, y, width, height in [(0, 0, w, h), (100, 37, 300, 200), (w - 50, h - 20, 90, 60)]:
+            ours, theirs = fast.read_region(level, x, y, width, height), reader.read_region(level, x, y, width, height)
+            assert ours.shape == theirs.shape == (height, width, 3)
+            assert np.abs(ours.astype(int) - theirs).mean() < 1.0
+    assert all(source is not None for source in fast._sources.values())  # both levels decoded directly
+    fast.close()
+    # A corrupt source tile: that read falls back to the backend, which raises as it always did.
+    path = write_pyramid(tmp_path / "bad.tif", texture_image(512, 512), downsamples=(1,), mpp=0.5, tile=256,
+                         description_style="none", resolution_tags=True)
+    corrupt_source_tile(path, 0, 3)
+    bad_reader = open_slide(path, "openslide")
+    bad = FastLevelReader(bad_reader)
+    assert bad.read_region(0, 0, 0, 256, 256).shape == (256, 256, 3)
+    with pytest.raises(RegionReadError):
+        bad.read_region(0, 256, 256, 256, 256)
+    bad.close()
+    bad_reader.close()
+    # Not a TIFF the fast path reads: the backend's pixels, unchanged.
+    stripped = open_slide(write_stripped(tmp_path / "strips.tif", texture_image(300, 200)))
+    fallback = FastLevelReader(stripped)
+    np.testing.assert_array_equal(fallback.read_region(0, 10, 10, 50, 40), stripped.read_region(0, 10, 10, 50, 40))
+    assert fallback._sources == {0: None}
+    fallback.close()
+    stripped.close()
+    reader.close()

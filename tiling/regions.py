@@ -39,6 +39,62 @@ _EPS = 1e-6
 _FAST_PATH_OPENSLIDE_VENDORS = ("aperio", "generic-tiff")
 
 
+def open_fast_source(reader: SlideReader, level: int,
+                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[TiffLevelSource | None, str]:
+    """The TIFF fast path for one pyramid level, if this slide allows it and its pixels agree with the backend's
+    (self-check); returns (source, "") or (None, why not)."""
+    vendor = reader.properties.get("openslide.vendor")
+    if reader.backend == "openslide" and vendor not in _FAST_PATH_OPENSLIDE_VENDORS:
+        return None, f"no TIFF fast path for OpenSlide vendor {vendor!r} (only {', '.join(_FAST_PATH_OPENSLIDE_VENDORS)})"
+    try:
+        source = TiffLevelSource(Path(reader.path), level, reader.level_dimensions[level],
+                                 len(reader.level_dimensions), cache_bytes)
+    except Exception as exc:  # not a TIFF, untiled page, unsupported format: the backend reads instead
+        return None, f"no TIFF fast path: {exc}"
+    try:
+        why = source.self_check(reader)
+    except Exception as exc:
+        why = f"self-check failed: {exc}"
+    if why:
+        source.close()
+        return None, why
+    return source, ""
+
+
+class FastLevelReader:
+    """A slide reader (the `SlideReader` protocol) whose `read_region` decodes TIFF source tiles directly, under the
+    same rules and self-check as `BlockReader`, on levels where the fast path applies; the backend reads the rest.
+
+    For whole-level reads such as the tissue thumbnail: a 40k slide's 2,500² level took 0.215 s through OpenSlide,
+    0.05 s this way (AMD EPYC Zen 4). Does not own `reader`: `close` releases only the fast path's files.
+    """
+
+    def __init__(self, reader: SlideReader, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.reader = reader
+        self.path, self.backend, self.backend_version = reader.path, reader.backend, reader.backend_version
+        self.level_dimensions, self.level_downsamples = reader.level_dimensions, reader.level_downsamples
+        self.properties = reader.properties
+        self._cache_bytes = cache_bytes
+        self._sources: dict[int, TiffLevelSource | None] = {}
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        if level not in self._sources and 0 <= level < len(self.level_dimensions):
+            self._sources[level] = open_fast_source(self.reader, level, self._cache_bytes)[0]
+        source = self._sources.get(level)
+        if source is not None and width > 0 and height > 0:
+            try:
+                return source.read(x, y, width, height)
+            except Exception:  # a corrupt source tile: the backend is the reference reader
+                pass
+        return self.reader.read_region(level, x, y, width, height)
+
+    def close(self) -> None:
+        for source in self._sources.values():
+            if source is not None:
+                source.close()
+        self._sources.clear()
+
+
 class BlockReader:
     """Reads blocks of grid cells (and single tiles) of one slide at one geometry, in output pixels.
 
@@ -66,24 +122,8 @@ class BlockReader:
         self.decoder = self._describe_decoder(reduced_note)
 
     def _open_fast_path(self, cache_bytes: int) -> str:
-        level = self.geometry.read_level
-        vendor = self.reader.properties.get("openslide.vendor")
-        if self.reader.backend == "openslide" and vendor not in _FAST_PATH_OPENSLIDE_VENDORS:
-            return f"no TIFF fast path for OpenSlide vendor {vendor!r} (only {', '.join(_FAST_PATH_OPENSLIDE_VENDORS)})"
-        try:
-            source = TiffLevelSource(Path(self.reader.path), level, self.reader.level_dimensions[level],
-                                     len(self.reader.level_dimensions), cache_bytes)
-        except Exception as exc:  # not a TIFF, untiled page, unsupported format: the backend reads instead
-            return f"no TIFF fast path: {exc}"
-        try:
-            why = source.self_check(self.reader)
-        except Exception as exc:
-            why = f"self-check failed: {exc}"
-        if why:
-            source.close()
-            return why
-        self._source = source
-        return ""
+        self._source, why = open_fast_source(self.reader, self.geometry.read_level, cache_bytes)
+        return why
 
     def _choose_reduction(self) -> str:
         """For a virtual level: reduce while decoding if the codec can and agrees with the backend's pixels

@@ -21,7 +21,7 @@ from tiling.inputs import SlideInput
 from tiling.mpp import resolve_mpp
 from tiling.pixel_qc import check_tiles
 from tiling.readers import open_slide
-from tiling.regions import BlockReader
+from tiling.regions import BlockReader, FastLevelReader
 from tiling.store import encode_tile
 from tiling.tissue import read_thumbnail, tissue_fractions, tissue_mask
 
@@ -113,7 +113,13 @@ def plan_slide(slide: SlideInput, cfg: TilingConfig, *, source: tuple[str, int] 
                                  virtual_reductions=VIRTUAL_REDUCTIONS if cfg.virtual_levels else ())
         level0_size = tuple(int(v) for v in reader.level_dimensions[0])
         n_rows, n_cols = grid_shape(geometry, level0_size)
-        thumbnail, thumbnail_mpp = read_thumbnail(reader, mpp.mpp, cfg.tissue.thumbnail_mpp)
+        # The thumbnail level decoded straight from the TIFF where the fast path applies (~4x less CPU than OpenSlide)
+        thumbnail_reader = FastLevelReader(reader) if cfg.tiff_fast_path else reader
+        try:
+            thumbnail, thumbnail_mpp = read_thumbnail(thumbnail_reader, mpp.mpp, cfg.tissue.thumbnail_mpp)
+        finally:
+            if thumbnail_reader is not reader:
+                thumbnail_reader.close()
         check_pixels(slide.path, thumbnail)
         mask = tissue_mask(thumbnail, cfg.tissue, thumbnail_mpp)
         rows, cols = np.divmod(np.arange(n_rows * n_cols, dtype=np.int64), max(n_cols, 1))
