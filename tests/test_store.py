@@ -24,9 +24,10 @@ def _tiles(n: int, px: int = 32, seed: int = 0) -> list[np.ndarray]:
     return [np.kron(b, np.ones((px // 4, px // 4, 1), np.uint8)) for b in base]
 
 
-def _write(url, slide_id="s1", n=300, px=32, encoding="jpeg", shard=256, chunk=16):
+def _write(url, slide_id="s1", n=300, px=32, encoding="jpeg", shard=256, chunk=16, max_tiles=0):
     w = TileStoreWriter(url)
-    sw = w.begin_slide(slide_id, px, encoding=encoding, tiles_per_shard=shard, tiles_per_chunk=chunk)
+    sw = w.begin_slide(slide_id, px, encoding=encoding, tiles_per_shard=shard, tiles_per_chunk=chunk,
+                       max_tiles=max_tiles)
     tiles = _tiles(n, px)
     xy = np.arange(2 * n).reshape(n, 2)
     # arrive in uneven batches, as blocks do
@@ -53,6 +54,22 @@ def test_round_trip_jpeg_and_png(tmp_path):
     _write(tmp_path / "png.zarr", encoding="png", n=20)
     png = TileStore(tmp_path / "png.zarr").slide("s1")
     np.testing.assert_array_equal(png.read_tiles(0, 20), np.stack(_tiles(20)))  # lossless
+
+
+@pytest.mark.parametrize("max_tiles", [0, 100, 300, 1000])
+def test_size_hint_changes_nothing_stored(tmp_path, max_tiles):
+    # The writer sizes its array once for max_tiles (the candidates) and cuts it to the tiles written at commit; a
+    # hint below the real count only means resizing as it goes. The shards are the same bytes either way.
+    _write(tmp_path / "ref.zarr", n=300, shard=64)
+    _write(tmp_path / "hint.zarr", n=300, shard=64, max_tiles=max_tiles)
+    ref, hint = TileStore(tmp_path / "ref.zarr").slide("s1"), TileStore(tmp_path / "hint.zarr").slide("s1")
+    assert hint.n_tiles == 300 and hint.shard_ranges() == ref.shard_ranges()
+    assert hint.read_encoded(0, 300) == ref.read_encoded(0, 300)
+    shards = sorted(p.name for p in (tmp_path / "ref.zarr" / "slides" / "s1" / "tiles" / "c").iterdir())
+    for name in shards:
+        a = (tmp_path / "ref.zarr" / "slides" / "s1" / "tiles" / "c" / name).read_bytes()
+        assert (tmp_path / "hint.zarr" / "slides" / "s1" / "tiles" / "c" / name).read_bytes() == a
+    assert sorted(p.name for p in (tmp_path / "hint.zarr" / "slides" / "s1" / "tiles" / "c").iterdir()) == shards
 
 
 def test_slide_invisible_until_commit_and_abort_leaves_nothing(tmp_path):

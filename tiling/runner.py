@@ -276,7 +276,7 @@ class _TilingRun:
         cfg, sid = self.cfg, plan.slide.slide_id
         writer = self.store.begin_slide(
             sid, cfg.tile_px, encoding=cfg.encoding, tiles_per_shard=cfg.tiles_per_shard,
-            tiles_per_chunk=cfg.tiles_per_chunk,
+            tiles_per_chunk=cfg.tiles_per_chunk, max_tiles=len(plan.rows),
             tile_attrs={"jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling})
         self.jobs[sid] = job = _SlideJob(plan=plan, writer=writer, started=time.perf_counter())
         self.emit("slide_planned", {"slide_id": sid, "n_candidates": len(plan.rows)})

@@ -39,7 +39,7 @@ class SlideWriter:
     """
 
     def __init__(self, writer: "TileStoreWriter", slide_id: str, tile_px: int, encoding: str,
-                 tiles_per_shard: int, tiles_per_chunk: int, tile_attrs: dict[str, Any]):
+                 tiles_per_shard: int, tiles_per_chunk: int, tile_attrs: dict[str, Any], max_tiles: int = 0):
         if encoding not in TILE_ENCODINGS:
             raise ValueError(f"unknown tile encoding {encoding!r}; expected one of {TILE_ENCODINGS}")
         if tiles_per_shard % tiles_per_chunk:
@@ -55,6 +55,9 @@ class SlideWriter:
             "tiles", shape=(0,), chunks=(tiles_per_chunk,), shards=(tiles_per_shard,), dtype=VariableLengthBytes(),
             compressors=None, fill_value=b"")
         self._tiles.attrs.update({"encoding": encoding, "tile_px": int(tile_px), "channels": 3, **tile_attrs})
+        # The array is sized once for at most `max_tiles` (resizing rewrites its metadata: ~1 ms per shard) and cut
+        # to the tiles written at commit; staged, so nobody sees the interim size.
+        self._capacity = max(int(max_tiles), 0)
         self._buffer: list[bytes] = []
         self._coords: list[np.ndarray] = []
         self._fractions: list[np.ndarray] = []
@@ -75,7 +78,8 @@ class SlideWriter:
         chunk[:] = self._buffer[:n]
         del self._buffer[:n]
         start = self.n_written
-        self._tiles.resize((start + n,))
+        if start + n > self._tiles.shape[0]:
+            self._tiles.resize((max(start + n, self._capacity),))
         self._tiles[start:start + n] = chunk
         self.n_written += n
 
@@ -86,6 +90,8 @@ class SlideWriter:
         coords = np.concatenate(self._coords) if self._coords else np.zeros((0, 2), np.int64)
         fractions = np.concatenate(self._fractions) if self._fractions else np.zeros((0,), np.float32)
         n = self.n_written
+        if self._tiles.shape[0] != n:
+            self._tiles.resize((n,))
         rows = max(min(n, 1 << 16), 1)
         self._group.create_array("coords", data=coords, chunks=(rows, 2), compressors=None)
         self._group.create_array("tissue_fraction", data=fractions, chunks=(rows,), compressors=None)
@@ -171,11 +177,15 @@ class TileStoreWriter:
     # -- slides --------------------------------------------------------------------------------------------------
 
     def begin_slide(self, slide_id: str, tile_px: int, *, encoding: str = "jpeg", tiles_per_shard: int = 256,
-                    tiles_per_chunk: int = 16, tile_attrs: dict[str, Any] | None = None) -> SlideWriter:
+                    tiles_per_chunk: int = 16, tile_attrs: dict[str, Any] | None = None,
+                    max_tiles: int = 0) -> SlideWriter:
+        """Stage a slide; `max_tiles` (optional, e.g. the number of candidate tiles) lets the writer size its array
+        once instead of once per shard."""
         if slide_id != safe_slide_id(slide_id):
             raise StoreError(f"slide id {slide_id!r} is not a safe group name; pass it through safe_slide_id()")
         self.remove_slide(slide_id)
-        return SlideWriter(self, slide_id, tile_px, encoding, tiles_per_shard, tiles_per_chunk, tile_attrs or {})
+        return SlideWriter(self, slide_id, tile_px, encoding, tiles_per_shard, tiles_per_chunk, tile_attrs or {},
+                           max_tiles)
 
     def _staging_group(self, slide_id: str) -> tuple[zarr.Group, str]:
         if self.remote:
