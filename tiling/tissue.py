@@ -20,15 +20,8 @@ from scipy import ndimage
 from skimage import filters, measure, morphology
 from skimage.filters import rank
 
-__all__ = [
-    "TissueConfig",
-    "ThumbnailReader",
-    "read_thumbnail",
-    "tissue_mask",
-    "pen_mask",
-    "saturation",
-    "tissue_fractions",
-]
+__all__ = ["TissueConfig", "ThumbnailReader", "read_thumbnail", "tissue_mask", "pen_mask", "saturation",
+           "square_closing", "tissue_fractions"]
 
 
 @dataclass(frozen=True)
