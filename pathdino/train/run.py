@@ -288,7 +288,8 @@ def _throughput(cfg: RunConfig, plan: CropPlan, device: torch.device, world: int
     flops = dinov2_train_flops_per_image(
         mc.backbone, mc.dino_head, ibot_head_cfg or mc.dino_head, plan.global_px, plan.local_px, plan.n_global,
         plan.n_local, plan.mask_probability, plan.mask_ratio_mean,
-        subset_drop_path=mc.backbone.drop_path_rate if mc.backbone.drop_path_rate > SUBSET_DROP_PATH_ABOVE else 0.0)
+        subset_drop_path=mc.backbone.drop_path_rate if mc.backbone.drop_path_rate > SUBSET_DROP_PATH_ABOVE else 0.0,
+        trim_last_block=bool(getattr(student, "trim_last_block", False)))
     peak = peak_tflops(device, cfg.train.precision, cfg.log.peak_tflops)
     log.info("model: %.1fM student parameters; %s", sum(p.numel() for p in student.parameters()) / 1e6,
              flops.summary())
