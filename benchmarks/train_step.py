@@ -130,6 +130,10 @@ def main() -> None:
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
+    if not cuda and "train.cpu_flush_denormal=false" not in args.overrides:
+        # As `python -m pathdino.train` has it: FTZ/DAZ before the intra-op thread pool starts (its threads inherit
+        # the setting); the matmul reference below would start the pool before train() sets it.
+        torch.set_flush_denormal(True)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     compiles = [False, True] if args.compile == "both" else [args.compile == "yes"]

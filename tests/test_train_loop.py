@@ -120,3 +120,19 @@ def test_small_preset_runs_and_logs_teacher_entropy(tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     n_prototypes = load_config(small).model.dino_head.n_prototypes
     assert all(0 < r["teacher_entropy"] <= math.log(n_prototypes) + 1e-4 for r in records)
+
+
+def test_cpu_runtime_tuning_is_switched_on_and_undone():
+    """train.cpu_flush_denormal / cpu_reuse_freed_memory: denormals flush to zero while on, not after restore."""
+    from pathdino.train.runtime import tune_cpu_runtime
+
+    tiny = torch.tensor([1e-39])  # denormal in fp32; one element, so the op runs on this thread
+    restore = tune_cpu_runtime(torch.device("cpu"), flush_denormal=True, reuse_freed_memory=True)
+    try:
+        if not torch.set_flush_denormal(True):  # CPU without FTZ/DAZ: nothing to check
+            return
+        assert float(tiny * 1.0) == 0.0
+    finally:
+        restore()
+    assert float(tiny * 1.0) > 0.0
+    assert tune_cpu_runtime(torch.device("cpu"), False, False) is not None  # nothing switched, still callable

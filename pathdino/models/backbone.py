@@ -263,6 +263,18 @@ class MaskedViT(nn.Module):
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Encode images ``x`` [B, 3, H, W]; ``masks`` [B, N] bool (row-major patches) marks iBOT-masked patches."""
         bb = self.backbone
+        tokens = self.embed(x, masks)
+        if bb.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(bb.blocks, tokens)
+        else:
+            tokens = bb.blocks(tokens)
+        tokens = bb.norm(tokens)
+        n_prefix = bb.num_prefix_tokens
+        return {"cls": tokens[:, 0], "registers": tokens[:, 1:n_prefix], "patch": tokens[:, n_prefix:]}
+
+    def embed(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The first block's input [B, prefix + N, D]: patch embedding, mask token at ``masks``, positions, prefix."""
+        bb = self.backbone
         tokens = bb.patch_embed(x)  # [B, h, w, D] with dynamic_img_size, else [B, N, D]
         if masks is not None:
             n_patches = math.prod(tokens.shape[1:-1])
@@ -277,14 +289,7 @@ class MaskedViT(nn.Module):
         # tests/test_private_apis.py pins this private method's behaviour against forward_features.
         tokens = bb._pos_embed(tokens)
         tokens = bb.patch_drop(tokens)
-        tokens = bb.norm_pre(tokens)
-        if bb.grad_checkpointing and torch.is_grad_enabled():
-            tokens = checkpoint_seq(bb.blocks, tokens)
-        else:
-            tokens = bb.blocks(tokens)
-        tokens = bb.norm(tokens)
-        n_prefix = bb.num_prefix_tokens
-        return {"cls": tokens[:, 0], "registers": tokens[:, 1:n_prefix], "patch": tokens[:, n_prefix:]}
+        return bb.norm_pre(tokens)
 
     def forward_crops(
         self,

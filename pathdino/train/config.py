@@ -132,6 +132,13 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast (fp32 master weights, fp32 losses) or plain fp32
     compile: bool = False  # torch.compile each ViT block of student and teacher (in place: same checkpoints)
+    # CPU runs: flush denormal floats (< 1.2e-38 in fp32) to zero (FTZ/DAZ, TensorFlow's CPU default); fp32 ViT-S
+    # step on a Zen 4 EPYC: ~15% faster (benchmarks/RESULTS.md). No effect on GPUs.
+    cpu_flush_denormal: bool = True
+    # CPU runs on Linux/glibc: large tensors from the heap and freed memory kept for reuse instead of fresh mmap'd
+    # pages per allocation (page faults; the 65,536-prototype logits are ~360 MB a step): ViT-S/14 step ~5% faster
+    # in fp32, ~15% in bf16 on a Zen 4 EPYC VM. Resident memory stays at the step's peak. No effect on GPUs.
+    cpu_reuse_freed_memory: bool = True
     parallel: Literal["auto", "ddp", "fsdp2"] = "auto"  # auto: fsdp2 under an accelerate FSDP config, else ddp
     fsdp_reshard_after_forward: bool = True  # FSDP2: free unsharded params after forward (ZeRO-3 style)
     checkpoint_every_steps: int = 2_500

@@ -97,6 +97,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
         raise
     finally:
         restore_stop_handlers()
+        run.restore_cpu_runtime()  # leave the caller's process as it was
         run.metrics.close()
         if hasattr(run.loader, "close"):
             run.loader.close()  # stop data workers now rather than at garbage collection

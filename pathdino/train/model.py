@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pathdino.models import BackboneConfig, DINOHead, HeadConfig, MaskedViT, build_backbone
+from pathdino.models.query_rows import enable_query_rows, objective_tokens
 
 
 class SSLModel(nn.Module):
@@ -28,9 +29,13 @@ class SSLModel(nn.Module):
     and only reads its patch tokens at the masked positions.
     """
 
-    def __init__(self, backbone_cfg: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig | None = None):
+    def __init__(self, backbone_cfg: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig | None = None,
+                 trim_last_block: bool = True):
         super().__init__()
         self.backbone = MaskedViT(build_backbone(backbone_cfg))
+        # The last block runs its queries on the tokens the objective reads only (an exact cut; query_rows.py).
+        # False computes every token, as an exported encoder does (kept for tests and benchmarks).
+        self.trim_last_block = trim_last_block and enable_query_rows(self.backbone.backbone.blocks[-1])
         dim = self.backbone.embed_dim
         self.dino_head = DINOHead.from_config(dim, dino_head)
         self.ibot_head = DINOHead.from_config(dim, ibot_head) if ibot_head is not None else None
@@ -45,33 +50,34 @@ class SSLModel(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """See the class docstring; ``mask_indices`` (``masks.flatten().nonzero()[:, 0]``, computed once per step)
         avoids a device sync per call for the boolean gather."""
-        if teacher:
-            out = self.backbone.forward_crops(global_crops, None, None)
-        else:
-            # Masks always go in (even with none set) so the mask token is in every step's graph, which DDP
-            # needs; likewise the heads run on zero rows when no patch is masked.
-            out = self.backbone.forward_crops(global_crops, local_crops, masks)
-        g_cls = out["global"]["cls"]
-        patch = out["global"]["patch"]
         if mask_indices is None:
-            masked_patches = patch[masks]
+            mask_indices = masks.flatten().nonzero().squeeze(1)
+        # Masks always go into the student (even with none set) so the mask token is in every step's graph, which
+        # DDP needs; likewise the heads run on zero rows when no patch is masked. The teacher sees the crops unmasked.
+        local_crops = None if teacher else local_crops
+        if self.trim_last_block:
+            out = objective_tokens(self.backbone, global_crops, local_crops, masks, mask_indices,
+                                   mask_input=not teacher)
+            g_cls, masked_patches, local_cls = out["global_cls"], out["masked_patch"], out["local_cls"]
         else:
-            masked_patches = patch.flatten(0, 1).index_select(0, mask_indices)
-        local = out["local"]
+            full = self.backbone.forward_crops(global_crops, local_crops, None if teacher else masks)
+            g_cls = full["global"]["cls"]
+            masked_patches = full["global"]["patch"].flatten(0, 1).index_select(0, mask_indices)
+            local_cls = None if full["local"] is None else full["local"]["cls"]
         n_global = g_cls.shape[0]
-        n_local = 0 if local is None else local["cls"].shape[0]
+        n_local = 0 if local_cls is None else local_cls.shape[0]
         if self.ibot_head is None:
             # One pass through the shared head: its 65k-prototype layer dominates the head cost.
-            tokens = [g_cls] + ([local["cls"]] if local is not None else []) + [masked_patches]
+            tokens = [g_cls] + ([local_cls] if local_cls is not None else []) + [masked_patches]
             logits = self.dino_head(torch.cat(tokens))
             global_logits = logits[:n_global]
-            local_logits = logits[n_global:n_global + n_local] if local is not None else None
+            local_logits = logits[n_global:n_global + n_local] if local_cls is not None else None
             patch_logits = logits[n_global + n_local:]
         else:
-            cls = g_cls if local is None else torch.cat([g_cls, local["cls"]])
+            cls = g_cls if local_cls is None else torch.cat([g_cls, local_cls])
             cls_logits = self.dino_head(cls)
             global_logits = cls_logits[:n_global]
-            local_logits = cls_logits[n_global:] if local is not None else None
+            local_logits = cls_logits[n_global:] if local_cls is not None else None
             patch_logits = self.ibot_head(masked_patches)
         return {
             "global_cls_logits": global_logits,

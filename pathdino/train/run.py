@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from pathdino.train.runtime import (
     resume_point,
     setup_logging,
     trackers,
+    tune_cpu_runtime,
     truncate_metrics,
 )
 from pathdino.train.schedules import Schedules, scaled_lr
@@ -81,6 +83,7 @@ class Run:
     guard: NonFiniteGuard
     collapse: CollapseMonitor
     probe: TrainingProbe | None = None  # eval.probe: kNN / linear probe of the teacher every eval.probe period
+    restore_cpu_runtime: Callable[[], None] = lambda: None  # undoes tune_cpu_runtime; train() calls it at the end
 
 
 def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) -> Run:
@@ -90,6 +93,7 @@ def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = No
     accelerator = make_accelerator(tc.precision, str(out_dir), trackers(cfg.log.trackers))
     check_launch(accelerator)
     world, device, is_main = accelerator.num_processes, accelerator.device, accelerator.is_main_process
+    restore_cpu_runtime = tune_cpu_runtime(device, tc.cpu_flush_denormal, tc.cpu_reuse_freed_memory)
     setup_logging(is_main)
     validate_config(cfg, world, check_stores=loader is None)
     if tc.phases and loader is not None and not hasattr(loader, "for_phase"):
@@ -117,7 +121,7 @@ def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = No
     return Run(base_cfg=cfg, accelerator=accelerator, use_fsdp=use_fsdp, out_dir=out_dir,
                rank=accelerator.process_index, world=world, device=device, is_main=is_main, step=resumed["step"],
                resume_from=resume_from, metrics=metrics, guard=guard, collapse=collapse,
-               probe=build_probe(cfg, device), **parts)
+               probe=build_probe(cfg, device), restore_cpu_runtime=restore_cpu_runtime, **parts)
 
 
 def switch_phase(run: Run, checkpoint: Path) -> Run:
@@ -217,10 +221,14 @@ def _build_models(cfg: RunConfig, accelerator: Any, use_fsdp: bool, resume_from:
     elif lc.uniformity == "kde":
         uniformity = build_uniformity_loss("kde", kappa=lc.kde_kappa)
     if tc.compile:
-        for block in [*student.backbone.backbone.blocks, *teacher.backbone.backbone.blocks]:
-            # In place (parameter names and checkpoints stay the same); one static graph each for the teacher's
-            # and the student's global crops and the student's local crops, shared by all blocks.
-            block.compile(dynamic=False)
+        for model in (student, teacher):
+            blocks = list(model.backbone.backbone.blocks)
+            # A trimmed last block sees a new number of query rows every step (the iBOT masks): left eager rather
+            # than recompiled per shape; it is a fifth of a block's work (pathdino/models/query_rows.py).
+            for block in blocks[:-1] if model.trim_last_block else blocks:
+                # In place (parameter names and checkpoints stay the same); one static graph each for the
+                # teacher's and the student's global crops and the student's local crops, shared by all blocks.
+                block.compile(dynamic=False)
     if use_fsdp:
         shard_fsdp2(student, tc.precision, tc.fsdp_reshard_after_forward)
         shard_fsdp2(teacher, tc.precision, tc.fsdp_reshard_after_forward)
@@ -288,7 +296,8 @@ def _throughput(cfg: RunConfig, plan: CropPlan, device: torch.device, world: int
     flops = dinov2_train_flops_per_image(
         mc.backbone, mc.dino_head, ibot_head_cfg or mc.dino_head, plan.global_px, plan.local_px, plan.n_global,
         plan.n_local, plan.mask_probability, plan.mask_ratio_mean,
-        subset_drop_path=mc.backbone.drop_path_rate if mc.backbone.drop_path_rate > SUBSET_DROP_PATH_ABOVE else 0.0)
+        subset_drop_path=mc.backbone.drop_path_rate if mc.backbone.drop_path_rate > SUBSET_DROP_PATH_ABOVE else 0.0,
+        trim_last_block=bool(getattr(student, "trim_last_block", False)))
     peak = peak_tflops(device, cfg.train.precision, cfg.log.peak_tflops)
     log.info("model: %.1fM student parameters; %s", sum(p.numel() for p in student.parameters()) / 1e6,
              flops.summary())

@@ -1,0 +1,94 @@
+"""A/B of training-step variants inside one process: the same run, variants alternated step by step.
+
+    python benchmarks/step_variants.py --precision fp32 --variants full,trim,trim+malloc --rounds 3
+
+Builds the real run once (``configs/train/<preset>.yaml``, synthetic pixels, batch 16) and times
+``training_step`` + ``reduce_step`` + ``apply_update`` per variant, alternating A B C A B C so that load from other
+processes falls on every variant alike (the point on a shared machine). Variants:
+
+* ``full``: every token through the last block; ``trim``: the last block trimmed to the tokens the objective reads
+  (``SSLModel.trim_last_block``, the trainer's default);
+* ``+malloc``: glibc keeps freed memory and never mmaps large blocks (``train.cpu_reuse_freed_memory``); without
+  it glibc's defaults are restored.
+
+FTZ (``train.cpu_flush_denormal``) is a process setting inherited by threads at their start, so it cannot be
+toggled here; compare it with ``train_step.py ... train.cpu_flush_denormal=false`` runs instead. Each variant's
+first step after a switch is discarded. Prints img/s per round. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="vits14")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--variants", default="full,trim,trim+malloc")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+
+    import torch
+
+    from pathdino.train.config import load_config
+    from pathdino.train.run import build_run
+    from pathdino.train.runtime import (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD, _M_MMAP_MAX, _M_TRIM_THRESHOLD,
+                                        _glibc)
+    from pathdino.train.step import apply_update, reduce_step, training_step
+
+    libc = _glibc()
+    variants = args.variants.split(",")
+    if any("malloc" in v for v in variants) and libc is None:
+        p.error("+malloc variants need glibc")
+
+    def set_malloc(reuse: bool) -> None:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_MAX, 0 if reuse else _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1 if reuse else _DEFAULT_TRIM_THRESHOLD)
+
+    with tempfile.TemporaryDirectory(prefix="pathdino-variants-") as tmp:
+        cfg = load_config(ROOT / "configs" / "train" / f"{args.preset}.yaml", [
+            f"train.output_dir={tmp}/run", f"train.precision={args.precision}", "train.total_steps=1000",
+            f"train.batch_size={args.batch_size}", "train.synthetic_data=true", "optim.warmup_steps=0",
+            "log.trackers=[]", "train.cpu_reuse_freed_memory=false"])
+        run = build_run(cfg)
+        batches = iter(run.loader)
+        run.model.train()
+        values = run.schedules.at(0)
+
+        def step() -> float:
+            batch = next(batches).to(run.device)
+            t0 = time.perf_counter()
+            out = training_step(run, batch, values, sync=True)
+            reduced = reduce_step(run, out.terms, out, values, False, False)
+            apply_update(run, values, reduced.finite, [out])
+            return time.perf_counter() - t0
+
+        step()
+        seconds: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for v in variants:
+                run.student.trim_last_block = run.teacher.trim_last_block = v.startswith("trim")
+                set_malloc("malloc" in v)
+                step()  # the first step after a switch settles the allocator
+                seconds[v].append(step())
+                print(f"{v}: {args.batch_size / seconds[v][-1]:.3f} img/s", flush=True)
+        run.restore_cpu_runtime()
+        set_malloc(False)
+    print(f"\n{args.preset}, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} threads; "
+          "img/s per round")
+    for v in variants:
+        print(f"{v:<14} " + " ".join(f"{args.batch_size / t:.3f}" for t in seconds[v]))
+
+
+if __name__ == "__main__":
+    main()
