@@ -222,3 +222,28 @@ def test_a_killed_worker_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path):
     result = _pathdino(*args[3:])
     assert result.returncode == 0, result.stderr
     assert TileStore(url).n_tiles("big") > 0 and TileStore(url).failures == {}
+
+
+def test_worker_results_cross_the_pool_pipe_in_atomic_messages_and_match_one_process(tmp_path, monkeypatch):
+    # A message over PIPE_BUF (4096 bytes on Linux) can be cut by a worker killed mid-send, and the pool then waits
+    # forever for its end (tiling/pool.py). Block results and plans are far bigger: they must travel another way.
+    from multiprocessing.connection import Connection
+
+    sizes: list[int] = []
+    recv_bytes = Connection._recv_bytes
+
+    def recording(self, maxsize=None):
+        buf = recv_bytes(self, maxsize)
+        sizes.append(buf.getbuffer().nbytes)
+        return buf
+
+    slides = collect_slides([str(SAMPLE)])
+    monkeypatch.setattr(Connection, "_recv_bytes", recording)
+    pooled = run_tiling(slides, str(tmp_path / "pooled.zarr"), TilingConfig(workers=2, tile_px=64, block_tiles=4))
+    monkeypatch.undo()
+    inline = run_tiling(slides, str(tmp_path / "inline.zarr"), TilingConfig(workers=1, tile_px=64, block_tiles=4))
+    assert [o.status for o in pooled] == ["done"] and pooled[0].n_tiles == inline[0].n_tiles > 16
+    assert len(sizes) > 4 and max(sizes) < 4096
+    sid = slides[0].slide_id
+    a, b = TileStore(tmp_path / "pooled.zarr").slide(sid), TileStore(tmp_path / "inline.zarr").slide(sid)
+    assert a.read_encoded(0, a.n_tiles) == b.read_encoded(0, b.n_tiles)

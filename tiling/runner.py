@@ -24,6 +24,7 @@ from tiling.configio import to_dict
 from tiling.errors import SlideError
 from tiling.inputs import SlideInput
 from tiling.fsio import now_iso
+from tiling.pool import SpillingProcessPool
 from tiling.store_write import SlideWriter, TileStoreWriter
 from tiling.worker import BlockResult, SlidePlan, close_readers, fingerprint, plan_slide, tile_block
 
@@ -226,7 +227,8 @@ class _TilingRun:
     def _start_workers(self) -> None:
         self.n_workers = self.cfg.n_workers if self.queue else 1  # nothing to do: no pool to start
         if self.n_workers > 1:
-            self.executor = cf.ProcessPoolExecutor(self.n_workers, mp_context=multiprocessing.get_context("spawn"))
+            # Results come back through scratch files: a worker killed mid-send must not hang the run (tiling/pool.py)
+            self.executor = SpillingProcessPool(self.n_workers, mp_context=multiprocessing.get_context("spawn"))
             for _ in range(self.n_workers):
                 self.executor.submit(_worker_ready)
             # The first slide is planned here while the workers start (spawning and importing takes ~1.5 s), so
