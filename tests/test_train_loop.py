@@ -8,10 +8,12 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from pathdino.train.checkpoint import list_checkpoints
 from pathdino.train.config import load_config
+from tiling.configio import ConfigError
 from pathdino.train.loop import train
 from pathdino.train.synthetic import SyntheticLoader
 
@@ -136,3 +138,15 @@ def test_cpu_runtime_tuning_is_switched_on_and_undone():
         restore()
     assert float(tiny * 1.0) > 0.0
     assert tune_cpu_runtime(torch.device("cpu"), False, False) is not None  # nothing switched, still callable
+
+
+def test_a_run_that_fails_to_start_leaves_the_cpu_settings_as_they_were(tmp_path):
+    """build_run switches FTZ on before the models are built; a config error after that must switch it off again."""
+    tiny = torch.tensor([1e-39])  # denormal in fp32
+    if float(tiny * 1.0) == 0.0:  # FTZ already on in this process (or no denormals at all): nothing to check
+        return
+    cfg = smoke(tmp_path / "bad", "train.total_steps=4", "train.phases=[{steps: 2, global_crop_px: 56}]")
+    with pytest.raises(ConfigError, match="for_phase"):
+        train(cfg,
+              loader=SyntheticLoader.__new__(SyntheticLoader))  # a loader without for_phase: refused in build_run
+    assert float(tiny * 1.0) > 0.0

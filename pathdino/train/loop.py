@@ -45,13 +45,13 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Any = None) 
     run = build_run(cfg, resume, loader)
     tc = cfg.train
     stop_requested = install_stop_handlers()
-    stop_at = tc.stop_at_step or tc.total_steps
-    last_checkpoint = str(run.resume_from) if run.resume_from else None
-    data_iter = iter(run.loader)
-    run.model.train()
-    run.teacher.eval()
-    stopped_early = False
-    try:
+    try:  # from here on, the finally below undoes what build_run and the stop handlers changed
+        stop_at = tc.stop_at_step or tc.total_steps
+        last_checkpoint = str(run.resume_from) if run.resume_from else None
+        data_iter = iter(run.loader)
+        run.model.train()
+        run.teacher.eval()
+        stopped_early = False
         if run.step == 0 and (probed := probe_metrics(run.probe, 0, run.teacher)):  # the initial teacher: baseline
             run.metrics.write({"step": 0, **probed}, 0)
         while run.step < stop_at:

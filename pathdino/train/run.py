@@ -94,34 +94,38 @@ def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = No
     check_launch(accelerator)
     world, device, is_main = accelerator.num_processes, accelerator.device, accelerator.is_main_process
     restore_cpu_runtime = tune_cpu_runtime(device, tc.cpu_flush_denormal, tc.cpu_reuse_freed_memory)
-    setup_logging(is_main)
-    validate_config(cfg, world, check_stores=loader is None)
-    if tc.phases and loader is not None and not hasattr(loader, "for_phase"):
-        raise ConfigError("train.phases need a loader that serves each phase's crops: leave loader=None (tile "
-                          "stores or train.synthetic_data), or give the loader a for_phase(config, batch) method")
-    use_fsdp = _use_fsdp(cfg, accelerator)
-    resume_from = resume_point(out_dir, resume)
-    phase = phase_at(cfg, read_trainer_state(resume_from)["step"]) if resume_from is not None else 0
-    pcfg = phase_config(cfg, phase)
-    log.info("%d process(es) on %s, %d images per step (%d per process x %d micro-steps), %s%s",
-             world, device, pcfg.train.batch_size, per_process_batch(pcfg, world), pcfg.train.grad_accum_steps,
-             "FSDP2" if use_fsdp else "DDP" if world > 1 else "single process",
-             f", resuming from {resume_from}" if resume_from else "")
-    if tc.phases:
-        log.info("; ".join(describe_phase(cfg, i) for i in range(len(tc.phases) + 1)))
-    parts, resumed = _build_phase(cfg, phase, accelerator, use_fsdp, resume_from, loader)
-    metrics = _start_metrics(cfg, accelerator, out_dir, resumed["step"], resume_from)
-    guard = NonFiniteGuard(tc.max_nonfinite_steps, total=resumed["nonfinite_total"])
-    collapse = CollapseMonitor(cfg.log.collapse_after_steps, cfg.log.collapse_drop_fraction,
-                               cfg.model.dino_head.n_prototypes)
-    collapse.best.update(resumed["collapse_best"])
-    # The student's outputs are slices of one head pass; nothing modifies them in place, which is what FSDP2's
-    # "returned a view tensor" warning is about.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    return Run(base_cfg=cfg, accelerator=accelerator, use_fsdp=use_fsdp, out_dir=out_dir,
-               rank=accelerator.process_index, world=world, device=device, is_main=is_main, step=resumed["step"],
-               resume_from=resume_from, metrics=metrics, guard=guard, collapse=collapse,
-               probe=build_probe(cfg, device), restore_cpu_runtime=restore_cpu_runtime, **parts)
+    try:
+        setup_logging(is_main)
+        validate_config(cfg, world, check_stores=loader is None)
+        if tc.phases and loader is not None and not hasattr(loader, "for_phase"):
+            raise ConfigError("train.phases need a loader that serves each phase's crops: leave loader=None (tile "
+                              "stores or train.synthetic_data), or give the loader a for_phase(config, batch) method")
+        use_fsdp = _use_fsdp(cfg, accelerator)
+        resume_from = resume_point(out_dir, resume)
+        phase = phase_at(cfg, read_trainer_state(resume_from)["step"]) if resume_from is not None else 0
+        pcfg = phase_config(cfg, phase)
+        log.info("%d process(es) on %s, %d images per step (%d per process x %d micro-steps), %s%s",
+                 world, device, pcfg.train.batch_size, per_process_batch(pcfg, world), pcfg.train.grad_accum_steps,
+                 "FSDP2" if use_fsdp else "DDP" if world > 1 else "single process",
+                 f", resuming from {resume_from}" if resume_from else "")
+        if tc.phases:
+            log.info("; ".join(describe_phase(cfg, i) for i in range(len(tc.phases) + 1)))
+        parts, resumed = _build_phase(cfg, phase, accelerator, use_fsdp, resume_from, loader)
+        metrics = _start_metrics(cfg, accelerator, out_dir, resumed["step"], resume_from)
+        guard = NonFiniteGuard(tc.max_nonfinite_steps, total=resumed["nonfinite_total"])
+        collapse = CollapseMonitor(cfg.log.collapse_after_steps, cfg.log.collapse_drop_fraction,
+                                   cfg.model.dino_head.n_prototypes)
+        collapse.best.update(resumed["collapse_best"])
+        # The student's outputs are slices of one head pass; nothing modifies them in place, which is what FSDP2's
+        # "returned a view tensor" warning is about.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        return Run(base_cfg=cfg, accelerator=accelerator, use_fsdp=use_fsdp, out_dir=out_dir,
+                   rank=accelerator.process_index, world=world, device=device, is_main=is_main, step=resumed["step"],
+                   resume_from=resume_from, metrics=metrics, guard=guard, collapse=collapse,
+                   probe=build_probe(cfg, device), restore_cpu_runtime=restore_cpu_runtime, **parts)
+    except BaseException:
+        restore_cpu_runtime()  # a bad config or store must not leave the caller's process changed
+        raise
 
 
 def switch_phase(run: Run, checkpoint: Path) -> Run:
