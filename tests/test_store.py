@@ -13,7 +13,7 @@ import zarr
 from tiling.store import (
     FORMAT_VERSION, StoreError, TileStore, decode_tile, encode_tile, safe_slide_id, sidecar_url,
 )
-from tiling.store_write import TileStoreWriter
+from tiling.store_write import TileStoreWriter, shard_file_bytes
 
 
 def _tiles(n: int, px: int = 32, seed: int = 0) -> list[np.ndarray]:
@@ -72,6 +72,36 @@ def test_size_hint_changes_nothing_stored(tmp_path, max_tiles):
     assert sorted(p.name for p in (tmp_path / "hint.zarr" / "slides" / "s1" / "tiles" / "c").iterdir()) == shards
 
 
+@pytest.mark.parametrize("n_items", [256, 37, 32, 16, 5, 1])
+def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path, n_items):
+    # Local stores write whole shards themselves (shard_file_bytes); zarr must read them, and write the same bytes.
+    from zarr.core.dtype import VariableLengthBytes
+
+    rng = np.random.default_rng(n_items)
+    items = [rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes() for _ in range(n_items)]
+    group = zarr.open_group(store=zarr.storage.LocalStore(tmp_path / "ref"), mode="w")
+    ref = group.create_array("tiles", shape=(512,), chunks=(16,), shards=(256,), dtype=VariableLengthBytes(),
+                             compressors=None, fill_value=b"")
+    values = np.empty(n_items, dtype=object)
+    values[:] = items
+    ref[256:256 + n_items] = values
+    expected = (tmp_path / "ref" / "tiles" / "c" / "1").read_bytes()
+    assert shard_file_bytes(items, tiles_per_chunk=16, tiles_per_shard=256) == expected
+
+    (tmp_path / "ref" / "tiles" / "c" / "1").write_bytes(shard_file_bytes(items[::-1], tiles_per_chunk=16,
+                                                                          tiles_per_shard=256))
+    assert list(zarr.open_array(tmp_path / "ref" / "tiles", mode="r")[256:256 + n_items]) == items[::-1]
+    with pytest.raises(ValueError, match="do not fit"):
+        shard_file_bytes(items * 2 + [b"x"] * 256, tiles_per_chunk=16, tiles_per_shard=256)
+
+
+def test_writer_uses_direct_shards_and_zarr_reads_them(tmp_path):
+    w, tiles, _ = _write(tmp_path / "store.zarr", n=300)
+    assert w.begin_slide("probe", 32)._shard_dir is not None  # local store: the direct path is the one tested
+    encoded = TileStore(tmp_path / "store.zarr").slide("s1").read_encoded(0, 300)
+    assert encoded == [encode_tile(t) for t in tiles]
+
+
 def test_slide_invisible_until_commit_and_abort_leaves_nothing(tmp_path):
     url = tmp_path / "store.zarr"
     w = TileStoreWriter(url)
@@ -115,11 +145,11 @@ def test_plain_zarr_walks_the_whole_store_without_a_warning(tmp_path):
     url = tmp_path / "store.zarr"
     _write(url, n=20)
     writer = TileStoreWriter(url)
-    writer.write_file("qc/s1.png", b"png")
+    writer.write_file("qc/s1.jpg", b"jpg")
     writer.begin_slide("in-progress", 32)  # a slide being staged right now
     writer.record_failure("bad", {"reason": "x"})
     assert sorted(p.name for p in url.iterdir()) == ["slides", "zarr.json"]
-    assert TileStore(url).qc_image_path("s1") == sidecar_url(url) + "/qc/s1.png"
+    assert TileStore(url).qc_image_path("s1") == sidecar_url(url) + "/qc/s1.jpg"
     code = (
         "import warnings, zarr\n"
         "warnings.simplefilter('error')\n"
@@ -132,6 +162,20 @@ def test_plain_zarr_walks_the_whole_store_without_a_warning(tmp_path):
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "slides/s1/tiles" in out.stdout and out.stderr == ""
+
+
+def test_qc_image_path_finds_the_png_pictures_of_earlier_versions(tmp_path):
+    url = tmp_path / "store.zarr"
+    _write(url, n=20)
+    store = TileStore(url)
+    assert store.qc_image_path("s1") == sidecar_url(url) + "/qc/s1.jpg"  # where this version writes it
+    (url / "qc").mkdir()
+    (url / "qc" / "s1.png").write_bytes(b"png")  # oldest: inside the store
+    assert store.qc_image_path("s1") == f"{url}/qc/s1.png"
+    TileStoreWriter(url).write_file("qc/s1.png", b"png")  # then: PNG in the sidecar
+    assert store.qc_image_path("s1") == sidecar_url(url) + "/qc/s1.png"
+    TileStoreWriter(url).write_file("qc/s1.jpg", b"jpg")  # a re-tiled slide's JPEG wins
+    assert store.qc_image_path("s1") == sidecar_url(url) + "/qc/s1.jpg"
 
 
 def test_unknown_version_and_not_a_store(tmp_path):
@@ -175,6 +219,6 @@ def test_fsspec_url_store_round_trip():
     assert store.slide_ids == ["s1"]
     np.testing.assert_array_equal(store.slide("s1").coords, xy)
     writer = TileStoreWriter(url)
-    assert writer.write_file("qc/s1.png", b"png") == f"{url}.pathdino/qc/s1.png" == store.qc_image_path("s1")
+    assert writer.write_file("qc/s1.jpg", b"jpg") == f"{url}.pathdino/qc/s1.jpg" == store.qc_image_path("s1")
     writer.remove_slide("s1")
     assert TileStore(url).slide_ids == []
