@@ -192,7 +192,7 @@ def test_tiling_into_an_fsspec_url(tmp_path):
     assert [o.status for o in outcomes] == ["done"]
     store = TileStore(url)
     assert store.n_tiles("CMU-1-Small-Region") == outcomes[0].n_tiles > 0
-    assert fsspec.filesystem("memory").exists("/pathdino-run/tiles.zarr.pathdino/qc/CMU-1-Small-Region.png")
+    assert fsspec.filesystem("memory").exists("/pathdino-run/tiles.zarr.pathdino/qc/CMU-1-Small-Region.jpg")
 
 
 def test_a_killed_worker_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path):

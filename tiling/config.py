@@ -46,7 +46,7 @@ class TilingConfig:
     workers: int = 0
     """Worker processes; 0 means one per CPU core."""
     qc_images: bool = True
-    """Write qc/<slide_id>.png (thumbnail, tissue outline, kept tiles)."""
+    """Write qc/<slide_id>.jpg (thumbnail, tissue outline, kept tiles)."""
     tiff_fast_path: bool = True
     """Decode TIFF source tiles directly (each once) instead of going through the reader's read_region."""
     virtual_levels: bool = True

@@ -25,6 +25,7 @@ from tiling.errors import SlideError
 from tiling.inputs import SlideInput
 from tiling.fsio import now_iso
 from tiling.pool import SpillingProcessPool
+from tiling.store import qc_image_key
 from tiling.store_write import SlideWriter, TileStoreWriter
 from tiling.worker import BlockResult, SlidePlan, close_readers, fingerprint, plan_slide, tile_block
 
@@ -110,7 +111,7 @@ def provenance(plan: SlidePlan, cfg: TilingConfig, job: _SlideJob) -> dict[str, 
         "thumbnail_mpp": plan.thumbnail_mpp, "encoding": cfg.encoding, "jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling,
         "params_key": cfg.params_key(), "n_candidates": int(len(plan.rows)),
         "n_rejected": {k: int(sum(len(v) for v in vs)) for k, vs in job.rejected.items()},
-        "n_decode_failures": job.n_decode_failures, "qc_image": f"qc/{plan.slide.slide_id}.png",
+        "n_decode_failures": job.n_decode_failures, "qc_image": qc_image_key(plan.slide.slide_id),
         "package_version": __version__, "created": now_iso(),
         "read_reduction": g.read_reduction, "decoder": job.decoder,
     }
@@ -133,10 +134,10 @@ def _write_qc_image(store: TileStoreWriter, plan: SlidePlan, job: _SlideJob) -> 
     rej_rows = [plan.rows[idx] for idxs in job.rejected.values() for idx in idxs]
     rej_cols = [plan.cols[idx] for idxs in job.rejected.values() for idx in idxs]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "qc.png"
+        path = Path(tmp) / "qc.jpg"
         draw_qc_image(plan.thumbnail, plan.mask, boxes(job.kept_rows, job.kept_cols), path=path,
                       rejected_boxes=boxes(rej_rows, rej_cols))
-        store.write_file(f"qc/{plan.slide.slide_id}.png", path.read_bytes())
+        store.write_file(qc_image_key(plan.slide.slide_id), path.read_bytes())
 
 
 def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwrite: bool = False,

@@ -11,7 +11,7 @@ A store is a Zarr v3 hierarchy::
 
 Beside it, outside the Zarr hierarchy so that plain zarr opens the store without a warning::
 
-    <store>.pathdino/qc/<slide_id>.png     QC image
+    <store>.pathdino/qc/<slide_id>.jpg     QC image
     <store>.pathdino/staging/, lock        the writers' scratch space and lock file (store_write.py)
 
 Only slides listed in the root index are complete; readers never look at anything else, so a killed writer leaves
@@ -146,7 +146,11 @@ def sidecar_url(url: str | Path) -> str:
 
 def qc_image_key(slide_id: str) -> str:
     """Where a slide's QC image lies, relative to the sidecar folder."""
-    return f"qc/{slide_id}.png"
+    return f"qc/{slide_id}.jpg"
+
+
+# Earlier versions wrote PNG QC pictures; `qc_image_path` still finds them.
+_LEGACY_QC_SUFFIX = ".png"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,11 +256,15 @@ class TileStore:
         return StoreSlide(self.root[f"slides/{slide_id}"], slide_id)
 
     def qc_image_path(self, slide_id: str) -> str:
-        """Path or URL of a slide's QC image (falls back to `<store>/qc/`, where earlier versions wrote it)."""
+        """Path or URL of a slide's QC image. Falls back to the PNG pictures of earlier versions, in the sidecar or
+        in `<store>/qc/` where even earlier versions wrote them."""
         path = f"{sidecar_url(self.url)}/{qc_image_key(slide_id)}"
-        legacy = f"{self.url.rstrip('/')}/{qc_image_key(slide_id)}"
-        if not is_remote_url(self.url) and not Path(path).exists() and Path(legacy).exists():
-            return legacy
+        if is_remote_url(self.url) or Path(path).exists():
+            return path
+        png_key = qc_image_key(slide_id).removesuffix(".jpg") + _LEGACY_QC_SUFFIX
+        for legacy in (f"{sidecar_url(self.url)}/{png_key}", f"{self.url.rstrip('/')}/{png_key}"):
+            if Path(legacy).exists():
+                return legacy
         return path
 
 
