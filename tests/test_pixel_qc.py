@@ -143,3 +143,22 @@ def test_rejects_bad_tile_arrays() -> None:
         check_tiles(np.zeros((32, 32, 3), np.uint8))
     keep, reasons = check_tiles(np.zeros((0, 32, 32, 3), np.uint8))
     assert keep.shape == (0,) and reasons == []
+
+
+def test_reused_workspace_gives_each_call_its_own_answer(cmu_tiles: tuple[np.ndarray, np.ndarray]) -> None:
+    # check_tiles keeps its buffers between calls (per thread): calls of other sizes and counts in between, or in
+    # other threads, must not leak into a result.
+    from concurrent.futures import ThreadPoolExecutor
+
+    tiles = cmu_tiles[0][:37]
+    small = tiles[:5, :96, :96]
+    expected = qc_stats(tiles).laplacian_var
+    expected_small = qc_stats(small).laplacian_var
+    for _ in range(2):
+        np.testing.assert_allclose(qc_stats(small).laplacian_var, expected_small, rtol=1e-6)
+        np.testing.assert_allclose(qc_stats(tiles[:3]).laplacian_var, expected[:3], rtol=1e-6)
+        np.testing.assert_allclose(qc_stats(tiles).laplacian_var, expected, rtol=1e-6)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: qc_stats(t).laplacian_var, [tiles, small] * 8))
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got, expected if i % 2 == 0 else expected_small, rtol=1e-6)

@@ -16,6 +16,7 @@ failing check names the reason, in the order white, black, blur.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,7 @@ class _Workspace:
     """Reused buffers for one chunk: fresh multi-MB temporaries cost page faults on every chunk."""
 
     def __init__(self, chunk: int, h: int, w: int) -> None:
+        self.shape = (h, w)
         self.w = w
         self.green = np.empty((chunk, h, w), np.uint8)
         self.flat = np.empty((chunk, h * w), np.float32)
@@ -150,6 +152,18 @@ class _Workspace:
         return np.maximum(sq - mean * mean, 0.0)
 
 
+_local = threading.local()
+
+
+def _workspace(h: int, w: int) -> _Workspace:
+    """This thread's workspace for (h, w) grids, kept between calls: a fresh one per block of tiles cost more than
+    the checks themselves (~3 MB of new pages to fault in: 66 -> 28 µs per 224-px tile, measured)."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None or ws.shape != (h, w):
+        ws = _local.workspace = _Workspace(_CHUNK_TILES, h, w)
+    return ws
+
+
 def qc_stats(tiles: np.ndarray) -> QCStats:
     """Exact white/black shares (thresholds 220/25 of the default config) and Laplacian variance per tile.
 
@@ -161,7 +175,7 @@ def qc_stats(tiles: np.ndarray) -> QCStats:
     ws = None
     for i in range(0, len(tiles), _CHUNK_TILES):
         grid = tiles[i : i + _CHUNK_TILES, ::_GRID_STEP_PX, ::_GRID_STEP_PX]
-        ws = ws or _Workspace(_CHUNK_TILES, grid.shape[1], grid.shape[2])
+        ws = ws or _workspace(grid.shape[1], grid.shape[2])
         out[0, i : i + len(grid)] = _grid_share(grid, cfg.white_level, above=True)
         out[1, i : i + len(grid)] = _grid_share(grid, cfg.black_level, above=False)
         out[2, i : i + len(grid)] = ws.laplacian_var(ws.gather_green(grid))
@@ -180,7 +194,7 @@ def check_tiles(tiles: np.ndarray, config: PixelQCConfig = PixelQCConfig()) -> t
     ws = None
     for i in range(0, n, _CHUNK_TILES):
         grid = tiles[i : i + _CHUNK_TILES, ::_GRID_STEP_PX, ::_GRID_STEP_PX]
-        ws = ws or _Workspace(_CHUNK_TILES, grid.shape[1], grid.shape[2])
+        ws = ws or _workspace(grid.shape[1], grid.shape[2])
         green = ws.gather_green(grid)
         c = code[i : i + len(grid)]  # a view: writes land in ``code``
         if config.white:
