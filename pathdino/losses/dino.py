@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pathdino.losses.prototype_ce import centered_softmax
+
 TargetMethod = Literal["centering", "sinkhorn"]
 
 
@@ -98,8 +100,9 @@ class PrototypeTargets(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the mean teacher logit over all rows of all processes (no-op if there are none)."""
-        z = teacher_logits.detach().float()
-        stats = torch.cat([z.sum(dim=0), z.new_tensor([float(z.shape[0])])])
+        z = teacher_logits.detach()
+        # Summed in fp32 straight from the logits' dtype: no fp32 copy of [N, K] (340 MB for iBOT at K = 65,536).
+        stats = torch.cat([z.sum(dim=0, dtype=torch.float32), self.center.new_tensor([float(z.shape[0])])])
         all_reduce_(stats)  # one collective for sum and count, so unequal row counts per process are exact
         count = stats[-1]
         batch_center = (stats[:-1] / count.clamp_min(1.0)).unsqueeze(0)
@@ -116,7 +119,7 @@ class PrototypeTargets(nn.Module):
                 f"teacher logits must be [N, {self.center.shape[1]}], got {tuple(teacher_logits.shape)}")
         if self.method == "sinkhorn":
             return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
-        probs = F.softmax((teacher_logits.detach().float() - self.center) / teacher_temp, dim=-1)
+        probs = centered_softmax(teacher_logits.detach(), self.center, teacher_temp)
         if update_center:
             self.update_center(teacher_logits)
         return probs

@@ -18,9 +18,9 @@ the per-image mean masked-token cross-entropy. (Upstream displays this value / 2
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pathdino.losses.dino import PrototypeCrossEntropy
+from pathdino.losses.prototype_ce import prototype_cross_entropy
 
 
 def _check_masks(tokens_or_none: torch.Tensor | None, masks: torch.Tensor) -> None:
@@ -75,7 +75,6 @@ class IBOTPatchLoss(PrototypeCrossEntropy):
         if token_weights.shape[0] != student_masked_logits.shape[0]:
             raise ValueError(
                 f"{student_masked_logits.shape[0]} masked-token logits but masks select {token_weights.shape[0]}")
-        log_p = F.log_softmax(student_masked_logits.float() / self.student_temp, dim=-1)
-        ce = -(teacher_probs.float() * log_p).sum(dim=-1)
+        ce = prototype_cross_entropy(student_masked_logits, teacher_probs, self.student_temp)
         n_crops = masks.shape[0]
         return (ce * token_weights).sum() / n_crops * (2.0 / n_global_crops)

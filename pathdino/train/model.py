@@ -69,15 +69,16 @@ class SSLModel(nn.Module):
         if self.ibot_head is None:
             # One pass through the shared head: its 65k-prototype layer dominates the head cost.
             tokens = [g_cls] + ([local_cls] if local_cls is not None else []) + [masked_patches]
-            logits = self.dino_head(torch.cat(tokens))
-            global_logits = logits[:n_global]
-            local_logits = logits[n_global:n_global + n_local] if local_cls is not None else None
-            patch_logits = logits[n_global + n_local:]
+            # split, not slicing: its backward concatenates the parts' gradients into one [rows, K] tensor, where
+            # each slice's backward zero-fills its own [rows, K] gradient and they are then added (in fp32 at
+            # K = 65,536 those fills took 7% of a CPU step).
+            global_logits, local_logits, patch_logits = self.dino_head(torch.cat(tokens)).split(
+                [n_global, n_local, masked_patches.shape[0]])
+            local_logits = local_logits if local_cls is not None else None
         else:
             cls = g_cls if local_cls is None else torch.cat([g_cls, local_cls])
-            cls_logits = self.dino_head(cls)
-            global_logits = cls_logits[:n_global]
-            local_logits = cls_logits[n_global:] if local_cls is not None else None
+            global_logits, local_logits = self.dino_head(cls).split([n_global, n_local])
+            local_logits = local_logits if local_cls is not None else None
             patch_logits = self.ibot_head(masked_patches)
         return {
             "global_cls_logits": global_logits,
