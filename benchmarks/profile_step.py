@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=1, help="optimizer steps not recorded (default 1)")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps recorded (default 1)")
     p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--by-shape", action="store_true", help="also list ops grouped by input shapes and dtypes")
     p.add_argument("--trace", type=Path, default=None, help="also write a Chrome trace here")
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = p.parse_args()
@@ -49,8 +50,8 @@ def main() -> None:
             f"train.batch_size={args.batch_size}", "train.synthetic_data=true", "optim.warmup_steps=0",
             "log.every_steps=1000000", "log.trackers=[]", "train.checkpoint_every_steps=1000000000",
             "train.checkpoint_at_end=false", "log.collapse_after_steps=1000000000", *args.overrides])
-        with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=args.skip, warmup=0,
-                                                                          active=args.steps)) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape,
+                     schedule=schedule(wait=args.skip, warmup=0, active=args.steps)) as prof:
             original = loop.apply_update
 
             def apply_and_tick(*a, **k):
@@ -69,6 +70,9 @@ def main() -> None:
     print(f"recorded {total / 1e6:.2f} s self CPU time over {args.steps} step(s); matrix products "
           f"{matmul / max(total, 1):.1%}, everything else {1 - matmul / max(total, 1):.1%} "
           f"({args.precision}, {torch.get_num_threads()} threads)")
+    if args.by_shape:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                                                 max_name_column_width=28, max_shapes_column_width=90))
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
 

@@ -10,6 +10,8 @@ processes falls on every variant alike (the point on a shared machine). Variants
   (``SSLModel.trim_last_block``, the trainer's default);
 * ``+malloc``: glibc keeps freed memory and never mmaps large blocks (``train.cpu_reuse_freed_memory``); without
   it glibc's defaults are restored.
+* ``+sdpa``: student and teacher attention through ``F.scaled_dot_product_attention``; ``+tsdpa``: the teacher's
+  only (no backward there); neither: what the trainer picks for the precision (plain attention for bf16 on CPU).
 
 FTZ (``train.cpu_flush_denormal``) is a process setting inherited by threads at their start, so it cannot be
 toggled here; compare it with ``train_step.py ... train.cpu_flush_denormal=false`` runs instead. Each variant's
@@ -39,6 +41,7 @@ def main() -> None:
 
     import torch
 
+    from pathdino.models.backbone import set_fused_attention
     from pathdino.train.config import load_config
     from pathdino.train.run import build_run
     from pathdino.train.runtime import (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD, _M_MMAP_MAX, _M_TRIM_THRESHOLD,
@@ -61,6 +64,7 @@ def main() -> None:
             f"train.batch_size={args.batch_size}", "train.synthetic_data=true", "optim.warmup_steps=0",
             "log.trackers=[]", "train.cpu_reuse_freed_memory=false"])
         run = build_run(cfg)
+        default_fused = bool(getattr(run.student.backbone.backbone.blocks[0].attn, "fused_attn", False))
         batches = iter(run.loader)
         run.model.train()
         values = run.schedules.at(0)
@@ -79,6 +83,8 @@ def main() -> None:
             for v in variants:
                 run.student.trim_last_block = run.teacher.trim_last_block = v.startswith("trim")
                 set_malloc("malloc" in v)
+                set_fused_attention(run.student, default_fused or "+sdpa" in v)
+                set_fused_attention(run.teacher, default_fused or "+sdpa" in v or "+tsdpa" in v)
                 step()  # the first step after a switch settles the allocator
                 seconds[v].append(step())
                 print(f"{v}: {args.batch_size / seconds[v][-1]:.3f} img/s", flush=True)
