@@ -11,7 +11,8 @@ processes falls on every variant alike (the point on a shared machine). Variants
 * ``+malloc``: glibc keeps freed memory and never mmaps large blocks (``train.cpu_reuse_freed_memory``); without
   it glibc's defaults are restored.
 * ``+sdpa``: student and teacher attention through ``F.scaled_dot_product_attention``; ``+tsdpa``: the teacher's
-  only (no backward there); neither: what the trainer picks for the precision (plain attention for bf16 on CPU).
+  only (no backward there); ``+plain``: timm's plain q·kᵀ-softmax attention in both; none of them: what the
+  trainer picks for the precision (plain attention for bf16 on CPU, SDPA otherwise).
 
 FTZ (``train.cpu_flush_denormal``) is a process setting inherited by threads at their start, so it cannot be
 toggled here; compare it with ``train_step.py ... train.cpu_flush_denormal=false`` runs instead. Each variant's
@@ -83,8 +84,9 @@ def main() -> None:
             for v in variants:
                 run.student.trim_last_block = run.teacher.trim_last_block = v.startswith("trim")
                 set_malloc("malloc" in v)
-                set_fused_attention(run.student, default_fused or "+sdpa" in v)
-                set_fused_attention(run.teacher, default_fused or "+sdpa" in v or "+tsdpa" in v)
+                fused = (default_fused or "+sdpa" in v) and "+plain" not in v
+                set_fused_attention(run.student, fused)
+                set_fused_attention(run.teacher, fused or "+tsdpa" in v)
                 step()  # the first step after a switch settles the allocator
                 seconds[v].append(step())
                 print(f"{v}: {args.batch_size / seconds[v][-1]:.3f} img/s", flush=True)
