@@ -104,3 +104,18 @@ def test_probe_resume_is_exact(runs):
 def test_probe_data_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="eval.probe.data=.*does not exist"):
         train(config(tmp_path / "x", f"eval.probe={{data: {tmp_path / 'missing'}}}"))
+
+
+def test_probe_holds_uint8_and_feeds_the_teacher_eval_transform_values(labelled):
+    from pathdino.eval.run import eval_transform
+    from pathdino.train.probe import ProbeConfig, TrainingProbe
+
+    mean, std = (0.7, 0.5, 0.6), (0.2, 0.25, 0.15)
+    probe = TrainingProbe(ProbeConfig(data=str(labelled), max_images=40), 48, mean, std, torch.device("cpu"))
+    assert probe.images.dtype == torch.uint8 and probe.images.shape[1:] == (3, 48, 48)
+    # Every stored image, normalised, equals the float transform the eval CLI applies to one of the folder's images.
+    files = sorted(labelled.rglob("*.png"))
+    expected = torch.stack([eval_transform(48, mean, std)(Image.open(p).convert("RGB")) for p in files])
+    got = probe.normalise(probe.images)
+    assert all((got[i] == expected).flatten(1).all(dim=1).any() for i in range(len(got)))
+    assert not (probe.normalise(probe.images[:1] // 2) == expected).flatten(1).all(dim=1).any()  # the check can fail

@@ -58,18 +58,23 @@ class EvalOptions:
             raise ValueError(f"EvalOptions.batch_size must be >= 1, got {self.batch_size}")
 
 
-def eval_transform(
-    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Callable[[object], torch.Tensor]:
-    """Resize the shorter side to ``img_size`` (bicubic), centre-crop ``img_size``, to tensor, normalise."""
+def eval_resize(img_size: int) -> Callable[[object], object]:
+    """Resize the shorter side of a PIL image to ``img_size`` (bicubic), centre-crop ``img_size``."""
     from torchvision import transforms as T
 
     return T.Compose([
         T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
         T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(mean=list(mean), std=list(std)),
     ])
+
+
+def eval_transform(
+    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable[[object], torch.Tensor]:
+    """``eval_resize``, to a float tensor in [0, 1], normalise."""
+    from torchvision import transforms as T
+
+    return T.Compose([eval_resize(img_size), T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
 
 
 def view_augmentation(transform: Callable[[object], torch.Tensor]) -> Callable[[object], torch.Tensor]:
