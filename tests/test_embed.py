@@ -242,3 +242,15 @@ def test_a_corrupt_slide_fails_alone(store, encoder, tmp_path):
     result = _cli(["embed", str(tmp_path / "mixed.zarr"), "--encoder", str(encoder), "--out", str(tmp_path / "emb"),
                    "-j", "0", "--no-progress"])
     assert result.exit_code == 1 and "failed bad" in result.output
+
+
+def test_default_decode_workers_never_exceed_the_cores(monkeypatch):
+    import os
+
+    from pathdino.embed.runner import EmbedOptions, default_decode_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_decode_workers() == 2 and EmbedOptions().num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_decode_workers() == 4
+    assert EmbedOptions(num_workers=6).num_workers == 6  # an explicit count is kept

@@ -214,7 +214,8 @@ def embed(
                                                 help="JSON list of extra known-encoder entries (µm/px, mean/std, "
                                                      "recipe) for third-party folders."),
     batch_size: int = typer.Option(256, help="Tiles per forward pass."),
-    workers: int = typer.Option(4, "--workers", "-j", help="Decoding worker processes (0: decode in-process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", show_default="4, at most one per CPU core",
+                                          help="Decoding worker processes (0: decode in-process)."),
     device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu",
                                          help="cuda | cpu | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),

@@ -44,15 +44,17 @@ def export_command(checkpoint: str, out: str, *, tile_px: int | None, target_mpp
 
 
 def embed_command(store: str, encoder: str, out: str, formats: list[str], mean_patch: bool, batch_size: int,
-                  workers: int, device: str | None, precision: str, slides: list[str] | None, force: bool,
+                  workers: int | None, device: str | None, precision: str, slides: list[str] | None, force: bool,
                   overwrite: bool, progress: bool, patch_tokens: bool = False, shard: str | None = None,
                   part_tiles: int = 16384, encoder_table: str | None = None) -> int:
     from pathdino.embed import EmbedOptions, embed_store
     from pathdino.embed.plan import shard_from_env
+    from pathdino.embed.runner import default_decode_workers
 
     if shard is None and (launched := shard_from_env()) is not None:
         progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"  # one bar per machine
         console.print(f"rank {launched[0]} of {launched[1]} (from the launcher): shard {launched[0]}/{launched[1]}")
+    workers = default_decode_workers() if workers is None else workers
     options = EmbedOptions(batch_size=batch_size, num_workers=workers, device=device, precision=precision,
                            mean_patch=mean_patch, patch_tokens=patch_tokens, formats=tuple(formats),
                            slides=tuple(slides) if slides else None, force=force, overwrite=overwrite,

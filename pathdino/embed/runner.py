@@ -44,12 +44,23 @@ FORMATS = ("zarr", "h5")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def default_decode_workers() -> int:
+    """4 decoding processes, or one per available CPU core where there are fewer (more only compete for the cores
+    and make the DataLoader warn)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 @dataclass(frozen=True)
 class EmbedOptions:
     """Knobs of :func:`embed_store` (defaults suit one GPU; the CLI exposes each as a flag)."""
 
     batch_size: int = 256  # tiles per forward pass (and per decoding work unit)
-    num_workers: int = 4  # decoding processes (spawned); 0 decodes in the main process
+    # decoding processes (spawned; default_decode_workers(): 4, at most one per core); 0 decodes in the main process
+    num_workers: int = field(default_factory=default_decode_workers)
     device: str | None = None  # None: "cuda" (cuda:LOCAL_RANK under accelerate) when available, else "cpu"
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32" everywhere
     mean_patch: bool = False  # also store the mean patch token per tile ("mean_patch")
