@@ -117,18 +117,19 @@ class SlideWriter:
             self._flush(self._shard)
 
     def _flush(self, n: int) -> None:
-        chunk = np.empty(n, dtype=object)
-        chunk[:] = self._buffer[:n]
+        items = self._buffer[:n]
         del self._buffer[:n]
         start = self.n_written
         if start + n > self._tiles.shape[0]:
             self._tiles.resize((max(start + n, self._capacity),))
         if self._shard_dir is not None and start % self._shard == 0:
             self._shard_dir.mkdir(parents=True, exist_ok=True)
-            data = shard_file_bytes(chunk.tolist(), tiles_per_chunk=self._chunk, tiles_per_shard=self._shard)
+            data = shard_file_bytes(items, tiles_per_chunk=self._chunk, tiles_per_shard=self._shard)
             # A staged slide is invisible until commit, and a killed run's staging folder is discarded: no temp file.
             (self._shard_dir / str(start // self._shard)).write_bytes(data)
         else:
+            chunk = np.empty(n, dtype=object)
+            chunk[:] = items
             self._tiles[start:start + n] = chunk
         self.n_written += n
 

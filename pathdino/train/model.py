@@ -70,8 +70,8 @@ class SSLModel(nn.Module):
             # One pass through the shared head: its 65k-prototype layer dominates the head cost.
             tokens = [g_cls] + ([local_cls] if local_cls is not None else []) + [masked_patches]
             # split, not slicing: its backward concatenates the parts' gradients into one [rows, K] tensor, where
-            # each slice's backward zero-fills its own [rows, K] gradient and they are then added (in fp32 at
-            # K = 65,536 those fills took 7% of a CPU step).
+            # each slice's backward allocates and zero-fills its own full-size [rows, K] gradient, then the three
+            # are added (at K = 65,536 each is ~370 MB in fp32).
             global_logits, local_logits, patch_logits = self.dino_head(torch.cat(tokens)).split(
                 [n_global, n_local, masked_patches.shape[0]])
             local_logits = local_logits if local_cls is not None else None
