@@ -68,6 +68,13 @@ def eval_resize(img_size: int) -> Callable[[object], object]:
     ])
 
 
+def eval_uint8_transform(img_size: int) -> Callable[[object], torch.Tensor]:
+    """``eval_resize``, as a uint8 tensor [3, H, W] (``eval_transform`` before ToTensor's /255 and Normalize)."""
+    from torchvision import transforms as T
+
+    return T.Compose([eval_resize(img_size), T.PILToTensor()])
+
+
 def eval_transform(
     img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> Callable[[object], torch.Tensor]:

@@ -77,10 +77,8 @@ class TrainingProbe:
 
     def __init__(self, cfg: ProbeConfig, img_px: int, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device, precision: str = "fp32") -> None:
-        from torchvision import transforms as T
-
         from pathdino.eval.datasets import load_tile_dataset
-        from pathdino.eval.run import eval_resize
+        from pathdino.eval.run import eval_uint8_transform
 
         if cfg.every_steps < 1 or cfg.knn_k < 1 or cfg.max_images < 2 or cfg.batch_size < 1:
             raise ValueError("eval.probe: every_steps, knn_k and batch_size must be >= 1, max_images >= 2")
@@ -101,7 +99,7 @@ class TrainingProbe:
             score = [score[i] for i in sorted(rng.permutation(len(score))[:max(1, cfg.max_images - share)])]
             # Held as uint8 (4x less memory than normalised floats: ~0.3 GB at 2,000 images of 224 px) and normalised
             # per batch exactly as eval_transform does (ToTensor's /255, then Normalize).
-            transform = T.Compose([eval_resize(self.img_px), T.PILToTensor()])
+            transform = eval_uint8_transform(self.img_px)
             self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
             self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
             rank, world = _world()
