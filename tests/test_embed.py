@@ -254,3 +254,24 @@ def test_default_decode_workers_never_exceed_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert default_decode_workers() == 4
     assert EmbedOptions(num_workers=6).num_workers == 6  # an explicit count is kept
+
+
+def test_mil_uses_the_encoders_tile_embedding_by_default(store, encoder, tmp_path):
+    # The default is what the h5 files' "features" hold (the recipe: CLS ++ mean patch token for Virchow2), not raw
+    # CLS; an explicit cls / mean_patch needs the embeddings store.
+    import inspect
+
+    from pathdino.cli.main import mil
+    from pathdino.cli.use import _feature_source
+    from pathdino.embed import EmbeddingStore
+    from pathdino.mil import H5FeatureReader
+
+    assert inspect.signature(mil).parameters["feature"].default.default == "features"
+    out = tmp_path / "emb"
+    assert _cli(["embed", store, "--encoder", str(encoder), "--out", str(out), "--format", "zarr", "--format", "h5",
+                 "-j", "0", "--no-progress", "--slides", "slide-a"]).exit_code == 0
+    source = _feature_source(out, "features")
+    assert isinstance(source, EmbeddingStore) and source.feature == "features"
+    assert isinstance(_feature_source(out / "h5", "features"), H5FeatureReader)
+    with pytest.raises(ValueError, match="leave --feature out"):
+        _feature_source(out / "h5", "cls")

@@ -275,7 +275,9 @@ def mil(
     embeddings: str = typer.Option(..., "--embeddings", help="An embeddings store (`pathdino embed --out`) or a "
                                                              "folder of <slide_id>.h5 (features, coords)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder for abmil.safetensors, attention.npz, metrics.json."),
-    feature: str = typer.Option("cls", help="cls | mean_patch (embeddings stores made with --mean-patch)."),
+    feature: str = typer.Option("features", help="features: the encoder's tile embedding, the h5 files' 'features' "
+                                                 "(CLS, or CLS + mean patch token for Virchow/Virchow2) | cls | "
+                                                 "mean_patch (embeddings stores only)."),
     max_epochs: int = typer.Option(50, help="Passes over the training slides (early stopping on validation)."),
     hidden_dim: int = typer.Option(256, help="ABMIL hidden width."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate."),

@@ -136,9 +136,9 @@ def _feature_source(path: Path, feature: str):
     if (path / "zarr.json").is_file():
         return EmbeddingStore(path, feature=feature)
     if path.is_dir() and any(path.glob("*.h5")):
-        if feature != "cls":
-            raise ValueError(f"--feature {feature}: h5 folders hold one 'features' array; point --embeddings at the "
-                             "embeddings store instead")
+        if feature != "features":
+            raise ValueError(f"--feature {feature}: h5 folders hold one 'features' array (the encoder's tile "
+                             "embedding); leave --feature out, or point --embeddings at the embeddings store")
         return H5FeatureReader(path)
     raise FileNotFoundError(f"--embeddings {path}: neither an embeddings store (zarr.json) nor a folder of "
                             "<slide_id>.h5 files; create one with `pathdino embed`")
