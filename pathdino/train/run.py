@@ -116,7 +116,7 @@ def build_run(cfg: RunConfig, resume: bool | str | None = None, loader: Any = No
         collapse = CollapseMonitor(cfg.log.collapse_after_steps, cfg.log.collapse_drop_fraction,
                                    cfg.model.dino_head.n_prototypes)
         collapse.best.update(resumed["collapse_best"])
-        # The student's outputs are slices of one head pass; nothing modifies them in place, which is what FSDP2's
+        # The student's outputs are split views of one head pass; nothing modifies them in place, which is what FSDP2's
         # "returned a view tensor" warning is about.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         return Run(base_cfg=cfg, accelerator=accelerator, use_fsdp=use_fsdp, out_dir=out_dir,
