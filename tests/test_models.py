@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
@@ -21,6 +22,7 @@ from pathdino.models import (
     timm_create_kwargs,
     vit_forward_flops,
 )
+from pathdino.models.heads import normalize_rows
 
 TINY = dict(arch="custom", embed_dim=64, depth=2, num_heads=4, img_size=56, drop_path_rate=0.0)
 
@@ -294,6 +296,33 @@ def test_trainable_gain_is_torch_weight_norm_as_dinov2():
     torch.testing.assert_close(head.last_layer(z), reference(z))
     head(torch.randn(3, 64)).sum().backward()
     assert head.last_layer.weight_g.grad is not None and head.last_layer.weight_g.grad.abs().sum() > 0
+
+
+
+@pytest.mark.parametrize("with_gain", [True, False])
+def test_normalize_rows_values_and_gradients_equal_autograd_through_f_normalize(with_gain):
+    """The prototype layer's hand-written backward gives what autograd gives through F.normalize(W) * g, including
+    a row whose norm is below eps (clamped: no gradient through the norm, as F.normalize)."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(9, 16, generator=g).mul_(torch.rand(9, 1, generator=g) * 5)
+    weight[4] = torch.randn(16, generator=g) * 1e-14
+    gain = (torch.rand(9, 1, generator=g) + 0.5) if with_gain else None
+    grad_w = torch.randn(9, 16, generator=g)
+
+    def run(fn):
+        w = weight.clone().requires_grad_()
+        g_ = gain.clone().requires_grad_() if with_gain else None
+        out = fn(w, g_)
+        out.backward(grad_w)
+        return out.detach(), w.grad, (g_.grad if with_gain else None)
+
+    ours = run(normalize_rows)
+    ref = run(lambda w, g_: F.normalize(w, dim=1) * (g_ if g_ is not None else 1.0))
+    for a, b in zip(ours, ref):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------- FLOPs

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pathdino.losses import prototype_ce
-from pathdino.losses.prototype_ce import centered_softmax, prototype_cross_entropy
+from pathdino.losses.prototype_ce import centered_softmax, prototype_cross_entropy, sum_over_rows
 
 
 def _plain_ce(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,3 +74,14 @@ def test_centered_softmax_equals_softmax_of_centered_logits(dtype):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours.sum(dim=1), torch.ones(11))
     assert centered_softmax(logits[:0], center, 0.04).shape == (0, 257)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_over_rows_is_the_fp32_column_sum(dtype):
+    x = (torch.randn(13, 257, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    ours = sum_over_rows(x)
+    assert ours.dtype == torch.float32 and ours.shape == (257,)
+    torch.testing.assert_close(ours, x.double().sum(dim=0).float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(sum_over_rows(x[:0]), torch.zeros(257))
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        sum_over_rows(x[0])

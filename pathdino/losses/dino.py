@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pathdino.losses.prototype_ce import centered_softmax
+from pathdino.losses.prototype_ce import centered_softmax, sum_over_rows
 
 TargetMethod = Literal["centering", "sinkhorn"]
 
@@ -101,8 +101,8 @@ class PrototypeTargets(nn.Module):
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the mean teacher logit over all rows of all processes (no-op if there are none)."""
         z = teacher_logits.detach()
-        # Summed in fp32 straight from the logits' dtype: no fp32 copy of [N, K] (340 MB for iBOT at K = 65,536).
-        stats = torch.cat([z.sum(dim=0, dtype=torch.float32), self.center.new_tensor([float(z.shape[0])])])
+        # Summed in fp32 block by block: no fp32 copy of [N, K] (340 MB for iBOT at K = 65,536).
+        stats = torch.cat([sum_over_rows(z), self.center.new_tensor([float(z.shape[0])])])
         all_reduce_(stats)  # one collective for sum and count, so unequal row counts per process are exact
         count = stats[-1]
         batch_center = (stats[:-1] / count.clamp_min(1.0)).unsqueeze(0)
