@@ -4,6 +4,7 @@ One command prints everything the speed goals ask for:
 
     python benchmarks/side_by_side.py --lightly-python /work/.venv-lightly/bin/python       # fp32 and bf16
     python benchmarks/side_by_side.py --precision fp32 --rounds 3 --lightly-python ...
+    python benchmarks/side_by_side.py --precision bf16 --compile --warmup 2 --lightly-python ...   # compiled blocks
 
 Each round runs pathdino (``benchmarks/train_step.py``, the real loop) and then lightly-train 0.18
 (``benchmarks/lightly_compare.py``, in its own environment: see that file's docstring for the venv), each in a fresh
@@ -93,10 +94,11 @@ def untrimmed_flops_per_image(batch: int) -> float:
         subset_drop_path=rate if rate > SUBSET_DROP_PATH_ABOVE else 0.0, trim_last_block=False).total
 
 
-def run_pathdino(store: Path, precision: str, steps: int, warmup: int, batch: int, out: Path) -> dict:
+def run_pathdino(store: Path, precision: str, steps: int, warmup: int, batch: int, out: Path,
+                 compile_: bool = False) -> dict:
     cmd = [sys.executable, str(BENCH / "train_step.py"), "--preset", "vits14", "--batch-size", str(batch),
            "--precision", precision, "--steps", str(steps), "--warmup", str(warmup), "--data", "store",
-           "--store", str(store), "--json", str(out)]
+           "--store", str(store), "--json", str(out), "--compile", "yes" if compile_ else "no"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     rows = json.loads(out.read_text()) if out.is_file() else []
     if proc.returncode or not rows or not rows[0].get("ok"):
@@ -124,6 +126,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="measured optimizer steps per run (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="discarded steps before them (default 1)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--compile", action="store_true",
+                   help="pathdino with train.compile=true (each ViT block through torch.compile; use --warmup 2: "
+                        "the first steps compile)")
     args = p.parse_args()
     if not Path(args.lightly_python).is_file():
         p.error(f"--lightly-python {args.lightly_python} not found; create the venv (benchmarks/lightly_compare.py)")
@@ -136,7 +141,7 @@ def main() -> None:
         for rnd in range(args.rounds):
             for precision in precisions:
                 a = run_pathdino(tmp / "tiles.zarr", precision, args.steps, args.warmup, args.batch_size,
-                                 tmp / f"a_{rnd}_{precision}.json")
+                                 tmp / f"a_{rnd}_{precision}.json", args.compile)
                 b = run_lightly(args.lightly_python, tmp / "tiles", precision, args.steps, args.warmup,
                                 args.batch_size, tmp / f"b_{rnd}_{precision}.json")
                 results[precision].append((a, b))
@@ -151,7 +156,8 @@ def main() -> None:
           f"{'avx512_bf16' if 'avx512_bf16' in flags else ''}{' amx_bf16' if 'amx_bf16' in flags else ''}"
           f"{'' if bf16_native else 'none'}; load average at the end {os.getloadavg()[0]:.1f}")
     print(f"ViT-S/14 reg4, batch {args.batch_size}, 2x224 + 8x98, 65,536 prototypes, drop path 0.3; "
-          f"{args.warmup} warm-up + {args.steps} measured steps per run; alternating pathdino (A) / lightly-train (B)")
+          f"{args.warmup} warm-up + {args.steps} measured steps per run; alternating pathdino (A"
+          f"{', train.compile=true' if args.compile else ''}) / lightly-train (B)")
     header = (f"{'precision':<9} {'round':>5} {'A img/s':>8} {'B img/s':>8} {'A/B':>6} {'A MFU':>7} {'B MFU':>7} "
               f"{'matmul TFLOP/s':>15}")
     print(header)
