@@ -298,7 +298,6 @@ def test_trainable_gain_is_torch_weight_norm_as_dinov2():
     assert head.last_layer.weight_g.grad is not None and head.last_layer.weight_g.grad.abs().sum() > 0
 
 
-
 @pytest.mark.parametrize("with_gain", [True, False])
 def test_normalize_rows_values_and_gradients_equal_autograd_through_f_normalize(with_gain):
     """The prototype layer's hand-written backward gives what autograd gives through F.normalize(W) * g, including

@@ -101,7 +101,7 @@ class PrototypeTargets(nn.Module):
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the mean teacher logit over all rows of all processes (no-op if there are none)."""
         z = teacher_logits.detach()
-        # Summed in fp32 block by block: no fp32 copy of [N, K] (340 MB for iBOT at K = 65,536).
+        # Summed into fp32 without an fp32 copy of [N, K] (340 MB for iBOT at K = 65,536): see sum_over_rows.
         stats = torch.cat([sum_over_rows(z), self.center.new_tensor([float(z.shape[0])])])
         all_reduce_(stats)  # one collective for sum and count, so unequal row counts per process are exact
         count = stats[-1]
