@@ -110,6 +110,20 @@ def test_compiled_blocks_train_like_eager(tmp_path):
             assert abs(ra[key] - rb[key]) <= 1e-4 * max(1.0, abs(ra[key])), (ra["step"], key)
 
 
+def test_compile_without_a_compiler_is_a_config_error_before_training(tmp_path, monkeypatch):
+    """No C/C++ compiler: train.compile=true fails up front, naming the flag, not inside the first step."""
+    import pathdino.train.runtime as runtime
+
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: "/usr/bin/mycc" if name == "mycc" else None)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(ConfigError, match=r"train\.compile=true.*set train\.compile=false"):
+        train(smoke(tmp_path / "run", "train.total_steps=2", "optim.warmup_steps=1", "train.compile=true"))
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+    monkeypatch.setenv("CXX", "mycc -O2")  # a compiler named by $CXX (with flags) counts
+    runtime.check_compiler()
+
+
 def test_small_preset_runs_and_logs_teacher_entropy(tmp_path):
     """configs/train/small.yaml as shipped (only data, batch and length shrunk) trains: finite losses, and the
     teacher-entropy health metric that docs/training.md's small-budget curve is read from is logged."""

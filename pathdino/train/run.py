@@ -34,6 +34,7 @@ from pathdino.train.phases import describe_phase, phase_at, phase_config
 from pathdino.train.probe import TrainingProbe, build_probe
 from pathdino.train.runtime import (
     build_loader,
+    check_compiler,
     config_changes,
     flat_config,
     loader_state_for,
@@ -201,6 +202,8 @@ def _use_fsdp(cfg: RunConfig, accelerator: Any) -> bool:
 def _build_models(cfg: RunConfig, accelerator: Any, use_fsdp: bool, resume_from: Path | None):
     """Student, teacher, the student as trained (wrapped or sharded), the DINO/iBOT losses and the regulariser."""
     tc, mc, lc = cfg.train, cfg.model, cfg.loss
+    if tc.compile:
+        check_compiler()
     device = accelerator.device
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     ibot_head_cfg = (mc.ibot_head or mc.dino_head) if mc.ibot_separate_head else None

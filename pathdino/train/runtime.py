@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -38,6 +39,21 @@ def build_loader(cfg: RunConfig, plan: Any, batch_per_process: int, rank: int, w
     return build_train_loader(cfg.data, cfg.augment, cfg.masks, patch_size=patch,
                               batch_size_per_process=batch_per_process, rank=rank, world_size=world,
                               seed=cfg.train.seed, device=device)
+
+
+# What torch.compile's inductor backend may call to build its kernels (C++ on CPUs; Triton's launcher on GPUs).
+_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc", "clang")
+
+
+def check_compiler() -> None:
+    """Raise ConfigError naming ``train.compile`` when no C/C++ compiler can be found, before any model is built:
+    inductor would otherwise fail inside the first training step with a long traceback."""
+    named = [os.environ[v] for v in ("CXX", "CC") if os.environ.get(v)]
+    if any(shutil.which(c.split()[0]) for c in named) or any(shutil.which(c) for c in _COMPILERS):
+        return
+    raise ConfigError("train.compile=true: torch.compile builds its kernels with a C/C++ compiler, and none was "
+                      f"found ({', '.join(_COMPILERS)} on PATH, or $CXX / $CC): install one (e.g. "
+                      "`apt install g++`) or set train.compile=false")
 
 
 # glibc mallopt parameters and their defaults (malloc.h).
