@@ -13,13 +13,16 @@ rather than halfway through tiling.
 from __future__ import annotations
 
 import math
+import os
+import stat
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from tiling.errors import RegionReadError, SlideOpenError
+from tiling.errors import FileCheckError, RegionReadError, SlideOpenError
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 
@@ -197,7 +200,67 @@ def _try_open(path: Path, backend: str) -> tuple[SlideReader | None, str]:
     return reader, ""
 
 
-def open_slide(path: str | Path, backend: Backend = "auto") -> SlideReader:
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_file_kind(mode: int) -> str:
+    """"a named pipe (FIFO)", "a socket", ... for a st_mode that is neither a regular file nor a folder, else ""."""
+    return next((what for test, what in _FILE_KINDS if test(mode)), "")
+
+
+def _tiff_data_end(path: Path) -> tuple[int, str]:
+    """(the last byte a TIFF's header or pages point at, what points there), or (0, "") when not a TIFF."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    if order is None or len(head) < 8:
+        return 0, ""
+    magic = struct.unpack(order + "H", head[2:4])[0]
+    if magic == 42:
+        first_ifd = struct.unpack(order + "I", head[4:8])[0]
+    elif magic == 43 and len(head) >= 16:
+        first_ifd = struct.unpack(order + "Q", head[8:16])[0]
+    else:
+        return 0, ""
+    if first_ifd >= os.path.getsize(path):
+        return first_ifd + 2, "its TIFF header points to its first directory"
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            ends = [max(o + n for o, n in zip(page.dataoffsets, page.databytecounts))
+                    for page in tif.pages if getattr(page, "dataoffsets", None)]
+    except Exception:  # noqa: BLE001 - anything odd is for the backends to report
+        return 0, ""
+    return (max(ends), "its image data run to") if ends else (0, "")
+
+
+def check_slide_file(path: Path) -> None:
+    """Fail early, with a message that says what is wrong, for files no reader should be asked to open: not a
+    regular file (a FIFO would block forever), empty, or a TIFF cut short (an interrupted copy or download)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise SlideOpenError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        return
+    kind = special_file_kind(mode)
+    if kind:
+        raise FileCheckError(f"{path}: {kind}, not a regular file; it is not opened")
+    size = path.stat().st_size
+    if size == 0:
+        raise FileCheckError(f"{path}: the file is empty (0 bytes), an interrupted copy or download? Copy it again")
+    try:
+        end, what = _tiff_data_end(path)
+    except OSError as exc:
+        raise SlideOpenError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if end > size:
+        raise FileCheckError(f"{path}: the file is truncated: {what} byte {end:,} but it has only {size:,} bytes "
+                             "(an interrupted copy or download?); copy it again")
+
+
+def open_slide(path: str | Path, backend: Backend = "auto", *, check_file: bool = True) -> SlideReader:
     """Open a slide with the given backend, or with `auto` the one that sees all its pyramid levels.
 
     `auto`: for .tif/.tiff (possibly OME with SubIFD levels) both backends are opened and the one with more levels
@@ -209,6 +272,8 @@ def open_slide(path: str | Path, backend: Backend = "auto") -> SlideReader:
         raise ValueError(f"unknown slide backend {backend!r}: use auto, openslide or tiffslide")
     if not path.exists():
         raise SlideOpenError(f"{path}: file does not exist")
+    if check_file:  # callers that ran check_slide_file themselves skip it (it parses a TIFF's directories)
+        check_slide_file(path)
 
     if backend != "auto":
         reader, why = _try_open(path, backend)
