@@ -209,22 +209,47 @@ def special_file_kind(mode: int) -> str:
     return next((what for test, what in _FILE_KINDS if test(mode)), "")
 
 
+def _ifd_chain_end(fh, order: str, big: bool, first_ifd: int, size: int) -> tuple[int, str]:
+    """Walk a TIFF's chain of directories: (an offset past the end of the file, what points there), or (0, "")."""
+    count_fmt, entry_bytes, next_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    offset, seen = first_ifd, set()
+    for index in range(100_000):
+        if offset == 0 or offset in seen:
+            return 0, ""
+        if offset + struct.calcsize(count_fmt) > size:
+            return offset, "its TIFF header points to its first directory at" if index == 0 else \
+                f"directory {index - 1} points to directory {index} at"
+        seen.add(offset)
+        fh.seek(offset)
+        n_entries = struct.unpack(order + count_fmt, fh.read(struct.calcsize(count_fmt)))[0]
+        next_at = offset + struct.calcsize(count_fmt) + n_entries * entry_bytes
+        if next_at + struct.calcsize(next_fmt) > size:
+            return next_at + struct.calcsize(next_fmt), f"directory {index} runs to"
+        fh.seek(next_at)
+        offset = struct.unpack(order + next_fmt, fh.read(struct.calcsize(next_fmt)))[0]
+    return 0, ""
+
+
 def _tiff_data_end(path: Path) -> tuple[int, str]:
-    """(the last byte a TIFF's header or pages point at, what points there), or (0, "") when not a TIFF."""
+    """(the last byte a TIFF's directories or image data need, what needs it), or (0, "") when not a TIFF."""
+    size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(16)
-    order = {b"II": "<", b"MM": ">"}.get(head[:2])
-    if order is None or len(head) < 8:
-        return 0, ""
-    magic = struct.unpack(order + "H", head[2:4])[0]
-    if magic == 42:
-        first_ifd = struct.unpack(order + "I", head[4:8])[0]
-    elif magic == 43 and len(head) >= 16:
-        first_ifd = struct.unpack(order + "Q", head[8:16])[0]
-    else:
-        return 0, ""
-    if first_ifd >= os.path.getsize(path):
-        return first_ifd + 2, "its TIFF header points to its first directory"
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        if order is None or len(head) < 8:
+            return 0, ""
+        magic = struct.unpack(order + "H", head[2:4])[0]
+        if magic == 42:
+            first_ifd, big = struct.unpack(order + "I", head[4:8])[0], False
+        elif magic == 43 and len(head) >= 16:
+            first_ifd, big = struct.unpack(order + "Q", head[8:16])[0], True
+        else:
+            return 0, ""
+        # NDPI files over 4 GiB keep only the low 32 bits of their offsets in classic TIFF fields: not walked
+        walk = big or (size < 1 << 32 and path.suffix.lower() != ".ndpi")
+        end, what = _ifd_chain_end(fh, order, big, first_ifd, size) if walk else (0, "")
+    if end > size:
+        return end, what
     try:
         import tifffile
 
@@ -256,7 +281,7 @@ def check_slide_file(path: Path) -> None:
     except OSError as exc:
         raise SlideOpenError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     if end > size:
-        raise FileCheckError(f"{path}: the file is truncated: {what} byte {end:,} but it has only {size:,} bytes "
+        raise FileCheckError(f"{path}: the file is truncated: {what} byte {end:,} but the file has only {size:,} bytes "
                              "(an interrupted copy or download?); copy it again")
 
 
