@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tiling.dicom import group_series, looks_like_dicom
+from tiling.reader_warnings import collect_library_warnings, summarise_warnings
 from tiling.readers import special_file_kind
 from tiling.slide_ids import make_ids_unique
 from tiling.store import safe_slide_id
@@ -190,6 +191,7 @@ class InputScan:
     slides: list[SlideInput]
     skipped: list[SkippedFile]
     notes: list[str] = field(default_factory=list)  # e.g. slide ids made unique
+    reader_warnings: list[str] = field(default_factory=list)  # what pydicom warned about while reading headers
 
     def format_counts(self) -> dict[str, int]:
         """Slides per format (svs, tiff, dicom, ...), most common first."""
@@ -245,7 +247,8 @@ def scan_inputs(inputs: list[str], slide_mpp: float | None = None) -> InputScan:
                     found.add_file(match)
     slides = _regular_only(manifest, found)
     slides.extend(_make_input(p, _slide_id_for(p), None) for p in _distinct_files(found, found.slides))
-    series, dicom_skipped = group_series(_distinct_files(found, found.dicom), set(found.slides))
+    with collect_library_warnings() as header_warnings:  # pydicom warns on stderr about odd header values
+        series, dicom_skipped = group_series(_distinct_files(found, found.dicom), set(found.slides))
     slides.extend(_make_input(s.open_path, s.default_id, None) for s in series)
     skipped = found.skipped + [SkippedFile(h.path, h.skip_reason) for h in dicom_skipped]
     if slide_mpp is not None:
@@ -254,7 +257,8 @@ def scan_inputs(inputs: list[str], slide_mpp: float | None = None) -> InputScan:
         unique, notes = make_ids_unique(slides)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    scan = InputScan(unique, sorted(set(skipped), key=lambda f: str(f.path)), notes)
+    scan = InputScan(unique, sorted(set(skipped), key=lambda f: str(f.path)), notes,
+                     summarise_warnings(header_warnings))
     if not scan.slides:
         skips = ", ".join(f"{n} {why}" for why, n in scan.skip_counts().items())
         raise InputError(f"no slides found in {' '.join(inputs)}; skipped {len(scan.skipped)} file(s): {skips}")

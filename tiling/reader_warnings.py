@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 LIBRARY_LOGGERS = ("tifffile", "tiffslide", "pydicom", "openslide", "imagecodecs", "PIL")
@@ -26,6 +27,16 @@ class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
             self.messages.append(f"{record.name}: {record.getMessage()}"[:_MAX_CHARS])
+
+
+def _source(filename: str) -> str:
+    """The package a warning came from ("pydicom" for .../site-packages/pydicom/valuerep.py): the same name its
+    logger has, so a message both warned and logged (pydicom does both) is kept once."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return Path(parts[parts.index(marker) + 1]).stem
+    return Path(filename).stem
 
 
 @contextlib.contextmanager
@@ -48,7 +59,7 @@ def collect_library_warnings() -> Iterator[list[str]]:
             try:
                 yield messages
             finally:
-                messages.extend(f"{w.category.__name__}: {w.message}"[:_MAX_CHARS] for w in caught)
+                messages.extend(f"{_source(w.filename)}: {w.message}"[:_MAX_CHARS] for w in caught)
     finally:
         for logger, propagate in saved:
             logger.removeHandler(handler)

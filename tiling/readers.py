@@ -190,14 +190,23 @@ def _try_open(path: Path, backend: str) -> tuple[SlideReader | None, str]:
         reader = _BACKENDS[backend](path)
     except Exception as exc:  # each backend raises its own zoo of exception types
         return None, f"{type(exc).__name__}: {exc}"
-    try:
-        if not reader.level_dimensions:
-            raise RegionReadError("no pyramid levels")
-        reader.read_region(len(reader.level_dimensions) - 1, 0, 0, 1, 1)
-    except Exception as exc:
+    if not reader.level_dimensions:
         reader.close()
-        return None, f"opened, but reading pixels failed: {exc}"
-    return reader, ""
+        return None, "opened, but it has no pyramid levels"
+    # One pixel of the coarsest level, else of its centre, else of level 0's centre: a single damaged source tile
+    # must not pass for "no pixels can be decoded" (it costs only the tiles it touches, see tiling/thumbnail.py).
+    coarsest = len(reader.level_dimensions) - 1
+    probes = [(coarsest, 0, 0)] + [(level, w // 2, h // 2) for level in (coarsest, 0)
+                                   for w, h in [reader.level_dimensions[level]]]
+    first_error = None
+    for level, x, y in probes:
+        try:
+            reader.read_region(level, x, y, 1, 1)
+            return reader, ""
+        except Exception as exc:
+            first_error = first_error or exc
+    reader.close()
+    return None, f"opened, but reading pixels failed: {first_error}"
 
 
 _FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),

@@ -180,8 +180,9 @@ class SlideWriter:
 class TileStoreWriter:
     """Creates or opens a tile store for writing; safe for several processes (or machines) on disjoint slides.
 
-    Local stores stage each slide under `.staging/` and move it into `slides/` with one rename; index updates are
-    serialised with a lock file. On object stores (fsspec URLs) a slide is written in place and becomes visible
+    Local stores stage each slide under `<store>.pathdino/staging/` (named after its host and pid, with a lease:
+    tiling/staging.py) and move it into `slides/` with one rename; commits and index updates are serialised with a
+    lock file. On object stores (fsspec URLs) a slide is written in place and becomes visible
     only through the index entry written last.
     """
 
@@ -332,6 +333,8 @@ class TileStoreWriter:
                 continue
             now = staging.staging_clock(staging_root)
             for path in sorted(staging_root.iterdir()):
+                if not path.exists():
+                    continue  # a lease removed with its folder just before
                 if path.name.endswith(staging.LEASE_SUFFIX) and path.with_name(
                         path.name.removesuffix(staging.LEASE_SUFFIX)).exists():
                     continue  # a folder's lease goes with its folder, below

@@ -91,6 +91,12 @@ def print_found(scan: InputScan, *, list_all: bool, max_listed: int = 10) -> Non
     console.print(f"Found {len(scan.slides)} slide(s): {_counts(scan.format_counts()) or 'none'}")
     for note in scan.notes:
         console.print(f"[yellow]warning[/] {escape(note)}", highlight=False, soft_wrap=True)
+    if scan.reader_warnings and list_all:
+        for message in scan.reader_warnings:
+            console.print(f"  [dim]DICOM header warning[/] {escape(message)}", highlight=False, soft_wrap=True)
+    elif scan.reader_warnings:
+        console.print(f"[dim]{len(scan.reader_warnings)} warning(s) while reading DICOM headers (odd values; the "
+                      "files are used as usual): --dry-run lists them[/]", highlight=False)
     if not scan.skipped:
         return
     console.print(f"Skipped {len(scan.skipped)} file(s): {_counts(scan.skip_counts())}")
