@@ -40,7 +40,11 @@ def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp
     """
     check_out_path(out, inputs, probe_write=not dry_run)
     index, count = parse_shard(shard)
-    scan = scan_inputs(inputs, slide_mpp=slide_mpp)
+    try:
+        scan = scan_inputs(inputs, slide_mpp=slide_mpp)  # a big archive takes a while: Ctrl-C is likely here too
+    except KeyboardInterrupt:
+        console.print("[red]interrupted (SIGINT)[/] while looking for slides: nothing was written")
+        return 130
     mine = select_shard(scan.slides, index, count)
     print_found(scan, list_all=dry_run)
     if dry_run:
@@ -234,13 +238,15 @@ def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
               f"{summary['n_slides'] - summary['n_empty']} slide(s) with {summary['n_tiles']:,} tiles, "
               f"[yellow]{summary['n_empty']} empty[/] (no tiles), [red]{summary['n_failures']} failed[/]")
     table = Table()
-    for col in ("slide", "tiles", "unreadable", "µm/px", "tile px", "read level", "reader", "source"):
+    damaged = summary["n_decode_failures"] > 0  # the column only where there is something to show
+    for col in ("slide", "tiles", *(["unreadable"] if damaged else []), "µm/px", "tile px", "read level", "reader",
+                "source"):
         table.add_column(col, overflow="fold")
     for sid, entry in store.entries.items():
         attrs = attrs_of[sid]
         tiles = f"{entry.n_tiles:,}" if entry.n_tiles else "[yellow]0 (empty)[/]"
-        lost = f"[yellow]{decode_failures[sid]:,}[/]" if decode_failures[sid] else "0"
-        table.add_row(escape(sid), tiles, lost, f"{attrs.get('effective_mpp', float('nan')):.4f}",
+        lost = [f"[yellow]{decode_failures[sid]:,}[/]" if decode_failures[sid] else "0"] if damaged else []
+        table.add_row(escape(sid), tiles, *lost, f"{attrs.get('effective_mpp', float('nan')):.4f}",
                       str(attrs.get("tile_px")), str(attrs.get("read_level")),
                       escape(f"{attrs.get('reader')} ({attrs.get('pixel_source')})"), escape(entry.source_path))
     out.print(table)
