@@ -115,6 +115,20 @@ def test_a_slide_smaller_than_one_tile_says_so(tmp_path):
     assert TileStore(tmp_path / "b.zarr").slide("CMU-1-Small-Region").attrs["empty_reason"] == big_tile[0].reason
 
 
+def test_a_16px_dicom_and_the_16px_edge_case_svs_are_smaller_than_one_tile(tmp_path):
+    from tests.synthetic_dicom import write_dicom_wsi
+
+    write_dicom_wsi(tmp_path / "in" / "tiny" / "l0.dcm", tissue_image(1200, 1000)[400:416, 600:616], tile_px=16)
+    inputs = [str(tmp_path / "in")]
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "edge-cases" / "small.svs"
+    if shared.is_file():  # the real 16 x 16 Aperio crop, where ../shared is present
+        inputs.append(str(shared))
+    outcomes = run_tiling(collect_slides(inputs), str(tmp_path / "t.zarr"), TilingConfig(workers=1))
+    assert len(outcomes) == len(inputs)
+    for o in outcomes:
+        assert o.status == "empty" and o.reason.startswith("slide smaller than one tile: 16 x 16 px"), o
+
+
 def test_empty_and_truncated_files_say_what_is_wrong(tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()
