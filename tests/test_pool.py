@@ -159,3 +159,37 @@ def test_a_worker_killed_while_handing_back_a_big_result_breaks_the_pool_instead
 def test_pickled_outcomes_are_plain_tuples():
     # the main process trusts only this shape; anything else is a bug in call_and_spill
     assert pickle.loads(call_and_spill((), abs, (-2,), {})) == ("result", 2)
+
+
+def _sleep(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_workers_ignore_sigint_and_terminate_stops_them_mid_task():
+    """Ctrl-C reaches the whole process group: the workers must leave it to the parent (no KeyboardInterrupt
+    tracebacks), and an interrupted run stops them without waiting for their tasks. `terminate` relies on
+    ProcessPoolExecutor's private `_processes` (pid -> Process), pinned here."""
+    import time
+
+    p = SpillingProcessPool(2, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [p.submit(_sleep, 60) for _ in range(2)]
+        deadline = time.time() + 60
+        while time.time() < deadline and len(getattr(p.pool, "_processes", {})) < 2:
+            time.sleep(0.05)
+        workers = list(p.pool._processes.values())
+        assert len(workers) == 2 and all(w.is_alive() for w in workers)
+        time.sleep(2)  # let them import and run their initializer
+        os.kill(workers[0].pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert workers[0].is_alive(), "a worker died of SIGINT"
+        assert not any(f.done() for f in futures), "a task was interrupted by SIGINT"
+        started = time.time()
+        p.terminate()
+    finally:
+        p.shutdown(wait=True, cancel_futures=True)
+    assert time.time() - started < 30 and not any(w.is_alive() for w in workers)
+    assert all(f.done() for f in futures)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -49,6 +50,12 @@ class TilingConfig:
     """Write qc/<slide_id>.jpg (thumbnail, tissue outline, kept tiles)."""
     tiff_fast_path: bool = True
     """Decode TIFF source tiles directly (each once) instead of going through the reader's read_region."""
+    max_decode_failure_fraction: float = 0.05
+    """A slide fails (DecodeFailuresError) when more than this share of its candidate tiles could not be read
+    because source tiles fail to decode (a damaged file); up to it, those tiles are dropped, counted
+    (`n_decode_failures`) and shown in the summary and `pathdino info`. 0: any unreadable tile fails the slide;
+    1: never. 5% keeps a slide with a few corrupt source tiles (each costs the ~4 output tiles it touches) and
+    fails one whose file is damaged throughout."""
     virtual_levels: bool = True
     """Offer every pyramid level decoded at 1/2, 1/4 and 1/8 as a level too (JPEG and JPEG 2000 reduce while
     decoding, other codecs by an area mean), under the same mpp_tolerance rule as stored levels: a 40x scan at
@@ -56,13 +63,15 @@ class TilingConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.target_mpp > 0:
-            problems.append(f"target_mpp must be > 0, got {self.target_mpp}")
+        if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
+            problems.append(f"target_mpp must be a positive number of µm/px, got {self.target_mpp}")
+        if not 0 <= self.max_decode_failure_fraction <= 1:
+            problems.append(f"max_decode_failure_fraction must be in [0, 1], got {self.max_decode_failure_fraction}")
         if self.tile_px < 8:
             problems.append(f"tile_px must be >= 8, got {self.tile_px}")
         if not 0 <= self.overlap_px < self.tile_px:
             problems.append(f"overlap_px must be in [0, tile_px), got {self.overlap_px}")
-        if not 0 <= self.mpp_tolerance < 0.5:
+        if not 0 <= self.mpp_tolerance < 0.5:  # NaN fails every comparison, so it is caught too
             problems.append(f"mpp_tolerance must be in [0, 0.5), got {self.mpp_tolerance}")
         if not 1 <= self.jpeg_quality <= 100:
             problems.append(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
@@ -84,6 +93,7 @@ class TilingConfig:
     def params_key(self) -> str:
         """A hash of every parameter that changes the tiles written; resume compares it with the store's."""
         params = to_dict(self)
-        for run_only in ("workers", "qc_images"):
+        # run-only settings: they change how a run goes or what it accepts, never the tiles written
+        for run_only in ("workers", "qc_images", "max_decode_failure_fraction"):
             params.pop(run_only)
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]

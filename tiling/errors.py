@@ -33,3 +33,12 @@ class RegionReadError(SlideError):
 
 class NotBrightfieldError(SlideError):
     """The slide is fluorescence or multiplex imaging, not the brightfield RGB (H&E, IHC) the tiler is made for."""
+
+
+class DecodeFailuresError(SlideError):
+    """More of a slide's candidate tiles were lost to source tiles that fail to decode than the run allows
+    (`max_decode_failure_fraction`): the file is damaged beyond what dropping a few tiles can hide."""
+
+
+class FileCheckError(SlideOpenError):
+    """The slide file itself is unusable before any reader is tried: empty, not a regular file, or truncated."""

@@ -184,6 +184,19 @@ def grid_shape(geometry: TileGeometry, level0_size: tuple[int, int]) -> tuple[in
     return _count(avail_h, geometry), _count(avail_w, geometry)
 
 
+def too_small_reason(geometry: TileGeometry, level0_size: tuple[int, int]) -> str:
+    """Why no tile fits the slide (its grid is empty), with both sizes in pixels and µm; "" when one does."""
+    if all(grid_shape(geometry, level0_size)):
+        return ""
+    width_px, height_px = level0_size
+    tile_um = geometry.tile_px * geometry.effective_mpp
+    return (f"slide smaller than one tile: {width_px} x {height_px} px at level 0 "
+            f"({width_px * geometry.slide_mpp:,.1f} x {height_px * geometry.slide_mpp:,.1f} µm at "
+            f"{geometry.slide_mpp:g} µm/px), a tile is {geometry.tile_px} px at {geometry.effective_mpp:g} µm/px "
+            f"({tile_um:,.1f} µm, {geometry.level0_tile_px:,.0f} level-0 px); lower --tile-px or --target-mpp "
+            "to tile it")
+
+
 def tile_level0_xy(geometry: TileGeometry, rows, cols) -> np.ndarray:
     """Level-0 (x, y) of each tile's top-left corner, int64 (n, 2), rounded to the nearest pixel."""
     rows = np.asarray(rows, dtype=np.float64).reshape(-1)

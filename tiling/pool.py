@@ -24,7 +24,11 @@ import functools
 import os
 import pickle
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -187,19 +191,68 @@ def _hand_over(outer: cf.Future, inner: cf.Future) -> None:
         outer.set_exception(exc)
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PARENT_POLL_S = 1.0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the process that started it dies, however it dies (SIGKILL, the OOM killer).
+
+    Orphaned workers would otherwise go on for minutes, each holding ~100 MB and the terminal's stdout, so that
+    `pathdino tile ... | tee log` never ends. Linux: the kernel sends SIGKILL on the parent's death
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread checks the parent id every second.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pathdino-parent-watch", daemon=True).start()
+
+
+def init_worker(parent_pid: int) -> None:
+    """Run first in every worker: Ctrl-C is the parent's to handle (it stops the workers itself, so a terminal's
+    SIGINT to the whole process group prints no worker tracebacks), and the worker dies with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+
+
 class SpillingProcessPool(cf.Executor):
-    """A `ProcessPoolExecutor` whose tasks hand results back through `call_and_spill` (see the module docstring)."""
+    """A `ProcessPoolExecutor` whose tasks hand results back through `call_and_spill` (see the module docstring).
+
+    Its workers ignore SIGINT and die with the parent (`init_worker`); `terminate` stops them at once.
+    """
 
     def __init__(self, n_workers: int, mp_context: Any = None):
         clean_dead_scratch()
         self.scratch_dirs = make_scratch_dirs()
-        self.pool = cf.ProcessPoolExecutor(n_workers, mp_context=mp_context)
+        self.pool = cf.ProcessPoolExecutor(n_workers, mp_context=mp_context, initializer=init_worker,
+                                           initargs=(os.getpid(),))
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> cf.Future:
         outer: cf.Future = cf.Future()
         inner = self.pool.submit(call_and_spill, self.scratch_dirs, fn, args, kwargs)
         inner.add_done_callback(functools.partial(_hand_over, outer))
         return outer
+
+    def terminate(self) -> None:
+        """Stop every worker now (SIGTERM), abandoning running tasks: for an interrupted run, which would otherwise
+        wait for the plans and blocks in flight. `shutdown` is still needed afterwards."""
+        # ProcessPoolExecutor has no public way to do this before Python 3.14 (terminate_workers); `_processes`
+        # (pid -> Process) has been there since 3.2, pinned by tests/test_pool.py.
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.terminate()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         try:

@@ -13,13 +13,16 @@ rather than halfway through tiling.
 from __future__ import annotations
 
 import math
+import os
+import stat
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from tiling.errors import RegionReadError, SlideOpenError
+from tiling.errors import FileCheckError, RegionReadError, SlideOpenError
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 
@@ -187,17 +190,111 @@ def _try_open(path: Path, backend: str) -> tuple[SlideReader | None, str]:
         reader = _BACKENDS[backend](path)
     except Exception as exc:  # each backend raises its own zoo of exception types
         return None, f"{type(exc).__name__}: {exc}"
-    try:
-        if not reader.level_dimensions:
-            raise RegionReadError("no pyramid levels")
-        reader.read_region(len(reader.level_dimensions) - 1, 0, 0, 1, 1)
-    except Exception as exc:
+    if not reader.level_dimensions:
         reader.close()
-        return None, f"opened, but reading pixels failed: {exc}"
-    return reader, ""
+        return None, "opened, but it has no pyramid levels"
+    # One pixel of the coarsest level, else of its centre, else of level 0's centre: a single damaged source tile
+    # must not pass for "no pixels can be decoded" (it costs only the tiles it touches, see tiling/thumbnail.py).
+    coarsest = len(reader.level_dimensions) - 1
+    probes = [(coarsest, 0, 0)] + [(level, w // 2, h // 2) for level in (coarsest, 0)
+                                   for w, h in [reader.level_dimensions[level]]]
+    first_error = None
+    for level, x, y in probes:
+        try:
+            reader.read_region(level, x, y, 1, 1)
+            return reader, ""
+        except Exception as exc:
+            first_error = first_error or exc
+    reader.close()
+    return None, f"opened, but reading pixels failed: {first_error}"
 
 
-def open_slide(path: str | Path, backend: Backend = "auto") -> SlideReader:
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_file_kind(mode: int) -> str:
+    """"a named pipe (FIFO)", "a socket", ... for a st_mode that is neither a regular file nor a folder, else ""."""
+    return next((what for test, what in _FILE_KINDS if test(mode)), "")
+
+
+def _ifd_chain_end(fh, order: str, big: bool, first_ifd: int, size: int) -> tuple[int, str]:
+    """Walk a TIFF's chain of directories: (an offset past the end of the file, what points there), or (0, "")."""
+    count_fmt, entry_bytes, next_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    offset, seen = first_ifd, set()
+    for index in range(100_000):
+        if offset == 0 or offset in seen:
+            return 0, ""
+        if offset + struct.calcsize(count_fmt) > size:
+            return offset, "its TIFF header points to its first directory at" if index == 0 else \
+                f"directory {index - 1} points to directory {index} at"
+        seen.add(offset)
+        fh.seek(offset)
+        n_entries = struct.unpack(order + count_fmt, fh.read(struct.calcsize(count_fmt)))[0]
+        next_at = offset + struct.calcsize(count_fmt) + n_entries * entry_bytes
+        if next_at + struct.calcsize(next_fmt) > size:
+            return next_at + struct.calcsize(next_fmt), f"directory {index} runs to"
+        fh.seek(next_at)
+        offset = struct.unpack(order + next_fmt, fh.read(struct.calcsize(next_fmt)))[0]
+    return 0, ""
+
+
+def _tiff_data_end(path: Path) -> tuple[int, str]:
+    """(the last byte a TIFF's directories or image data need, what needs it), or (0, "") when not a TIFF."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        if order is None or len(head) < 8:
+            return 0, ""
+        magic = struct.unpack(order + "H", head[2:4])[0]
+        if magic == 42:
+            first_ifd, big = struct.unpack(order + "I", head[4:8])[0], False
+        elif magic == 43 and len(head) >= 16:
+            first_ifd, big = struct.unpack(order + "Q", head[8:16])[0], True
+        else:
+            return 0, ""
+        # NDPI files over 4 GiB keep only the low 32 bits of their offsets in classic TIFF fields: not walked
+        walk = big or (size < 1 << 32 and path.suffix.lower() != ".ndpi")
+        end, what = _ifd_chain_end(fh, order, big, first_ifd, size) if walk else (0, "")
+    if end > size:
+        return end, what
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            ends = [max(o + n for o, n in zip(page.dataoffsets, page.databytecounts))
+                    for page in tif.pages if getattr(page, "dataoffsets", None)]
+    except Exception:  # noqa: BLE001 - anything odd is for the backends to report
+        return 0, ""
+    return (max(ends), "its image data run to") if ends else (0, "")
+
+
+def check_slide_file(path: Path) -> None:
+    """Fail early, with a message that says what is wrong, for files no reader should be asked to open: not a
+    regular file (a FIFO would block forever), empty, or a TIFF cut short (an interrupted copy or download)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise SlideOpenError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        return
+    kind = special_file_kind(mode)
+    if kind:
+        raise FileCheckError(f"{path}: {kind}, not a regular file; it is not opened")
+    size = path.stat().st_size
+    if size == 0:
+        raise FileCheckError(f"{path}: the file is empty (0 bytes), an interrupted copy or download? Copy it again")
+    try:
+        end, what = _tiff_data_end(path)
+    except OSError as exc:
+        raise SlideOpenError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if end > size:
+        raise FileCheckError(f"{path}: the file is truncated: {what} byte {end:,} but the file has only {size:,} bytes "
+                             "(an interrupted copy or download?); copy it again")
+
+
+def open_slide(path: str | Path, backend: Backend = "auto", *, check_file: bool = True) -> SlideReader:
     """Open a slide with the given backend, or with `auto` the one that sees all its pyramid levels.
 
     `auto`: for .tif/.tiff (possibly OME with SubIFD levels) both backends are opened and the one with more levels
@@ -209,6 +306,8 @@ def open_slide(path: str | Path, backend: Backend = "auto") -> SlideReader:
         raise ValueError(f"unknown slide backend {backend!r}: use auto, openslide or tiffslide")
     if not path.exists():
         raise SlideOpenError(f"{path}: file does not exist")
+    if check_file:  # callers that ran check_slide_file themselves skip it (it parses a TIFF's directories)
+        check_slide_file(path)
 
     if backend != "auto":
         reader, why = _try_open(path, backend)

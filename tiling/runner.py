@@ -2,50 +2,34 @@
 
 The parent plans slides in workers, farms each slide's blocks out to all workers (so one huge slide uses every
 core), puts the results back in order, and writes whole shards. A slide becomes visible only when committed; a
-slide that fails is recorded with its reason and traceback while the others go on.
+slide that fails is recorded with its reason and traceback while the others go on. SIGINT (Ctrl-C) and SIGTERM
+stop the workers at once, discard the slides in progress and raise `TilingInterrupted` saying what was kept.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
-import tempfile
+import signal
 import time
-import traceback
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from tiling.config import TilingConfig
-from tiling.configio import to_dict
-from tiling.errors import SlideError
+from tiling.errors import DecodeFailuresError, SlideError
 from tiling.inputs import SlideInput
-from tiling.fsio import now_iso
+from tiling.interrupts import InterruptGuard, signals_ignored
+from tiling.outcome import (
+    SlideOutcome, SlideTally, TilingInterrupted, failure_record, provenance, too_many_decode_failures, why_empty,
+    write_qc_image,
+)
 from tiling.pool import SpillingProcessPool
-from tiling.store import qc_image_key
 from tiling.store_write import SlideWriter, TileStoreWriter
 from tiling.worker import BlockResult, SlidePlan, close_readers, fingerprint, plan_slide, tile_block
-
-TILE_ORDER = "block-major"
-
-
-@dataclass
-class SlideOutcome:
-    """What happened to one slide in this run."""
-
-    slide_id: str
-    source_path: str
-    status: str  # "done" | "empty" (committed with 0 tiles) | "skipped" (already complete) | "failed"
-    n_tiles: int = 0
-    n_candidates: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    n_decode_failures: int = 0
-    seconds: float = 0.0
-    reason: str = ""  # why it failed or gave no tiles
-    already_complete: bool = False  # committed by an earlier run (an "empty" slide can be both)
 
 
 class _InlineExecutor(cf.Executor):
@@ -55,6 +39,8 @@ class _InlineExecutor(cf.Executor):
         future: cf.Future = cf.Future()
         try:
             future.set_result(fn(*args, **kwargs))
+        except (KeyboardInterrupt, SystemExit):
+            raise  # an interrupt stops the run; it is not this slide's failure
         except BaseException as exc:  # noqa: BLE001 - the scheduler turns it into a slide failure
             future.set_exception(exc)
         return future
@@ -68,14 +54,7 @@ class _SlideJob:
     next_submit: int = 0
     next_write: int = 0
     results: dict[int, BlockResult] = field(default_factory=dict)
-    kept_rows: list[np.ndarray] = field(default_factory=list)
-    kept_cols: list[np.ndarray] = field(default_factory=list)
-    rejected: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    n_decode_failures: int = 0
-    n_tiles: int = 0
-    pixel_source: str = ""
-    fast_path_reason: str = ""
-    decoder: str = ""
+    tally: SlideTally = field(default_factory=SlideTally)
 
 
 def _worker_ready() -> bool:
@@ -83,72 +62,24 @@ def _worker_ready() -> bool:
     return True
 
 
-def _failure_record(slide: SlideInput, exc: BaseException) -> dict[str, Any]:
-    return {"source_path": str(slide.path), "error_type": type(exc).__name__, "reason": str(exc),
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]}
-
-
-def provenance(plan: SlidePlan, cfg: TilingConfig, job: _SlideJob) -> dict[str, Any]:
-    """The slide group's attrs["pathdino"]: enough to know exactly how every tile was made."""
-    from tiling import __version__
-
-    g = plan.geometry
-    return {
-        "slide_id": plan.slide.slide_id, "source_slide_id": plan.slide.source_id or plan.slide.slide_id,
-        "source_path": str(plan.slide.path.resolve()), "source_size_bytes": plan.size_bytes,
-        "source_fingerprint": plan.fingerprint,
-        "reader": plan.backend, "reader_version": plan.backend_version, "pixel_source": job.pixel_source,
-        "fast_path_reason": job.fast_path_reason,
-        "slide_mpp": g.slide_mpp, "slide_mpp_source": plan.slide_mpp_source,
-        "level0_width": plan.level0_size[0], "level0_height": plan.level0_size[1],
-        "target_mpp": g.target_mpp, "effective_mpp": g.effective_mpp, "mpp_tolerance": g.tolerance,
-        "within_tolerance": g.within_tolerance, "read_level": g.read_level, "read_downsample": g.read_downsample,
-        "read_mpp": g.read_mpp, "read_tile_px": g.read_tile_px, "scale": g.scale,
-        "tile_px": g.tile_px, "overlap_px": g.overlap_px, "step_px": g.step_px,
-        "level0_tile_px": g.level0_tile_px, "level0_step_px": g.level0_step_px,
-        "grid_rows": plan.grid_rows, "grid_cols": plan.grid_cols, "tile_order": TILE_ORDER,
-        "block_tiles": cfg.block_tiles, "tissue": to_dict(cfg.tissue), "pixel_qc": to_dict(cfg.pixel_qc),
-        "thumbnail_mpp": plan.thumbnail_mpp, "encoding": cfg.encoding, "jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling,
-        "params_key": cfg.params_key(), "n_candidates": int(len(plan.rows)),
-        "n_rejected": {k: int(sum(len(v) for v in vs)) for k, vs in job.rejected.items()},
-        "n_decode_failures": job.n_decode_failures, "qc_image": qc_image_key(plan.slide.slide_id),
-        "package_version": __version__, "created": now_iso(),
-        "read_reduction": g.read_reduction, "decoder": job.decoder,
-    }
-
-
-def _write_qc_image(store: TileStoreWriter, plan: SlidePlan, job: _SlideJob) -> None:
-    from tiling.qc_image import draw_qc_image
-
-    scale = plan.geometry.slide_mpp / plan.thumbnail_mpp
-
-    def boxes(rows: list[np.ndarray], cols: list[np.ndarray]) -> np.ndarray:
-        if not rows:
-            return np.zeros((0, 4))
-        from tiling.geometry import tile_level0_xy
-
-        xy = tile_level0_xy(plan.geometry, np.concatenate(rows), np.concatenate(cols)).astype(float) * scale
-        side = plan.geometry.level0_tile_px * scale
-        return np.column_stack([xy, xy + side])
-
-    rej_rows = [plan.rows[idx] for idxs in job.rejected.values() for idx in idxs]
-    rej_cols = [plan.cols[idx] for idxs in job.rejected.values() for idx in idxs]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "qc.jpg"
-        draw_qc_image(plan.thumbnail, plan.mask, boxes(job.kept_rows, job.kept_cols), path=path,
-                      rejected_boxes=boxes(rej_rows, rej_cols))
-        store.write_file(qc_image_key(plan.slide.slide_id), path.read_bytes())
-
-
 def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwrite: bool = False,
                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> list[SlideOutcome]:
     """Tile `slides` into the store at `out_url`; returns one outcome per slide (in input order).
 
     `on_event(kind, info)` receives "slide_start", "slide_planned", "tiles" (info["n"] new tiles), "slide_end" and
-    "warning" for progress display.
+    "warning" for progress display. SIGINT/SIGTERM raise `TilingInterrupted` (a KeyboardInterrupt) once the
+    workers are stopped and the slides in progress discarded; committed slides are kept.
     """
     run = _TilingRun(TileStoreWriter(out_url), cfg, on_event or (lambda kind, info: None))
-    run.run(slides, overwrite=overwrite)
+    with run.guard.installed():
+        try:
+            run.run(slides, overwrite=overwrite)
+        except KeyboardInterrupt as exc:
+            done = [run.outcomes[s.slide_id] for s in slides if s.slide_id in run.outcomes]
+            queued = {s.slide_id for s in run.queue}
+            n_partial = sum(1 for sid in run.by_id if sid not in run.outcomes and sid not in queued)
+            raise TilingInterrupted(int(getattr(exc, "signum", signal.SIGINT)), done, n_partial,
+                                    len(slides) - len(done) - n_partial) from None
     return [run.outcomes[s.slide_id] for s in slides if s.slide_id in run.outcomes]
 
 
@@ -172,13 +103,15 @@ class _TilingRun:
         self.executor: cf.Executor = _InlineExecutor()
         self.n_workers = 1
         self.plan_inline_next = False
+        self.guard = InterruptGuard()  # SIGINT/SIGTERM: held while the index or a slide folder changes
 
     def run(self, slides: list[SlideInput], *, overwrite: bool) -> None:
         self.store.clean_stale_staging()
         for slide in slides:
             self._skip_or_queue(slide, overwrite=overwrite)
-        self._start_workers()
+        interrupted = False
         try:
+            self._start_workers()
             self._fill()
             while self.futures:
                 done, _ = cf.wait(list(self.futures), return_when=cf.FIRST_COMPLETED)
@@ -193,11 +126,20 @@ class _TilingRun:
             for sid in self.by_id:
                 if sid not in self.outcomes:
                     self._fail(sid, broken)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
-            for job in list(self.jobs.values()):
-                job.writer.abort()
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            close_readers()
+            with signals_ignored() if interrupted else contextlib.nullcontext():
+                self._stop(interrupted)
+
+    def _stop(self, interrupted: bool) -> None:
+        if interrupted and isinstance(self.executor, SpillingProcessPool):
+            self.executor.terminate()  # do not wait for the plans and blocks in flight
+        for job in list(self.jobs.values()):
+            job.writer.abort()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        close_readers()
 
     def _skip_or_queue(self, slide: SlideInput, *, overwrite: bool) -> None:
         done = None if overwrite else self._up_to_date(slide)
@@ -207,8 +149,9 @@ class _TilingRun:
             return
         n_tiles = int(done.get("n_tiles", 0))
         status, reason = ("skipped", "") if n_tiles else ("empty", done.get("empty_reason", "no tiles"))
-        self.outcomes[slide.slide_id] = SlideOutcome(slide.slide_id, str(slide.path), status, n_tiles=n_tiles,
-                                                     reason=reason, already_complete=True)
+        self.outcomes[slide.slide_id] = SlideOutcome(
+            slide.slide_id, str(slide.path), status, n_tiles=n_tiles, reason=reason, already_complete=True,
+            n_decode_failures=int(done.get("n_decode_failures", 0) or 0))
         self.emit("slide_end", {"slide_id": slide.slide_id, "status": status})
 
     def _up_to_date(self, slide: SlideInput) -> dict[str, Any] | None:
@@ -223,7 +166,11 @@ class _TilingRun:
         same = (done.get("source_fingerprint") == source[0] and done.get("source_size_bytes") == source[1]
                 and done.get("params_key") == self.cfg.params_key()
                 and (slide.mpp_override is None or abs(done.get("slide_mpp", 0) - slide.mpp_override) < 1e-9))
-        return done if same else None
+        # a slide kept under a looser --max-decode-failure-fraction is tried again (and fails) under a stricter one
+        acceptable = not too_many_decode_failures(int(done.get("n_decode_failures", 0) or 0),
+                                                  int(done.get("n_candidates", 0) or 0),
+                                                  self.cfg.max_decode_failure_fraction)
+        return done if same and acceptable else None
 
     def _start_workers(self) -> None:
         self.n_workers = self.cfg.n_workers if self.queue else 1  # nothing to do: no pool to start
@@ -241,11 +188,12 @@ class _TilingRun:
         n_plans = sum(1 for kind, _, _ in self.futures.values() if kind == "plan")
         while (self.queue and n_plans < max(1, self.n_workers // 2) and len(self.jobs) + n_plans <= self.n_workers
                and len(self.futures) < max_in_flight):
-            slide = self.queue.pop(0)
+            slide = self.queue[0]
             self.emit("slide_start", {"slide_id": slide.slide_id})
             planner = _InlineExecutor() if self.plan_inline_next else self.executor
             self.plan_inline_next = False
             fut = planner.submit(plan_slide, slide, self.cfg, source=self.sources.get(slide.slide_id))
+            self.queue.pop(0)  # only now: an interrupt inside an inline plan leaves the slide "not started"
             self.futures[fut] = ("plan", slide.slide_id, -1)
             n_plans += 1
         for job in list(self.jobs.values()):
@@ -277,76 +225,79 @@ class _TilingRun:
 
     def _on_plan(self, plan: SlidePlan) -> None:
         cfg, sid = self.cfg, plan.slide.slide_id
-        writer = self.store.begin_slide(
-            sid, cfg.tile_px, encoding=cfg.encoding, tiles_per_shard=cfg.tiles_per_shard,
-            tiles_per_chunk=cfg.tiles_per_chunk, max_tiles=len(plan.rows),
-            tile_attrs={"jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling})
-        self.jobs[sid] = job = _SlideJob(plan=plan, writer=writer, started=time.perf_counter())
+        with self.guard.critical():
+            writer = self.store.begin_slide(
+                sid, cfg.tile_px, encoding=cfg.encoding, tiles_per_shard=cfg.tiles_per_shard,
+                tiles_per_chunk=cfg.tiles_per_chunk, max_tiles=len(plan.rows),
+                tile_attrs={"jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling})
+            self.jobs[sid] = job = _SlideJob(plan=plan, writer=writer, started=time.perf_counter())
         self.emit("slide_planned", {"slide_id": sid, "n_candidates": len(plan.rows)})
+        for note in plan.thumbnail_notes:
+            self.emit("warning", {"slide_id": sid, "message": note})
         if not plan.blocks:
             self._finish(job)
 
     def _on_block(self, job: _SlideJob, index: int, result: BlockResult) -> None:
         job.results[index] = result
-        plan = job.plan
+        plan, tally = job.plan, job.tally
         while job.next_write in job.results:
             res = job.results.pop(job.next_write)
             start, _ = plan.blocks[job.next_write]
             sel = start + res.kept
             job.writer.add(res.encoded, plan.level0_xy[sel], plan.tissue_fraction[sel])
-            job.kept_rows.append(plan.rows[sel])
-            job.kept_cols.append(plan.cols[sel])
+            tally.kept_rows.append(plan.rows[sel])
+            tally.kept_cols.append(plan.cols[sel])
             for reason, idxs in res.rejected.items():
-                job.rejected.setdefault(reason, []).append(start + np.asarray(idxs, dtype=np.int64))
-            job.n_decode_failures += res.n_decode_failures
-            job.n_tiles += len(res.kept)
-            job.pixel_source, job.fast_path_reason = res.pixel_source, res.fast_path_reason
-            job.decoder = res.decoder
+                tally.rejected.setdefault(reason, []).append(start + np.asarray(idxs, dtype=np.int64))
+            tally.n_decode_failures += res.n_decode_failures
+            tally.decode_error = tally.decode_error or res.decode_error
+            tally.reader_warnings.extend(w for w in res.reader_warnings if w not in tally.reader_warnings)
+            tally.n_tiles += len(res.kept)
+            tally.pixel_source, tally.fast_path_reason = res.pixel_source, res.fast_path_reason
+            tally.decoder = res.decoder
             job.next_write += 1
             self.emit("tiles", {"slide_id": plan.slide.slide_id, "n": len(res.kept)})
         if job.next_write == len(plan.blocks):
             self._finish(job)
 
     def _finish(self, job: _SlideJob) -> None:
-        plan, sid = job.plan, job.plan.slide.slide_id
+        plan, tally, sid = job.plan, job.tally, job.plan.slide.slide_id
+        too_many = too_many_decode_failures(tally.n_decode_failures, len(plan.rows),
+                                            self.cfg.max_decode_failure_fraction)
+        if too_many:
+            raise DecodeFailuresError(f"{plan.slide.path}: {too_many} (first error: {tally.decode_error})")
         if not plan.blocks:
-            job.pixel_source = "none (no tissue)"
-        rejected = {k: int(sum(len(v) for v in vs)) for k, vs in job.rejected.items()}
-        empty_reason = "" if job.n_tiles else why_empty(len(plan.rows), rejected, job.n_decode_failures,
-                                                        self.cfg.tissue.min_tissue_fraction)
-        job.writer.commit({**provenance(plan, self.cfg, job), "empty_reason": empty_reason})
-        self.jobs.pop(sid)
+            tally.pixel_source = "none (no tissue)"
+        rejected = tally.rejected_counts()
+        empty_reason = "" if tally.n_tiles else why_empty(len(plan.rows), rejected, tally.n_decode_failures,
+                                                          self.cfg.tissue.min_tissue_fraction, plan.too_small)
+        record = {**provenance(plan, self.cfg, tally), "empty_reason": empty_reason}
+        status = "done" if tally.n_tiles else "empty"
+        with self.guard.critical():
+            job.writer.commit(record)
+            self.jobs.pop(sid)
+            self.outcomes[sid] = SlideOutcome(
+                sid, str(plan.slide.path), status, n_tiles=tally.n_tiles, n_candidates=len(plan.rows),
+                rejected=rejected, n_decode_failures=tally.n_decode_failures,
+                seconds=time.perf_counter() - job.started, reason=empty_reason, warnings=list(plan.thumbnail_notes))
         if self.cfg.qc_images:
             try:
-                _write_qc_image(self.store, plan, job)
+                write_qc_image(self.store, plan, tally)
             except Exception as exc:  # noqa: BLE001 - a QC picture is not worth losing the slide for
                 self.emit("warning", {"slide_id": sid, "message": f"QC image not written: {exc}"})
-        status = "done" if job.n_tiles else "empty"
-        self.outcomes[sid] = SlideOutcome(
-            sid, str(plan.slide.path), status, n_tiles=job.n_tiles, n_candidates=len(plan.rows), rejected=rejected,
-            n_decode_failures=job.n_decode_failures, seconds=time.perf_counter() - job.started, reason=empty_reason)
-        self.emit("slide_end", {"slide_id": sid, "status": status, "n_tiles": job.n_tiles})
+        self.emit("slide_end", {"slide_id": sid, "status": status, "n_tiles": tally.n_tiles})
 
     def _fail(self, slide_id: str, exc: BaseException) -> None:
-        job = self.jobs.pop(slide_id, None)
-        if job is not None:
-            job.writer.abort()
         slide = self.by_id[slide_id]
-        self.store.record_failure(slide_id, _failure_record(slide, exc))
-        self.outcomes[slide_id] = SlideOutcome(slide_id, str(slide.path), "failed",
-                                               reason=f"{type(exc).__name__}: {exc}")
+        with self.guard.critical():
+            job = self.jobs.pop(slide_id, None)
+            if job is not None:
+                job.writer.abort()
+            self.store.record_failure(slide_id, failure_record(slide, exc))
+            self.outcomes[slide_id] = SlideOutcome(slide_id, str(slide.path), "failed",
+                                                   reason=f"{type(exc).__name__}: {exc}",
+                                                   n_decode_failures=job.tally.n_decode_failures if job else 0)
         self.emit("slide_end", {"slide_id": slide_id, "status": "failed"})
 
 
-def why_empty(n_candidates: int, rejected: dict[str, int], n_decode_failures: int,
-              min_tissue_fraction: float) -> str:
-    """One line saying why a slide gave no tiles: no tissue, or which rules rejected every candidate."""
-    if n_candidates == 0:
-        return f"no tissue found (no tile reached min_tissue_fraction {min_tissue_fraction:g}; see the QC image)"
-    rules = [f"{reason} {n}" for reason, n in sorted(rejected.items(), key=lambda kv: -kv[1])]
-    if n_decode_failures:
-        rules.append(f"unreadable {n_decode_failures}")
-    return f"all {n_candidates} candidate tile(s) rejected: {', '.join(rules)}"
-
-
-__all__ = ["run_tiling", "SlideOutcome", "SlideError", "provenance", "why_empty"]
+__all__ = ["run_tiling", "SlideOutcome", "SlideError", "TilingInterrupted", "provenance", "why_empty"]

@@ -12,7 +12,8 @@ A store is a Zarr v3 hierarchy::
 Beside it, outside the Zarr hierarchy so that plain zarr opens the store without a warning::
 
     <store>.pathdino/qc/<slide_id>.jpg     QC image
-    <store>.pathdino/staging/, lock        the writers' scratch space and lock file (store_write.py)
+    <store>.pathdino/staging/, lock        the writers' scratch space, leases and lock file (store_write.py,
+                                           staging.py)
 
 Only slides listed in the root index are complete; readers never look at anything else, so a killed writer leaves
 nothing a reader can mistake for data.

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import shutil
 import struct
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -18,7 +16,8 @@ import numpy as np
 import zarr
 import zarr.storage
 
-from tiling.fsio import atomic_write_bytes, now_iso, pid_alive, publish_dir
+from tiling import staging
+from tiling.fsio import atomic_write_bytes, now_iso, publish_dir
 from tiling.store import (
     FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, check_format, is_remote_url, local_root,
     safe_slide_id, sidecar_url, zarr_store,
@@ -87,7 +86,7 @@ class SlideWriter:
         self.slide_id = slide_id
         self._writer = writer
         self._shard = tiles_per_shard
-        self._group, self._final_key = writer._staging_group(slide_id)
+        self._group, self._final_key, self._lease = writer._staging_group(slide_id)
         from zarr.core.dtype import VariableLengthBytes
 
         self._tiles = self._group.create_array(
@@ -146,19 +145,44 @@ class SlideWriter:
         self._group.create_array("coords", data=coords, chunks=(rows, 2), compressors=None)
         self._group.create_array("tissue_fraction", data=fractions, chunks=(rows,), compressors=None)
         self._group.attrs["pathdino"] = {**provenance, "n_tiles": n, "complete": True}
+        self._check_staged(n)
         self._writer._publish(self.slide_id, self._final_key, n, provenance)
+        if self._lease is not None:
+            staging.release_lease(self._lease)
         return n
+
+    def _check_staged(self, n: int) -> None:
+        """Refuse to publish a staging folder this writer no longer owns or that lost files: another run reclaimed
+        it (this one hung past the lease) and a later write may have recreated part of it."""
+        if self._lease is None:
+            return
+        problem = "" if staging.lease_held(self._lease) else "its lease was reclaimed by another run"
+        if not problem and self._shard_dir is not None:
+            n_shards = -(-n // self._shard)
+            found = len(list(self._shard_dir.glob("*"))) if self._shard_dir.exists() else 0
+            if found != n_shards:
+                problem = f"{found} of its {n_shards} shard file(s) are left"
+        if not problem and not all((Path(self._final_key) / name / "zarr.json").exists()
+                                   for name in ("tiles", "coords", "tissue_fraction")):
+            problem = "arrays are missing"
+        if problem:
+            raise StoreError(f"slide {self.slide_id!r}: staging folder {self._final_key} cannot be committed: "
+                             f"{problem} (this run stalled for over {staging.LEASE_S:.0f} s, or another run deleted "
+                             "it); nothing was published. Rerun the same command to tile the slide again")
 
     def abort(self) -> None:
         """Drop everything written for this slide (used when the slide fails mid-way)."""
         self._writer._discard_staging(self._final_key)
+        if self._lease is not None:
+            staging.release_lease(self._lease)
 
 
 class TileStoreWriter:
     """Creates or opens a tile store for writing; safe for several processes (or machines) on disjoint slides.
 
-    Local stores stage each slide under `.staging/` and move it into `slides/` with one rename; index updates are
-    serialised with a lock file. On object stores (fsspec URLs) a slide is written in place and becomes visible
+    Local stores stage each slide under `<store>.pathdino/staging/` (named after its host and pid, with a lease:
+    tiling/staging.py) and move it into `slides/` with one rename; commits and index updates are serialised with a
+    lock file. On object stores (fsspec URLs) a slide is written in place and becomes visible
     only through the index entry written last.
     """
 
@@ -167,8 +191,12 @@ class TileStoreWriter:
         self.remote = is_remote_url(self.url)
         self.sidecar = sidecar_url(self.url)
         if not self.remote:
-            local_root(self.url).mkdir(parents=True, exist_ok=True)
-            Path(self.sidecar).mkdir(exist_ok=True)
+            try:
+                local_root(self.url).mkdir(parents=True, exist_ok=True)
+                Path(self.sidecar).mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the tile store {self.url}: {exc.strerror or exc} "
+                                 f"({exc.filename or self.url}); choose a folder you can write to") from None
         with self._index_lock():
             store = zarr_store(self.url, read_only=False)
             try:
@@ -198,8 +226,8 @@ class TileStoreWriter:
         # Re-open every time: another process may have changed the index since we last looked.
         return zarr.open_group(store=zarr_store(self.url, read_only=False), mode="r+")
 
-    def _update_meta(self, update: Callable[[dict[str, Any]], None]) -> None:
-        with self._index_lock():
+    def _update_meta(self, update: Callable[[dict[str, Any]], None], *, locked: bool = False) -> None:
+        with contextlib.nullcontext() if locked else self._index_lock():
             root = self._root()
             meta = dict(root.attrs["pathdino"])
             meta["slides"] = dict(meta.get("slides", {}))
@@ -217,12 +245,26 @@ class TileStoreWriter:
         return dict(self._root()[f"slides/{slide_id}"].attrs.get("pathdino", {}))
 
     def record_failure(self, slide_id: str, failure: dict[str, Any]) -> None:
-        self._update_meta(lambda m: m["failures"].__setitem__(slide_id, {**failure, "time": now_iso()}))
+        """Record why `slide_id` failed, and forget any earlier committed version of it: a slide that was tried
+        again (its file or the parameters changed, or --overwrite) and failed must not keep serving tiles of a
+        file or parameters that are no longer the ones asked for."""
+        dropped: list[bool] = []
+
+        def update(meta: dict[str, Any]) -> None:
+            dropped.append(meta["slides"].pop(slide_id, None) is not None)
+            meta["failures"][slide_id] = {**failure, "time": now_iso(),
+                                          **({"replaced_committed": True} if dropped[0] else {})}
+
+        with self._index_lock():  # as in _publish: never between another run's rename and its index entry
+            self._update_meta(update, locked=True)
+            if dropped[0]:
+                self._delete_key(f"slides/{slide_id}")
 
     def remove_slide(self, slide_id: str) -> None:
         """Forget a slide (index first, so readers stop seeing it before its data goes)."""
-        self._update_meta(lambda m: m["slides"].pop(slide_id, None))
-        self._delete_key(f"slides/{slide_id}")
+        with self._index_lock():
+            self._update_meta(lambda m: m["slides"].pop(slide_id, None), locked=True)
+            self._delete_key(f"slides/{slide_id}")
 
     # -- slides --------------------------------------------------------------------------------------------------
 
@@ -237,26 +279,29 @@ class TileStoreWriter:
         return SlideWriter(self, slide_id, tile_px, encoding, tiles_per_shard, tiles_per_chunk, tile_attrs or {},
                            max_tiles)
 
-    def _staging_group(self, slide_id: str) -> tuple[zarr.Group, str]:
+    def _staging_group(self, slide_id: str) -> tuple[zarr.Group, str, Path | None]:
+        """(the staged group, its folder or key, its lease file): see tiling/staging.py for names and leases."""
         if self.remote:
             group = zarr.open_group(store=zarr_store(self.url, read_only=False), mode="r+")
-            return group.create_group(f"slides/{slide_id}", overwrite=True), slide_id
-        staging = Path(self.sidecar) / _STAGING_DIR / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        return zarr.open_group(store=zarr.storage.LocalStore(staging), mode="w"), str(staging)
+            return group.create_group(f"slides/{slide_id}", overwrite=True), slide_id, None
+        folder = Path(self.sidecar) / _STAGING_DIR / staging.staging_name(slide_id)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lease = staging.write_lease(folder, slide_id)  # before the folder: a folder never exists without its lease
+        folder.mkdir()
+        return zarr.open_group(store=zarr.storage.LocalStore(folder), mode="w"), str(folder), lease
 
     def _publish(self, slide_id: str, staged: str, n_tiles: int, provenance: dict[str, Any]) -> None:
-        if not self.remote:
-            # No fsync: a slide's shards are many files, and an unfinished commit is redone on resume anyway.
-            publish_dir(staged, local_root(self.url) / "slides" / slide_id, fsync=False)
-
         def update(meta: dict[str, Any]) -> None:
             meta["slides"][slide_id] = {"n_tiles": int(n_tiles), "source_path": str(provenance.get("source_path", "")),
                                         "fingerprint": str(provenance.get("source_fingerprint", "")),
                                         "committed": now_iso()}
             meta["failures"].pop(slide_id, None)
 
-        self._update_meta(update)
+        with self._index_lock():  # the rename too: two runs committing the same slide take turns, never interleave
+            if not self.remote:
+                # No fsync: a slide's shards are many files, and an unfinished commit is redone on resume anyway.
+                publish_dir(staged, local_root(self.url) / "slides" / slide_id, fsync=False)
+            self._update_meta(update, locked=True)
 
     def _discard_staging(self, staged: str) -> None:
         if self.remote:
@@ -274,17 +319,34 @@ class TileStoreWriter:
         else:
             shutil.rmtree(local_root(self.url) / key, ignore_errors=True)
 
-    def clean_stale_staging(self, max_age_s: float = 0.0) -> None:
-        """Remove staging folders left by killed runs of THIS host's dead processes (local stores only)."""
+    def clean_stale_staging(self) -> list[str]:
+        """Remove staging folders (and leases) whose writer is provably gone: on this host with its process dead,
+        or with a lease not renewed for `staging.LEASE_S` (tiling/staging.py). Returns the names removed.
+
+        Staging folders of live writers, on this host or any other sharing the store, are never touched.
+        """
         if self.remote:
-            return
+            return []
+        removed = []
         for staging_root in (Path(self.sidecar) / _STAGING_DIR, local_root(self.url) / _LEGACY_STAGING_DIR):
-            for path in staging_root.glob("*.*.*") if staging_root.exists() else []:
-                pid = path.name.rsplit(".", 2)[-2]
-                if pid.isdigit() and not pid_alive(int(pid)):
-                    shutil.rmtree(path, ignore_errors=True)
+            if not staging_root.is_dir():
+                continue
+            now = staging.staging_clock(staging_root)
+            for path in sorted(staging_root.iterdir()):
+                if not path.exists():
+                    continue  # a lease removed with its folder just before
+                if path.name.endswith(staging.LEASE_SUFFIX) and path.with_name(
+                        path.name.removesuffix(staging.LEASE_SUFFIX)).exists():
+                    continue  # a folder's lease goes with its folder, below
+                if staging.is_reclaimable(path, now=now):
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    lease = path.with_name(path.name.removesuffix(staging.LEASE_SUFFIX) + staging.LEASE_SUFFIX)
+                    lease.unlink(missing_ok=True)
+                    removed.append(path.name)
         with contextlib.suppress(OSError):  # gone from earlier versions' stores once nothing is staged there
             (local_root(self.url) / _LEGACY_STAGING_DIR).rmdir()
+        return removed
 
     def write_file(self, key: str, data: bytes) -> str:
         """Write a non-Zarr file (QC image) into the sidecar folder atomically; returns its path or URL."""

@@ -1,24 +1,26 @@
 """Tissue detection at thumbnail scale and per-tile tissue fractions.
 
-Pipeline (CLAM lineage, written for pathdino): a thumbnail at ~8 µm/px is read in bounded-memory strips,
+Pipeline (CLAM lineage, written for pathdino): a thumbnail at ~8 µm/px (read by tiling/thumbnail.py),
 its HSV saturation is median-blurred and thresholded (fixed or Otsu), closed, cleaned of pen ink and of
 small specks, and optionally hole-filled. Tiles then get their tissue share from the mask through an
 integral image, exactly (area-weighted) and in O(1) per tile.
 
-Nothing here imports the slide readers: any object with ``level_dimensions``, ``level_downsamples`` and
-``read_region(level, x, y, width, height)`` (all in that level's pixels) works.
+Nothing here imports the slide readers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 from skimage import filters, measure, morphology
 from skimage.filters import rank
+
+# The thumbnail reader lives in tiling/thumbnail.py; re-exported here, where earlier versions defined it.
+from tiling.thumbnail import ThumbnailReader, read_thumbnail  # noqa: F401
 
 __all__ = ["TissueConfig", "ThumbnailReader", "read_thumbnail", "tissue_mask", "pen_mask", "saturation",
            "square_closing", "tissue_fractions"]
@@ -79,115 +81,6 @@ class TissueConfig:
             raise ValueError(f"TissueConfig.max_hole_um2 must be > 0 µm² or None (fill all holes), got {self.max_hole_um2!r}")
         if not (0.0 <= self.min_tissue_fraction <= 1.0):
             raise ValueError(f"TissueConfig.min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction!r}")
-
-
-class ThumbnailReader(Protocol):
-    """The part of a slide reader that thumbnails need (``tiling.readers.SlideReader`` satisfies it)."""
-
-    @property
-    def level_dimensions(self) -> Sequence[tuple[int, int]]: ...
-
-    @property
-    def level_downsamples(self) -> Sequence[float]: ...
-
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray: ...
-
-
-# Reads bigger than this are split: a 40k-wide single-level slide is read 528 rows at a time.
-DEFAULT_MAX_STRIP_BYTES = 64 * 1024 * 1024
-# A level counts as "not coarser than the target" up to this relative excess (float noise in downsamples).
-_LEVEL_TOLERANCE = 0.01
-
-
-def read_thumbnail(
-    reader: ThumbnailReader,
-    slide_mpp: float,
-    thumbnail_mpp: float,
-    *,
-    max_strip_bytes: int = DEFAULT_MAX_STRIP_BYTES,
-) -> tuple[np.ndarray, float]:
-    """Read the whole slide at about ``thumbnail_mpp`` µm/px in bounded memory.
-
-    Takes the coarsest level that is not coarser than ``thumbnail_mpp``, then box-averages it by the integer
-    factor nearest to the remaining ratio, reading horizontal strips of at most ``max_strip_bytes`` (and
-    column chunks when even one block row is too wide). Edge blocks that are cut off by the slide border are
-    averaged over the pixels they have, so thumbnail pixel (i, j) covers level-0 pixels
-    ``[j*s, (j+1)*s) x [i*s, (i+1)*s)`` with ``s = thumbnail_mpp_actual / slide_mpp``.
-
-    Returns ``(rgb uint8 (h, w, 3), thumbnail_mpp_actual)``. When even level 0 is coarser than the target,
-    level 0 is returned as is (never upsampled) and the actual mpp is ``slide_mpp``.
-    """
-    if not (math.isfinite(slide_mpp) and slide_mpp > 0):
-        raise ValueError(f"read_thumbnail: slide_mpp must be a positive number of µm/px, got {slide_mpp!r}")
-    if not (math.isfinite(thumbnail_mpp) and thumbnail_mpp > 0):
-        raise ValueError(f"read_thumbnail: thumbnail_mpp must be a positive number of µm/px, got {thumbnail_mpp!r}")
-    dims = list(reader.level_dimensions)
-    downs = [float(d) for d in reader.level_downsamples]
-    if not dims or len(dims) != len(downs):
-        raise ValueError(
-            f"read_thumbnail: reader reports {len(dims)} level dimensions and {len(downs)} downsamples; "
-            "the slide reader is broken or the slide has no levels"
-        )
-    level = 0
-    for i, ds in enumerate(downs):
-        if slide_mpp * ds <= thumbnail_mpp * (1 + _LEVEL_TOLERANCE) and ds >= downs[level]:
-            level = i
-    level_mpp = slide_mpp * downs[level]
-    factor = max(1, int(round(thumbnail_mpp / level_mpp)))
-    width, height = (int(v) for v in dims[level])
-    out = _block_mean_strips(reader, level, width, height, factor, max_strip_bytes)
-    return out, level_mpp * factor
-
-
-def _block_mean_strips(
-    reader: ThumbnailReader, level: int, width: int, height: int, factor: int, max_strip_bytes: int
-) -> np.ndarray:
-    if width <= 0 or height <= 0:
-        raise ValueError(f"read_thumbnail: level {level} has empty dimensions {width}x{height}")
-    block_row_bytes = 3 * factor * width
-    if block_row_bytes <= max_strip_bytes:
-        rows = max(1, max_strip_bytes // block_row_bytes) * factor
-        cols = width
-    else:
-        rows = factor
-        cols = max(1, max_strip_bytes // (3 * factor * factor)) * factor
-    out_h, out_w = -(-height // factor), -(-width // factor)
-    out = np.empty((out_h, out_w, 3), np.uint8)
-    for y in range(0, height, rows):
-        h = min(rows, height - y)
-        for x in range(0, width, cols):
-            w = min(cols, width - x)
-            region = np.asarray(reader.read_region(level, x, y, w, h))
-            if region.ndim != 3 or region.shape[:2] != (h, w) or region.shape[2] < 3 or region.dtype != np.uint8:
-                raise ValueError(
-                    f"read_thumbnail: reader returned {region.dtype} {region.shape} for a {w}x{h} read at level "
-                    f"{level} x={x} y={y}; expected (height, width, 3) uint8 RGB"
-                )
-            out[y // factor : (y + h + factor - 1) // factor, x // factor : (x + w + factor - 1) // factor] = (
-                _block_mean(region[..., :3], factor)
-            )
-            del region  # free this strip before the next read, or two strips are alive at once
-    return out
-
-
-def _block_mean(region: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over factor x factor blocks; partial blocks at the bottom/right average only their pixels."""
-    if factor == 1:
-        return region.astype(np.uint8, copy=False)
-    h, w = region.shape[:2]
-    bh, bw = -(-h // factor), -(-w // factor)
-    if h % factor or w % factor:
-        padded = np.zeros((bh * factor, bw * factor, 3), region.dtype)
-        padded[:h, :w] = region
-        region = padded
-    # Two 1-axis sums are ~20x faster than one sum over axes (1, 3); uint16 holds 257 x 255.
-    row_dtype = np.uint16 if factor <= 257 else np.uint32
-    rows = region.reshape(bh, factor, bw * factor * 3).sum(axis=1, dtype=row_dtype)
-    sums = rows.reshape(bh, bw, factor, 3).sum(axis=2, dtype=np.uint32)
-    counts_y = np.minimum(factor, h - np.arange(bh) * factor)
-    counts_x = np.minimum(factor, w - np.arange(bw) * factor)
-    counts = (counts_y[:, None] * counts_x[None, :])[..., None]
-    return ((sums + counts // 2) // counts).astype(np.uint8)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

@@ -16,14 +16,18 @@ import numpy as np
 
 from tiling.brightfield import check_metadata, check_pixels, check_properties
 from tiling.config import TilingConfig
-from tiling.geometry import VIRTUAL_REDUCTIONS, TileGeometry, grid_shape, plan_geometry, tile_level0_xy
+from tiling.geometry import (
+    VIRTUAL_REDUCTIONS, TileGeometry, grid_shape, plan_geometry, tile_level0_xy, too_small_reason,
+)
 from tiling.inputs import SlideInput
 from tiling.mpp import resolve_mpp
 from tiling.pixel_qc import check_tiles
-from tiling.readers import open_slide
+from tiling.reader_warnings import collect_library_warnings, summarise_warnings
+from tiling.readers import check_slide_file, open_slide
 from tiling.regions import BlockReader, FastLevelReader
 from tiling.store import encode_tile
-from tiling.tissue import read_thumbnail, tissue_fractions, tissue_mask
+from tiling.thumbnail import read_thumbnail
+from tiling.tissue import tissue_fractions, tissue_mask
 
 _OPEN_READERS_PER_WORKER = 2
 
@@ -50,6 +54,9 @@ class SlidePlan:
     blocks: list[tuple[int, int]] = field(default_factory=list)  # (start, stop) into the candidate arrays
     fingerprint: str = ""
     size_bytes: int = 0
+    too_small: str = ""  # why no tile fits the slide ("" when one does)
+    thumbnail_notes: list[str] = field(default_factory=list)  # regions of the thumbnail read by a fallback
+    reader_warnings: list[str] = field(default_factory=list)  # what the imaging libraries warned about
 
 
 @dataclass
@@ -63,6 +70,8 @@ class BlockResult:
     pixel_source: str
     fast_path_reason: str = ""
     decoder: str = ""
+    decode_error: str = ""  # the first decode error of the block, for the provenance
+    reader_warnings: list[str] = field(default_factory=list)
 
 
 def fingerprint(path: Path) -> tuple[str, int]:
@@ -80,6 +89,8 @@ def fingerprint(path: Path) -> tuple[str, int]:
                 total += size
                 h.update(f"{p.relative_to(path)}:{size};".encode())
         return f"sha256-listing:{h.hexdigest()[:32]}", total
+    if not path.is_file():  # a FIFO would block the read forever; planning says what the file is
+        raise OSError(f"{path} is not a regular file")
     size = path.stat().st_size
     h.update(str(size).encode())
     mib = 1 << 20
@@ -99,11 +110,24 @@ def plan_slide(slide: SlideInput, cfg: TilingConfig, *, source: tuple[str, int] 
     """Open a slide, resolve its mpp and geometry, find tissue, and list the candidate tiles in blocks.
 
     `source` is the slide file's (fingerprint, size) when the caller already computed it (the runner does, to
-    decide what to resume); fluorescence and multiplex slides raise NotBrightfieldError.
+    decide what to resume); fluorescence and multiplex slides raise NotBrightfieldError. Warnings of the imaging
+    libraries go into the plan (or, when planning fails, onto the exception as `reader_warnings`), not to stderr.
     """
+    with collect_library_warnings() as messages:
+        try:
+            plan = _plan_slide(slide, cfg, source)
+        except Exception as exc:
+            exc.reader_warnings = summarise_warnings(messages)  # type: ignore[attr-defined]
+            raise
+    plan.reader_warnings = summarise_warnings(messages)
+    return plan
+
+
+def _plan_slide(slide: SlideInput, cfg: TilingConfig, source: tuple[str, int] | None) -> SlidePlan:
+    check_slide_file(slide.path)
     fp, size = source if source is not None else fingerprint(slide.path)
     check_metadata(slide.path)
-    reader = open_slide(slide.path, cfg.backend)
+    reader = open_slide(slide.path, cfg.backend, check_file=False)
     try:
         check_properties(slide.path, reader.properties)
         mpp = resolve_mpp(reader, slide.mpp_override)
@@ -115,8 +139,10 @@ def plan_slide(slide: SlideInput, cfg: TilingConfig, *, source: tuple[str, int] 
         n_rows, n_cols = grid_shape(geometry, level0_size)
         # The thumbnail level decoded straight from the TIFF where the fast path applies (~4x less CPU than OpenSlide)
         thumbnail_reader = FastLevelReader(reader) if cfg.tiff_fast_path else reader
+        notes: list[str] = []
         try:
-            thumbnail, thumbnail_mpp = read_thumbnail(thumbnail_reader, mpp.mpp, cfg.tissue.thumbnail_mpp)
+            thumbnail, thumbnail_mpp = read_thumbnail(thumbnail_reader, mpp.mpp, cfg.tissue.thumbnail_mpp,
+                                                      on_unreadable=notes.append)
         finally:
             if thumbnail_reader is not reader:
                 thumbnail_reader.close()
@@ -137,7 +163,8 @@ def plan_slide(slide: SlideInput, cfg: TilingConfig, *, source: tuple[str, int] 
                          level0_size=level0_size, grid_rows=n_rows, grid_cols=n_cols, thumbnail=thumbnail,
                          thumbnail_mpp=thumbnail_mpp, mask=mask, rows=rows, cols=cols, level0_xy=xy,
                          tissue_fraction=fractions, blocks=list(zip(starts.tolist(), stops.tolist())),
-                         fingerprint=fp, size_bytes=size)
+                         fingerprint=fp, size_bytes=size, too_small=too_small_reason(geometry, level0_size),
+                         thumbnail_notes=summarise_warnings(notes))
     finally:
         reader.close()
 
@@ -154,7 +181,7 @@ def _block_reader(path: Path, backend: str, geometry: TileGeometry, fast_path: b
         _, old = _readers.popitem(last=False)
         old.close()
         old.reader.close()  # BlockReader does not own the slide handle
-    reader = BlockReader(open_slide(path, backend), geometry, use_tiff_fast_path=fast_path)
+    reader = BlockReader(open_slide(path, backend, check_file=False), geometry, use_tiff_fast_path=fast_path)
     _readers[key] = reader
     return reader
 
@@ -184,11 +211,19 @@ def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.nda
 
     Only source tiles under candidates are decoded, each once (the reader caches decoded source tiles), and each
     tile's pixels are copied once, into a reused buffer (`BlockReader.read_tiles`). When a read fails (a corrupt
-    source tile), each tile is read on its own so only the tiles that really fail are lost; they are counted, not
-    fatal.
+    source tile), each tile is read on its own so only the tiles that really fail are lost; they are counted
+    (`n_decode_failures`, with the first error in `decode_error`), and the runner fails the slide when too many are.
     """
+    with collect_library_warnings() as messages:
+        result = _tile_block(path, backend, geometry, rows, cols, cfg)
+    result.reader_warnings = summarise_warnings(messages)
+    return result
+
+
+def _tile_block(path: Path, backend: str, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray,
+                cfg: TilingConfig) -> BlockResult:
     reader = _block_reader(path, backend, geometry, cfg.tiff_fast_path)
-    failures = 0
+    failures, first_error = 0, ""
     ok = np.ones(len(rows), dtype=bool)
     tiles = _stack(len(rows), geometry.tile_px)
     try:
@@ -198,9 +233,10 @@ def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.nda
         for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
             try:
                 tiles[i] = reader.read_tile(r, c)
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
                 ok[i] = False
                 failures += 1
+                first_error = first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
     keep_qc, reasons = check_tiles(tiles, cfg.pixel_qc)
     keep = ok & np.asarray(keep_qc, dtype=bool)
     rejected: dict[str, list[int]] = {}
@@ -212,4 +248,4 @@ def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.nda
                for i in kept]
     return BlockResult(kept=kept, encoded=encoded, rejected=rejected, n_decode_failures=failures,
                        pixel_source=reader.pixel_source, fast_path_reason=reader.fast_path_reason or "",
-                       decoder=reader.decoder)
+                       decoder=reader.decoder, decode_error=first_error)

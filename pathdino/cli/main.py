@@ -40,6 +40,8 @@ def _tiling_defaults() -> dict[str, str]:
             "encoding": d.encoding, "jpeg_quality": f"{d.jpeg_quality} on 1-100",
             "workers": f"one per CPU core, {d.n_workers} here" if d.workers == 0 else f"{d.workers} processes",
             "slide_mpp": "each slide's own, from its metadata", "config": "none: the built-in defaults",
+            "max_decode_failure_fraction": f"{d.max_decode_failure_fraction:g}, i.e. "
+                                           f"{d.max_decode_failure_fraction:.0%} of a slide's candidate tiles",
             "shard": "all slides; a SLURM array's share when set"}
 
 
@@ -84,13 +86,17 @@ def tile(
                                  help="List the slides found (and the files skipped) and stop; writes nothing."),
     fail_on_empty: bool = typer.Option(False, "--fail-on-empty", show_default="off: exit 0, the summary says so",
                                        help="Exit 1 when a slide gave no tiles (no tissue, or every tile rejected)."),
+    max_decode_failure_fraction: Optional[float] = typer.Option(
+        None, help="Fail a slide when more than this share (0-1) of its candidate tiles cannot be read because "
+                   "source tiles fail to decode (a damaged file); fewer are dropped and counted."),
 ) -> None:
     """Tile whole-slide images into a sharded Zarr v3 tile store (resumable; failures recorded per slide)."""
     from pathdino.cli.tile import build_config, tile_command
 
     flags = {"target_mpp": target_mpp, "tile_px": tile_px, "overlap_px": overlap_px, "mpp_tolerance": mpp_tolerance,
              "backend": backend, "tissue.min_tissue_fraction": min_tissue_fraction, "encoding": encoding,
-             "jpeg_quality": jpeg_quality, "workers": workers, "qc_images": False if no_qc_images else None}
+             "jpeg_quality": jpeg_quality, "workers": workers, "qc_images": False if no_qc_images else None,
+             "max_decode_failure_fraction": max_decode_failure_fraction}
     try:
         cfg = build_config(config, flags)
         code = tile_command(inputs, out, cfg, slide_mpp=slide_mpp, shard=shard, overwrite=overwrite,

@@ -18,6 +18,8 @@ from rich.table import Table
 from tiling.config import TilingConfig
 from tiling.configio import load_config
 from tiling.inputs import InputScan, SlideInput, parse_shard, scan_inputs, select_shard, slide_format
+from tiling.outcome import TilingInterrupted
+from tiling.preflight import check_out_path
 from tiling.runner import SlideOutcome, run_tiling
 from tiling.store import TileStore, summarise
 
@@ -31,9 +33,18 @@ def build_config(config_path: Path | None, flags: dict[str, Any]) -> TilingConfi
 
 def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp: float | None, shard: str | None,
                  overwrite: bool, dry_run: bool = False, fail_on_empty: bool = False) -> int:
-    """`pathdino tile`: say what was found, tile it with progress bars, summarise; returns the exit status."""
-    scan = scan_inputs(inputs, slide_mpp=slide_mpp)
+    """`pathdino tile`: say what was found, tile it with progress bars, summarise; returns the exit status.
+
+    Ctrl-C (SIGINT) and SIGTERM stop the run after the workers: what was committed is kept, the summary says so,
+    and the status is 130 or 143 (128 + the signal), as for any program a signal stopped.
+    """
+    check_out_path(out, inputs, probe_write=not dry_run)
     index, count = parse_shard(shard)
+    try:
+        scan = scan_inputs(inputs, slide_mpp=slide_mpp)  # a big archive takes a while: Ctrl-C is likely here too
+    except KeyboardInterrupt:
+        console.print("[red]interrupted (SIGINT)[/] while looking for slides: nothing was written")
+        return 130
     mine = select_shard(scan.slides, index, count)
     print_found(scan, list_all=dry_run)
     if dry_run:
@@ -58,9 +69,17 @@ def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp
                 rate = counts["tiles"] / max(time.perf_counter() - started, 1e-9)
                 progress.update(tiles_task, completed=counts["tiles"], rate=f"{rate:,.0f} tiles/s")
             elif kind == "warning":
-                console.print(f"[yellow]warning[/] {info['slide_id']}: {info['message']}")
+                console.print(f"[yellow]warning[/] {escape(info['slide_id'])}: {escape(info['message'])}",
+                              soft_wrap=True)
 
-        outcomes = run_tiling(mine, out, config, overwrite=overwrite, on_event=on_event)
+        try:
+            outcomes = run_tiling(mine, out, config, overwrite=overwrite, on_event=on_event)
+        except TilingInterrupted as stop:
+            interrupted = stop
+        else:
+            interrupted = None
+    if interrupted is not None:
+        return print_interrupted(interrupted, time.perf_counter() - started)
     print_summary(outcomes, time.perf_counter() - started)
     failed = any(o.status == "failed" for o in outcomes)
     empty = any(o.status == "empty" for o in outcomes)
@@ -74,12 +93,21 @@ def _counts(counts: dict[str, int]) -> str:
 def print_found(scan: InputScan, *, list_all: bool, max_listed: int = 10) -> None:
     """Before tiling: slides per format, and the files that will not be tiled with their reason."""
     console.print(f"Found {len(scan.slides)} slide(s): {_counts(scan.format_counts()) or 'none'}")
+    for note in scan.notes:
+        console.print(f"[yellow]warning[/] {escape(note)}", highlight=False, soft_wrap=True)
+    if scan.reader_warnings and list_all:
+        for message in scan.reader_warnings:
+            console.print(f"  [dim]DICOM header warning[/] {escape(message)}", highlight=False, soft_wrap=True)
+    elif scan.reader_warnings:
+        console.print(f"[dim]{len(scan.reader_warnings)} warning(s) while reading DICOM headers (odd values; the "
+                      "files are used as usual): --dry-run lists them[/]", highlight=False)
     if not scan.skipped:
         return
     console.print(f"Skipped {len(scan.skipped)} file(s): {_counts(scan.skip_counts())}")
     shown = scan.skipped if list_all else scan.skipped[:max_listed]
     for f in shown:
-        console.print(f"  [dim]skipped[/] {escape(str(f.path))}: {escape(f.reason)}", highlight=False, soft_wrap=True)
+        console.print(f"  [dim]skipped[/] {escape(str(f.path))}: {escape(f.describe())}", highlight=False,
+                      soft_wrap=True)
     if len(shown) < len(scan.skipped):
         console.print(f"  ... and {len(scan.skipped) - len(shown)} more (--dry-run lists them all)")
 
@@ -130,6 +158,8 @@ def _outcome_note(o: SlideOutcome) -> str:
         return "already complete"
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(o.rejected.items()))
     note = f"of {o.n_candidates:,} candidates"
+    if o.n_decode_failures:  # tiles lost to source tiles that do not decode: never silent
+        note += f"; unreadable {o.n_decode_failures:,}"
     return f"{note}; rejected: {rejected}" if rejected else note
 
 
@@ -161,6 +191,29 @@ def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     if n["empty"]:
         console.print(f"[yellow]{n['empty']} slide(s) gave no tiles[/] (reasons above; --fail-on-empty makes this "
                       "an error)")
+    damaged = [o for o in outcomes if o.n_decode_failures and o.status != "failed"]
+    if damaged:
+        console.print(f"[yellow]{sum(o.n_decode_failures for o in damaged):,} tile(s) of {len(damaged)} slide(s) "
+                      "could not be read[/] (source tiles that fail to decode; kept below "
+                      "--max-decode-failure-fraction; `pathdino info STORE` lists them)")
+
+
+def print_interrupted(stop: TilingInterrupted, elapsed_s: float) -> int:
+    """After Ctrl-C / SIGTERM: what this run committed, what was discarded, how to resume; returns 128 + signal."""
+    import signal
+
+    if stop.outcomes:
+        print_summary(stop.outcomes, elapsed_s)
+    n = collections.Counter(o.status for o in stop.outcomes)
+    committed = n["done"] + sum(o.status == "empty" and not o.already_complete for o in stop.outcomes)
+    try:
+        name = signal.Signals(stop.signum).name
+    except ValueError:
+        name = f"signal {stop.signum}"
+    console.print(f"[red]interrupted ({name})[/]: {committed} slide(s) committed by this run, {stop.n_partial} "
+                  f"partial (discarded: they start over), {stop.n_not_started} not started; everything committed is "
+                  "kept: rerun the same command to resume")
+    return 128 + int(stop.signum)
 
 
 def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
@@ -169,25 +222,39 @@ def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
 
     store = TileStore(store_url)
     summary = summarise(store)
+    attrs_of = {sid: dict(store.root[f"slides/{sid}"].attrs.get("pathdino", {})) for sid in store.entries}
+    decode_failures = {sid: int(a.get("n_decode_failures", 0) or 0) for sid, a in attrs_of.items()}
+    summary["n_decode_failures"] = sum(decode_failures.values())
+    summary["n_slides_with_decode_failures"] = sum(n > 0 for n in decode_failures.values())
     if as_json:
-        print(dumps({**summary, "slides": {k: dataclasses.asdict(v) for k, v in store.entries.items()},
-                     "failures": store.failures}))
+        slides = {k: {**dataclasses.asdict(v), "n_decode_failures": decode_failures[k],
+                      "n_candidates": int(attrs_of[k].get("n_candidates", 0) or 0),
+                      "thumbnail_fallbacks": len(attrs_of[k].get("thumbnail_fallbacks", []) or [])}
+                  for k, v in store.entries.items()}
+        print(dumps({**summary, "slides": slides, "failures": store.failures}))
         return 0
     out = Console()
     out.print(f"[bold]{escape(store.url)}[/]: pathdino tile store v{summary['format_version']}, "
               f"{summary['n_slides'] - summary['n_empty']} slide(s) with {summary['n_tiles']:,} tiles, "
               f"[yellow]{summary['n_empty']} empty[/] (no tiles), [red]{summary['n_failures']} failed[/]")
     table = Table()
-    for col in ("slide", "tiles", "µm/px", "tile px", "read level", "reader", "source"):
+    damaged = summary["n_decode_failures"] > 0  # the column only where there is something to show
+    for col in ("slide", "tiles", *(["unreadable"] if damaged else []), "µm/px", "tile px", "read level", "reader",
+                "source"):
         table.add_column(col, overflow="fold")
     for sid, entry in store.entries.items():
-        attrs = store.slide(sid).attrs
+        attrs = attrs_of[sid]
         tiles = f"{entry.n_tiles:,}" if entry.n_tiles else "[yellow]0 (empty)[/]"
-        table.add_row(escape(sid), tiles, f"{attrs.get('effective_mpp', float('nan')):.4f}",
+        lost = [f"[yellow]{decode_failures[sid]:,}[/]" if decode_failures[sid] else "0"] if damaged else []
+        table.add_row(escape(sid), tiles, *lost, f"{attrs.get('effective_mpp', float('nan')):.4f}",
                       str(attrs.get("tile_px")), str(attrs.get("read_level")),
                       escape(f"{attrs.get('reader')} ({attrs.get('pixel_source')})"), escape(entry.source_path))
     out.print(table)
-    empty = {sid: store.slide(sid).attrs.get("empty_reason", "") for sid, e in store.entries.items() if not e.n_tiles}
+    if summary["n_decode_failures"]:
+        out.print(f"[yellow]{summary['n_decode_failures']:,} candidate tile(s) of "
+                  f"{summary['n_slides_with_decode_failures']} slide(s) could not be read[/] (source tiles that fail "
+                  "to decode: the column 'unreadable'; each slide's first error is in its provenance, decode_error)")
+    empty = {sid: attrs_of[sid].get("empty_reason", "") for sid, e in store.entries.items() if not e.n_tiles}
     if empty:
         etable = Table(title="empty slides (committed, no tiles)")
         etable.add_column("slide", overflow="fold")
@@ -214,3 +281,5 @@ def _print_failures(out: Console, failures: dict[str, dict[str, Any]], *, full: 
         out.print(f"{f.get('source_path', '')}\n{f.get('error_type', '')}: {f.get('reason', '')}\n",
                   markup=False, highlight=False)
         out.print(f.get("traceback", ""), markup=False, highlight=False)
+        if f.get("reader_warnings"):
+            out.print("reader warnings:\n  " + "\n  ".join(f["reader_warnings"]), markup=False, highlight=False)
