@@ -102,3 +102,25 @@ def test_fsio_imports_neither_torch_nor_pathdino():
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_read_json_returns_the_value_or_raises_naming_the_file(tmp_path):
+    from tiling.fsio import read_json
+
+    class WidgetError(ValueError):
+        pass
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": 1}')
+    assert read_json(good, error=WidgetError) == {"a": 1}
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    assert read_json(listed, error=WidgetError, expect=list) == [1, 2]
+    with pytest.raises(WidgetError, match=r"list.json: expected a JSON object, found list; rebuild it"):
+        read_json(listed, error=WidgetError, hint="rebuild it")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a": ')
+    with pytest.raises(WidgetError, match=r"broken.json is not valid JSON"):
+        read_json(broken, error=WidgetError)
+    with pytest.raises(WidgetError, match=r"absent.json: cannot read it"):
+        read_json(tmp_path / "absent.json", error=WidgetError)

@@ -14,10 +14,12 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
+from tiling.errors import PathdinoError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PathdinoError, ValueError):
     """A config file, override or value that does not fit the config's schema.
 
     The one error type of every config in the project (tiling, data, models, train): messages name the key at

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tiling.dicom import group_series, looks_like_dicom
+from tiling.errors import PathdinoError
 from tiling.store import safe_slide_id
 
 # Extensions OpenSlide or tiffslide can open. `.mrxs` slides are a file plus a folder of the same name.
@@ -17,7 +18,7 @@ SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".
                     ".dcm", ".qptiff")
 
 
-class InputError(Exception):
+class InputError(PathdinoError):
     """An input path, glob or manifest that cannot be turned into slides."""
 
 

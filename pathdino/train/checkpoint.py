@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from tiling.errors import PathdinoError
 from tiling.fsio import publish_dir
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PathdinoError, RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model being trained."""
 
 

@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tiling.errors import PathdinoError
+
 log = logging.getLogger("pathdino.train")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PathdinoError, RuntimeError):
     """The processes were launched in a way that would not train as one distributed job."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tiling.errors import PathdinoError
+
 log = logging.getLogger("pathdino.train")
 
 # Dense (no sparsity) peak TFLOP/s per device for MFU, by substring of torch.cuda.get_device_name(); first match
@@ -46,7 +48,7 @@ def peak_tflops(device: torch.device, precision: str, override: float | None = N
     return None
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(PathdinoError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
