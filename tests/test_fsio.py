@@ -33,7 +33,8 @@ def test_atomic_writes_replace_and_leave_no_temporaries(tmp_path):
     assert json.loads(target.read_text()) == {"x": 2} and target.read_text().endswith("\n")
     atomic_write_text(tmp_path / "t.txt", "héllo")
     atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
-    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo" and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.json", "b.bin", "t.txt"]
 
 

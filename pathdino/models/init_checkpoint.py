@@ -157,7 +157,8 @@ def load_init_checkpoint(
     path = Path(path)
     sd, ignored = _select_backbone_keys(_read_state_dict(path), prefix)
     if not sd:
-        raise InitCheckpointError(f"init checkpoint {path}: no tensors under prefix {prefix!r}; pass prefix= explicitly")
+        raise InitCheckpointError(f"init checkpoint {path}: no tensors under prefix {prefix!r}; "
+                                  "pass prefix= explicitly")
     sd, dropped = _rename_dinov2(sd)
     resized = _adapt_pos_embed(sd, model)
     own = model.state_dict()

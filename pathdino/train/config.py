@@ -43,7 +43,8 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dino_head: HeadConfig = field(default_factory=HeadConfig)  # 65,536 prototypes, bottleneck 256 (L/g: 131,072, 384)
     ibot_separate_head: bool = False  # DINOv2 shares the head for S/B; separate for L/g
-    ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head (L/g: 131,072 x 256)
+    # only with ibot_separate_head; None = same sizes as dino_head (L/g: 131,072 x 256)
+    ibot_head: HeadConfig | None = None
     init_checkpoint: str | None = None  # local timm/dinov2 checkpoint to start the backbone from (no download)
 
     def __post_init__(self) -> None:

@@ -129,8 +129,8 @@ def _log_step(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, v
         record.update({k: v / world for k, v in zip(HEALTH_TERMS, reduced.health)})
         record["center_norm_dino"] = parts.losses["dino"].targets.center.norm().item()
         record["center_norm_ibot"] = parts.losses["ibot"].targets.center.norm().item()
-        per_process = step * phase.batch_per_process * phase.cfg.train.grad_accum_steps  # samples_per_epoch: per process
-        record["epoch"] = per_process / max(phase.loader.samples_per_epoch or 1, 1)
+        per_process = step * phase.batch_per_process * phase.cfg.train.grad_accum_steps  # samples so far, this process
+        record["epoch"] = per_process / max(phase.loader.samples_per_epoch or 1, 1)  # samples_per_epoch: per process
         record.update(phase.throughput.summary())
         record["memory_mb"] = memory_mb(ctx.device)
         record.update({f"data_{k}": v for k, v in loader_stats(phase.loader).items()})

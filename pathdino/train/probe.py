@@ -175,7 +175,8 @@ class TrainingProbe:
             knn = knn["by_k"][str(self.cfg.knn_k)]
             folds = max(2, min(3, int(torch.bincount(y_fit).min())))
             try:
-                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes, cv_folds=folds)["test"]
+                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes,
+                                               cv_folds=folds)["test"]
             except ValueError as exc:  # e.g. too few images per class for cross-validation
                 log.warning("probe at step %d: linear probe skipped (%s)", step, exc)
                 linear = {}
