@@ -52,6 +52,11 @@ class ModelConfig:
             raise ConfigError("model.ibot_head is only used with model.ibot_separate_head=true; remove it or enable "
                               "that", key="model.ibot_head")
 
+    @property
+    def ibot_head_(self) -> HeadConfig | None:
+        """The separate iBOT head's sizes (``ibot_head``, or those of ``dino_head``); None: the DINO head serves."""
+        return (self.ibot_head or self.dino_head) if self.ibot_separate_head else None
+
 
 @dataclass(frozen=True)
 class LossConfig:

@@ -84,17 +84,17 @@ def start_phase(ctx: RunContext, cfg: RunConfig, *, resume: bool | str | None,
         check_loader(loader, cfg)
     checkpoint = resume_point(ctx.out_dir, resume)
     index = phase_at(cfg, read_trainer_state(checkpoint)["step"]) if checkpoint is not None else 0
-    pcfg = phase_config(cfg, index)
-    log.info("%d process(es) on %s, %d images per step (%d per process x %d micro-steps), %s%s",
-             ctx.world, ctx.device, pcfg.train.batch_size, per_process_batch(pcfg, ctx.world),
-             pcfg.train.grad_accum_steps, "FSDP2" if ctx.use_fsdp else "DDP" if ctx.world > 1 else "single process",
-             f", resuming from {checkpoint}" if checkpoint else "")
     if cfg.train.phases:
         log.info("; ".join(describe_phase(cfg, i) for i in range(len(cfg.train.phases) + 1)))
     # The student's outputs are split views of one head pass; nothing modifies them in place, which is what FSDP2's
     # "returned a view tensor" warning is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    return build_phase(ctx, cfg, index=index, checkpoint=checkpoint, loader=loader)
+    phase, progress = build_phase(ctx, cfg, index=index, checkpoint=checkpoint, loader=loader)
+    log.info("%d process(es) on %s, %d images per step (%d per process x %d micro-steps), %s%s",
+             ctx.world, ctx.device, phase.cfg.train.batch_size, phase.batch_per_process,
+             phase.cfg.train.grad_accum_steps, "FSDP2" if ctx.use_fsdp else "DDP" if ctx.world > 1 else
+             "single process", f", resumed from {checkpoint}" if checkpoint else "")
+    return phase, progress
 
 
 def build_phase(ctx: RunContext, cfg: RunConfig, *, index: int, checkpoint: Path | None,
@@ -176,12 +176,16 @@ def _build_parts(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> St
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     return StepParts(student=student, teacher=teacher, model=model, losses=losses, uniformity=uniformity,
                      optimizer=optimizer, clip_modules=clip_modules, autocast=autocast,
-                     objective=Objective.from_config(cfg))
+                     objective=_objective(cfg))
 
 
-def _ibot_head(cfg: RunConfig):
-    mc = cfg.model
-    return (mc.ibot_head or mc.dino_head) if mc.ibot_separate_head else None
+def _objective(cfg: RunConfig) -> Objective:
+    """The objective's numbers for the step functions (which see no config)."""
+    lc, oc = cfg.loss, cfg.optim
+    return Objective(dino_weight=lc.dino_weight, ibot_weight=lc.ibot_weight, uniformity_weight=lc.uniformity_weight,
+                     student_temp=lc.student_temp, update_centers=lc.targets == "centering",
+                     grad_accum_steps=cfg.train.grad_accum_steps, clip_grad=oc.clip_grad,
+                     freeze_last_layer=oc.freeze_last_layer)
 
 
 def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> tuple[SSLModel, SSLModel, nn.Module]:
@@ -190,7 +194,7 @@ def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> t
     if tc.compile:
         check_compiler()
     torch.manual_seed(tc.seed)  # identical initial weights on every process
-    student, teacher = build_student_teacher(mc.backbone, mc.dino_head, _ibot_head(cfg))
+    student, teacher = build_student_teacher(mc.backbone, mc.dino_head, mc.ibot_head_)
     if mc.init_checkpoint and checkpoint is None:
         load_init_checkpoint(student.backbone, mc.init_checkpoint)
         teacher.load_state_dict(student.state_dict())
@@ -223,7 +227,7 @@ def _build_losses(cfg: RunConfig, device: torch.device) -> tuple[nn.ModuleDict, 
     losses = nn.ModuleDict({
         "dino": DINOLoss(mc.dino_head.n_prototypes, lc.student_temp, lc.targets, lc.center_momentum,
                          lc.sinkhorn_iterations),
-        "ibot": IBOTPatchLoss((_ibot_head(cfg) or mc.dino_head).n_prototypes, lc.student_temp, lc.targets,
+        "ibot": IBOTPatchLoss((mc.ibot_head_ or mc.dino_head).n_prototypes, lc.student_temp, lc.targets,
                               lc.center_momentum, lc.sinkhorn_iterations),
     }).to(device)
     uniformity = None
@@ -271,7 +275,7 @@ def _throughput(ctx: RunContext, cfg: RunConfig, *, plan: CropPlan, student: SSL
     """Throughput/MFU for this phase's crops and batch."""
     mc = cfg.model
     flops = dinov2_train_flops_per_image(
-        mc.backbone, mc.dino_head, _ibot_head(cfg) or mc.dino_head, plan.global_px, plan.local_px, plan.n_global,
+        mc.backbone, mc.dino_head, mc.ibot_head_ or mc.dino_head, plan.global_px, plan.local_px, plan.n_global,
         plan.n_local, plan.mask_probability, plan.mask_ratio_mean,
         subset_drop_path=mc.backbone.drop_path_rate if mc.backbone.drop_path_rate > SUBSET_DROP_PATH_ABOVE else 0.0,
         trim_last_block=student.trim_last_block)

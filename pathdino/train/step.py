@@ -22,7 +22,6 @@ from torch import nn
 
 from pathdino.data.batch import MultiCropBatch
 from pathdino.train.checkpoint import CheckpointParts
-from pathdino.train.config import RunConfig
 from pathdino.train.distributed import all_reduce_sum_, gradient_sync
 from pathdino.train.health import effective_rank, entropy
 from pathdino.train.model import SSLModel, ema_update_
@@ -35,7 +34,7 @@ HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "
 
 @dataclass(frozen=True)
 class Objective:
-    """The numbers of the objective and the update, from a phase's config (``loss``, ``optim``, ``train``)."""
+    """The numbers of the objective and the update, from a phase's config (``loss``, ``optim``, ``train``; run.py)."""
 
     dino_weight: float
     ibot_weight: float
@@ -45,14 +44,6 @@ class Objective:
     grad_accum_steps: int  # micro-steps per optimizer step
     clip_grad: float  # max grad norm per clipped module; 0: no clipping
     freeze_last_layer: Literal["zero_lr", "drop_grads"]
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> Objective:
-        lc, oc = cfg.loss, cfg.optim
-        return cls(dino_weight=lc.dino_weight, ibot_weight=lc.ibot_weight, uniformity_weight=lc.uniformity_weight,
-                   student_temp=lc.student_temp, update_centers=lc.targets == "centering",
-                   grad_accum_steps=cfg.train.grad_accum_steps, clip_grad=oc.clip_grad,
-                   freeze_last_layer=oc.freeze_last_layer)
 
 
 @dataclass(frozen=True)
