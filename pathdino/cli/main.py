@@ -17,7 +17,6 @@ import typer
 from typer.core import TyperCommand
 
 from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL
-from tiling.errors import PathdinoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
@@ -29,6 +28,13 @@ SAMPLE_SLIDE = Path(__file__).parents[1] / "sample_data" / "CMU-1-Small-Region.s
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _project_error() -> type[Exception]:
+    """``tiling.errors.PathdinoError``, imported when an error is handled: `pathdino` starts without ``tiling.*``."""
+    from tiling.errors import PathdinoError
+
+    return PathdinoError
 
 
 def _tiling_defaults() -> dict[str, str]:
@@ -107,7 +113,7 @@ def tile(
         cfg = build_config(config, flags)
         code = tile_command(inputs, out, cfg, slide_mpp=slide_mpp, shard=shard, overwrite=overwrite,
                             dry_run=dry_run, fail_on_empty=fail_on_empty)
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
@@ -124,7 +130,7 @@ def info(
 
     try:
         code = info_command(store, failures, as_json)
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
@@ -160,7 +166,7 @@ def train(
     try:
         launch = plan_launch(config=config, overrides=list(overrides or []), resume=resume, resume_from=resume_from,
                              check=check, num_processes=num_processes, accelerate_config=accelerate_config)
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(train_command(launch))
 
@@ -175,7 +181,7 @@ def demo(
 
     try:
         code = run_demo(out, workers=workers, sample_slide=SAMPLE_SLIDE)
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
@@ -200,7 +206,7 @@ def export(
 
     try:
         code = export_command(checkpoint, out, EXPORT.build(ctx.params, command="export"))
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
@@ -242,7 +248,7 @@ def embed(
 
     try:
         code = embed_command(store, encoder, out, options=EMBED.build(ctx.params, command="embed"))
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
@@ -273,7 +279,7 @@ def eval_(
     try:
         code = eval_command(dataset, EVAL.build(ctx.params, command="eval"), encoder=encoder, arch=arch, out=out,
                             methods=methods, img_size=img_size)
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
@@ -302,7 +308,7 @@ def mil(
 
     try:
         code = mil_command(labels_csv, embeddings, MIL.build(ctx.params, command="mil"), out=out, feature=feature)
-    except PathdinoError as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
