@@ -166,7 +166,8 @@ def main() -> None:
         ratios = []
         for i, (a, b) in enumerate(rows, 1):
             if not (a.get("ok") and b.get("ok")):
-                print(f"{precision:<9} {i:>5}  FAILED: pathdino {a.get('error', 'ok')} | lightly {b.get('error', 'ok')}")
+                print(f"{precision:<9} {i:>5}  FAILED: pathdino {a.get('error', 'ok')} | "
+                      f"lightly {b.get('error', 'ok')}")
                 continue
             ai, bi = a["step_images_per_s"], b["step_images_per_s"]
             peak = a["peak_tflops"]

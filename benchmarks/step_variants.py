@@ -40,13 +40,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
 
+    import contextlib
+
     import torch
 
     from pathdino.models.backbone import set_fused_attention
     from pathdino.train.config import load_config
-    from pathdino.train.run import build_run
-    from pathdino.train.runtime import (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD, _M_MMAP_MAX, _M_TRIM_THRESHOLD,
-                                        _glibc)
+    from pathdino.train.context import open_context
+    from pathdino.train.host import _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD, _M_MMAP_MAX, _M_TRIM_THRESHOLD, _glibc
+    from pathdino.train.run import start_phase
     from pathdino.train.step import apply_update, reduce_step, training_step
 
     libc = _glibc()
@@ -59,38 +61,39 @@ def main() -> None:
             libc.mallopt(_M_MMAP_MAX, 0 if reuse else _DEFAULT_MMAP_MAX)
             libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1 if reuse else _DEFAULT_TRIM_THRESHOLD)
 
-    with tempfile.TemporaryDirectory(prefix="pathdino-variants-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pathdino-variants-") as tmp, contextlib.ExitStack() as cleanup:
         cfg = load_config(ROOT / "configs" / "train" / f"{args.preset}.yaml", [
             f"train.output_dir={tmp}/run", f"train.precision={args.precision}", "train.total_steps=1000",
             f"train.batch_size={args.batch_size}", "train.synthetic_data=true", "optim.warmup_steps=0",
             "log.trackers=[]", "train.cpu_reuse_freed_memory=false"])
-        run = build_run(cfg)
-        default_fused = bool(getattr(run.student.backbone.backbone.blocks[0].attn, "fused_attn", False))
-        batches = iter(run.loader)
-        run.model.train()
-        values = run.schedules.at(0)
+        ctx = open_context(cfg.train, cfg.log.trackers, cleanup)  # its CPU settings are undone when the block ends
+        phase, _ = start_phase(ctx, cfg, resume=None, loader=None)
+        parts = phase.parts
+        default_fused = bool(getattr(parts.student.backbone.backbone.blocks[0].attn, "fused_attn", False))
+        batches = iter(phase.loader)
+        parts.model.train()
+        values = phase.schedules.at(0)
 
         def step() -> float:
-            batch = next(batches).to(run.device)
+            batch = next(batches).to(ctx.device)
             t0 = time.perf_counter()
-            out = training_step(run, batch, values, sync=True)
-            reduced = reduce_step(run, out.terms, out, values, False, False)
-            apply_update(run, values, reduced.finite, [out])
+            out = training_step(parts, batch, values, sync=True)
+            reduced = reduce_step(parts, out.terms, out, values=values, with_health=False, stop_flag=False)
+            apply_update(parts, [out], values=values, finite=reduced.finite)
             return time.perf_counter() - t0
 
         step()
         seconds: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             for v in variants:
-                run.student.trim_last_block = run.teacher.trim_last_block = v.startswith("trim")
+                parts.student.trim_last_block = parts.teacher.trim_last_block = v.startswith("trim")
                 set_malloc("malloc" in v)
                 fused = (default_fused or "+sdpa" in v) and "+plain" not in v
-                set_fused_attention(run.student, fused)
-                set_fused_attention(run.teacher, fused or "+tsdpa" in v)
+                set_fused_attention(parts.student, fused)
+                set_fused_attention(parts.teacher, fused or "+tsdpa" in v)
                 step()  # the first step after a switch settles the allocator
                 seconds[v].append(step())
                 print(f"{v}: {args.batch_size / seconds[v][-1]:.3f} img/s", flush=True)
-        run.restore_cpu_runtime()
         set_malloc(False)
     print(f"\n{args.preset}, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} threads; "
           "img/s per round")

@@ -77,7 +77,7 @@ def write_mosaic(path: Path, size: int, mpp: float, j2k: bool = False) -> None:
             h = w = max(size // ds, 1)
             ys, xs = _mirror_index(h, level_src.shape[0]), _mirror_index(w, level_src.shape[1])
 
-            def tiles():
+            def tiles(h=h, w=w, ys=ys, xs=xs, level_src=level_src):  # bound now: the writer consumes it in this pass
                 for ty in range(0, h, SOURCE_TILE):
                     for tx in range(0, w, SOURCE_TILE):
                         tile = np.full((SOURCE_TILE, SOURCE_TILE, 3), 255, np.uint8)
@@ -350,7 +350,8 @@ def main() -> None:
     for case, ours, peer, bound, _ in rows:
         our_cpu = np.mean([o["cpu_rate"] for o in ours])
         peer_cpu = np.mean([p["cpu_rate"] for p in peer]) if peer else float("nan")
-        print(f"| {case} | {our_cpu:,.0f} | {peer_cpu:,.0f} | {our_cpu / peer_cpu:.2f}x | {our_cpu / bound['bound']:.2f} |")
+        print(f"| {case} | {our_cpu:,.0f} | {peer_cpu:,.0f} | {our_cpu / peer_cpu:.2f}x | "
+              f"{our_cpu / bound['bound']:.2f} |")
     if HS2P_PYTHON.exists():
         t0 = time.perf_counter()
         subprocess.run([str(HS2P_PYTHON), "-c", "import hs2p.__main__"], check=True)
@@ -372,14 +373,14 @@ def main() -> None:
         slides = collect_slides([str(jpeg_path)], slide_mpp=MPP_20X)
         res = run_pathdino(slides, work / "20x-all.zarr", args.workers)
         one = np.mean([o["rate"] for o in rows[cases.index("20x")][1]])
-        print(f"\n20x, {args.workers} workers on one slide: {res['rate']:,.0f} tiles/s ({res['rate'] / args.workers:,.0f} "
-              f"per core, {res['rate'] / one:.2f}x one worker), CPU busy {res['busy']:.0%}, peak RSS "
-              f"{res['rss_gib']:.2f} GiB")
+        print(f"\n20x, {args.workers} workers on one slide: {res['rate']:,.0f} tiles/s "
+              f"({res['rate'] / args.workers:,.0f} per core, {res['rate'] / one:.2f}x one worker), "
+              f"CPU busy {res['busy']:.0%}, peak RSS {res['rss_gib']:.2f} GiB")
     if "40x" in cases or "20x" in cases:
-        print(f"reduced JPEG decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
+        print("reduced JPEG decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
               % reduced_quality(jpeg_path))
     if "j2k-40x" in cases:
-        print(f"reduced JPEG 2000 decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
+        print("reduced JPEG 2000 decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
               % reduced_quality(j2k_path))
     if not args.no_folder:
         t = time.perf_counter()
@@ -388,7 +389,8 @@ def main() -> None:
         res = run_pathdino(slides, work / "folder.zarr", args.workers)
         print(f"folder, {args.workers} workers: {res['tiles']:,} tiles in {res['seconds']:.1f} s = {res['rate']:,.0f} "
               f"tiles/s ({res['rate'] / args.workers:,.0f} per core), CPU busy {res['busy']:.0%} of "
-              f"{args.workers} cores, {res['failed']} slides failed (as intended: 2), peak RSS {res['rss_gib']:.2f} GiB")
+              f"{args.workers} cores, {res['failed']} slides failed (as intended: 2), "
+              f"peak RSS {res['rss_gib']:.2f} GiB")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -36,7 +36,8 @@ def tissue_tiles() -> list[np.ndarray]:
             for y in range(0, 576, TILE_PX) for x in range(0, 480, TILE_PX)]
 
 
-def write_store(url: Path | str, slides: dict[str, list[bytes]], tile_px: int = TILE_PX, tiles_per_shard: int = 16) -> str:
+def write_store(url: Path | str, slides: dict[str, list[bytes]], tile_px: int = TILE_PX,
+                tiles_per_shard: int = 16) -> str:
     writer = TileStoreWriter(url)
     for slide_id, encoded in slides.items():
         w = writer.begin_slide(slide_id, tile_px, tiles_per_shard=tiles_per_shard, tiles_per_chunk=8)
@@ -206,7 +207,8 @@ def test_workers_cover_every_tile_once_and_resume_exactly(store):
 
 def test_fsspec_url_stores_are_read_like_local_ones(tissue_tiles):
     url = write_store("memory://pathdino-data-test/tiles.zarr",
-                      {"a": [encode_tile(t) for t in tissue_tiles[:20]], "b": [encode_tile(t) for t in tissue_tiles[20:33]]})
+                      {"a": [encode_tile(t) for t in tissue_tiles[:20]],
+                       "b": [encode_tile(t) for t in tissue_tiles[20:33]]})
     ld = loader(url, batch=4)
     seen = [i for b in take(iter(ld), ld.batches_per_epoch) for i in identities(b)]
     assert len(seen) == len(set(seen)) == 32

@@ -33,7 +33,8 @@ def test_atomic_writes_replace_and_leave_no_temporaries(tmp_path):
     assert json.loads(target.read_text()) == {"x": 2} and target.read_text().endswith("\n")
     atomic_write_text(tmp_path / "t.txt", "héllo")
     atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
-    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo" and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.json", "b.bin", "t.txt"]
 
 
@@ -102,3 +103,25 @@ def test_fsio_imports_neither_torch_nor_pathdino():
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_read_json_returns_the_value_or_raises_naming_the_file(tmp_path):
+    from tiling.fsio import read_json
+
+    class WidgetError(ValueError):
+        pass
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": 1}')
+    assert read_json(good, error=WidgetError) == {"a": 1}
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    assert read_json(listed, error=WidgetError, expect=list) == [1, 2]
+    with pytest.raises(WidgetError, match=r"list.json: expected a JSON object, found list; rebuild it"):
+        read_json(listed, error=WidgetError, hint="rebuild it")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a": ')
+    with pytest.raises(WidgetError, match=r"broken.json is not valid JSON"):
+        read_json(broken, error=WidgetError)
+    with pytest.raises(WidgetError, match=r"absent.json: cannot read it"):
+        read_json(tmp_path / "absent.json", error=WidgetError)

@@ -270,7 +270,7 @@ def test_distributed_targets_equal_single_process_on_concatenated_batch(tmp_path
     data["center"] = torch.randn(1, K) * 0.1
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), data, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for case, split in SPLITS.items():
+    for case in SPLITS:
         full = data[case]
         expected_sk = sinkhorn_knopp(full, teacher_temp=0.05, n_iterations=3)
         torch.testing.assert_close(torch.cat([r[f"{case}_sinkhorn"] for r in ranks]), expected_sk)

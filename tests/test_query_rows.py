@@ -10,13 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from pathdino.losses import DINOLoss, IBOTPatchLoss, build_uniformity_loss
 from pathdino.models import BackboneConfig, HeadConfig, MaskedViT, build_backbone
 from pathdino.models.query_rows import QueryRowsBlock, cls_and_masked_rows, enable_query_rows, objective_tokens
 from pathdino.train.model import build_student_teacher
 from pathdino.train.schedules import ScheduleValues
-from pathdino.train.step import training_step
+from pathdino.train.step import Objective, StepParts, training_step
 
 HEAD = HeadConfig(n_prototypes=64, hidden_dim=32, bottleneck_dim=16)
 
@@ -95,12 +96,15 @@ def test_objective_tokens_and_their_gradients_match_the_full_forward(rate, regis
         _close_grads(trim_grads[name], full_grads[name], name)
 
 
-def _run(student, teacher) -> SimpleNamespace:
-    cfg = SimpleNamespace(loss=SimpleNamespace(dino_weight=1.0, ibot_weight=1.0, uniformity_weight=0.1),
-                          train=SimpleNamespace(grad_accum_steps=1))
-    losses = {"dino": DINOLoss(64, 0.1, "centering", 0.9, 3), "ibot": IBOTPatchLoss(64, 0.1, "centering", 0.9, 3)}
-    return SimpleNamespace(cfg=cfg, losses=losses, model=student, teacher=teacher, autocast=contextlib.nullcontext(),
-                           uniformity=build_uniformity_loss("koleo", duplicate_tol=1e-6))
+def _parts(student, teacher) -> StepParts:
+    losses = nn.ModuleDict({"dino": DINOLoss(64, 0.1, "centering", 0.9, 3),
+                            "ibot": IBOTPatchLoss(64, 0.1, "centering", 0.9, 3)})
+    objective = Objective(dino_weight=1.0, ibot_weight=1.0, uniformity_weight=0.1, student_temp=0.1,
+                          update_centers=True, grad_accum_steps=1, clip_grad=3.0, freeze_last_layer="zero_lr")
+    return StepParts(student=student, teacher=teacher, model=student, losses=losses,
+                     uniformity=build_uniformity_loss("koleo", duplicate_tol=1e-6),
+                     optimizer=torch.optim.SGD(student.parameters(), lr=0.0), clip_modules={},
+                     autocast=contextlib.nullcontext(), objective=objective)
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -124,7 +128,7 @@ def test_training_step_losses_and_gradients_equal_the_untrimmed_step(separate):
         student.trim_last_block = teacher.trim_last_block = trim
         student.zero_grad()
         torch.manual_seed(7)
-        out = training_step(_run(student, teacher), batch, values, sync=True)
+        out = training_step(_parts(student, teacher), batch, values, sync=True)
         results[trim] = (out, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
     (full, full_grads), (trim, trim_grads) = results[False], results[True]
     torch.testing.assert_close(trim.terms, full.terms, rtol=1e-5, atol=1e-6)

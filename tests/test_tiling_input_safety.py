@@ -98,7 +98,8 @@ def test_colliding_ids_get_deterministic_suffixes_and_a_warning(tmp_path):
     shutil.copytree(tmp_path, moved)
     again = scan_inputs([str(moved / "c"), str(moved / "b"), str(moved / "a")])
     assert {str(s.path.relative_to(moved)): s.slide_id for s in again.slides} == ids
-    assert [s.slide_id for s in select_shard(again.slides, 0, 2)] == [s.slide_id for s in select_shard(scan.slides, 0, 2)]
+    first_half = [s.slide_id for s in select_shard(scan.slides, 0, 2)]
+    assert [s.slide_id for s in select_shard(again.slides, 0, 2)] == first_half
     # --dry-run lists them with the warning instead of stopping
     result = CliRunner().invoke(app, ["tile", str(tmp_path), "--out", str(moved / "t.zarr"), "--dry-run"])
     assert result.exit_code == 0, result.output

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pathdino.train.__main__ import main
-from pathdino.train.config import crop_plan, load_config, per_process_batch, validate_config
+from pathdino.train.config import crop_plan, load_config, per_process_batch
+from pathdino.train.validate import validate_config
 from tiling.configio import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
@@ -84,14 +86,26 @@ def test_crop_sizes_must_be_multiples_of_the_patch():
     cfg = load_config(SMOKE, ["augment.local_crop_px=30"])
     with pytest.raises(ConfigError, match=r"augment.local_crop_px=30 is not divisible by .*patch_size=14.*28 or 42"):
         validate_config(cfg, check_stores=False)
-    cfg = load_config(SMOKE, ["augment.global_crop_px=64", "model.backbone.img_size=56"])
-    with pytest.raises(ConfigError, match="augment.global_crop_px=64 is not divisible"):
-        validate_config(cfg, check_stores=False)
+    with pytest.raises(ConfigError, match=r"augment.global_crop_px=64 is not divisible by .*patch_size=14.*56 or 70"):
+        load_config(SMOKE, ["augment.global_crop_px=64"])
+
+
+def test_the_global_crop_size_has_one_key(tmp_path):
+    """augment.global_crop_px is the backbone's img_size too; the presets no longer carry the duplicate; a config
+    written before (both keys) still loads when they agree and fails naming both keys when they do not."""
     cfg = load_config(SMOKE, ["augment.global_crop_px=70"])
-    with pytest.raises(ConfigError, match="differs from model.backbone.img_size=56"):
-        validate_config(cfg, check_stores=False)
-    with pytest.raises(ConfigError, match="img_size=57 must be a positive multiple of patch_size"):
-        load_config(SMOKE, ["model.backbone.img_size=57"])
+    assert cfg.model.backbone.img_size == crop_plan(cfg).global_px == 70
+    for preset in CONFIGS.glob("*.yaml"):
+        assert "img_size" not in yaml.safe_load(preset.read_text())["model"]["backbone"], preset.name
+    old = tmp_path / "old.yaml"
+    old.write_text(SMOKE.read_text().replace("    patch_size: 14\n", "    patch_size: 14\n    img_size: 56\n"))
+    assert "img_size: 56" in old.read_text()
+    assert load_config(old) == load_config(SMOKE)
+    with pytest.raises(ConfigError, match=r"model.backbone.img_size=56 and augment.global_crop_px=70 disagree.*"
+                                          r"remove model.backbone.img_size"):
+        load_config(old, ["augment.global_crop_px=70"])
+    with pytest.raises(ConfigError, match=r"img_size=84 and augment.global_crop_px=56 disagree"):
+        load_config(SMOKE, ["model.backbone.img_size=84"])
 
 
 def test_batch_must_divide_over_processes_and_micro_steps():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pathdino.train.checkpoint import list_checkpoints
-from pathdino.train.config import load_config
+from pathdino.train.config import crop_plan, load_config
 from tiling.configio import ConfigError
 from pathdino.train.loop import train
 from pathdino.train.synthetic import SyntheticLoader
@@ -55,8 +55,8 @@ def test_separate_ibot_head_sinkhorn_and_kde(tmp_path):
 class SignalLoader(SyntheticLoader):
     """Sends this process SIGTERM (as a cluster scheduler would) while producing batch ``at``."""
 
-    def __init__(self, at: int, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, at: int, plan, **kwargs):
+        super().__init__(plan, **kwargs)
         self.at = at
 
     def make_batch(self, index):
@@ -68,7 +68,7 @@ class SignalLoader(SyntheticLoader):
 def test_sigterm_finishes_the_step_checkpoints_and_stops(tmp_path):
     out = tmp_path / "preempted"
     cfg = smoke(out, "train.checkpoint_every_steps=100")
-    loader = SignalLoader(2, n_global=2, global_px=56, n_local=2, local_px=28, patch_size=14, batch_size=8)
+    loader = SignalLoader(2, crop_plan(cfg), patch_size=14, batch_size=8)
     previous = signal.getsignal(signal.SIGTERM)
     summary = train(cfg, loader=loader)
     assert summary["stopped_early"] and summary["step"] == 3 and not summary["done"]
@@ -112,16 +112,16 @@ def test_compiled_blocks_train_like_eager(tmp_path):
 
 def test_compile_without_a_compiler_is_a_config_error_before_training(tmp_path, monkeypatch):
     """No C/C++ compiler: train.compile=true fails up front, naming the flag, not inside the first step."""
-    import pathdino.train.runtime as runtime
+    import pathdino.train.host as host
 
-    monkeypatch.setattr(runtime.shutil, "which", lambda name: "/usr/bin/mycc" if name == "mycc" else None)
+    monkeypatch.setattr(host.shutil, "which", lambda name: "/usr/bin/mycc" if name == "mycc" else None)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.delenv("CC", raising=False)
     with pytest.raises(ConfigError, match=r"train\.compile=true.*set train\.compile=false"):
         train(smoke(tmp_path / "run", "train.total_steps=2", "optim.warmup_steps=1", "train.compile=true"))
     assert not list((tmp_path / "run").glob("checkpoints/*"))
     monkeypatch.setenv("CXX", "mycc -O2")  # a compiler named by $CXX (with flags) counts
-    runtime.check_compiler()
+    host.check_compiler()
 
 
 def test_small_preset_runs_and_logs_teacher_entropy(tmp_path):
@@ -140,7 +140,7 @@ def test_small_preset_runs_and_logs_teacher_entropy(tmp_path):
 
 def test_cpu_runtime_tuning_is_switched_on_and_undone():
     """train.cpu_flush_denormal / cpu_reuse_freed_memory: denormals flush to zero while on, not after restore."""
-    from pathdino.train.runtime import tune_cpu_runtime
+    from pathdino.train.host import tune_cpu_runtime
 
     tiny = torch.tensor([1e-39])  # denormal in fp32; one element, so the op runs on this thread
     restore = tune_cpu_runtime(torch.device("cpu"), flush_denormal=True, reuse_freed_memory=True)
@@ -155,12 +155,12 @@ def test_cpu_runtime_tuning_is_switched_on_and_undone():
 
 
 def test_a_run_that_fails_to_start_leaves_the_cpu_settings_as_they_were(tmp_path):
-    """build_run switches FTZ on before the models are built; a config error after that must switch it off again."""
+    """open_context switches FTZ on before the models are built; a config error after that must switch it off again."""
     tiny = torch.tensor([1e-39])  # denormal in fp32
     if float(tiny * 1.0) == 0.0:  # FTZ already on in this process (or no denormals at all): nothing to check
         return
     cfg = smoke(tmp_path / "bad", "train.total_steps=4", "train.phases=[{steps: 2, global_crop_px: 56}]")
     with pytest.raises(ConfigError, match="for_phase"):
         train(cfg,
-              loader=SyntheticLoader.__new__(SyntheticLoader))  # a loader without for_phase: refused in build_run
+              loader=SyntheticLoader.__new__(SyntheticLoader))  # a loader without for_phase: refused at the start
     assert float(tiny * 1.0) > 0.0

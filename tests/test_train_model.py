@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pathdino.models import BackboneConfig, HeadConfig
-from pathdino.train.step import _clip_gradients
+from pathdino.train.step import clip_gradients
 from pathdino.train.model import SSLModel, build_student_teacher, ema_update_
 from pathdino.train.param_groups import apply_schedule, drop_frozen_grads, param_groups
 from pathdino.train.schedules import ScheduleValues
@@ -159,7 +159,7 @@ def test_gradient_clipping_is_per_module():
     out = student(g, loc, masks)
     (out["global_cls_logits"].sum() * 1e3 + out["masked_patch_logits"].sum()).backward()
     modules = {"backbone": student.backbone, "dino_head": student.dino_head, "ibot_head": student.ibot_head}
-    norms = _clip_gradients(modules, 3.0)
+    norms = clip_gradients(modules, 3.0)
     for name, module in modules.items():
         after = torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]).norm()
         assert after <= 3.0 + 1e-4, name

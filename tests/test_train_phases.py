@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from pathdino.train.checkpoint import list_checkpoints
-from pathdino.train.config import load_config, validate_config
+from pathdino.train.config import load_config
+from pathdino.train.validate import validate_config
 from pathdino.train.loop import train
 from pathdino.models.pos_embed import resample_position_embeddings
 from pathdino.train.phases import phase_at, phase_config

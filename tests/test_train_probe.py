@@ -111,7 +111,8 @@ def test_probe_holds_uint8_and_feeds_the_teacher_eval_transform_values(labelled)
     from pathdino.train.probe import ProbeConfig, TrainingProbe
 
     mean, std = (0.7, 0.5, 0.6), (0.2, 0.25, 0.15)
-    probe = TrainingProbe(ProbeConfig(data=str(labelled), max_images=40), 48, mean, std, torch.device("cpu"))
+    probe = TrainingProbe(ProbeConfig(data=str(labelled), max_images=40), img_px=48, mean=mean, std=std,
+                          device=torch.device("cpu"))
     assert probe.images.dtype == torch.uint8 and probe.images.shape[1:] == (3, 48, 48)
     # Every stored image, normalised, equals the float transform the eval CLI applies to one of the folder's images.
     files = sorted(labelled.rglob("*.png"))

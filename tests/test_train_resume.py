@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pathdino.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, set_rng_state
-from pathdino.train.config import load_config
+from pathdino.train.config import crop_plan, load_config
 from pathdino.train.health import NonFiniteError
 from pathdino.train.loop import LOSS_TERMS, train
 from pathdino.train.synthetic import SyntheticLoader
@@ -184,8 +184,8 @@ def test_rng_state_round_trip():
 class NaNLoader(SyntheticLoader):
     """Synthetic batches whose global crops are NaN for the listed batch indices."""
 
-    def __init__(self, bad: set[int], **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, bad: set[int], plan, **kwargs):
+        super().__init__(plan, **kwargs)
         self.bad = bad
 
     def make_batch(self, index):
@@ -198,7 +198,7 @@ class NaNLoader(SyntheticLoader):
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     out = tmp_path / "nan"
     cfg = smoke(out, None, "train.total_steps=8", "train.max_nonfinite_steps=3", "train.checkpoint_every_steps=3")
-    loader = NaNLoader({1, 3, 4, 5}, n_global=2, global_px=56, n_local=2, local_px=28, patch_size=14, batch_size=8)
+    loader = NaNLoader({1, 3, 4, 5}, crop_plan(cfg), patch_size=14, batch_size=8)
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps.*step_000000003.*intact") as err:
         train(cfg, loader=loader)
     assert "stopping at step 6" in str(err.value)

@@ -10,23 +10,23 @@ from pathdino.train.schedules import Schedules, cosine, linear, scaled_lr, warmu
 
 
 def test_cosine_and_linear_endpoints_and_midpoints():
-    assert cosine(0, 0.04, 0.4, 100) == pytest.approx(0.04)
-    assert cosine(50, 0.04, 0.4, 100) == pytest.approx(0.22)  # half-way on a half cosine = the mean
-    assert cosine(100, 0.04, 0.4, 100) == 0.4 and cosine(10**6, 0.04, 0.4, 100) == 0.4
-    assert cosine(0, 1.0, 0.0, 0) == 0.0  # zero-length schedule is at its end
-    assert linear(0, 0.04, 0.07, 30) == 0.04
-    assert linear(15, 0.04, 0.07, 30) == pytest.approx(0.055)
-    assert linear(30, 0.04, 0.07, 30) == 0.07 and linear(31, 0.04, 0.07, 30) == 0.07
+    assert cosine(0, 0.04, 0.4, n_steps=100) == pytest.approx(0.04)
+    assert cosine(50, 0.04, 0.4, n_steps=100) == pytest.approx(0.22)  # half-way on a half cosine = the mean
+    assert cosine(100, 0.04, 0.4, n_steps=100) == 0.4 and cosine(10**6, 0.04, 0.4, n_steps=100) == 0.4
+    assert cosine(0, 1.0, 0.0, n_steps=0) == 0.0  # zero-length schedule is at its end
+    assert linear(0, 0.04, 0.07, n_steps=30) == 0.04
+    assert linear(15, 0.04, 0.07, n_steps=30) == pytest.approx(0.055)
+    assert linear(30, 0.04, 0.07, n_steps=30) == 0.07 and linear(31, 0.04, 0.07, n_steps=30) == 0.07
 
 
 def test_warmup_then_cosine_lr():
     peak, final, total, warm = 1e-3, 1e-6, 1000, 100
-    assert warmup_cosine(0, peak, final, total, warm) == 0.0
-    assert warmup_cosine(50, peak, final, total, warm) == pytest.approx(peak / 2)
-    assert warmup_cosine(100, peak, final, total, warm) == pytest.approx(peak)
-    assert warmup_cosine(550, peak, final, total, warm) == pytest.approx((peak + final) / 2)
-    assert warmup_cosine(1000, peak, final, total, warm) == pytest.approx(final)
-    values = [warmup_cosine(s, peak, final, total, warm) for s in range(total)]
+    assert warmup_cosine(0, peak, final, total_steps=total, warmup_steps=warm) == 0.0
+    assert warmup_cosine(50, peak, final, total_steps=total, warmup_steps=warm) == pytest.approx(peak / 2)
+    assert warmup_cosine(100, peak, final, total_steps=total, warmup_steps=warm) == pytest.approx(peak)
+    assert warmup_cosine(550, peak, final, total_steps=total, warmup_steps=warm) == pytest.approx((peak + final) / 2)
+    assert warmup_cosine(1000, peak, final, total_steps=total, warmup_steps=warm) == pytest.approx(final)
+    values = [warmup_cosine(s, peak, final, total_steps=total, warmup_steps=warm) for s in range(total)]
     assert values.index(max(values)) == warm  # rises to the peak at the end of warm-up, then only falls
     assert all(a >= b for a, b in zip(values[warm:], values[warm + 1:]))
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import corrupt_source_tile, gradient_image, tissue_image, write_pyramid  # noqa: E402
 
 from tiling.config import TilingConfig  # noqa: E402
+from tiling.errors import RegionReadError  # noqa: E402
 from tiling.geometry import VIRTUAL_REDUCTIONS, grid_shape, plan_geometry, tile_level0_xy  # noqa: E402
 from tiling.inputs import collect_slides  # noqa: E402
 from tiling.mpp import resolve_mpp  # noqa: E402
@@ -155,7 +156,7 @@ def test_corrupt_source_tile_under_a_virtual_level_costs_only_its_tiles(tmp_path
     with pytest.raises(Exception, match="source tile 5"):
         blocks.read_block(0, 0, 8, 8)
     assert blocks.read_tile(0, 0).shape == (64, 64, 3)
-    with pytest.raises(Exception):
+    with pytest.raises(RegionReadError):
         blocks.read_tile(2, 2)
     reader.close()
 

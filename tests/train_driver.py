@@ -83,16 +83,19 @@ def install(dump: Path, poison: str | None = None) -> None:
     dump.mkdir(parents=True, exist_ok=True)
     save, load, build = loop.save_checkpoint, run.load_checkpoint, run.build_loader
 
-    def save_checkpoint(out_dir, step, model, teacher, losses, *args, **kwargs):
-        path = save(out_dir, step, model, teacher, losses, *args, **kwargs)
+    def save_checkpoint(out_dir, step, parts, **kwargs):
+        path = save(out_dir, step, parts, **kwargs)
+        model, teacher, losses = parts.models["student"], parts.models["teacher"], parts.buffers["losses"]
         record = {"step": step, "student": digest(unwrap(model).state_dict()), "teacher": digest(teacher.state_dict()),
                   "centers": digest(losses.state_dict())}
         with open(dump / f"hashes_rank{_rank()}.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         return path
 
-    def load_checkpoint(path, student, teacher, losses, optimizer):
-        state = load(path, student, teacher, losses, optimizer)
+    def load_checkpoint(path, parts):
+        state = load(path, parts)
+        student, teacher, losses = parts.models["student"], parts.models["teacher"], parts.buffers["losses"]
+        optimizer = parts.optimizer
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         s, t = get_model_state_dict(student, options=full), get_model_state_dict(teacher, options=full)
         o = get_optimizer_state_dict(student, optimizer, options=full)

@@ -14,10 +14,12 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
+from tiling.errors import PathdinoError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PathdinoError, ValueError):
     """A config file, override or value that does not fit the config's schema.
 
     The one error type of every config in the project (tiling, data, models, train): messages name the key at
@@ -92,7 +94,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
 
 
-def set_key(data: dict[str, Any], keys: list[str], value: Any, what: str) -> None:
+def set_key(data: dict[str, Any], keys: list[str], value: Any, *, what: str) -> None:
     """Set ``data[k0][k1]...[kn] = value`` in place, creating sections; ``what`` names the override in errors."""
     node = data
     for k in keys[:-1]:
@@ -111,14 +113,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None = None,
     out = copy.deepcopy(data)
     for text in overrides or []:
         keys, value = parse_override(text)
-        set_key(out, keys, value, text)
+        set_key(out, keys, value, what=text)
     for key, value in (values or {}).items():
         if value is not None:
-            set_key(out, key.split("."), value, f"{key}={value}")
+            set_key(out, key.split("."), value, what=f"{key}={value}")
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None, *,
                 values: dict[str, Any] | None = None, where: str | None = None) -> T:
     """YAML file (if any), then ``key=value`` overrides, then typed flag values -> dataclass ``cls``.
 

@@ -1,14 +1,34 @@
-"""Per-slide failures.
+"""The project's error root, and per-slide failures.
+
+`PathdinoError` is the base of every error pathdino raises on purpose, because of something the user can fix: a
+config, flag, file, store, slide, checkpoint or launch. Its message names the thing at fault and says what to do.
+The `pathdino` command prints these as one line (`error: ...`, exit 2); anything else is a bug and keeps its
+traceback. Each project error keeps a built-in second base where callers may catch one (`ConfigError` is also a
+`ValueError`, `MissingFileError` a `FileNotFoundError`), so `except ValueError` code keeps working.
 
 A `SlideError` means "this slide cannot be tiled (as asked)": the runner records its message for the user and goes
 on with the other slides. Messages therefore name the slide and say what to do. Mistakes in the run's own settings
-(a negative `tile_px`, ...) are `ValueError`s instead, because they would fail every slide alike.
+(a negative `tile_px`, ...) are `ConfigError`s instead, because they would fail every slide alike.
+
+This module is the bottom of the import graph: it imports nothing, and every package may import it.
 """
 
 from __future__ import annotations
 
 
-class SlideError(Exception):
+class PathdinoError(Exception):
+    """Something the user can fix (config, flag, input file, store, checkpoint, launch); the message says what."""
+
+    def __str__(self) -> str:
+        # The message as given, also for subclasses with a KeyError base (whose own str() adds quotes).
+        return Exception.__str__(self)
+
+
+class MissingFileError(PathdinoError, FileNotFoundError):
+    """A file or folder the user named (a flag, a config key, a CSV row) does not exist."""
+
+
+class SlideError(PathdinoError):
     """A failure confined to one slide; the message is shown to the user as is."""
 
 

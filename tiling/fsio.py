@@ -1,4 +1,5 @@
-"""Filesystem helpers shared by every package: atomic writes, folder publishing, file hashes, timestamps, pids.
+"""Filesystem helpers shared by every package: atomic writes, folder publishing, reading a JSON file or raising,
+file hashes, timestamps, pids.
 
 One rule behind them (DEVELOPERS.md): bad input or a kill never leaves a half-written file where a reader looks.
 Everything is written to a temporary name in the same folder, made durable (fsync), then renamed into place;
@@ -106,6 +107,26 @@ def atomic_write_json(path: str | Path, payload: Any, *, indent: int | None = 2,
                       **dumps_kwargs: Any) -> Path:
     """Write ``payload`` as JSON (plus a final newline) to ``path`` atomically; ``dumps_kwargs`` go to json.dumps."""
     return atomic_write_text(path, json.dumps(payload, indent=indent, **dumps_kwargs) + "\n", fsync=fsync)
+
+
+def read_json(path: str | Path, *, error: type[Exception], expect: type = dict, hint: str = "") -> Any:
+    """The JSON value in ``path``, which must be a ``expect`` (a JSON object by default, or ``list``).
+
+    Anything else raises ``error`` naming the file and what is wrong: unreadable (missing, a folder, no
+    permission), not valid JSON, or another JSON type; ``hint`` (what the user should do) ends the message.
+    """
+    path = Path(path)
+    kind = {dict: "object", list: "list"}.get(expect, expect.__name__)
+    end = f"; {hint}" if hint else ""
+    try:
+        value = json.loads(path.read_text())
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc}){end}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}){end}") from exc
+    if not isinstance(value, expect):
+        raise error(f"{path}: expected a JSON {kind}, found {type(value).__name__}{end}")
+    return value
 
 
 def to_jsonable(obj: object) -> object:

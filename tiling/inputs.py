@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tiling.dicom import group_series, looks_like_dicom
+from tiling.errors import PathdinoError
 from tiling.reader_warnings import collect_library_warnings, summarise_warnings
 from tiling.readers import special_file_kind
 from tiling.slide_ids import make_ids_unique
@@ -23,7 +24,7 @@ SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".
                     ".dcm", ".qptiff")
 
 
-class InputError(Exception):
+class InputError(PathdinoError):
     """An input path, glob or manifest that cannot be turned into slides."""
 
 

@@ -70,7 +70,7 @@ class TilingInterrupted(KeyboardInterrupt):
     and `n_not_started` never started: rerunning the same command tiles exactly those.
     """
 
-    def __init__(self, signum: int, outcomes: list[SlideOutcome], n_partial: int, n_not_started: int):
+    def __init__(self, signum: int, outcomes: list[SlideOutcome], *, n_partial: int, n_not_started: int):
         super().__init__(signum)
         self.signum, self.outcomes = signum, outcomes
         self.n_partial, self.n_not_started = n_partial, n_not_started

@@ -218,7 +218,7 @@ def special_file_kind(mode: int) -> str:
     return next((what for test, what in _FILE_KINDS if test(mode)), "")
 
 
-def _ifd_chain_end(fh, order: str, big: bool, first_ifd: int, size: int) -> tuple[int, str]:
+def _ifd_chain_end(fh, order: str, *, big: bool, first_ifd: int, size: int) -> tuple[int, str]:
     """Walk a TIFF's chain of directories: (an offset past the end of the file, what points there), or (0, "")."""
     count_fmt, entry_bytes, next_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
     offset, seen = first_ifd, set()
@@ -256,7 +256,7 @@ def _tiff_data_end(path: Path) -> tuple[int, str]:
             return 0, ""
         # NDPI files over 4 GiB keep only the low 32 bits of their offsets in classic TIFF fields: not walked
         walk = big or (size < 1 << 32 and path.suffix.lower() != ".ndpi")
-        end, what = _ifd_chain_end(fh, order, big, first_ifd, size) if walk else (0, "")
+        end, what = _ifd_chain_end(fh, order, big=big, first_ifd=first_ifd, size=size) if walk else (0, "")
     if end > size:
         return end, what
     try:

@@ -45,7 +45,8 @@ def open_fast_source(reader: SlideReader, level: int,
     (self-check); returns (source, "") or (None, why not)."""
     vendor = reader.properties.get("openslide.vendor")
     if reader.backend == "openslide" and vendor not in _FAST_PATH_OPENSLIDE_VENDORS:
-        return None, f"no TIFF fast path for OpenSlide vendor {vendor!r} (only {', '.join(_FAST_PATH_OPENSLIDE_VENDORS)})"
+        return None, (f"no TIFF fast path for OpenSlide vendor {vendor!r} "
+                      f"(only {', '.join(_FAST_PATH_OPENSLIDE_VENDORS)})")
     try:
         source = TiffLevelSource(Path(reader.path), level, reader.level_dimensions[level],
                                  len(reader.level_dimensions), cache_bytes)
@@ -218,7 +219,8 @@ class BlockReader:
         if out is None:
             out = np.empty((len(rows), g.tile_px, g.tile_px, 3), np.uint8)
         if out.shape != (len(rows), g.tile_px, g.tile_px, 3) or out.dtype != np.uint8:
-            raise ValueError(f"out must be ({len(rows)}, {g.tile_px}, {g.tile_px}, 3) uint8, got {out.dtype} {out.shape}")
+            raise ValueError(f"out must be ({len(rows)}, {g.tile_px}, {g.tile_px}, 3) uint8, "
+                             f"got {out.dtype} {out.shape}")
         if self._source is not None and g.resample == 1.0:
             try:
                 for i, (row, col) in enumerate(zip(rows.tolist(), cols.tolist())):

@@ -78,8 +78,8 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
             done = [run.outcomes[s.slide_id] for s in slides if s.slide_id in run.outcomes]
             queued = {s.slide_id for s in run.queue}
             n_partial = sum(1 for sid in run.by_id if sid not in run.outcomes and sid not in queued)
-            raise TilingInterrupted(int(getattr(exc, "signum", signal.SIGINT)), done, n_partial,
-                                    len(slides) - len(done) - n_partial) from None
+            raise TilingInterrupted(int(getattr(exc, "signum", signal.SIGINT)), done, n_partial=n_partial,
+                                    n_not_started=len(slides) - len(done) - n_partial) from None
     return [run.outcomes[s.slide_id] for s in slides if s.slide_id in run.outcomes]
 
 

@@ -33,6 +33,7 @@ import zarr
 import zarr.storage
 
 from tiling import fsio
+from tiling.errors import PathdinoError
 
 FORMAT_NAME = "pathdino-tile-store"
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ TILE_ENCODINGS = ("jpeg", "png")
 warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
 
 
-class StoreError(Exception):
+class StoreError(PathdinoError):
     """A tile store is missing, of an unknown format or version, or does not hold what was asked for."""
 
 

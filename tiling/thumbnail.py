@@ -87,7 +87,9 @@ def read_thumbnail(
     return out, level_mpp * factor
 
 
-def _checked(region: np.ndarray, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+def _checked(region: np.ndarray, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """`region` as RGB, after checking the reader returned the (x, y, w, h) `box` of `level` it was asked for."""
+    x, y, w, h = box
     region = np.asarray(region)
     if region.ndim != 3 or region.shape[:2] != (h, w) or region.shape[2] < 3 or region.dtype != np.uint8:
         raise ValueError(
@@ -98,12 +100,13 @@ def _checked(region: np.ndarray, level: int, x: int, y: int, w: int, h: int) -> 
 
 
 def _region_reader(reader: ThumbnailReader, level: int,
-                   on_unreadable: Callable[[str], None] | None) -> Callable[[int, int, int, int], np.ndarray]:
-    """read(x, y, w, h) of `level`: strict without `on_unreadable`, else with the fallbacks of the module docstring."""
+                   on_unreadable: Callable[[str], None] | None) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
+    """read((x, y, w, h)) of `level`: strict without `on_unreadable`, else with the module docstring's fallbacks."""
 
-    def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+    def read(box: tuple[int, int, int, int]) -> np.ndarray:
+        x, y, w, h = box
         try:
-            return _checked(reader.read_region(level, x, y, w, h), level, x, y, w, h)
+            return _checked(reader.read_region(level, x, y, w, h), level, box)
         except ValueError:
             raise  # a reader that breaks the protocol is a bug, not damaged pixels
         except Exception:
@@ -113,7 +116,7 @@ def _region_reader(reader: ThumbnailReader, level: int,
         for py in range(y, y + h, _PIECE_PX):
             for px in range(x, x + w, _PIECE_PX):
                 pw, ph = min(_PIECE_PX, x + w - px), min(_PIECE_PX, y + h - py)
-                piece, note = _read_piece(reader, level, px, py, pw, ph)
+                piece, note = _read_piece(reader, level, (px, py, pw, ph))
                 out[py - y:py - y + ph, px - x:px - x + pw] = piece
                 if note:
                     on_unreadable(note)
@@ -122,10 +125,12 @@ def _region_reader(reader: ThumbnailReader, level: int,
     return read
 
 
-def _read_piece(reader: ThumbnailReader, level: int, x: int, y: int, w: int, h: int) -> tuple[np.ndarray, str]:
-    """One piece of `level`, or the same area from another level, or white; and a note unless read as asked."""
+def _read_piece(reader: ThumbnailReader, level: int, box: tuple[int, int, int, int]) -> tuple[np.ndarray, str]:
+    """The (x, y, w, h) `box` of `level`, or the same area from another level, or white; and a note unless read as
+    asked."""
+    x, y, w, h = box
     try:
-        return _checked(reader.read_region(level, x, y, w, h), level, x, y, w, h), ""
+        return _checked(reader.read_region(level, x, y, w, h), level, box), ""
     except Exception as exc:  # noqa: BLE001 - decode errors come in many types
         first_error = f"{type(exc).__name__}: {str(exc)[:200]}"
     from PIL import Image
@@ -142,7 +147,7 @@ def _read_piece(reader: ThumbnailReader, level: int, x: int, y: int, w: int, h: 
         ow = max(1, min(int(math.ceil((x + w) * ratio)), dims[other][0]) - ox)
         oh = max(1, min(int(math.ceil((y + h) * ratio)), dims[other][1]) - oy)
         try:
-            region = _checked(reader.read_region(other, ox, oy, ow, oh), other, ox, oy, ow, oh)
+            region = _checked(reader.read_region(other, ox, oy, ow, oh), other, (ox, oy, ow, oh))
         except Exception:  # noqa: BLE001 - try the next level
             continue
         piece = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((w, h), Image.BOX))
@@ -151,7 +156,7 @@ def _read_piece(reader: ThumbnailReader, level: int, x: int, y: int, w: int, h: 
             f"thumbnail {where} unreadable at every level ({first_error}); left as background")
 
 
-def _block_mean_strips(read: Callable[[int, int, int, int], np.ndarray], level: int, width: int, height: int,
+def _block_mean_strips(read: Callable[[tuple[int, int, int, int]], np.ndarray], level: int, width: int, height: int,
                        factor: int, max_strip_bytes: int) -> np.ndarray:
     if width <= 0 or height <= 0:
         raise ValueError(f"read_thumbnail: level {level} has empty dimensions {width}x{height}")
@@ -168,7 +173,7 @@ def _block_mean_strips(read: Callable[[int, int, int, int], np.ndarray], level: 
         h = min(rows, height - y)
         for x in range(0, width, cols):
             w = min(cols, width - x)
-            region = read(x, y, w, h)
+            region = read((x, y, w, h))
             out[y // factor : (y + h + factor - 1) // factor, x // factor : (x + w + factor - 1) // factor] = (
                 _block_mean(region, factor)
             )

@@ -65,20 +65,23 @@ class TissueConfig:
         if self.method not in ("saturation", "otsu"):
             raise ValueError(f"TissueConfig.method must be 'saturation' or 'otsu', got {self.method!r}")
         if not (math.isfinite(self.thumbnail_mpp) and self.thumbnail_mpp > 0):
-            raise ValueError(f"TissueConfig.thumbnail_mpp must be a positive number of µm/px, got {self.thumbnail_mpp!r}")
+            raise ValueError(f"TissueConfig.thumbnail_mpp must be a positive number of µm/px, "
+                             f"got {self.thumbnail_mpp!r}")
         if not (0 <= self.saturation_threshold <= 254) or int(self.saturation_threshold) != self.saturation_threshold:
             raise ValueError(
                 f"TissueConfig.saturation_threshold is on the 0-255 scale and must be an integer in 0-254, "
                 f"got {self.saturation_threshold!r}"
             )
         if self.median_blur_px < 1 or self.median_blur_px % 2 == 0:
-            raise ValueError(f"TissueConfig.median_blur_px must be an odd width >= 1 (1 disables), got {self.median_blur_px!r}")
+            raise ValueError(f"TissueConfig.median_blur_px must be an odd width >= 1 (1 disables), "
+                             f"got {self.median_blur_px!r}")
         if self.closing_px < 0:
             raise ValueError(f"TissueConfig.closing_px must be >= 0 (0 disables), got {self.closing_px!r}")
         if not (self.min_object_um2 >= 0):
             raise ValueError(f"TissueConfig.min_object_um2 must be >= 0 µm², got {self.min_object_um2!r}")
         if self.max_hole_um2 is not None and not (self.max_hole_um2 > 0):
-            raise ValueError(f"TissueConfig.max_hole_um2 must be > 0 µm² or None (fill all holes), got {self.max_hole_um2!r}")
+            raise ValueError(f"TissueConfig.max_hole_um2 must be > 0 µm² or None (fill all holes), "
+                             f"got {self.max_hole_um2!r}")
         if not (0.0 <= self.min_tissue_fraction <= 1.0):
             raise ValueError(f"TissueConfig.min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction!r}")
 

@@ -215,12 +215,12 @@ def tile_block(path: Path, *, backend: str, geometry: TileGeometry, rows: np.nda
     (`n_decode_failures`, with the first error in `decode_error`), and the runner fails the slide when too many are.
     """
     with collect_library_warnings() as messages:
-        result = _tile_block(path, backend, geometry, rows, cols, cfg)
+        result = _tile_block(path, backend, geometry, rows=rows, cols=cols, cfg=cfg)
     result.reader_warnings = summarise_warnings(messages)
     return result
 
 
-def _tile_block(path: Path, backend: str, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray,
+def _tile_block(path: Path, backend: str, geometry: TileGeometry, *, rows: np.ndarray, cols: np.ndarray,
                 cfg: TilingConfig) -> BlockResult:
     reader = _block_reader(path, backend, geometry, cfg.tiff_fast_path)
     failures, first_error = 0, ""

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tiling.config import TilingConfig
+from tiling.errors import MissingFileError
 from tiling.inputs import collect_slides
 from tiling.runner import run_tiling
 from tiling.store import TileStore, summarise
@@ -45,7 +46,7 @@ def _pretrain(store_url: str, run_dir: Path, steps: int) -> None:
 
     console.rule(f"2/4  pretrain a tiny ViT for {steps} steps (CPU smoke preset)")
     if not SMOKE_CONFIG.is_file():
-        raise FileNotFoundError(f"{SMOKE_CONFIG} not found: run the demo from a source checkout "
+        raise MissingFileError(f"{SMOKE_CONFIG} not found: run the demo from a source checkout "
                                 "(pip install -e .), which ships configs/")
     cfg = load_config(SMOKE_CONFIG, [f"data.stores=[{store_url}]", f"train.output_dir={run_dir}",
                                      f"train.total_steps={steps}", f"train.checkpoint_every_steps={steps}"])
@@ -77,7 +78,7 @@ def _embed(store_url: str, encoder_dir: Path, embeddings_dir: Path) -> bool:
     return True
 
 
-def run_demo(out_dir: Path, workers: int, sample_slide: Path, train_steps: int = 6) -> int:
+def run_demo(out_dir: Path, *, workers: int, sample_slide: Path, train_steps: int = 6) -> int:
     """Run tile → pretrain → export → embed under `out_dir`; rerunning resumes. Returns an exit code."""
     out_dir.mkdir(parents=True, exist_ok=True)
     store_url = str(out_dir / "tiles.zarr")

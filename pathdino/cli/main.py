@@ -1,13 +1,22 @@
-"""The `pathdino` command. Thin: parse flags, call the modules, turn known errors into one-line messages."""
+"""The `pathdino` command. Thin: parse flags, call the modules, turn project errors into one-line messages.
+
+Every command builds its options dataclass from its flags in one call (``build_config`` for `tile`, the ``Flags``
+of cli/options.py for the others) and its help shows each flag's default from that dataclass, filled in when help
+is shown (so `pathdino` itself starts without torch). A ``PathdinoError`` (bad config, flag, input, store,
+checkpoint) prints as ``error: ...`` with exit code 2; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import List, Optional
 
 import click
 import typer
 from typer.core import TyperCommand
+
+from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
@@ -21,12 +30,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from tiling.configio import ConfigError
-    from tiling.inputs import InputError
-    from tiling.store import StoreError
+def _project_error() -> type[Exception]:
+    """``tiling.errors.PathdinoError``, imported when an error is handled: `pathdino` starts without ``tiling.*``."""
+    from tiling.errors import PathdinoError
 
-    return (ConfigError, InputError, StoreError, ValueError, FileNotFoundError)
+    return PathdinoError
 
 
 def _tiling_defaults() -> dict[str, str]:
@@ -45,16 +53,26 @@ def _tiling_defaults() -> dict[str, str]:
             "shard": "all slides; a SLURM array's share when set"}
 
 
-class _TileCommand(TyperCommand):
-    """Fills in each flag's default from the tiling config when help is shown: `pathdino` itself starts without
-    importing the tiler (its tissue module pulls in scikit-image, ~1.5 s)."""
+class _OptionsCommand(TyperCommand):
+    """A command whose help fills in each flag's default from its options dataclass when help is shown: `pathdino`
+    itself starts without importing the dataclasses' modules (torch; the tiler's scikit-image, ~1.5 s)."""
+
+    defaults: Callable[[], dict[str, str]] = staticmethod(dict)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        defaults = _tiling_defaults()
+        defaults = self.defaults()
         for param in self.params:
             if param.name in defaults:
                 param.show_default = defaults[param.name]
         super().format_help(ctx, formatter)
+
+
+def _defaults_from(defaults: Callable[[], dict[str, str]]) -> type[TyperCommand]:
+    """A command class whose help shows ``defaults()`` (flag parameter -> default text)."""
+    return type("OptionsCommand", (_OptionsCommand,), {"defaults": staticmethod(defaults)})
+
+
+_TileCommand = _defaults_from(_tiling_defaults)
 
 
 @app.command(cls=_TileCommand)
@@ -101,7 +119,7 @@ def tile(
         cfg = build_config(config, flags)
         code = tile_command(inputs, out, cfg, slide_mpp=slide_mpp, shard=shard, overwrite=overwrite,
                             dry_run=dry_run, fail_on_empty=fail_on_empty)
-    except _known_errors() as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
@@ -118,25 +136,33 @@ def info(
 
     try:
         code = info_command(store, failures, as_json)
-    except _known_errors() as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
 
 @app.command()
 def train(
+    *,
     config: Path = typer.Option(..., "--config", "-c", help="YAML training config, e.g. configs/train/vits14.yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
                                                     help="Config overrides with dotted keys, e.g. "
                                                          "train.batch_size=256 optim.base_lr=2e-4."),
-    resume: bool = typer.Option(False, "--resume", help="Resume from the newest checkpoint in train.output_dir."),
+    resume: bool = typer.Option(False, "--resume", show_default="off: a fresh run (refused if train.output_dir "
+                                                                 "holds checkpoints)",
+                                help="Resume from the newest checkpoint in train.output_dir."),
     resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="CHECKPOINT",
+                                              show_default="none: see --resume",
                                               help="Resume from this checkpoint folder (step_*)."),
-    check: bool = typer.Option(False, "--check", help="Validate the config and tile stores, then exit."),
+    check: bool = typer.Option(False, "--check", show_default="off: train",
+                               help="Validate the config and tile stores, then exit."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", "-n",
-                                                help="Processes in total (default: 1, or the accelerate config's). "
-                                                     "More than 1: print the accelerate launch line to run."),
+                                                show_default="1, or the accelerate config's num_processes",
+                                                help="Processes in total. More than 1: print the accelerate launch "
+                                                     "line to run."),
     accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config",
+                                                     show_default="none: one process here, or the generic "
+                                                                  "multi-process flags",
                                                      help="An accelerate config (configs/accelerate/*.yaml): print "
                                                           "the accelerate launch line that uses it."),
 ) -> None:
@@ -146,7 +172,7 @@ def train(
     try:
         launch = plan_launch(config=config, overrides=list(overrides or []), resume=resume, resume_from=resume_from,
                              check=check, num_processes=num_processes, accelerate_config=accelerate_config)
-    except _known_errors() as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(train_command(launch))
 
@@ -161,92 +187,82 @@ def demo(
 
     try:
         code = run_demo(out, workers=workers, sample_slide=SAMPLE_SLIDE)
-    except _known_errors() as exc:
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
 
-def _use_errors() -> tuple[type[BaseException], ...]:
-    from pathdino.cli.use import known_errors
-
-    return known_errors()
-
-
-@app.command()
+@app.command(cls=_defaults_from(EXPORT.defaults))
 def export(
+    ctx: typer.Context,
+    *,
     checkpoint: str = typer.Argument(..., help="A training checkpoint (step_* folder) or a training output folder "
                                                "(its newest complete checkpoint is used)."),
     out: str = typer.Option(..., "--out", "-o", help="Encoder folder to write (model.safetensors, config.json, "
                                                      "README.md)."),
-    tile_px: Optional[int] = typer.Option(None, show_default="read from the training stores",
-                                          help="Tile side the encoder was trained on, px."),
-    target_mpp: Optional[float] = typer.Option(None, "--mpp", show_default="read from the training stores",
-                                               help="µm/px the encoder was trained at."),
-    name: Optional[str] = typer.Option(None, show_default="the output folder's name",
-                                       help="Model name for the model card."),
-    license_: str = typer.Option("other", "--license", help="License written in the model card / pretrained_cfg."),
+    tile_px: Optional[int] = typer.Option(None, help="Tile side the encoder was trained on, px."),
+    target_mpp: Optional[float] = typer.Option(None, "--mpp", help="µm/px the encoder was trained at."),
+    name: Optional[str] = typer.Option(None, help="Model name for the model card."),
+    license_: Optional[str] = typer.Option(None, "--license",
+                                           help="License written in the model card / pretrained_cfg."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Export the teacher backbone of a checkpoint as a timm encoder folder (checked by reloading it)."""
     from pathdino.cli.use import export_command
 
     try:
-        code = export_command(checkpoint, out, tile_px=tile_px, target_mpp=target_mpp, name=name, license_=license_,
-                              overwrite=overwrite)
-    except _use_errors() as exc:
+        code = export_command(checkpoint, out, EXPORT.build(ctx.params, command="export"))
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_defaults_from(EMBED.defaults))
 def embed(
+    ctx: typer.Context,
+    *,
     store: str = typer.Argument(..., help="A tile store (folder or fsspec URL)."),
     encoder: str = typer.Option(..., "--encoder", "-e", help="An encoder folder: `pathdino export` output, or a timm "
                                                              "hub-style folder (UNI, Virchow2, H-optimus, ...)."),
     out: str = typer.Option(..., "--out", "-o", help="Embeddings store to create or complete (local folder)."),
-    formats: List[str] = typer.Option(["zarr"], "--format", "-f", help="zarr (always written) | h5: also one "
-                                                                       "CLAM/TRIDENT-style HDF5 per slide in OUT/h5/."),
-    mean_patch: bool = typer.Option(False, "--mean-patch", show_default="off: CLS only",
-                                    help="Also store each tile's mean patch token."),
-    patch_tokens: bool = typer.Option(False, "--patch-tokens", show_default="off: no patch tokens",
-                                      help="Also store every patch token (float16, chunked) for dense tasks and "
-                                           "heat maps."),
-    shard: Optional[str] = typer.Option(None, show_default="RANK/WORLD_SIZE under a launcher, else all slides",
-                                        help="i/N: this process's share (SLURM array task, one machine); any number "
-                                             "run at once into one OUT."),
-    part_tiles: int = typer.Option(16384, help="Slides with more tiles are cut into parts embedded by several "
-                                               "processes."),
-    encoder_table: Optional[str] = typer.Option(None, show_default="built-in table (+ $PATHDINO_ENCODER_TABLE)",
-                                                help="JSON list of extra known-encoder entries (µm/px, mean/std, "
-                                                     "recipe) for third-party folders."),
-    batch_size: int = typer.Option(256, help="Tiles per forward pass."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", show_default="4, at most one per CPU core",
+    formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help="zarr (always written) | h5: also one "
+                                                                             "CLAM/TRIDENT-style HDF5 per slide in "
+                                                                             "OUT/h5/."),
+    mean_patch: bool = typer.Option(False, "--mean-patch", help="Also store each tile's mean patch token."),
+    patch_tokens: bool = typer.Option(False, "--patch-tokens", help="Also store every patch token (float16, "
+                                                                    "chunked) for dense tasks and heat maps."),
+    shard: Optional[str] = typer.Option(None, help="i/N: this process's share (SLURM array task, one machine); any "
+                                                   "number run at once into one OUT."),
+    part_tiles: Optional[int] = typer.Option(None, help="Slides with more tiles are cut into parts embedded by "
+                                                        "several processes."),
+    encoder_table: Optional[str] = typer.Option(None, help="JSON list of extra known-encoder entries (µm/px, "
+                                                           "mean/std, recipe) for third-party folders."),
+    batch_size: Optional[int] = typer.Option(None, help="Tiles per forward pass."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j",
                                           help="Decoding worker processes (0: decode in-process)."),
-    device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu",
-                                         help="cuda | cpu | cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),
-    slides: Optional[List[str]] = typer.Option(None, "--slides", show_default="every complete slide",
+    device: Optional[str] = typer.Option(None, help="cuda | cpu | cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides",
                                                help="Only these slide ids / glob patterns (repeatable)."),
     force: bool = typer.Option(False, help="Embed even if the store's tile size or µm/px differ from the "
                                            "encoder's."),
     overwrite: bool = typer.Option(False, help="Recompute slides that are already complete."),
-    no_progress: bool = typer.Option(False, "--no-progress", show_default="off: a bar on terminals",
-                                     help="No progress bar."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Embed every tile of every slide with level-0 coordinates; resumable, shardable over processes and machines."""
     from pathdino.cli.use import embed_command
 
     try:
-        code = embed_command(store, encoder, out, formats, mean_patch, batch_size, workers, device, precision,
-                             slides, force, overwrite, not no_progress, patch_tokens=patch_tokens, shard=shard,
-                             part_tiles=part_tiles, encoder_table=encoder_table)
-    except _use_errors() as exc:
+        code = embed_command(store, encoder, out, options=EMBED.build(ctx.params, command="embed"))
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
 
-@app.command(name="eval")
+@app.command(name="eval", cls=_defaults_from(EVAL.defaults))
 def eval_(
+    ctx: typer.Context,
+    *,
     dataset: str = typer.Argument(..., help="Labelled tiles: a folder with one sub-folder per class (optionally "
                                             "under train/val/test) or a CSV path,label[,split][,patient]."),
     encoder: Optional[str] = typer.Option(None, "--encoder", "-e", show_default="none: give it or --arch",
@@ -258,25 +274,26 @@ def eval_(
     methods: List[str] = typer.Option(["knn", "linear", "fewshot", "diagnostics"], "--method", "-m",
                                       help="knn | linear | fewshot | diagnostics (repeatable)."),
     img_size: int = typer.Option(224, help="Input size of the --arch baseline."),
-    batch_size: int = typer.Option(64, help="Tiles per forward pass."),
-    workers: int = typer.Option(0, "--workers", "-j", help="Image-decoding worker processes."),
-    device: Optional[str] = typer.Option(None, show_default="cuda when available, else cpu", help="cuda | cpu."),
-    no_progress: bool = typer.Option(False, "--no-progress", show_default="off: bars on terminals",
-                                     help="No progress bars."),
+    batch_size: Optional[int] = typer.Option(None, help="Tiles per forward pass."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Image-decoding worker processes."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
     """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
     from pathdino.cli.use import eval_command
 
     try:
-        code = eval_command(dataset, encoder=encoder, arch=arch, out=out, methods=methods, img_size=img_size,
-                            batch_size=batch_size, workers=workers, device=device, progress=not no_progress)
-    except _use_errors() as exc:
+        code = eval_command(dataset, EVAL.build(ctx.params, command="eval"), encoder=encoder, arch=arch, out=out,
+                            methods=methods, img_size=img_size)
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_defaults_from(MIL.defaults))
 def mil(
+    ctx: typer.Context,
+    *,
     labels_csv: str = typer.Argument(..., help="CSV with columns slide_id,label[,split]."),
     embeddings: str = typer.Option(..., "--embeddings", help="An embeddings store (`pathdino embed --out`) or a "
                                                              "folder of <slide_id>.h5 (features, coords)."),
@@ -284,20 +301,20 @@ def mil(
     feature: str = typer.Option("features", help="features: the encoder's tile embedding, the h5 files' 'features' "
                                                  "(CLS, or CLS + mean patch token for Virchow/Virchow2) | cls | "
                                                  "mean_patch (embeddings stores only)."),
-    max_epochs: int = typer.Option(50, help="Passes over the training slides (early stopping on validation)."),
-    hidden_dim: int = typer.Option(256, help="ABMIL hidden width."),
-    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
+    max_epochs: Optional[int] = typer.Option(None, help="Passes over the training slides (early stopping on "
+                                                        "validation)."),
+    hidden_dim: Optional[int] = typer.Option(None, help="ABMIL hidden width."),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda."),
     skip_missing: bool = typer.Option(False, help="Drop labelled slides without embeddings instead of failing."),
-    seed: int = typer.Option(0, help="Seed of the model, slide order and the drawn split."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the model, slide order and the drawn split."),
 ) -> None:
     """Train and evaluate a gated-attention MIL (ABMIL) slide classifier on slide embeddings."""
     from pathdino.cli.use import mil_command
 
     try:
-        code = mil_command(labels_csv, embeddings, out=out, feature=feature, max_epochs=max_epochs,
-                           hidden_dim=hidden_dim, lr=lr, device=device, skip_missing=skip_missing, seed=seed)
-    except _use_errors() as exc:
+        code = mil_command(labels_csv, embeddings, MIL.build(ctx.params, command="mil"), out=out, feature=feature)
+    except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 

@@ -1,7 +1,8 @@
 """Implementations of ``pathdino export``, ``embed``, ``eval`` and ``mil`` (the typer commands in main.py are thin).
 
-Each returns a process exit code and prints where its outputs are. Heavy modules (torch, timm) are imported here,
-never by main.py at import time, so ``pathdino tile`` stays light.
+Each takes its options dataclass (built from the flags by main.py in one call), returns a process exit code and
+prints where its outputs are. Heavy modules (torch, timm) are imported here, never by main.py at import time, so
+``pathdino tile`` stays light. Errors the user can fix are ``PathdinoError``s (main.py prints them as one line).
 """
 
 from __future__ import annotations
@@ -9,30 +10,28 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+from tiling.configio import ConfigError
+from tiling.errors import MissingFileError
+
+if TYPE_CHECKING:
+    from pathdino.embed import EmbedOptions
+    from pathdino.eval import EvalOptions
+    from pathdino.export import ExportOptions
+    from pathdino.mil import MILConfig
 
 console = Console(highlight=False, soft_wrap=True)
 
 
-def known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input at fault: printed as one line, no traceback."""
-    from pathdino.embed.store import EmbedError
-    from pathdino.export.load import EncoderFormatError
-    from pathdino.export.source import ExportError
-    from tiling.store import StoreError
+def export_command(checkpoint: str, out: str, options: ExportOptions) -> int:
+    from pathdino.export import export_checkpoint
 
-    return (ExportError, EncoderFormatError, EmbedError, StoreError, ValueError, FileNotFoundError, KeyError)
-
-
-def export_command(checkpoint: str, out: str, *, tile_px: int | None, target_mpp: float | None, name: str | None,
-                   license_: str, overwrite: bool) -> int:
-    from pathdino.export import ExportOptions, export_checkpoint
-
-    result = export_checkpoint(checkpoint, out, ExportOptions(tile_px=tile_px, target_mpp=target_mpp,
-                                                              model_name=name, license=license_,
-                                                              overwrite=overwrite))
+    result = export_checkpoint(checkpoint, out, options)
     console.print(f"exported {result.architecture} (step {result.step}) to {result.out_dir}")
     console.print(f"  trained on {result.tile_px} px tiles at {result.target_mpp} µm/px; reload check: max "
                   f"|difference| {result.max_abs_diff:.3g}")
@@ -43,22 +42,14 @@ def export_command(checkpoint: str, out: str, *, tile_px: int | None, target_mpp
     return 0
 
 
-def embed_command(store: str, encoder: str, out: str, formats: list[str], mean_patch: bool, batch_size: int,
-                  workers: int | None, device: str | None, precision: str, slides: list[str] | None, force: bool,
-                  overwrite: bool, progress: bool, patch_tokens: bool = False, shard: str | None = None,
-                  part_tiles: int = 16384, encoder_table: str | None = None) -> int:
-    from pathdino.embed import EmbedOptions, embed_store
+def embed_command(store: str, encoder: str, out: str, *, options: EmbedOptions) -> int:
+    from pathdino.embed import embed_store
     from pathdino.embed.plan import shard_from_env
-    from pathdino.embed.runner import default_decode_workers
 
-    if shard is None and (launched := shard_from_env()) is not None:
-        progress = progress and os.environ.get("LOCAL_RANK", "0") == "0"  # one bar per machine
+    if options.shard is None and (launched := shard_from_env()) is not None:
+        one_bar_per_machine = os.environ.get("LOCAL_RANK", "0") == "0"
+        options = replace(options, progress=options.progress and one_bar_per_machine)
         console.print(f"rank {launched[0]} of {launched[1]} (from the launcher): shard {launched[0]}/{launched[1]}")
-    workers = default_decode_workers() if workers is None else workers
-    options = EmbedOptions(batch_size=batch_size, num_workers=workers, device=device, precision=precision,
-                           mean_patch=mean_patch, patch_tokens=patch_tokens, formats=tuple(formats),
-                           slides=tuple(slides) if slides else None, force=force, overwrite=overwrite,
-                           progress=progress, shard=shard, part_tiles=part_tiles, encoder_table=encoder_table)
     report = embed_store(store, encoder, out, options)
     where = f"shard {report.shard[0]}/{report.shard[1]}: " if report.shard[1] > 1 else ""
     console.print(f"{where}embedded {len(report.embedded)} slide(s), {report.n_tiles} tiles in {report.seconds:.1f} s "
@@ -75,20 +66,19 @@ def embed_command(store: str, encoder: str, out: str, formats: list[str], mean_p
     return 1 if report.failed else 0
 
 
-def eval_command(dataset: str, *, encoder: str | None, arch: str | None, out: str, methods: list[str],
-                 img_size: int, batch_size: int, workers: int, device: str | None, progress: bool) -> int:
-    from pathdino.eval import EvalOptions, eval_transform, random_baseline_encoder, run_eval
+def eval_command(dataset: str, options: EvalOptions, *, encoder: str | None, arch: str | None, out: str,
+                 methods: list[str], img_size: int) -> int:
+    from pathdino.eval import eval_transform, random_baseline_encoder, run_eval
 
     if (encoder is None) == (arch is None):
-        raise ValueError("give exactly one of --encoder DIR (an exported encoder) or --arch TIMM_ARCH "
-                         "(random-weight baseline)")
+        raise ConfigError("give exactly one of --encoder DIR (an exported encoder) or --arch TIMM_ARCH "
+                          "(random-weight baseline)")
     if encoder is not None:
         from pathdino.export import load_encoder
 
         model, transform = load_encoder(encoder)
     else:
         model, transform = random_baseline_encoder(arch, img_size), eval_transform(img_size)
-    options = EvalOptions(batch_size=batch_size, num_workers=workers, device=device, progress=progress)
     report = run_eval(model, transform, dataset, methods=tuple(methods), out_json=out, options=options)
     console.print(f"evaluated on {report['eval_split']} split ({report['feature_dim']}-d features); report: {out}")
     for method, result in report["methods"].items():
@@ -111,13 +101,10 @@ def _headline(result: object) -> str:
     return ", ".join(found[:8]) or json.dumps(result)[:200]
 
 
-def mil_command(labels_csv: str, embeddings: str, *, out: str, feature: str, max_epochs: int, hidden_dim: int,
-                lr: float, device: str, skip_missing: bool, seed: int) -> int:
-    from pathdino.mil import MILConfig, train_abmil
+def mil_command(labels_csv: str, embeddings: str, config: MILConfig, *, out: str, feature: str) -> int:
+    from pathdino.mil import train_abmil
 
     source = _feature_source(Path(embeddings), feature)
-    config = MILConfig(max_epochs=max_epochs, hidden_dim=hidden_dim, lr=lr, device=device,
-                       skip_missing_slides=skip_missing, seed=seed)
     result = train_abmil(labels_csv, source, out, config=config)
     console.print(f"ABMIL: best epoch {result.best_epoch} of {result.epochs_run}; outputs in {Path(out)}")
     for split, metrics in result.metrics.items():
@@ -137,8 +124,8 @@ def _feature_source(path: Path, feature: str):
         return EmbeddingStore(path, feature=feature)
     if path.is_dir() and any(path.glob("*.h5")):
         if feature != "features":
-            raise ValueError(f"--feature {feature}: h5 folders hold one 'features' array (the encoder's tile "
+            raise ConfigError(f"--feature {feature}: h5 folders hold one 'features' array (the encoder's tile "
                              "embedding); leave --feature out, or point --embeddings at the embeddings store")
         return H5FeatureReader(path)
-    raise FileNotFoundError(f"--embeddings {path}: neither an embeddings store (zarr.json) nor a folder of "
+    raise MissingFileError(f"--embeddings {path}: neither an embeddings store (zarr.json) nor a folder of "
                             "<slide_id>.h5 files; create one with `pathdino embed`")

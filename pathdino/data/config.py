@@ -124,7 +124,8 @@ class AugmentConfig:
 
     Attributes:
         n_global_crops: global crops per tile, default 2 (the DINO loss pairs them).
-        global_crop_px: side of a global crop, default 224.
+        global_crop_px: side of a global crop, default 224. The trainer builds its backbone at this size too
+            (``model.backbone.img_size`` is derived from it: one key for the crop size).
         global_crop_scale: area fraction of the tile a global crop covers, default (0.32, 1.0).
         n_local_crops: local crops per tile, default 8 (0 disables them).
         local_crop_px: side of a local crop, default 98 (a multiple of patch 14; use 96 for patch 16).

@@ -17,6 +17,7 @@ from pathdino.data.catalog import validate_stores
 from pathdino.data.config import AugmentConfig, DataConfig, MaskConfig, check_patch_grid
 from pathdino.data.plan import Layout, Schedule, round_start
 from pathdino.data.worker import RankStream, RawBatch, StreamSpec, tune_worker_allocator
+from tiling.configio import ConfigError
 
 log = logging.getLogger("pathdino.data")
 STATE_FORMAT = 1
@@ -151,15 +152,15 @@ class TrainLoader:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown data-loader state format {state.get('format')!r} (expected {STATE_FORMAT})")
         if int(state["seed"]) != self.spec.seed:
-            raise ValueError(f"the checkpoint's data seed {state['seed']} differs from this run's {self.spec.seed}; "
-                             "use the same seed to resume")
+            raise ConfigError(f"the checkpoint's data seed {state['seed']} differs from this run's {self.spec.seed}; "
+                              "use the same seed (train.seed) to resume")
         epoch, batch, start = int(state["epoch"]), int(state["batch_in_epoch"]), int(state["epoch_start_position"])
         lay = self.spec.layout
         if state["dataset_fingerprint"] != self.spec.catalog.fingerprint or state["epoch_size"] != self.spec.epoch_size:
             if strict:
-                raise ValueError("the selected stores/slides changed since the checkpoint (fingerprint "
-                                 f"{state['dataset_fingerprint']} -> {self.spec.catalog.fingerprint}); resume with "
-                                 "load_state_dict(state, strict=False) to continue at the same share of the epoch")
+                raise ConfigError("the selected stores/slides changed since the checkpoint (fingerprint "
+                                  f"{state['dataset_fingerprint']} -> {self.spec.catalog.fingerprint}); resume with "
+                                  "load_state_dict(state, strict=False) to continue at the same share of the epoch")
             old_global = int(state["world_size"]) * int(state["batch_size_per_process"])
             done = (start + batch * old_global) / max(int(state["epoch_size"]), 1)
             self._set_position(epoch, math.floor(done * self.spec.epoch_size))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pathdino.data.catalog import Catalog
+from tiling.configio import ConfigError
 
 TAG_UNITS, TAG_QUOTA, TAG_APPORTION, TAG_WINDOW, TAG_SAMPLE, TAG_MASK = 1, 2, 3, 4, 5, 6
 
@@ -59,7 +60,7 @@ def slide_quotas(catalog: Catalog, sampling: str, store_weights: tuple[float, ..
     natural = np.bincount(catalog.store_index, weights=per_slide, minlength=n_stores)
     shares = natural if store_weights is None else np.asarray(store_weights, dtype=np.float64) * (natural > 0)
     if not shares.sum() > 0:
-        raise ValueError("DataConfig.store_weights give weight only to stores with no selected slides")
+        raise ConfigError("DataConfig.store_weights give weight only to stores with no selected slides")
     quotas = np.zeros(catalog.n_slides, dtype=np.int64)
     for store, store_total in enumerate(apportion(total, shares, rng)):
         idx = np.flatnonzero(catalog.store_index == store)
@@ -209,7 +210,7 @@ class Schedule:
         self.epoch_size, self.layout, self.remainder, self.seed = epoch_size, layout, remainder, seed
         self.first_epoch, self.first_batch, self.first_start = epoch, batch, start_position
         if self.n_batches(epoch + 1) == 0:
-            raise ValueError(f"an epoch has {epoch_size} draws, fewer than one global batch "
+            raise ConfigError(f"an epoch has {epoch_size} draws, fewer than one global batch "
                              f"({layout.world_size} processes x {layout.batch_size}): lower the batch size or "
                              "select more tiles")
 

@@ -23,8 +23,8 @@ def crop_resize_cpu(tile: torch.Tensor, p: CropParams, out_px: int, out: torch.T
     vectorised for that layout.
     """
     for i in range(len(p)):
-        t, l, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
-        crop = tile[:, :, t:t + h, l:l + w]
+        top, left, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
+        crop = tile[:, :, top:top + h, left:left + w]
         if h != out_px or w != out_px:
             crop = F.interpolate(crop, size=(out_px, out_px), mode="bicubic", antialias=True, align_corners=False)
         crop = crop[0]

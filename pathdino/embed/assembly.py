@@ -29,7 +29,7 @@ import zarr
 import zarr.storage
 
 from pathdino.embed.plan import WorkItem
-from tiling.fsio import pid_alive
+from tiling.fsio import pid_alive, read_json
 
 ASSEMBLY_DIR = ".assembly"
 MERGE_CLAIM = "merging"
@@ -101,8 +101,8 @@ class SlideAssembly:
                 return False  # merged meanwhile by another process
             if claim.is_file():
                 try:
-                    holder = json.loads(claim.read_text())
-                except (OSError, json.JSONDecodeError):
+                    holder = read_json(claim, error=ValueError)
+                except ValueError:  # unreadable or not an object: a claim of no one
                     holder = {}
                 same_host = holder.get("host") == me["host"]
                 pid = int(holder.get("pid", 0))

@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
+from tiling.errors import PathdinoError
 from tiling.fsio import atomic_path, check_format, now_iso, pid_alive, publish_dir
 
 FORMAT_NAME = "pathdino-embeddings"
@@ -45,7 +46,7 @@ _LOCK = ".pathdino.lock"
 JOURNAL = "commits.jsonl"
 
 
-class EmbedError(ValueError):
+class EmbedError(PathdinoError, ValueError):
     """An embedding run cannot start or an embeddings store is not what it should be; names the file or flag."""
 
 

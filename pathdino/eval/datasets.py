@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tiling.errors import MissingFileError, PathdinoError
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -32,6 +34,11 @@ _SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val",
     "test": "test", "testing": "test",
 }
+
+
+class DatasetError(PathdinoError, ValueError):
+    """A labelled tile set (class folders or CSV) or a labels CSV that cannot be used as given; the message names
+    the file (and line) and what to change."""
 
 
 @dataclass(frozen=True)
@@ -166,14 +173,14 @@ def _images_in(folder: Path) -> list[Path]:
 def _class_folders(root: Path) -> dict[str, list[Path]]:
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(
+        raise DatasetError(
             f"{root}: no class folders found; expected root/<class>/*.png|jpg|tif or a CSV with path,label columns"
         )
     found = {}
     for folder in classes:
         images = _images_in(folder)
         if not images:
-            raise ValueError(
+            raise DatasetError(
                 f"{folder}: class {folder.name!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                 "add tiles or remove the folder"
             )
@@ -199,11 +206,11 @@ def _read_csv(csv_path: Path) -> tuple[list[str], dict[str, list[tuple[Path, str
     with csv_path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None:
-            raise ValueError(f"{csv_path}: empty CSV; expected a header path,label[,split][,patient]")
+            raise DatasetError(f"{csv_path}: empty CSV; expected a header path,label[,split][,patient]")
         columns = {name.strip().lower(): name for name in reader.fieldnames if name is not None}
         missing = [c for c in ("path", "label") if c not in columns]
         if missing:
-            raise ValueError(
+            raise DatasetError(
                 f"{csv_path}: missing column(s) {missing}; found {list(reader.fieldnames)}; "
                 "expected a header path,label[,split][,patient]"
             )
@@ -216,7 +223,7 @@ def _read_csv(csv_path: Path) -> tuple[list[str], dict[str, list[tuple[Path, str
             rel = (row.get(columns["path"]) or "").strip()
             label = (row.get(columns["label"]) or "").strip()
             if not rel or not label:
-                raise ValueError(f"{csv_path}, line {line}: empty path or label ({row})")
+                raise DatasetError(f"{csv_path}, line {line}: empty path or label ({row})")
             path = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
             if not path.is_file():
                 missing_files.append(f"line {line}: {path}")
@@ -224,7 +231,7 @@ def _read_csv(csv_path: Path) -> tuple[list[str], dict[str, list[tuple[Path, str
             if has_split:
                 raw = (row.get(columns["split"]) or "").strip().lower()
                 if raw not in _SPLIT_ALIASES:
-                    raise ValueError(
+                    raise DatasetError(
                         f"{csv_path}, line {line}: unknown split {raw!r}; expected one of {SPLITS} "
                         "(or training/valid/validation/testing)"
                     )
@@ -235,9 +242,9 @@ def _read_csv(csv_path: Path) -> tuple[list[str], dict[str, list[tuple[Path, str
             rows[split].append((path, label, patient))
     if missing_files:
         shown = "; ".join(missing_files[:5])
-        raise FileNotFoundError(f"{csv_path}: {len(missing_files)} listed file(s) do not exist: {shown}")
+        raise MissingFileError(f"{csv_path}: {len(missing_files)} listed file(s) do not exist: {shown}")
     if not rows:
-        raise ValueError(f"{csv_path}: no rows; expected at least one path,label row")
+        raise DatasetError(f"{csv_path}: no rows; expected at least one path,label row")
     names = _sorted_labels({label for rs in rows.values() for _, label, _ in rs})
     return names, dict(rows), has_patient
 
@@ -248,7 +255,7 @@ def load_tile_dataset(spec: TileDatasetSpec | str | Path) -> TileDataset:
         spec = TileDatasetSpec(source=Path(spec))
     source = spec.source
     if not source.exists():
-        raise FileNotFoundError(f"dataset source {source} does not exist; pass a class-folder root or a CSV")
+        raise MissingFileError(f"dataset source {source} does not exist; pass a class-folder root or a CSV")
     has_patient = False
     if source.is_dir():
         layout, names, rows = _read_folder(source)
@@ -256,7 +263,7 @@ def load_tile_dataset(spec: TileDatasetSpec | str | Path) -> TileDataset:
         layout = "csv"
         names, rows, has_patient = _read_csv(source)
     else:
-        raise ValueError(f"dataset source {source} is neither a folder nor a .csv file")
+        raise DatasetError(f"dataset source {source} is neither a folder nor a .csv file")
     index = {name: i for i, name in enumerate(names)}
 
     def records(items: list[tuple[Path, str, str | None]]) -> list[TileRecord]:
@@ -278,7 +285,7 @@ def load_tile_dataset(spec: TileDatasetSpec | str | Path) -> TileDataset:
     train_labels = {r.label for r in splits["train"]}
     absent = [names[i] for i in range(len(names)) if i not in train_labels]
     if absent:
-        raise ValueError(f"{source}: class(es) {absent} have no training tiles; every class needs at least one")
+        raise DatasetError(f"{source}: class(es) {absent} have no training tiles; every class needs at least one")
     return TileDataset(source=source, layout=layout, class_names=tuple(names), splits=splits, split_origin=origin)
 
 

@@ -68,7 +68,8 @@ def extract_features(
 
     ``dataset`` is a list/tuple of :class:`TileRecord` or a :class:`TileImageDataset` (images are read from disk),
     or any map-style dataset returning ``(image, label)``; ``transform`` (image -> CHW float tensor) is applied to
-    each image. Rows keep the dataset order, so two calls with a random ``transform`` give paired views of the same tiles.
+    each image. Rows keep the dataset order, so two calls with a random ``transform`` give paired views of the same
+    tiles.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD
-from pathdino.eval.datasets import TileDataset, TileDatasetSpec, TileRecord, load_tile_dataset
+from pathdino.eval.datasets import DatasetError, TileDataset, TileDatasetSpec, TileRecord, load_tile_dataset
 from pathdino.eval.diagnostics import DEFAULT_MAX_ITEMS, diagnose
 from pathdino.eval.features import extract_features
 from pathdino.eval.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_evaluate
 from pathdino.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from pathdino.eval.linear import DEFAULT_L2_GRID, linear_probe_evaluate
+from tiling.configio import ConfigError
 from tiling.fsio import atomic_write_json, now_iso, to_jsonable
 
 METHODS = ("knn", "linear", "fewshot", "diagnostics")
@@ -160,12 +161,12 @@ def run_eval(
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"unknown eval method(s) {unknown}; choose from {METHODS}")
+        raise ConfigError(f"unknown eval method(s) {unknown} (--method); choose from {METHODS}")
     t_start = time.perf_counter()
     dataset = dataset_spec if isinstance(dataset_spec, TileDataset) else load_tile_dataset(dataset_spec)
     eval_split = "test" if dataset.records("test") else "val"
     if not dataset.records(eval_split):
-        raise ValueError(
+        raise DatasetError(
             f"{dataset.source}: no test or validation tiles to score; add a split column/folders or use a larger "
             "dataset (the seeded split keeps at least one tile per class for training)"
         )

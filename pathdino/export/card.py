@@ -69,7 +69,7 @@ With pathdino:
 ```python
 import pathdino
 model, transform = pathdino.load_encoder("path/to/this/folder")
-embedding = model(transform(tile)[None])          # tile: PIL image or RGB uint8 array -> [1, {config.get('num_features')}]
+embedding = model(transform(tile)[None])  # tile: PIL image or RGB uint8 array -> [1, {config.get('num_features')}]
 ```
 
 With timm only (offline):
@@ -116,8 +116,8 @@ The full resolved training configuration is in `config.json` under `pathdino.tra
 ## Export
 
 Exported by pathdino {export.get('pathdino_version')} (timm {export.get('timm_version')}, torch
-{export.get('torch_version')}) on {export.get('created')}. Check: the folder was reloaded with plain timm and its weights, and its CLS
-and patch tokens at two input sizes, compared with the checkpoint's: largest difference
+{export.get('torch_version')}) on {export.get('created')}. Check: the folder was reloaded with plain timm and its
+weights, and its CLS and patch tokens at two input sizes, compared with the checkpoint's: largest difference
 {check.get('max_abs_diff', 'not checked')}. `model.safetensors` SHA-256: `{export.get('weights_sha256')}`.
 
 <details><summary>timm model_args</summary>

@@ -12,12 +12,13 @@ Sources: the public model cards and TRIDENT's encoder definitions (facts only).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from tiling.fsio import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,12 +119,7 @@ def load_table(extra: str | Path | None = None) -> tuple[KnownEncoder, ...]:
     if not source:
         return KNOWN_ENCODERS
     path = Path(source).expanduser()
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"encoder table {path}: cannot read it as JSON ({exc})") from exc
-    if not isinstance(raw, list):
-        raise ValueError(f"encoder table {path}: expected a JSON list of entries")
+    raw = read_json(path, error=ValueError, expect=list, hint="the encoder table is a JSON list of entries")
     return tuple(entry_from_dict(e, str(path)) for e in raw) + KNOWN_ENCODERS
 
 

@@ -13,10 +13,12 @@ with ``torch.load(weights_only=True)``) load too; ``known_encoders.py`` supplies
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tiling.errors import PathdinoError
+from tiling.fsio import read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -26,7 +28,7 @@ ENCODER_FORMAT = "pathdino-encoder"
 ENCODER_FORMAT_VERSION = 1
 
 
-class EncoderFormatError(ValueError):
+class EncoderFormatError(PathdinoError, ValueError):
     """An encoder folder is missing a file or its config.json is not what ``pathdino export`` writes."""
 
 
@@ -140,12 +142,7 @@ def read_encoder_config(path: str | Path, encoder_table: str | Path | None = Non
     path = Path(path).expanduser()
     _require_files(path)
     file = path / CONFIG_FILE
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise EncoderFormatError(f"{file} is not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise EncoderFormatError(f"{file}: expected a JSON object")
+    cfg = read_json(file, error=EncoderFormatError)
     meta = dict(cfg.get("pathdino") or {})
     if not meta:
         return _third_party_info(path, cfg, encoder_table)

@@ -9,7 +9,6 @@ config sections defensively, so a reordered config still exports.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD  # augment defaults, for configs without that section
+from tiling.errors import PathdinoError
+from tiling.fsio import read_json
 
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -29,7 +30,7 @@ _WRAPPER = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
 _MAX_SLIDES_CHECKED = 64
 
 
-class ExportError(ValueError):
+class ExportError(PathdinoError, ValueError):
     """A checkpoint cannot be exported (missing teacher, unknown config) or the export failed its check."""
 
 
@@ -69,13 +70,7 @@ def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ExportError(f"checkpoint {ckpt_dir} has no {STATE_FILE}: it is incomplete (the trainer writes it "
                           "last); pick another step_* folder")
-    try:
-        state = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{file} is not valid JSON ({exc})") from exc
-    if not isinstance(state, dict):
-        raise ExportError(f"{file} does not hold a JSON object")
-    return state
+    return read_json(file, error=ExportError, hint="pick another step_* folder")
 
 
 def read_teacher_backbone(ckpt_dir: Path) -> tuple[dict[str, Any], list[str]]:

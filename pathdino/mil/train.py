@@ -27,14 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathdino.eval.datasets import SPLITS, stratified_split
+from pathdino.eval.datasets import SPLITS, DatasetError, stratified_split
 from pathdino.eval.metrics import classification_report
 from pathdino.mil.abmil import ABMIL
+from tiling.errors import MissingFileError, PathdinoError
 from tiling.fsio import atomic_path, atomic_write_json, to_jsonable
 
 Bag = tuple[object, object]  # (features [N, D], coords [N, 2]) as numpy arrays or tensors
 FeatureSource = Union[Mapping[str, Bag], Callable[[str], Bag]]
 WEIGHTS_FILE, ATTENTION_FILE, METRICS_FILE = "abmil.safetensors", "attention.npz", "metrics.json"
+
+
+class MissingFeaturesError(PathdinoError, KeyError):
+    """A labelled slide has no features in the feature source, or its h5 file lacks a dataset."""
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,16 @@ def read_slide_labels(csv_path: str | Path, val_fraction: float = 0.2, test_frac
         reader = csv.DictReader(fh)
         columns = {c.strip().lower(): c for c in (reader.fieldnames or []) if c}
         if "slide_id" not in columns or "label" not in columns:
-            raise ValueError(f"{csv_path}: needs columns slide_id,label[,split]; found {reader.fieldnames}")
+            raise DatasetError(f"{csv_path}: needs columns slide_id,label[,split]; found {reader.fieldnames}")
         rows = []
         seen: dict[str, int] = {}
         for row in reader:
             sid = (row[columns["slide_id"]] or "").strip()
             label = (row[columns["label"]] or "").strip()
             if not sid or not label:
-                raise ValueError(f"{csv_path}, line {reader.line_num}: empty slide_id or label")
+                raise DatasetError(f"{csv_path}, line {reader.line_num}: empty slide_id or label")
             if sid in seen:
-                raise ValueError(
+                raise DatasetError(
                     f"{csv_path}, line {reader.line_num}: slide {sid!r} already listed on line {seen[sid]}"
                 )
             seen[sid] = reader.line_num
@@ -109,13 +114,13 @@ def read_slide_labels(csv_path: str | Path, val_fraction: float = 0.2, test_frac
                 split = (row[columns["split"]] or "").strip().lower()
                 split = {"valid": "val", "validation": "val"}.get(split, split)
                 if split not in SPLITS:
-                    raise ValueError(f"{csv_path}, line {reader.line_num}: unknown split {split!r}; use {SPLITS}")
+                    raise DatasetError(f"{csv_path}, line {reader.line_num}: unknown split {split!r}; use {SPLITS}")
             rows.append((sid, label, split))
     if not rows:
-        raise ValueError(f"{csv_path}: no slides listed")
+        raise DatasetError(f"{csv_path}: no slides listed")
     names = sorted({r[1] for r in rows}, key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
     if len(names) < 2:
-        raise ValueError(f"{csv_path}: only one class ({names[0]!r}); a classifier needs at least two")
+        raise DatasetError(f"{csv_path}: only one class ({names[0]!r}); a classifier needs at least two")
     index = {n: i for i, n in enumerate(names)}
     labels = [index[r[1]] for r in rows]
     if "split" in columns:
@@ -124,7 +129,7 @@ def read_slide_labels(csv_path: str | Path, val_fraction: float = 0.2, test_frac
         splits = stratified_split(labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         origin = "stratified"
     if "train" not in splits:
-        raise ValueError(f"{csv_path}: no training slides")
+        raise DatasetError(f"{csv_path}: no training slides")
     return SlideTable(tuple(r[0] for r in rows), tuple(labels), tuple(splits), tuple(names), origin)
 
 
@@ -146,11 +151,11 @@ class H5FeatureReader:
 
         path = self.path(slide_id)
         if not path.is_file():
-            raise FileNotFoundError(f"slide {slide_id!r}: no feature file {path}")
+            raise MissingFileError(f"slide {slide_id!r}: no feature file {path}")
         with h5py.File(path, "r") as h5:
             missing = [k for k in ("features", "coords") if k not in h5]
             if missing:
-                raise KeyError(f"{path}: missing dataset(s) {missing}; found {list(h5.keys())}")
+                raise MissingFeaturesError(f"{path}: missing dataset(s) {missing}; found {list(h5.keys())}")
             feats, coords = np.asarray(h5["features"]), np.asarray(h5["coords"])
         # Some writers keep a leading batch axis ([1, N, D]); drop it.
         return (feats[0] if feats.ndim == 3 and feats.shape[0] == 1 else feats,
@@ -175,11 +180,11 @@ def _bag(source: FeatureSource, slide_id: str) -> tuple[torch.Tensor, np.ndarray
     try:
         feats, coords = source[slide_id] if isinstance(source, Mapping) else source(slide_id)
     except KeyError as exc:
-        raise KeyError(f"slide {slide_id!r}: no features in the feature source ({exc})") from exc
+        raise MissingFeaturesError(f"slide {slide_id!r}: no features in the feature source ({exc})") from exc
     x = torch.as_tensor(np.asarray(feats), dtype=torch.float32)
     c = np.asarray(coords)
     if x.ndim != 2 or x.shape[0] == 0 or c.shape != (x.shape[0], 2):
-        raise ValueError(
+        raise DatasetError(
             f"slide {slide_id!r}: need features [N>0, D] and coords [N, 2], got {tuple(x.shape)} and {c.shape}"
         )
     return x, c
@@ -299,7 +304,7 @@ def _drop_missing(table: SlideTable, source: FeatureSource, skip: bool) -> tuple
     if not missing:
         return table, []
     if not skip:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{len(missing)} slide(s) in the labels have no features: {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''}; embed them or set MILConfig(skip_missing_slides=True)"
         )
@@ -307,7 +312,7 @@ def _drop_missing(table: SlideTable, source: FeatureSource, skip: bool) -> tuple
     kept = SlideTable(tuple(table.slide_ids[i] for i in keep), tuple(table.labels[i] for i in keep),
                       tuple(table.splits[i] for i in keep), table.class_names, table.split_origin)
     if "train" not in kept.splits:
-        raise ValueError("no training slides left after dropping slides without features")
+        raise DatasetError("no training slides left after dropping slides without features")
     return kept, missing
 
 

@@ -19,12 +19,17 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer
 
 from pathdino.models.backbone import MaskedViT
+from tiling.errors import MissingFileError, PathdinoError
 
 log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("teacher", "model", "state_dict", "module")
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "backbone.", "module.", "encoder.")
 _DINOV2_ONLY = ("mask_token",)
+
+
+class InitCheckpointError(PathdinoError, ValueError):
+    """``model.init_checkpoint`` cannot start this backbone: not a state dict, no backbone keys, wrong shapes."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class InitReport:
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"init checkpoint {path} does not exist")
+        raise MissingFileError(f"init checkpoint {path} does not exist (model.init_checkpoint)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -58,11 +63,11 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(
+        raise InitCheckpointError(
             f"init checkpoint {path} cannot be read with torch.load(weights_only=True) ({exc}); "
             "re-save its state dict as .safetensors or as a plain tensor dict") from exc
     if not isinstance(obj, Mapping):
-        raise ValueError(f"init checkpoint {path} holds a {type(obj).__name__}, expected a state dict")
+        raise InitCheckpointError(f"init checkpoint {path} holds a {type(obj).__name__}, expected a state dict")
     return dict(obj)
 
 
@@ -105,7 +110,7 @@ def _split_pos_embed(pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tens
     side = math.isqrt(n - 1)
     if side * side == n - 1:
         return pos[:, :1], pos[:, 1:], side
-    raise ValueError(f"pos_embed with {n} tokens is neither a square grid nor CLS + a square grid")
+    raise InitCheckpointError(f"pos_embed with {n} tokens is neither a square grid nor CLS + a square grid")
 
 
 def _adapt_pos_embed(
@@ -152,14 +157,15 @@ def load_init_checkpoint(
     path = Path(path)
     sd, ignored = _select_backbone_keys(_read_state_dict(path), prefix)
     if not sd:
-        raise ValueError(f"init checkpoint {path}: no tensors under prefix {prefix!r}; pass prefix= explicitly")
+        raise InitCheckpointError(f"init checkpoint {path}: no tensors under prefix {prefix!r}; "
+                                  "pass prefix= explicitly")
     sd, dropped = _rename_dinov2(sd)
     resized = _adapt_pos_embed(sd, model)
     own = model.state_dict()
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if bad:
-        raise ValueError(
+        raise InitCheckpointError(
             f"init checkpoint {path} does not fit this backbone (check arch, patch_size, ffn): " + "; ".join(bad))
     result = model.load_state_dict(sd, strict=False)
     report = InitReport(
@@ -170,6 +176,6 @@ def load_init_checkpoint(
         pos_embed_resized=resized,
     )
     if strict and (report.missing_keys or report.unexpected_keys):
-        raise ValueError(report.summary())
+        raise InitCheckpointError(report.summary())
     (log.warning if report.missing_keys or report.unexpected_keys else log.info)(report.summary())
     return report

@@ -1,7 +1,7 @@
 """DINOv2 pretraining on tile stores: ``[accelerate launch ...] python -m pathdino.train --config ...``.
 
-See docs/training.md. ``train`` (``pathdino.train.loop``) and ``load_config`` (``pathdino.train.config``) are
-imported on first use, so importing this package stays cheap.
+See docs/training.md. ``train`` (``pathdino.train.loop``), ``load_config`` (``pathdino.train.config``) and
+``validate_config`` (``pathdino.train.validate``) are imported on first use, so importing this package stays cheap.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ def __getattr__(name: str) -> Any:
         from pathdino.train.loop import train
 
         return train
-    if name in ("load_config", "validate_config"):
-        from pathdino.train import config
+    if name == "load_config":
+        from pathdino.train.config import load_config
 
-        return getattr(config, name)
+        return load_config
+    if name == "validate_config":
+        from pathdino.train.validate import validate_config
+
+        return validate_config
     raise AttributeError(f"module 'pathdino.train' has no attribute {name!r}")

@@ -5,8 +5,9 @@
     python -m pathdino.train --config ... --resume runs/x/checkpoints/step_000010000
     python -m pathdino.train --config ... --check                  # validate config and stores, then exit
 
-Exit codes: 0 done (or stopped by stop_at_step / a signal, with a checkpoint), 2 bad config or launch, 3 too many
-non-finite steps in a row, 1 anything else. Every process ends through ``exit_process`` (see distributed.py).
+Exit codes: 0 done (or stopped by stop_at_step / a signal, with a checkpoint), 2 an error the user can fix (a
+``PathdinoError``: config, stores, checkpoint, launch), 3 too many non-finite steps in a row, 1 anything else (a
+bug: its traceback is printed). Every process ends through ``exit_process`` (see distributed.py).
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and return the exit code (the caller decides how to exit)."""
     args = _parser().parse_intermixed_args(argv)  # overrides may come before or after flags
-    from pathdino.train.checkpoint import CheckpointError
-    from pathdino.train.config import load_config, validate_config
-    from pathdino.train.distributed import LaunchError
+    from pathdino.train.config import load_config
     from pathdino.train.health import NonFiniteError
-    from tiling.configio import ConfigError
+    from pathdino.train.validate import validate_config
+    from tiling.errors import PathdinoError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         resume = True if args.resume == "latest" else args.resume
         train(cfg, resume=resume)
         return 0
-    except (ConfigError, LaunchError, CheckpointError) as exc:
-        print(f"pathdino.train: error: {exc}", file=sys.stderr)
-        return 2
     except NonFiniteError as exc:
         print(f"pathdino.train: {exc}", file=sys.stderr)
         return 3
+    except PathdinoError as exc:  # a config, store, checkpoint or launch the user can fix
+        print(f"pathdino.train: error: {exc}", file=sys.stderr)
+        return 2
     except Exception:  # noqa: BLE001 - report, then exit non-zero so the launcher stops the other processes
         traceback.print_exc()
         return 1

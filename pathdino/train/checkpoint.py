@@ -1,6 +1,6 @@
 """Training checkpoints: atomic, resumable with any number of processes, no pickled objects.
 
-Layout of ``<output_dir>/checkpoints/step_<step:09d>/`` (see docs/training.md)::
+Layout of ``<output_dir>/checkpoints/step_<step:09d>/`` (see docs/training.md); the DINOv2 trainer's parts::
 
     student.safetensors     full (unsharded) student state: backbone.*, dino_head.*, ibot_head.*
     teacher.safetensors     full teacher state, same names
@@ -8,6 +8,10 @@ Layout of ``<output_dir>/checkpoints/step_<step:09d>/`` (see docs/training.md)::
     optimizer.pt            AdamW state keyed by parameter name (tensors, numbers, strings only)
     rng_rank<r>.pt          each process's RNG states as tensors (torch, CUDA, numpy, python)
     trainer_state.json      step, counters, world size, every process's loader state, the resolved config
+
+Nothing here knows DINO: a trainer names its parts in a ``CheckpointParts`` (models gathered to full tensors,
+buffers saved as they are, one optimizer) and its counters in the trainer state, so another trainer (a slide
+encoder) saves, resumes and reshards the same way.
 
 A checkpoint is written into ``checkpoints/.tmp-step_<step>`` and renamed when complete, so a directory named
 ``step_*`` is always whole; the newest ``keep`` are kept. Model and optimizer states are gathered to full
@@ -22,6 +26,8 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from tiling.fsio import publish_dir
+from tiling.configio import ConfigError
+from tiling.errors import PathdinoError
+from tiling.fsio import publish_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,7 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PathdinoError, RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model being trained."""
 
 
@@ -85,6 +93,46 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``output_dir``, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def resume_point(output_dir: str | Path, resume: bool | str | Path | None) -> Path | None:
+    """The checkpoint a run starts from (None: from scratch), as ``train(resume=...)`` / ``--resume`` ask.
+
+    None/False: from scratch, refused when ``output_dir`` already holds checkpoints (nothing is overwritten by
+    accident); True or "latest": the newest checkpoint there (from scratch if none); a path: that checkpoint.
+    """
+    if resume is None or resume is False:
+        found = list_checkpoints(output_dir)
+        if found:
+            raise ConfigError(
+                f"{output_dir} already holds checkpoints (newest: {found[-1][1].name}); pass --resume to continue "
+                "that run, or set train.output_dir to a new directory")
+        return None
+    if resume is True or resume == "latest":
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
+            log.info("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {path}: no such checkpoint directory; give a step_* folder of a run, or "
+                          "--resume alone for the newest one in train.output_dir")
+    return path
+
+
+@dataclass(frozen=True)
+class CheckpointParts:
+    """What a checkpoint holds besides the trainer state, each entry saved as ``<name>.safetensors``.
+
+    ``models`` are gathered to full tensors over the processes (so they may be DDP-wrapped or FSDP2-sharded);
+    ``buffers`` are saved from this process's ``state_dict`` (identical on every process, e.g. loss centers);
+    ``optimizer`` steps the parameters of ``models[optimized]`` and is saved by parameter name (optimizer.pt).
+    """
+
+    models: Mapping[str, nn.Module]
+    buffers: Mapping[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    optimized: str
 
 
 # ----------------------------------------------------------------------------------------------------------- RNG
@@ -133,20 +181,12 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
-def save_checkpoint(
-    output_dir: str | Path,
-    step: int,
-    student: nn.Module,
-    teacher: nn.Module,
-    losses: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-    keep: int,
-) -> Path:
-    """Write checkpoint ``step`` (every process must call this: the state is gathered collectively).
+def save_checkpoint(output_dir: str | Path, step: int, parts: CheckpointParts, *, trainer_state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write checkpoint ``step`` of ``parts`` (every process must call this: the state is gathered collectively).
 
-    ``student`` may be wrapped (DDP) or sharded (FSDP2); ``trainer_state`` must be JSON-friendly and already hold
-    every process's loader state. Returns the final directory.
+    ``trainer_state`` must be JSON-friendly and already hold every process's loader state; the newest ``keep``
+    complete checkpoints are kept. Returns the final directory.
     """
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:09d}"
@@ -159,14 +199,14 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     # Collective: every rank takes part, only rank 0 receives the full tensors (cpu_offload).
-    student_sd = get_model_state_dict(student, options=_FULL)
-    teacher_sd = get_model_state_dict(teacher, options=_FULL)
-    optim_sd = get_optimizer_state_dict(student, optimizer, options=_FULL)
+    model_sds = {name: get_model_state_dict(module, options=_FULL) for name, module in parts.models.items()}
+    optim_sd = get_optimizer_state_dict(parts.models[parts.optimized], parts.optimizer, options=_FULL)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_file(_contiguous(student_sd), tmp / "student.safetensors")
-        save_file(_contiguous(teacher_sd), tmp / "teacher.safetensors")
-        save_file(_contiguous(losses.state_dict()), tmp / "losses.safetensors")
+        for name, sd in model_sds.items():
+            save_file(_contiguous(sd), tmp / f"{name}.safetensors")
+        for name, module in parts.buffers.items():
+            save_file(_contiguous(module.state_dict()), tmp / f"{name}.safetensors")
         torch.save(optim_sd, tmp / "optimizer.pt")
         state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -190,11 +230,12 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
 # ---------------------------------------------------------------------------------------------------------- load
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint folder; CheckpointError unless it is complete and of this format."""
     path = Path(path)
     file = path / STATE_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another step_* folder")
-    state = json.loads(file.read_text())
+    state = read_json(file, error=CheckpointError, hint="pick another step_* folder")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
     return state
@@ -218,6 +259,18 @@ def _load_model(module: nn.Module, file: Path) -> None:
     set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
 
 
+def drop_mismatched_optimizer_state(optim_state: dict, shapes: dict[str, torch.Size]) -> list[str]:
+    """Drop AdamW moments whose shape no longer fits their parameter (a resampled position embedding): the
+    parameter starts fresh moments (and bias correction) at the switch. Returns the dropped names."""
+    dropped = []
+    for name, entry in list(optim_state["state"].items()):
+        moments = [v for k, v in entry.items() if k != "step" and isinstance(v, torch.Tensor) and v.dim() > 0]
+        if name in shapes and any(tuple(v.shape) != tuple(shapes[name]) for v in moments):
+            del optim_state["state"][name]
+            dropped.append(name)
+    return dropped
+
+
 def _load_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer, file: Path) -> None:
     """Load AdamW state by parameter name; the current param groups' settings (multipliers, betas) are kept."""
     # mmap: the 2x-model-size moments are paged in as they are copied, not read whole on every process.
@@ -227,8 +280,6 @@ def _load_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer, file: 
     unknown = sorted(set(optim_sd["state"]) - set(named))
     if unknown:
         raise CheckpointError(f"{file} has optimizer state for parameters this model lacks: {unknown[:5]}")
-    from pathdino.train.phases import drop_mismatched_optimizer_state
-
     # A resampled position embedding (phase switch) restarts its AdamW moments.
     dropped = drop_mismatched_optimizer_state(optim_sd, {n: p.shape for n, p in named.items()})
     if dropped:
@@ -248,24 +299,19 @@ def _load_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer, file: 
         group.update(own)
 
 
-def load_checkpoint(
-    path: str | Path,
-    student: nn.Module,
-    teacher: nn.Module,
-    losses: nn.Module,
-    optimizer: torch.optim.Optimizer,
-) -> dict[str, Any]:
-    """Load a checkpoint into (possibly wrapped or sharded) modules on every process; returns the trainer state.
+def load_checkpoint(path: str | Path, parts: CheckpointParts) -> dict[str, Any]:
+    """Load a checkpoint into ``parts`` (possibly wrapped or sharded) on every process; returns the trainer state.
 
     Every process reads the files itself (the output directory must be shared between nodes). This process's
     RNG state is restored when the checkpoint has one for its rank; ``state["rng_restored"]`` says whether it did.
     """
     path = Path(path)
     state = read_trainer_state(path)
-    _load_model(student, path / "student.safetensors")
-    _load_model(teacher, path / "teacher.safetensors")
-    losses.load_state_dict(load_file(path / "losses.safetensors"))
-    _load_optimizer(student, optimizer, path / "optimizer.pt")
+    for name, module in parts.models.items():
+        _load_model(module, path / f"{name}.safetensors")
+    for name, module in parts.buffers.items():
+        module.load_state_dict(load_file(path / f"{name}.safetensors"))
+    _load_optimizer(parts.models[parts.optimized], parts.optimizer, path / "optimizer.pt")
     rng_file = path / f"rng_rank{_rank()}.pt"
     state["rng_restored"] = rng_file.is_file()
     if rng_file.is_file():

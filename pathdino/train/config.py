@@ -1,20 +1,24 @@
 """The training config: typed frozen dataclasses filled from YAML (``configs/train/*.yaml``) + ``key=value``.
 
 Every default is documented here once (field comments) and in docs/training.md. ``load_config`` parses and
-type-checks (unknown keys and wrong types are errors naming the key); ``validate_config`` checks the things that
-need several sections or the launch (crop sizes vs patch size, batch divisibility, tile stores).
+type-checks (unknown keys and wrong types are errors naming the key); ``validate.validate_config`` checks the
+things that need several sections or the launch (crop sizes vs patch size, batch divisibility, tile stores).
+
+The global crop size has one key, ``augment.global_crop_px``: the backbone is built at it (its position-embedding
+grid), so ``model.backbone.img_size`` is derived from it (``RunConfig``), in every phase.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pathdino.data import AugmentConfig, DataConfig, MaskConfig
 from pathdino.models import BackboneConfig, HeadConfig
+from pathdino.train.logs import flat_config
 from pathdino.train.probe import EvalConfig
-from tiling.configio import ConfigError, load_config as load_typed_config, to_dict
+from tiling.configio import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
 def _check_fields(section: str, *, positive: dict[str, float] | None = None,
@@ -35,16 +39,23 @@ def _check_fields(section: str, *, positive: dict[str, float] | None = None,
 class ModelConfig:
     """Backbone and heads (DINOv2 ViT-S/14 defaults)."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # see pathdino.models.BackboneConfig
+    # see pathdino.models.BackboneConfig; its img_size is augment.global_crop_px (set by RunConfig, not in YAML)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dino_head: HeadConfig = field(default_factory=HeadConfig)  # 65,536 prototypes, bottleneck 256 (L/g: 131,072, 384)
     ibot_separate_head: bool = False  # DINOv2 shares the head for S/B; separate for L/g
-    ibot_head: HeadConfig | None = None  # only with ibot_separate_head; None = same sizes as dino_head (L/g: 131,072 x 256)
+    # only with ibot_separate_head; None = same sizes as dino_head (L/g: 131,072 x 256)
+    ibot_head: HeadConfig | None = None
     init_checkpoint: str | None = None  # local timm/dinov2 checkpoint to start the backbone from (no download)
 
     def __post_init__(self) -> None:
         if not self.ibot_separate_head and self.ibot_head is not None:
             raise ConfigError("model.ibot_head is only used with model.ibot_separate_head=true; remove it or enable "
                               "that", key="model.ibot_head")
+
+    @property
+    def ibot_head_(self) -> HeadConfig | None:
+        """The separate iBOT head's sizes (``ibot_head``, or those of ``dino_head``); None: the DINO head serves."""
+        return (self.ibot_head or self.dino_head) if self.ibot_separate_head else None
 
 
 @dataclass(frozen=True)
@@ -189,39 +200,83 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # probes during training (pathdino.train.probe)
 
+    def __post_init__(self) -> None:
+        # One crop size: the backbone is built at the global crop size, so its img_size follows the one key.
+        px, patch = self.augment.global_crop_px, self.model.backbone.patch_size
+        if px % patch:
+            raise ConfigError(
+                f"augment.global_crop_px={px} is not divisible by model.backbone.patch_size={patch}; use a "
+                f"multiple (e.g. {max(patch, px - px % patch)} or {px - px % patch + patch})",
+                key="augment.global_crop_px")
+        if self.model.backbone.img_size != px:
+            backbone = replace(self.model.backbone, img_size=px)
+            object.__setattr__(self, "model", replace(self.model, backbone=backbone))
+
 
 @dataclass(frozen=True)
 class CropPlan:
     """Crop geometry of a step, read from the data sections (the one place that knows their field names)."""
 
     n_global: int
-    global_px: int
+    global_px: int  # also the backbone's img_size (its position-embedding grid)
     n_local: int
     local_px: int
     mask_probability: float
-    mask_ratio_mean: float
+    mask_ratio: tuple[float, float]  # (min, max) share of a masked crop's patches
+
+    @property
+    def mask_ratio_mean(self) -> float:
+        return (self.mask_ratio[0] + self.mask_ratio[1]) / 2
 
 
 def crop_plan(cfg: RunConfig) -> CropPlan:
+    """The crops of ``cfg`` (a phase's config gives the phase's crops): the route of the crop size to every user."""
     a, m = cfg.augment, cfg.masks
-    return CropPlan(
-        n_global=a.n_global_crops,
-        global_px=a.global_crop_px,
-        n_local=a.n_local_crops,
-        local_px=a.local_crop_px,
-        mask_probability=m.mask_probability,
-        mask_ratio_mean=(m.mask_ratio[0] + m.mask_ratio[1]) / 2,
-    )
+    return CropPlan(n_global=a.n_global_crops, global_px=a.global_crop_px, n_local=a.n_local_crops,
+                    local_px=a.local_crop_px, mask_probability=m.mask_probability,
+                    mask_ratio=(m.mask_ratio[0], m.mask_ratio[1]))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply ``key=value`` overrides, build the typed config (ConfigError on any problem)."""
-    return load_typed_config(RunConfig, path, list(overrides or []))
+    data = apply_overrides(load_yaml(path) if path is not None else {}, list(overrides or []))
+    _drop_derived_img_size(data)
+    return from_dict(RunConfig, data, str(path) if path is not None else "config")
+
+
+def _drop_derived_img_size(data: dict[str, Any]) -> None:
+    """Configs written before the crop size had one key set ``model.backbone.img_size`` too: still read when it
+    equals ``augment.global_crop_px`` (then dropped: it is derived), an error naming both keys when not."""
+    model = data.get("model")
+    backbone = model.get("backbone") if isinstance(model, dict) else None
+    if not isinstance(backbone, dict) or "img_size" not in backbone:
+        return
+    augment = data.get("augment") if isinstance(data.get("augment"), dict) else {}
+    crop_px = augment.get("global_crop_px", AugmentConfig.global_crop_px)
+    img_size = backbone.pop("img_size")
+    if img_size != crop_px:
+        raise ConfigError(
+            f"model.backbone.img_size={img_size} and augment.global_crop_px={crop_px} disagree: the backbone is "
+            "built at the global crop size, which has one key now; remove model.backbone.img_size and set "
+            "augment.global_crop_px", key="model.backbone.img_size")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as plain data (JSON/YAML)."""
     return to_dict(cfg)
+
+
+# Keys that may legitimately change on resume: where and how often the run writes, not what it computes.
+_RESUME_MAY_CHANGE = {"train.output_dir", "train.stop_at_step", "train.checkpoint_every_steps",
+                      "train.keep_checkpoints", "train.checkpoint_at_end", "log.trackers", "log.every_steps",
+                      "data.num_workers"}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume."""
+    old, new = flat_config(saved), flat_config(current)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in _RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
 
 
 def per_process_batch(cfg: RunConfig, world_size: int) -> int:
@@ -233,39 +288,3 @@ def per_process_batch(cfg: RunConfig, world_size: int) -> int:
             f"train.batch_size={t.batch_size} is not divisible by processes ({world_size}) x "
             f"train.grad_accum_steps ({t.grad_accum_steps}); choose a multiple of {denom}")
     return t.batch_size // denom
-
-
-def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = True) -> None:
-    """Cross-section checks before any work starts; raises ConfigError naming the key and what to do."""
-    bb = cfg.model.backbone
-    plan = crop_plan(cfg)
-    for key, px in (("augment.global_crop_px", plan.global_px), ("augment.local_crop_px", plan.local_px)):
-        if key.endswith("local_crop_px") and plan.n_local == 0:
-            continue
-        if px % bb.patch_size:
-            raise ConfigError(
-                f"{key}={px} is not divisible by model.backbone.patch_size={bb.patch_size}; use a multiple "
-                f"(e.g. {px - px % bb.patch_size} or {px - px % bb.patch_size + bb.patch_size})")
-    if plan.global_px != bb.img_size:
-        raise ConfigError(
-            f"augment.global_crop_px={plan.global_px} differs from model.backbone.img_size={bb.img_size}; the "
-            "position embedding is learned at the global crop size: set both to the same value")
-    if plan.n_global < 1 or (plan.n_global < 2 and plan.n_local == 0):
-        raise ConfigError("the DINO loss needs 2 global crops, or 1 global crop and some local crops")
-    per_process_batch(cfg, world_size)
-    t, o = cfg.train, cfg.optim
-    if o.warmup_steps > t.total_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
-                          key="optim.warmup_steps")
-    if t.phases:
-        from pathdino.train.phases import validate_phases
-
-        validate_phases(cfg, world_size, check_stores)
-    if check_stores and not t.synthetic_data:
-        from pathdino.data import validate_stores
-        from tiling.store import StoreError
-
-        try:
-            validate_stores(cfg.data, cfg.augment)
-        except (StoreError, ValueError) as exc:
-            raise ConfigError(f"data.stores: {exc}") from exc

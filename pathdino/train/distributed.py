@@ -15,20 +15,27 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from tiling.configio import ConfigError
+from tiling.errors import PathdinoError
+
+if TYPE_CHECKING:  # accelerate is imported when a run starts, not by every user of these helpers
+    from accelerate import Accelerator
+
 log = logging.getLogger("pathdino.train")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PathdinoError, RuntimeError):
     """The processes were launched in a way that would not train as one distributed job."""
 
 
-def make_accelerator(precision: str, project_dir: str, log_with: list[str] | None):
+def make_accelerator(precision: str, project_dir: str, log_with: list[str] | None) -> Accelerator:
     """An ``Accelerator`` on CUDA when available, else on CPU with ``cpu=True`` (gloo across processes).
 
     Precision comes from the training config (``train.precision``: fp32 or bf16) and the loop applies it itself
@@ -57,7 +64,7 @@ def make_accelerator(precision: str, project_dir: str, log_with: list[str] | Non
     )
 
 
-def check_launch(accelerator) -> None:
+def check_launch(accelerator: Accelerator) -> None:
     """Fail loudly unless the processes form one distributed job of ``accelerator.num_processes`` members."""
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     initialized = dist.is_available() and dist.is_initialized()
@@ -89,8 +96,27 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def shard_fsdp2(model: nn.Module, precision: str, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard an ``SSLModel`` with torch's FSDP2 ``fully_shard``: one unit per ViT block, one per head, the root.
+def use_fsdp(parallel: str, accelerator: Accelerator) -> bool:
+    """Whether to shard with FSDP2 (``train.parallel``: auto, ddp, fsdp2) under this launch."""
+    from accelerate.utils import DistributedType
+
+    # On CPU accelerate turns an FSDP config into plain MULTI_CPU but leaves ACCELERATE_USE_FSDP set.
+    accelerate_fsdp = (accelerator.distributed_type == DistributedType.FSDP
+                       or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+    if parallel == "ddp" and accelerate_fsdp:
+        raise ConfigError("train.parallel=ddp, but accelerate was launched with an FSDP config: use "
+                          "train.parallel=auto (or fsdp2), or launch with configs/accelerate/multi_gpu.yaml")
+    sharded = parallel == "fsdp2" or (parallel == "auto" and accelerate_fsdp)
+    if sharded and accelerator.num_processes == 1:
+        log.info("train.parallel=fsdp2 with one process: nothing to shard, running unsharded")
+        return False
+    return sharded
+
+
+def shard_fsdp2(model: nn.Module, units: Iterable[nn.Module], *, precision: str,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``model`` with torch's FSDP2 ``fully_shard``: one unit per module of ``units`` (e.g. each ViT block
+    and head, in forward order), then the root.
 
     Student and teacher are sharded identically so the EMA runs on local shards. bf16 runs keep fp32 master
     parameters and reduce gradients in fp32 (as dinov3).
@@ -100,11 +126,8 @@ def shard_fsdp2(model: nn.Module, precision: str, reshard_after_forward: bool = 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "bf16" else MixedPrecisionPolicy()
     kwargs = dict(mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for block in model.backbone.backbone.blocks:
-        fully_shard(block, **kwargs)
-    for head in (model.dino_head, model.ibot_head):
-        if head is not None:
-            fully_shard(head, **kwargs)
+    for unit in units:
+        fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     return model
 

@@ -1,4 +1,4 @@
-"""Run health: metric logging (JSONL + accelerate trackers), collapse warnings, the NaN/inf guard, throughput/MFU.
+"""Run health: collapse warnings, the NaN/inf guard, throughput/MFU (metric logging lives in logs.py).
 
 Everything here is cheap per step; the costlier statistics (entropies, embedding rank) are computed by the loop
 only on logging steps.
@@ -6,15 +6,13 @@ only on logging steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
+
+from tiling.errors import PathdinoError
 
 log = logging.getLogger("pathdino.train")
 
@@ -46,7 +44,7 @@ def peak_tflops(device: torch.device, precision: str, override: float | None = N
     return None
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(PathdinoError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
@@ -171,31 +169,3 @@ class Throughput:
         self.reset()
         return out
 
-
-class MetricLogger:
-    """Appends one JSON object per line to ``metrics.jsonl`` and forwards scalars to accelerate's trackers.
-
-    Only the main process writes. Values are written with full precision (exact-resume checks compare them).
-    """
-
-    def __init__(self, path: Path, accelerator: Any, enabled: bool) -> None:
-        self.path = path
-        self.accelerator = accelerator
-        self.enabled = enabled
-        self._fh = open(path, "a", buffering=1) if enabled else None
-
-    def write(self, record: dict[str, Any], step: int, to_trackers: bool = True) -> None:
-        if not self.enabled:
-            return
-        self._fh.write(json.dumps(record) + "\n")
-        if to_trackers and self.accelerator is not None and self.accelerator.trackers:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and k != "step"}
-            self.accelerator.log(scalars, step=step)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None

@@ -29,7 +29,7 @@ class SSLModel(nn.Module):
     and only reads its patch tokens at the masked positions.
     """
 
-    def __init__(self, backbone_cfg: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig | None = None,
+    def __init__(self, backbone_cfg: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig | None = None, *,
                  trim_last_block: bool = True):
         super().__init__()
         self.backbone = MaskedViT(build_backbone(backbone_cfg))
@@ -40,11 +40,16 @@ class SSLModel(nn.Module):
         self.dino_head = DINOHead.from_config(dim, dino_head)
         self.ibot_head = DINOHead.from_config(dim, ibot_head) if ibot_head is not None else None
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (each ViT block, then each head); the root is sharded last."""
+        return [*self.backbone.backbone.blocks, self.dino_head, *([self.ibot_head] if self.ibot_head else [])]
+
     def forward(
         self,
         global_crops: torch.Tensor,
         local_crops: torch.Tensor | None,
         masks: torch.Tensor,
+        *,
         teacher: bool = False,
         mask_indices: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:

@@ -69,6 +69,7 @@ def is_last_layer(name: str) -> bool:
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]],
     depth: int,
+    *,
     layerwise_decay: float = 0.9,
     patch_embed_lr_mult: float = 0.2,
     decay_tokens: bool = True,

@@ -75,7 +75,7 @@ def _world() -> tuple[int, int]:
 class TrainingProbe:
     """Loads the labelled set once; ``maybe_run(step, teacher)`` probes on schedule and returns the metrics."""
 
-    def __init__(self, cfg: ProbeConfig, img_px: int, mean: tuple[float, ...], std: tuple[float, ...],
+    def __init__(self, cfg: ProbeConfig, *, img_px: int, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device, precision: str = "fp32") -> None:
         from pathdino.eval.datasets import load_tile_dataset
         from pathdino.eval.run import eval_uint8_transform
@@ -175,7 +175,8 @@ class TrainingProbe:
             knn = knn["by_k"][str(self.cfg.knn_k)]
             folds = max(2, min(3, int(torch.bincount(y_fit).min())))
             try:
-                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes, cv_folds=folds)["test"]
+                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes,
+                                               cv_folds=folds)["test"]
             except ValueError as exc:  # e.g. too few images per class for cross-validation
                 log.warning("probe at step %d: linear probe skipped (%s)", step, exc)
                 linear = {}
@@ -198,16 +199,16 @@ def _open(path: Path):
         raise ValueError(f"eval.probe: cannot read image {path}: {exc}") from exc
 
 
-def build_probe(cfg: Any, device: torch.device) -> TrainingProbe | None:
-    """The run's probe from a ``RunConfig`` (None without ``eval.probe``); ConfigError if its data is unusable."""
+def build_probe(probe: ProbeConfig | None, *, crop_px: int, mean: tuple[float, ...], std: tuple[float, ...],
+                device: torch.device, precision: str) -> TrainingProbe | None:
+    """The run's probe (None without ``eval.probe``), at the run's global crop size ``crop_px`` (unless
+    ``eval.probe.img_px``) and the crops' normalisation; ConfigError if its data is unusable."""
     from tiling.configio import ConfigError
 
-    probe = cfg.eval.probe
     if probe is None:
         return None
     try:
-        return TrainingProbe(probe, cfg.augment.global_crop_px, tuple(cfg.augment.mean), tuple(cfg.augment.std),
-                             device, cfg.train.precision)
+        return TrainingProbe(probe, img_px=crop_px, mean=mean, std=std, device=device, precision=precision)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 

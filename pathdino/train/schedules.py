@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 
-def cosine(step: int, start: float, end: float, n_steps: int) -> float:
+def cosine(step: int, start: float, end: float, *, n_steps: int) -> float:
     """Half-cosine from ``start`` (step 0) to ``end`` (step ``n_steps``); ``end`` from then on."""
     if n_steps <= 0 or step >= n_steps:
         return end
@@ -25,18 +25,18 @@ def cosine(step: int, start: float, end: float, n_steps: int) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
-def linear(step: int, start: float, end: float, n_steps: int) -> float:
+def linear(step: int, start: float, end: float, *, n_steps: int) -> float:
     """Straight line from ``start`` (step 0) to ``end`` (step ``n_steps``); ``end`` from then on."""
     if n_steps <= 0 or step >= n_steps:
         return end
     return start + (end - start) * max(step, 0) / n_steps
 
 
-def warmup_cosine(step: int, peak: float, final: float, total_steps: int, warmup_steps: int) -> float:
+def warmup_cosine(step: int, peak: float, final: float, *, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up 0 -> ``peak`` over ``warmup_steps`` (step 0 gives 0), then cosine ``peak`` -> ``final``."""
     if step < warmup_steps:
-        return linear(step, 0.0, peak, warmup_steps)
-    return cosine(step - warmup_steps, peak, final, total_steps - warmup_steps)
+        return linear(step, 0.0, peak, n_steps=warmup_steps)
+    return cosine(step - warmup_steps, peak, final, n_steps=total_steps - warmup_steps)
 
 
 def scaled_lr(base_lr: float, global_batch: int, rule: str = "sqrt") -> float:
@@ -81,10 +81,11 @@ class Schedules:
 
     def at(self, step: int) -> ScheduleValues:
         return ScheduleValues(
-            lr=warmup_cosine(step, self.peak_lr, self.min_lr, self.total_steps, self.warmup_steps),
-            weight_decay=cosine(step, self.weight_decay, self.weight_decay_end, self.total_steps),
-            momentum=cosine(step, self.momentum_teacher, self.momentum_teacher_end, self.total_steps),
+            lr=warmup_cosine(step, self.peak_lr, self.min_lr, total_steps=self.total_steps,
+                             warmup_steps=self.warmup_steps),
+            weight_decay=cosine(step, self.weight_decay, self.weight_decay_end, n_steps=self.total_steps),
+            momentum=cosine(step, self.momentum_teacher, self.momentum_teacher_end, n_steps=self.total_steps),
             teacher_temp=linear(step, self.teacher_temp_warmup_start, self.teacher_temp,
-                                self.teacher_temp_warmup_steps),
+                                n_steps=self.teacher_temp_warmup_steps),
             last_layer_frozen=step < self.freeze_last_layer_steps,
         )

@@ -5,26 +5,65 @@
 * ``reduce_step``: clip the gradients, and agree across processes on the loss terms, whether the step is finite,
   whether to stop, and (on logging steps) the health figures, in one collective.
 * ``apply_update``: AdamW, the EMA teacher and the teacher centers, only for a finite step.
+
+Each takes the phase's ``StepParts`` (the models, losses and optimizer, and the objective's numbers).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathdino.data.batch import MultiCropBatch
+from pathdino.train.checkpoint import CheckpointParts
 from pathdino.train.distributed import all_reduce_sum_, gradient_sync
 from pathdino.train.health import effective_rank, entropy
-from pathdino.train.model import ema_update_
+from pathdino.train.model import SSLModel, ema_update_
 from pathdino.train.param_groups import drop_frozen_grads
 from pathdino.train.schedules import ScheduleValues
 
 LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "uniformity", "masked_tokens")
 HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The numbers of the objective and the update, from a phase's config (``loss``, ``optim``, ``train``; run.py)."""
+
+    dino_weight: float
+    ibot_weight: float
+    uniformity_weight: float
+    student_temp: float
+    update_centers: bool  # loss.targets == "centering" (Sinkhorn targets keep no center)
+    grad_accum_steps: int  # micro-steps per optimizer step
+    clip_grad: float  # max grad norm per clipped module; 0: no clipping
+    freeze_last_layer: Literal["zero_lr", "drop_grads"]
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What an optimizer step works on: one phase's models, objective and optimizer (built by run.py)."""
+
+    student: SSLModel  # unwrapped: parameters, heads, the EMA's source
+    teacher: SSLModel  # no grads, eval mode; sharded like the student under FSDP2
+    model: nn.Module  # the student as trained: DDP-wrapped, FSDP2-sharded or the student itself
+    losses: nn.ModuleDict  # "dino" and "ibot", with their teacher centers
+    uniformity: nn.Module | None  # KoLeo / KDE on the student's global CLS, or None
+    optimizer: torch.optim.Optimizer
+    clip_modules: dict[str, nn.Module]  # clipped separately (backbone, each head), as DINOv2
+    autocast: AbstractContextManager  # bf16 autocast, or disabled
+    objective: Objective
+
+    def checkpoint_parts(self) -> CheckpointParts:
+        """student / teacher (gathered), the loss centers and AdamW: the files of a DINOv2 checkpoint."""
+        return CheckpointParts(models={"student": self.model, "teacher": self.teacher},
+                               buffers={"losses": self.losses}, optimizer=self.optimizer, optimized="student")
 
 
 @dataclass(frozen=True)
@@ -39,35 +78,35 @@ class StepOutputs:
     student_cls_logits: torch.Tensor  # [G*B, K]
 
 
-def training_step(run: Any, batch: Any, values: ScheduleValues, sync: bool) -> StepOutputs:
+def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValues, *, sync: bool) -> StepOutputs:
     """The objective on one micro-batch: teacher targets -> student passes -> losses -> backward.
 
     Gradients are divided by the number of micro-steps; ``sync`` lets DDP/FSDP2 reduce them (the last micro-step).
     The teacher centers are not updated here: only once the whole step is known to be finite (``apply_update``).
     """
-    lc, accum = run.cfg.loss, run.cfg.train.grad_accum_steps
-    dino_loss, ibot_loss = run.losses["dino"], run.losses["ibot"]
+    obj = parts.objective
+    dino_loss, ibot_loss = parts.losses["dino"], parts.losses["ibot"]
     n_global = batch.n_global
     # The one host sync of the micro-step: where the masked patches are (teacher, student, iBOT).
     mask_idx = batch.masks.flatten().nonzero().squeeze(1)
     token_weights = (1.0 / batch.masks.sum(dim=1).clamp_min(1).float()).index_select(
         0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
-    with gradient_sync(run.model, enabled=sync):
-        with run.autocast:
+    with gradient_sync(parts.model, enabled=sync):
+        with parts.autocast:
             with torch.no_grad():
-                t_out = run.teacher(batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx)
+                t_out = parts.teacher(batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx)
                 dino_t = dino_loss.teacher_targets(t_out["global_cls_logits"], values.teacher_temp,
                                                    update_center=False)
                 ibot_t = ibot_loss.teacher_targets(t_out["masked_patch_logits"], values.teacher_temp,
                                                    update_center=False)
-            s_out = run.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx)
+            s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx)
             dino_global, dino_local = dino_loss.forward_terms(
                 s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, n_global)
             ibot = ibot_loss(s_out["masked_patch_logits"], ibot_t, batch.masks, n_global, token_weights=token_weights)
-            reg = (run.uniformity(s_out["global_cls"], n_chunks=n_global) if run.uniformity is not None
+            reg = (parts.uniformity(s_out["global_cls"], n_chunks=n_global) if parts.uniformity is not None
                    else dino_global.new_zeros(()))
-            loss = lc.dino_weight * (dino_global + dino_local) + lc.ibot_weight * ibot + lc.uniformity_weight * reg
-        (loss / accum).backward()
+            loss = obj.dino_weight * (dino_global + dino_local) + obj.ibot_weight * ibot + obj.uniformity_weight * reg
+        (loss / obj.grad_accum_steps).backward()
     terms = torch.stack([loss.detach(), dino_global.detach(), dino_local.detach(), ibot.detach(),
                          reg.detach().float(), loss.new_tensor(float(mask_idx.shape[0]))])
     return StepOutputs(terms=terms, teacher_cls_logits=t_out["global_cls_logits"].detach(),
@@ -87,21 +126,25 @@ class ReducedStep:
     grad_norms: dict[str, float]  # per clipped module, before clipping
 
 
-def reduce_step(run: Any, terms: torch.Tensor, last: StepOutputs, values: ScheduleValues, with_health: bool,
-                stop_flag: bool) -> ReducedStep:
-    """Drop frozen gradients, clip per module, and make the step's one collective and one device -> host copy."""
-    drop_frozen_grads(run.optimizer, values, run.cfg.optim.freeze_last_layer)
-    grad_norms = _clip_gradients(run.clip_modules, run.cfg.optim.clip_grad)
+def reduce_step(parts: StepParts, terms: torch.Tensor, last: StepOutputs, *, values: ScheduleValues,
+                with_health: bool, stop_flag: bool) -> ReducedStep:
+    """Drop frozen gradients, clip per module, and make the step's one collective and one device -> host copy.
+
+    ``terms`` are the micro-steps' loss terms (averaged); ``last`` the last micro-step's outputs (health figures).
+    """
+    obj = parts.objective
+    drop_frozen_grads(parts.optimizer, values, obj.freeze_last_layer)
+    grad_norms = clip_gradients(parts.clip_modules, obj.clip_grad)
     grad_norm = torch.stack(list(grad_norms.values())).float().square().sum().sqrt()
-    health = torch.zeros(0, device=run.device)
+    health = torch.zeros(0, device=terms.device)
     if with_health:
         with torch.no_grad():
-            student_probs = F.softmax(last.student_cls_logits.float() / run.cfg.loss.student_temp, dim=-1)
+            student_probs = F.softmax(last.student_cls_logits.float() / obj.student_temp, dim=-1)
             dino_t = last.teacher_targets
             health = torch.tensor([
                 entropy(dino_t).item(), entropy(dino_t.float().mean(dim=0, keepdim=True)).item(),
                 entropy(student_probs).item(), effective_rank(last.teacher_cls),
-            ], device=run.device)
+            ], device=terms.device)
     bad = (~torch.isfinite(terms[0]) | ~torch.isfinite(grad_norm)).float()
     # One collective per step: loss terms, the finite flag, a stop request and health figures.
     packed = all_reduce_sum_(torch.cat([terms, bad.view(1), terms.new_tensor([float(stop_flag)]), health.float()]))
@@ -114,19 +157,19 @@ def reduce_step(run: Any, terms: torch.Tensor, last: StepOutputs, values: Schedu
                        health=reduced[n + 2:], grad_norm=norms[0], grad_norms=dict(zip(grad_norms, norms[1:])))
 
 
-def apply_update(run: Any, values: ScheduleValues, finite: bool, outputs: list[StepOutputs]) -> None:
+def apply_update(parts: StepParts, outputs: list[StepOutputs], *, values: ScheduleValues, finite: bool) -> None:
     """AdamW, EMA teacher and teacher centers (from every micro-step's teacher logits) if ``finite``; clear grads."""
     if finite:
-        run.optimizer.step()
-        ema_update_(run.teacher, run.student, values.momentum)
-        if run.cfg.loss.targets == "centering":
+        parts.optimizer.step()
+        ema_update_(parts.teacher, parts.student, values.momentum)
+        if parts.objective.update_centers:
             for out in outputs:
-                run.losses["dino"].targets.update_center(out.teacher_cls_logits)
-                run.losses["ibot"].targets.update_center(out.teacher_patch_logits)
-    run.optimizer.zero_grad(set_to_none=True)
+                parts.losses["dino"].targets.update_center(out.teacher_cls_logits)
+                parts.losses["ibot"].targets.update_center(out.teacher_patch_logits)
+    parts.optimizer.zero_grad(set_to_none=True)
 
 
-def _clip_gradients(modules: dict[str, nn.Module], max_norm: float) -> dict[str, torch.Tensor]:
+def clip_gradients(modules: dict[str, nn.Module], max_norm: float) -> dict[str, torch.Tensor]:
     """Clip each module's gradients to ``max_norm`` separately (as DINOv2); returns the norms before clipping."""
     norms = {}
     for name, module in modules.items():

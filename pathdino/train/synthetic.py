@@ -13,32 +13,34 @@ what lets tests compare DDP and FSDP2 runs with a single process number for numb
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from pathdino.data.batch import MultiCropBatch
+from pathdino.train.config import CropPlan
 
 
 class SyntheticLoader:
     """Endless, deterministic stream of ``MultiCropBatch`` (see the module docstring for the sample order).
 
-    iBOT masks: each global crop is masked with probability ``mask_probability``, with a ratio drawn uniformly in
-    ``[min_ratio, max_ratio]`` (random patches, not blocks; only the count matters here).
+    Crops are those of ``plan`` (``crop_plan(cfg)``, as the tile-store loader's). iBOT masks: each global crop is
+    masked with probability ``plan.mask_probability``, with a ratio drawn uniformly in ``plan.mask_ratio``
+    (random patches, not blocks; only the count matters here).
     """
 
     samples_per_epoch = 1_000_000
 
-    def __init__(self, n_global: int, global_px: int, n_local: int, local_px: int, patch_size: int,
-                 batch_size: int, rank: int = 0, seed: int = 0, mask_probability: float = 0.5,
-                 min_ratio: float = 0.1, max_ratio: float = 0.5, device: str | torch.device = "cpu",
-                 world_size: int = 1) -> None:
+    def __init__(self, plan: CropPlan, *, patch_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device: str | torch.device = "cpu") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.n_global, self.global_px, self.n_local, self.local_px = n_global, global_px, n_local, local_px
-        self.n_patches = (global_px // patch_size) ** 2
+        self.n_global, self.global_px, self.n_local, self.local_px = (plan.n_global, plan.global_px, plan.n_local,
+                                                                      plan.local_px)
+        self.n_patches = (plan.global_px // patch_size) ** 2
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.mask_probability, self.min_ratio, self.max_ratio = mask_probability, min_ratio, max_ratio
+        self.mask_probability, (self.min_ratio, self.max_ratio) = plan.mask_probability, plan.mask_ratio
         self.device = torch.device(device)
         self.index = 0
 
@@ -88,7 +90,7 @@ class SyntheticLoader:
             store_indices=torch.zeros(b, dtype=torch.int64),
         )
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[MultiCropBatch]:
         while True:
             batch = self.make_batch(self.index)
             self.index += 1

@@ -1,0 +1,50 @@
+"""The process-wide part of a run: the processes (accelerate), where the run writes, how it is parallel.
+
+``open_context`` builds a ``RunContext`` once per ``train`` call, before any model: it starts accelerate, checks
+that a multi-process launch really forms one job, sets up logging and tunes the CPU runtime, registering every
+undo on the caller's ``ExitStack``. It reads only the ``train`` and ``log`` sections, so another trainer (a slide
+encoder) starts its processes the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pathdino.train.config import TrainConfig
+from pathdino.train.distributed import check_launch, make_accelerator, use_fsdp
+from pathdino.train.host import tune_cpu_runtime
+from pathdino.train.logs import default_trackers, setup_logging
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every phase of a run shares in this process; built once by ``open_context``."""
+
+    accelerator: Accelerator
+    device: torch.device
+    rank: int  # this process, in [0, world)
+    world: int  # processes in the job
+    is_main: bool  # the process that writes metrics, config.yaml and done.json
+    use_fsdp: bool  # FSDP2-sharded models (else DDP across processes, or a single process)
+    out_dir: Path  # train.output_dir
+
+
+def open_context(train: TrainConfig, trackers: list[str] | None, cleanup: contextlib.ExitStack) -> RunContext:
+    """Start accelerate for ``train`` (precision, output_dir, parallel, CPU settings) with ``trackers``
+    (``log.trackers``); what this changes in the process is undone when ``cleanup`` closes."""
+    out_dir = Path(train.output_dir)
+    accelerator = make_accelerator(train.precision, str(out_dir), default_trackers(trackers))
+    check_launch(accelerator)
+    cleanup.callback(tune_cpu_runtime(accelerator.device, train.cpu_flush_denormal, train.cpu_reuse_freed_memory))
+    setup_logging(accelerator.is_main_process)
+    return RunContext(accelerator=accelerator, device=accelerator.device, rank=accelerator.process_index,
+                      world=accelerator.num_processes, is_main=accelerator.is_main_process,
+                      use_fsdp=use_fsdp(train.parallel, accelerator), out_dir=out_dir)
