@@ -79,7 +79,9 @@ class Monitors:
 def start_phase(ctx: RunContext, cfg: RunConfig, *, resume: bool | str | None,
                 loader: Loader | None) -> tuple[Phase, Progress]:
     """Check the config (and ``loader``), find the resume point, and build the phase it falls in."""
-    validate_config(cfg, ctx.world, check_stores=loader is None)
+    catalog = validate_config(cfg, ctx.world, check_stores=loader is None)
+    if catalog is not None:
+        log.info("training on %s", catalog.uses)
     if loader is not None:
         check_loader(loader, cfg)
     checkpoint = resume_point(ctx.out_dir, resume)
