@@ -198,7 +198,7 @@ def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> t
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     student, teacher = build_student_teacher(mc.backbone, mc.dino_head, mc.ibot_head_)
     if mc.init_checkpoint and checkpoint is None:
-        load_init_checkpoint(student.backbone, mc.init_checkpoint)
+        load_init_checkpoint(student.backbone, mc.init_checkpoint, layout=True)
         teacher.load_state_dict(student.state_dict())
     student.to(device)
     teacher.to(device)
@@ -248,7 +248,8 @@ def _schedules(cfg: RunConfig) -> Schedules:
         weight_decay_end=oc.weight_decay_end, momentum_teacher=oc.momentum_teacher,
         momentum_teacher_end=oc.momentum_teacher_end, teacher_temp=lc.teacher_temp,
         teacher_temp_warmup_start=lc.teacher_temp_warmup_start,
-        teacher_temp_warmup_steps=lc.teacher_temp_warmup_steps, freeze_last_layer_steps=oc.freeze_last_layer_steps)
+        teacher_temp_warmup_steps=lc.teacher_temp_warmup_steps, freeze_last_layer_steps=oc.freeze_last_layer_steps,
+        freeze_backbone_steps=tc.freeze_backbone_steps, backbone_lr_ramp_steps=tc.backbone_lr_ramp_steps)
 
 
 def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *, parts: StepParts,

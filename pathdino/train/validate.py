@@ -30,6 +30,10 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
     if o.warmup_steps > t.total_steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
                           key="optim.warmup_steps")
+    if t.freeze_backbone_steps and not cfg.model.init_checkpoint:
+        raise ConfigError(f"train.freeze_backbone_steps={t.freeze_backbone_steps} freezes a random backbone: set "
+                          "model.init_checkpoint to the backbone to continue from, or set it to 0",
+                          key="train.freeze_backbone_steps")
     if t.phases:
         validate_phases(cfg, world_size, check_stores)
     if check_stores and not t.synthetic_data:
