@@ -55,11 +55,19 @@ class SSLModel(nn.Module):
         mask_indices: torch.Tensor | None = None,
         return_patches: bool = False,
         mask_input: bool | None = None,
+        embed_only: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """See the class docstring; ``mask_indices`` (``masks.flatten().nonzero()[:, 0]``, computed once per step)
         avoids a device sync per call for the boolean gather. ``return_patches`` adds ``global_patch``
         [G*B, N, D], every global-crop patch token (Gram anchoring, feature distillation; the last block then runs
-        in full). ``mask_input`` (default: not ``teacher``) replaces the masked patches by the mask token."""
+        in full). ``mask_input`` (default: not ``teacher``) replaces the masked patches by the mask token.
+
+        ``embed_only=True`` returns ``{"cls": [B, D]}`` for ``global_crops`` alone: every token through every block
+        and the final norm, unmasked, no heads: what the exported timm encoder's ``model(x)`` gives (the in-training
+        probe; it goes through this root ``forward`` because FSDP2 gathers the root's own parameters only here).
+        """
+        if embed_only:
+            return {"cls": self.backbone(global_crops)["cls"]}
         if mask_indices is None:
             mask_indices = masks.flatten().nonzero().squeeze(1)
         mask_input = not teacher if mask_input is None else mask_input

@@ -157,7 +157,7 @@ def start_monitors(ctx: RunContext, cfg: RunConfig, progress: Progress, *,
     collapse.best.update(progress.collapse_best)
     a = cfg.augment
     probe = build_probe(cfg.eval.probe, crop_px=crop_plan(cfg).global_px, mean=tuple(a.mean), std=tuple(a.std),
-                        device=ctx.device, precision=cfg.train.precision)
+                        device=ctx.device)
     return Monitors(metrics=metrics, guard=guard, collapse=collapse, probe=probe)
 
 
