@@ -159,8 +159,14 @@ class TrainConfig:
     stop_at_step: int | None = None  # stop (after a checkpoint) at this step; schedules still use total_steps
     synthetic_data: bool = False  # random pixels instead of tile stores (benchmarks, smoke tests)
     phases: tuple[PhaseConfig, ...] = ()  # closing phases at other crop sizes / batch sizes (high resolution)
+    # Continued pretraining (model.init_checkpoint): the backbone gets no update for this many steps (no AdamW step,
+    # no weight decay) while the new heads learn; the teacher follows by EMA (its backbone stays the checkpoint's).
+    freeze_backbone_steps: int = 0
+    backbone_lr_ramp_steps: int = 0  # after the freeze, the backbone's lr multiplier rises 0 -> 1 over this many steps
 
     def __post_init__(self) -> None:
+        _check_fields("train", non_negative={"freeze_backbone_steps": self.freeze_backbone_steps,
+                                             "backbone_lr_ramp_steps": self.backbone_lr_ramp_steps})
         _check_fields("train", positive={"total_steps": self.total_steps, "batch_size": self.batch_size,
                                          "grad_accum_steps": self.grad_accum_steps,
                                          "checkpoint_every_steps": self.checkpoint_every_steps,

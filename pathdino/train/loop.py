@@ -122,6 +122,7 @@ def _log_step(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, v
     record.update({k: v / world for k, v in zip(LOSS_TERMS, reduced.terms)})
     record.update(lr=values.lr, weight_decay=values.weight_decay, momentum=values.momentum,
                   teacher_temp=values.teacher_temp, last_layer_frozen=values.last_layer_frozen,
+                  backbone_lr_mult=values.backbone_lr_mult,
                   grad_norm=reduced.grad_norm, skipped=not reduced.finite,
                   nonfinite_total=monitors.guard.total + (not reduced.finite))
     record.update({f"grad_norm_{k}": v for k, v in reduced.grad_norms.items()})

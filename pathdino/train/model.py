@@ -52,9 +52,17 @@ class SSLModel(nn.Module):
         *,
         teacher: bool = False,
         mask_indices: torch.Tensor | None = None,
+        embed_only: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """See the class docstring; ``mask_indices`` (``masks.flatten().nonzero()[:, 0]``, computed once per step)
-        avoids a device sync per call for the boolean gather."""
+        avoids a device sync per call for the boolean gather.
+
+        ``embed_only=True`` returns ``{"cls": [B, D]}`` for ``global_crops`` alone: every token through every block
+        and the final norm, unmasked, no heads: what the exported timm encoder's ``model(x)`` gives (the in-training
+        probe; it goes through this root ``forward`` because FSDP2 gathers the root's own parameters only here).
+        """
+        if embed_only:
+            return {"cls": self.backbone(global_crops)["cls"]}
         if mask_indices is None:
             mask_indices = masks.flatten().nonzero().squeeze(1)
         # Masks always go into the student (even with none set) so the mask token is in every step's graph, which

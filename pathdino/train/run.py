@@ -79,7 +79,9 @@ class Monitors:
 def start_phase(ctx: RunContext, cfg: RunConfig, *, resume: bool | str | None,
                 loader: Loader | None) -> tuple[Phase, Progress]:
     """Check the config (and ``loader``), find the resume point, and build the phase it falls in."""
-    validate_config(cfg, ctx.world, check_stores=loader is None)
+    catalog = validate_config(cfg, ctx.world, check_stores=loader is None)
+    if catalog is not None:
+        log.info("training on %s", catalog.uses)
     if loader is not None:
         check_loader(loader, cfg)
     checkpoint = resume_point(ctx.out_dir, resume)
@@ -154,7 +156,7 @@ def start_monitors(ctx: RunContext, cfg: RunConfig, progress: Progress, *,
     collapse.best.update(progress.collapse_best)
     a = cfg.augment
     probe = build_probe(cfg.eval.probe, crop_px=crop_plan(cfg).global_px, mean=tuple(a.mean), std=tuple(a.std),
-                        device=ctx.device, precision=cfg.train.precision)
+                        device=ctx.device)
     return Monitors(metrics=metrics, guard=guard, collapse=collapse, probe=probe)
 
 
@@ -196,7 +198,7 @@ def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> t
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     student, teacher = build_student_teacher(mc.backbone, mc.dino_head, mc.ibot_head_)
     if mc.init_checkpoint and checkpoint is None:
-        load_init_checkpoint(student.backbone, mc.init_checkpoint)
+        load_init_checkpoint(student.backbone, mc.init_checkpoint, layout=True)
         teacher.load_state_dict(student.state_dict())
     student.to(device)
     teacher.to(device)
@@ -246,7 +248,8 @@ def _schedules(cfg: RunConfig) -> Schedules:
         weight_decay_end=oc.weight_decay_end, momentum_teacher=oc.momentum_teacher,
         momentum_teacher_end=oc.momentum_teacher_end, teacher_temp=lc.teacher_temp,
         teacher_temp_warmup_start=lc.teacher_temp_warmup_start,
-        teacher_temp_warmup_steps=lc.teacher_temp_warmup_steps, freeze_last_layer_steps=oc.freeze_last_layer_steps)
+        teacher_temp_warmup_steps=lc.teacher_temp_warmup_steps, freeze_last_layer_steps=oc.freeze_last_layer_steps,
+        freeze_backbone_steps=tc.freeze_backbone_steps, backbone_lr_ramp_steps=tc.backbone_lr_ramp_steps)
 
 
 def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *, parts: StepParts,
