@@ -36,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "pathdino.eval": {"tiling", "torch", "torchvision", "timm", "pathdino.data", "pathdino.models",
                       "pathdino.export"},
     "pathdino.mil": {"tiling", "torch", "pathdino.eval"},
-    "pathdino.slide": {"tiling", "torch", "timm", "pathdino.models"},
+    "pathdino.slide": {"tiling", "torch", "timm", "accelerate", "pathdino.models", "pathdino.train",
+                       "pathdino.embed"},
     "pathdino.cli": {"tiling", "torch", "pathdino.data", "pathdino.models", "pathdino.train", "pathdino.export",
                      "pathdino.embed", "pathdino.eval", "pathdino.mil", "pathdino.slide"},
     "pathdino": {"tiling", "pathdino.export"},  # pathdino/__init__.py: load_encoder, imported on first use

@@ -190,11 +190,13 @@ def schedule_at(cfg: SlidePretrainConfig, step: int) -> ScheduleValues:
 
 def micro_step(parts: Parts, pack: SlidePack, *, total_masked: int, world: int,
                sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of one pack; returns its ``TERMS`` and the encoder's slide embeddings (detached). The loss is scaled so that the gradients, summed
-    over micro-steps and averaged over processes (DDP), are the step's mean over masked tiles."""
+    """Forward and backward of one pack; returns its ``TERMS`` and the encoder's slide embeddings (detached).
+
+    The loss is scaled so that the gradients, summed over micro-steps and averaged over processes (DDP), are the
+    step's mean over its masked tiles."""
     with gradient_sync(parts.model, enabled=sync):
         with parts.autocast:
-            out = parts.model(pack.features, pack.grid_xy, pack.lengths, pack.masked)
+            out = parts.model(pack.features, pack.grid_xy, pack.lengths, masked=pack.masked)
         loss_sum, baseline_sum = mae_loss_sums(out.pred, pack.features[pack.masked],
                                                norm_targets=parts.cfg.objective.norm_targets)
         (loss_sum * (world / max(total_masked, 1))).backward()

@@ -60,7 +60,7 @@ class SlideMAE(nn.Module):
                                                    heads=decoder_heads))
         self.head = nn.Linear(decoder_dim, encoder.in_dim)
 
-    def forward(self, features: torch.Tensor, grid_xy: torch.Tensor, lengths: torch.Tensor,
+    def forward(self, features: torch.Tensor, grid_xy: torch.Tensor, lengths: torch.Tensor, *,
                 masked: torch.Tensor) -> MAEOutput:
         """``features`` [N, in_dim], ``grid_xy`` [N, 2] and ``masked`` [N] of slides of ``lengths`` [B] tokens,
         each slide's tokens in row-major order (a subset of row-major order is row-major: so are the visible)."""
