@@ -298,11 +298,13 @@ _RESUME_MAY_CHANGE = {"train.output_dir", "train.stop_at_step", "train.checkpoin
                       "data.num_workers"}
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume."""
+def config_changes(saved: dict[str, Any], current: dict[str, Any], *,
+                   may_change: set[str] | frozenset[str] = frozenset(_RESUME_MAY_CHANGE)) -> list[str]:
+    """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume
+    (``may_change``: this trainer's; the slide trainer passes its own)."""
     old, new = flat_config(saved), flat_config(current)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in _RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+            if k not in may_change and old.get(k) != new.get(k)]
 
 
 def per_process_batch(cfg: RunConfig, world_size: int) -> int:
