@@ -36,10 +36,12 @@ ALLOWED: dict[str, set[str]] = {
     "pathdino.eval": {"tiling", "torch", "torchvision", "timm", "pathdino.data", "pathdino.models",
                       "pathdino.export"},
     "pathdino.mil": {"tiling", "torch", "pathdino.eval"},
-    "pathdino.slide": {"tiling", "torch", "timm", "pathdino.models"},
+    "pathdino.slide": {"tiling", "torch", "timm", "accelerate", "pathdino.models", "pathdino.train",
+                       "pathdino.embed"},
     "pathdino.cli": {"tiling", "torch", "pathdino.data", "pathdino.models", "pathdino.train", "pathdino.export",
                      "pathdino.embed", "pathdino.eval", "pathdino.mil", "pathdino.slide"},
-    "pathdino": {"tiling", "pathdino.export"},  # pathdino/__init__.py: load_encoder, imported on first use
+    # pathdino/__init__.py: load_encoder, load_slide_encoder, imported on first use
+    "pathdino": {"tiling", "pathdino.export", "pathdino.slide"},
 }
 # package -> the tiling modules it may use ("tiling": the package itself, for __version__). Everything outside
 # tiling reaches the tiler's internals (readers, tissue, runner) only through the CLI.
@@ -53,7 +55,7 @@ TILING_MODULES: dict[str, set[str]] = {
     "pathdino.embed": {"tiling", "tiling.errors", "tiling.fsio", "tiling.store"},
     "pathdino.eval": {"tiling.configio", "tiling.errors", "tiling.fsio"},
     "pathdino.mil": {"tiling.errors", "tiling.fsio"},
-    "pathdino.slide": {"tiling.configio", "tiling.errors", "tiling.fsio"},
+    "pathdino.slide": {"tiling", "tiling.configio", "tiling.errors", "tiling.fsio"},
     "pathdino.cli": {"tiling.config", "tiling.configio", "tiling.errors", "tiling.inputs", "tiling.outcome",
                      "tiling.preflight", "tiling.runner", "tiling.store"},
 }

@@ -150,3 +150,66 @@ def test_continue_preset_takes_a_dinov2_release_layout(tmp_path):
         report = load_init_checkpoint(model, tmp_path / name, strict=True, layout=True)
         assert report.pos_embed_resized == ((37, 37), (16, 16)) and not report.missing_keys
         assert torch.equal(model.blocks[11].mlp.fc2.weight, release.backbone.blocks[11].mlp.fc2.weight)
+
+
+# ---- Gram anchoring ---------------------------------------------------------------------------------------------
+
+def _gram_by_hand(student, teacher, remove_negative):
+    """dinov3's Gram loss written out entry by entry in float64: per image, cosine similarity of every patch pair,
+    negatives to 0 (both sides), squared difference, mean over images and pairs."""
+    total, count = 0.0, 0
+    for s_img, t_img in zip(student.double(), teacher.double()):
+        n = s_img.shape[0]
+        for i in range(n):
+            for j in range(n):
+                s = float(s_img[i] @ s_img[j] / (s_img[i].norm() * s_img[j].norm()))
+                t = float(t_img[i] @ t_img[j] / (t_img[i].norm() * t_img[j].norm()))
+                if remove_negative:
+                    s, t = max(s, 0.0), max(t, 0.0)
+                total += (s - t) ** 2
+                count += 1
+    return total / count
+
+
+def test_gram_loss_matches_the_formula():
+    from pathdino.losses import gram_loss, resample_patch_grid
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 9, 5), torch.randn(3, 9, 7)  # widths may differ: only similarities compare
+    for remove_negative in (True, False):
+        got = gram_loss(student, teacher, remove_negative=remove_negative).item()
+        assert got == pytest.approx(_gram_by_hand(student, teacher, remove_negative), rel=1e-5)
+    assert gram_loss(student, student * 3.0).item() == pytest.approx(0.0, abs=1e-6)  # scale-free: cosines
+    # a teacher grid twice as fine, resampled to the student's: constant features stay constant
+    fine = torch.ones(2, 16, 4) * torch.arange(4.0)
+    assert torch.allclose(resample_patch_grid(fine, 2), torch.ones(2, 4, 4) * torch.arange(4.0), atol=1e-5)
+    with pytest.raises(ValueError, match="same B and N"):
+        gram_loss(student, teacher[:, :4])
+
+
+GRAM = ["loss.gram.weight=1.0", "loss.gram.start_step=1", "loss.gram.refresh_every_steps=2",
+        "loss.gram.input_scale=2.0"]
+
+
+def test_gram_teacher_is_copied_from_the_ema_teacher_on_schedule(tmp_path):
+    out = tmp_path / "run"
+    train(config(out, *GRAM))
+    log = records(out)
+    assert log[1]["gram"] == 0.0 and all(log[s]["gram"] > 0 for s in (2, 3, 4))
+
+    def part(step, name, prefix=""):
+        sd = load_file(ckpt(out, step) / f"{name}.safetensors")
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    # refreshed before optimizer steps 1 and 3 (0-based): checkpoint 2 holds teacher 1's backbone, 4 holds 3's
+    for gram_step, teacher_step in ((2, 1), (3, 1), (4, 3)):
+        gram, teacher = part(gram_step, "gram_teacher"), part(teacher_step, "teacher", "backbone.")
+        assert gram.keys() == teacher.keys()
+        assert all(torch.equal(gram[k], teacher[k]) for k in gram), (gram_step, teacher_step)
+    gram2, teacher2 = part(2, "gram_teacher"), part(2, "teacher", "backbone.")
+    assert not all(torch.equal(gram2[k], teacher2[k]) for k in gram2)  # the EMA teacher has moved on
+
+
+def test_gram_resumes_exactly_across_a_refresh(tmp_path):
+    ref = assert_resumes_exactly(tmp_path, *GRAM, stop_at=2)  # the refresh before step 3 happens after the resume
+    assert_same_checkpoint(ckpt(ref, 4), ckpt(tmp_path / "resumed", 4), names=("gram_teacher",))

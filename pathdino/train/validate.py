@@ -34,6 +34,11 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
         raise ConfigError(f"train.freeze_backbone_steps={t.freeze_backbone_steps} freezes a random backbone: set "
                           "model.init_checkpoint to the backbone to continue from, or set it to 0",
                           key="train.freeze_backbone_steps")
+    gram = cfg.loss.gram
+    if gram.weight and round(plan.global_px * gram.input_scale) % patch:
+        raise ConfigError(f"loss.gram.input_scale={gram.input_scale} makes the Gram teacher's crop "
+                          f"{plan.global_px * gram.input_scale:g} px, not a multiple of model.backbone.patch_size="
+                          f"{patch}; choose a scale that gives one (e.g. 2)", key="loss.gram.input_scale")
     if t.phases:
         validate_phases(cfg, world_size, check_stores)
     if check_stores and not t.synthetic_data:
