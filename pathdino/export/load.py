@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tiling.errors import PathdinoError
-from tiling.fsio import read_json
+from tiling.fsio import read_json, safetensors_problem
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -126,6 +126,11 @@ def _require_files(path: Path, cfg_exists: bool = True) -> None:
     missing = [name for name in (CONFIG_FILE,) if not (path / name).is_file()]
     if not (path / WEIGHTS_FILE).is_file() and not (path / TORCH_WEIGHTS_FILE).is_file():
         missing.append(f"{WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE})")
+    weights = path / WEIGHTS_FILE
+    problem = safetensors_problem(weights) if weights.is_file() else None
+    if problem is not None:  # found before any output is created (pathdino embed) or a model is built
+        raise EncoderFormatError(f"{weights} is damaged ({problem}); copy the encoder folder again, or re-run "
+                                 "`pathdino export`")
     if missing:
         raise EncoderFormatError(
             f"encoder folder {path} is missing {', '.join(missing)}; an exported encoder holds {CONFIG_FILE}, "
