@@ -78,9 +78,10 @@ def ckpt(out: Path, step: int) -> Path:
 
 
 def assert_close_losses(a: dict[int, dict], b: dict[int, dict], steps: list[int], world_b: int = 2) -> None:
-    """Steps of run ``a`` (1 process) and ``b`` (``world_b`` processes) agree; masked_tokens is logged per process."""
+    """Steps of run ``a`` (1 process, 1 micro-step) and ``b`` agree; masked_tokens is logged per process and
+    micro-step, so ``world_b`` is b's processes x micro-steps."""
     for step in steps:
-        assert a[step]["masked_tokens"] == b[step]["masked_tokens"] * world_b
+        assert a[step]["masked_tokens"] == pytest.approx(b[step]["masked_tokens"] * world_b)
         for key in (*[k for k in LOSS_TERMS if k != "masked_tokens"], "grad_norm"):
             x, y = a[step][key], b[step][key]
             assert abs(x - y) <= LOSS_TOL * max(1.0, abs(x)), (step, key, x, y)
@@ -256,3 +257,36 @@ def test_cli_exits_3_after_consecutive_nonfinite_steps(tmp_path):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "consecutive steps had a non-finite loss" in proc.stderr
     assert not (out / "done.json").exists()
+
+
+# ---- gradient accumulation: 2 micro-steps of 4 are one step of 8 ---------------------------------------------
+# The synthetic loader's samples of one optimizer step do not depend on the micro-step split (synthetic.py), every
+# loss term is a mean over its micro-batch, and the teacher centers take ONE EMA step per optimizer step over all
+# micro-batches' rows (step.apply_update): so the losses, gradients, weights and centers equal the 1 x 8 reference.
+
+ACCUM = "train.grad_accum_steps=2"
+
+
+def test_accumulation_two_by_four_equals_one_by_eight(reference, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(SMOKE, [f"train.output_dir={out}", *EXACT, ACCUM]))
+    assert_close_losses(records(reference), records(out), [1, 2, 3, 4], world_b=2)
+    assert_close_weights(ckpt(reference, 4), ckpt(out, 4))  # losses.safetensors: the centers
+
+
+def _skipped_syncs(dump: Path, rank: int) -> list[dict]:
+    return [json.loads(line)["skipped_syncs"] for line in (dump / f"hashes_rank{rank}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_accumulation_under_ddp_and_fsdp2_equals_one_batch(reference, tmp_path, fsdp):
+    """2 processes x 2 micro-steps x 2 images: the first micro-step of each optimizer step skips the gradient
+    all-reduce (DDP ``no_sync`` / FSDP2's requires-sync flag), the second reduces."""
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    launch(out, dump, ACCUM, fsdp=fsdp)
+    assert_close_losses(records(reference), records(out), [1, 2, 3, 4], world_b=4)
+    assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
+    key, other = ("fsdp2_no_sync", "ddp_no_sync") if fsdp else ("ddp_no_sync", "fsdp2_no_sync")
+    for rank in (0, 1):  # checkpoints at steps 2 and 4: one skipped all-reduce per optimizer step so far
+        assert [c[key] for c in _skipped_syncs(dump, rank)] == [2, 4]
+        assert [c[other] for c in _skipped_syncs(dump, rank)] == [0, 0]

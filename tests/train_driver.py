@@ -7,7 +7,8 @@ functions the loop calls, according to environment variables:
 
 * ``PATHDINO_TEST_DUMP=<dir>`` (required): after every checkpoint each rank appends SHA-256 digests of ITS OWN copy
   of the student, teacher and loss buffers (centers) to ``hashes_rank<r>.jsonl`` (DDP keeps full replicas on
-  every rank, so equal digests mean the ranks hold equal weights; FSDP2 ranks hold different shards). After a
+  every rank, so equal digests mean the ranks hold equal weights; FSDP2 ranks hold different shards), with how
+  many times so far the gradient all-reduce was skipped (DDP ``no_sync``, FSDP2's requires-sync flag off). After a
   resume, rank 0 writes what was actually reloaded (the gathered student, teacher, optimizer state) and every
   rank writes its loss buffers and its loader position, for comparison with the checkpoint's files.
 * ``PATHDINO_TEST_POISON=<rank>:<step>,<step>...[;<rank>:...]``: on that rank, the DINO loss VALUE of those steps is
@@ -65,6 +66,28 @@ class RecordingLoader:
             self.inner.close()
 
 
+def _count_skipped_gradient_syncs() -> dict[str, int]:
+    """Count entries into DDP's ``no_sync`` and FSDP2's ``set_requires_gradient_sync(False)`` (accumulation
+    micro-steps that must not all-reduce), so that a test can see the skipping path was taken."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    counts = {"ddp_no_sync": 0, "fsdp2_no_sync": 0}
+    no_sync, set_sync = DistributedDataParallel.no_sync, FSDPModule.set_requires_gradient_sync
+
+    def counted_no_sync(self):
+        counts["ddp_no_sync"] += 1
+        return no_sync(self)
+
+    def counted_set_sync(self, requires_gradient_sync, *args, **kwargs):
+        counts["fsdp2_no_sync"] += not requires_gradient_sync
+        return set_sync(self, requires_gradient_sync, *args, **kwargs)
+
+    DistributedDataParallel.no_sync = counted_no_sync
+    FSDPModule.set_requires_gradient_sync = counted_set_sync
+    return counts
+
+
 def install(dump: Path, poison: str | None = None) -> None:
     """Wrap the trainer's save_checkpoint (loop.py) / load_checkpoint / build_loader (run.py), and the DINO loss when
     poisoning."""
@@ -82,12 +105,13 @@ def install(dump: Path, poison: str | None = None) -> None:
 
     dump.mkdir(parents=True, exist_ok=True)
     save, load, build = loop.save_checkpoint, run.load_checkpoint, run.build_loader
+    skipped_syncs = _count_skipped_gradient_syncs()
 
     def save_checkpoint(out_dir, step, parts, **kwargs):
         path = save(out_dir, step, parts, **kwargs)
         model, teacher, losses = parts.models["student"], parts.models["teacher"], parts.buffers["losses"]
         record = {"step": step, "student": digest(unwrap(model).state_dict()), "teacher": digest(teacher.state_dict()),
-                  "centers": digest(losses.state_dict())}
+                  "centers": digest(losses.state_dict()), "skipped_syncs": dict(skipped_syncs)}
         with open(dump / f"hashes_rank{_rank()}.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         return path

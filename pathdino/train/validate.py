@@ -33,6 +33,15 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
     if o.warmup_steps > t.total_steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
                           key="optim.warmup_steps")
+    if t.freeze_backbone_steps and not cfg.model.init_checkpoint:
+        raise ConfigError(f"train.freeze_backbone_steps={t.freeze_backbone_steps} freezes a random backbone: set "
+                          "model.init_checkpoint to the backbone to continue from, or set it to 0",
+                          key="train.freeze_backbone_steps")
+    gram = cfg.loss.gram
+    if gram.weight and round(plan.global_px * gram.input_scale) % patch:
+        raise ConfigError(f"loss.gram.input_scale={gram.input_scale} makes the Gram teacher's crop "
+                          f"{plan.global_px * gram.input_scale:g} px, not a multiple of model.backbone.patch_size="
+                          f"{patch}; choose a scale that gives one (e.g. 2)", key="loss.gram.input_scale")
     if t.phases:
         validate_phases(cfg, world_size, check_stores)
     if check_stores and not t.synthetic_data:
