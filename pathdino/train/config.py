@@ -18,7 +18,7 @@ from pathdino.data import AugmentConfig, DataConfig, MaskConfig
 from pathdino.models import BackboneConfig, HeadConfig
 from pathdino.train.logs import flat_config
 from pathdino.train.probe import EvalConfig
-from tiling.configio import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from tiling.configio import ConfigError, apply_overrides, blame_override, from_dict, load_yaml, to_dict
 
 
 def _check_fields(section: str, *, positive: dict[str, float] | None = None,
@@ -283,7 +283,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config, apply ``key=value`` overrides, build the typed config (ConfigError on any problem)."""
     data = apply_overrides(load_yaml(path) if path is not None else {}, list(overrides or []))
     _drop_derived_img_size(data)
-    return from_dict(RunConfig, data, str(path) if path is not None else "config")
+    where = str(path) if path is not None else "config"
+    try:
+        return from_dict(RunConfig, data, where)
+    except ConfigError as exc:  # a key given as key=value is blamed on the command line, not on the file
+        raise blame_override(exc, where, overrides) from exc.__cause__
 
 
 def _drop_derived_img_size(data: dict[str, Any]) -> None:
@@ -311,7 +315,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 # Keys that may legitimately change on resume: where and how often the run writes, not what it computes.
 _RESUME_MAY_CHANGE = {"train.output_dir", "train.stop_at_step", "train.checkpoint_every_steps",
                       "train.keep_checkpoints", "train.checkpoint_at_end", "log.trackers", "log.every_steps",
-                      "data.num_workers"}
+                      "data.num_workers", "data.resume_changed_stores"}
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any], *,

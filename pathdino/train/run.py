@@ -23,7 +23,7 @@ from torch import nn
 from pathdino.losses import DINOLoss, IBOTPatchLoss, build_uniformity_loss
 from pathdino.models import dinov2_train_flops_per_image, load_init_checkpoint
 from pathdino.models.backbone import SUBSET_DROP_PATH_ABOVE, set_fused_attention
-from pathdino.train.checkpoint import load_checkpoint, read_trainer_state, resume_point
+from pathdino.train.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, resume_point
 from pathdino.train.config import CropPlan, RunConfig, config_changes, config_to_dict, crop_plan, per_process_batch
 from pathdino.train.context import RunContext
 from pathdino.train.distill import DistillTeacher, build_distill_teacher, check_resumed_teacher, distill_units
@@ -274,7 +274,17 @@ def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *
     """Load ``checkpoint`` (if any) into the parts and the loader; returns the progress to continue from."""
     if checkpoint is None:
         return Progress()
-    state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    try:
+        state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    except CheckpointError as exc:
+        saved = read_trainer_state(checkpoint)
+        now = config_to_dict(phase_config(cfg, saved.get("phase", 0)))
+        model = [c for c in config_changes(saved.get("config", {}), now) if c.startswith("model.")]
+        if not model:
+            raise
+        raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs from the checkpoint's "
+                              f"({'; '.join(model[:6])}); resume with the checkpoint's model settings, or start a "
+                              "new run in another train.output_dir") from exc
     check_resumed_teacher(state.get("distill_teacher"), parts.distill)
     step = state["step"]
     loader.load_state_dict(loader_state_for(state["loader_states"], ctx.rank, ctx.world))
