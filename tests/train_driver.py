@@ -10,7 +10,8 @@ functions the loop calls, according to environment variables:
   every rank, so equal digests mean the ranks hold equal weights; FSDP2 ranks hold different shards), with how
   many times so far the gradient all-reduce was skipped (DDP ``no_sync``, FSDP2's requires-sync flag off). After a
   resume, rank 0 writes what was actually reloaded (the gathered student, teacher, optimizer state) and every
-  rank writes its loss buffers and its loader position, for comparison with the checkpoint's files.
+  rank writes its loss buffers and its loader position, for comparison with the checkpoint's files. Every rank
+  appends the (slide id, tile index) pairs of each batch it trains on to ``batches_rank<r>.jsonl``.
 * ``PATHDINO_TEST_POISON=<rank>:<step>,<step>...[;<rank>:...]``: on that rank, the DINO loss VALUE of those steps is
   NaN while its gradient stays finite (a detached NaN is added), so only that rank's own finiteness check can
   notice: the test of the all-process agreement to skip a step.
@@ -45,7 +46,7 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class RecordingLoader:
-    """A loader that writes its position right after ``load_state_dict``."""
+    """A loader that writes its position right after ``load_state_dict``, and each batch's tiles."""
 
     def __init__(self, inner, dump: Path):
         self.inner, self.dump = inner, dump
@@ -59,7 +60,13 @@ class RecordingLoader:
         (self.dump / f"loader_rank{_rank()}.json").write_text(json.dumps(self.inner.state_dict()))
 
     def __iter__(self):
-        return iter(self.inner)
+        # Each batch's tiles (slide, tile index) as this rank received them: for the tests of who trains on what.
+        with open(self.dump / f"batches_rank{_rank()}.jsonl", "a") as fh:
+            for batch in self.inner:
+                tiles = [[s, int(t)] for s, t in zip(batch.slide_ids, batch.tile_indices.tolist())]
+                fh.write(json.dumps(tiles) + "\n")
+                fh.flush()
+                yield batch
 
     def close(self):
         if hasattr(self.inner, "close"):
