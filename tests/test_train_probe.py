@@ -106,17 +106,33 @@ def test_probe_data_errors_name_the_key(tmp_path):
         train(config(tmp_path / "x", f"eval.probe={{data: {tmp_path / 'missing'}}}"))
 
 
-def test_probe_holds_uint8_and_feeds_the_teacher_eval_transform_values(labelled):
-    from pathdino.eval.run import eval_transform
+def test_probe_embeds_exactly_as_pathdino_eval_does_on_the_exported_teacher(labelled, tmp_path):
+    """The probe's features of a teacher are the features `pathdino eval` computes on that teacher exported: the
+    same input values (64 px images resized to 56 by the encoder's transform) and the same token (CLS after the final
+    norm of every token, not the objective's trimmed rows), with registers and the last block trimmed in training."""
+    from pathdino.eval.datasets import load_tile_dataset
+    from pathdino.eval.features import extract_features
+    from pathdino.export import TrainingGeometry, export_backbone, load_encoder
+    from pathdino.models import BackboneConfig, HeadConfig
+    from pathdino.train.model import build_student_teacher
     from pathdino.train.probe import ProbeConfig, TrainingProbe
 
     mean, std = (0.7, 0.5, 0.6), (0.2, 0.25, 0.15)
-    probe = TrainingProbe(ProbeConfig(data=str(labelled), max_images=40), img_px=48, mean=mean, std=std,
+    cfg = BackboneConfig(arch="custom", embed_dim=48, depth=2, num_heads=2, patch_size=14, img_size=56,
+                         num_register_tokens=4, layerscale_init=0.1, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    _, teacher = build_student_teacher(cfg, HeadConfig(n_prototypes=32, hidden_dim=32, bottleneck_dim=16), None)
+    assert teacher.trim_last_block  # the training forward reads CLS and masked rows only
+    probe = TrainingProbe(ProbeConfig(data=str(labelled), max_images=1_000), img_px=56, mean=mean, std=std,
                           device=torch.device("cpu"))
-    assert probe.images.dtype == torch.uint8 and probe.images.shape[1:] == (3, 48, 48)
-    # Every stored image, normalised, equals the float transform the eval CLI applies to one of the folder's images.
-    files = sorted(labelled.rglob("*.png"))
-    expected = torch.stack([eval_transform(48, mean, std)(Image.open(p).convert("RGB")) for p in files])
-    got = probe.normalise(probe.images)
-    assert all((got[i] == expected).flatten(1).all(dim=1).any() for i in range(len(got)))
-    assert not (probe.normalise(probe.images[:1] // 2) == expected).flatten(1).all(dim=1).any()  # the check can fail
+    got = probe.embed(teacher)
+
+    geometry = TrainingGeometry(tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=mean, std=std,
+                                stores=(), notes=())
+    export_backbone(teacher.backbone.backbone, cfg, tmp_path / "encoder", geometry=geometry, provenance={"step": 0})
+    model, transform = load_encoder(tmp_path / "encoder")
+    dataset = load_tile_dataset(labelled)
+    records = list(dataset.records("train")) + list(dataset.records("val")) + list(dataset.records("test"))
+    expected = extract_features(model, transform, records, progress=False).features
+    assert got.shape == expected.shape == (28, 48)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

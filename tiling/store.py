@@ -267,6 +267,12 @@ class StoreSlide:
         return out
 
 
+def slide_mpp(slide: StoreSlide) -> float | None:
+    """The µm/px a slide was tiled at (the one asked for, else the one used), None when its provenance lacks it."""
+    mpp = slide.attrs.get("target_mpp", slide.attrs.get("effective_mpp"))
+    return float(mpp) if mpp is not None else None
+
+
 class TileStore:
     """A pathdino tile store opened for reading (local folder or fsspec URL), format 2 or 1.
 
@@ -348,6 +354,20 @@ def summarise(store: TileStore) -> dict[str, Any]:
             "n_slides": len(entries), "n_tiles": sum(e.n_tiles for e in entries.values()),
             "n_empty": sum(e.n_tiles == 0 for e in entries.values()),
             "n_failures": len(store.failures)}
+
+
+def describe_use(*, stores: tuple[str, ...], n_slides: int, n_tiles: int, n_failed: int,
+                 mpps: list[float | None], tile_pxs: list[int]) -> str:
+    """One line of what a run uses: stores, slides, tiles, failed slides skipped, µm/px and tile size."""
+    known = sorted({round(m, 4) for m in mpps if m is not None})
+    mpp = "/".join(f"{m:g}" for m in known) + " µm/px" if known else "unknown µm/px"
+    if known and any(m is None for m in mpps):
+        mpp += " (some slides unknown)"
+    px = "/".join(str(p) for p in sorted(set(tile_pxs)))
+    names = ", ".join(stores[:3]) + (f" and {len(stores) - 3} more" if len(stores) > 3 else "")
+    failed = f"; {n_failed} failed slide(s) skipped (`pathdino info STORE` lists them)" if n_failed else ""
+    return (f"{len(stores)} store(s) ({names}): {n_slides} slide(s), {n_tiles:,} tiles, {mpp}, {px} px tiles"
+            f"{failed}")
 
 
 def dumps(obj: Any) -> str:

@@ -177,6 +177,45 @@ def train(
     raise typer.Exit(train_command(launch))
 
 
+@app.command("slide-train")
+def slide_train(
+    *,
+    config: Path = typer.Option(..., "--config", "-c", help="YAML slide-pretraining config, e.g. "
+                                                            "configs/slide/small.yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Config overrides with dotted keys, e.g. "
+                                                         "data.embeddings=[runs/emb] optim.lr=3e-4."),
+    resume: bool = typer.Option(False, "--resume", show_default="off: a fresh run (refused if train.output_dir "
+                                                                 "holds checkpoints)",
+                                help="Resume from the newest checkpoint in train.output_dir."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="CHECKPOINT",
+                                              show_default="none: see --resume",
+                                              help="Resume from this checkpoint folder (step_*)."),
+    check: bool = typer.Option(False, "--check", show_default="off: train",
+                               help="Validate the config and embeddings stores, then exit."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", "-n",
+                                                show_default="1, or the accelerate config's num_processes",
+                                                help="Processes in total. More than 1: print the accelerate launch "
+                                                     "line to run."),
+    accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config",
+                                                     show_default="none: one process here, or the generic "
+                                                                  "multi-process flags",
+                                                     help="An accelerate config (configs/accelerate/*.yaml): print "
+                                                          "the accelerate launch line that uses it."),
+) -> None:
+    """Slide-encoder pretraining (masked autoencoding on `pathdino embed` outputs): runs `python -m
+    pathdino.slide.train` here (one process) or prints the `accelerate launch` line."""
+    from pathdino.cli.train import plan_launch, train_command
+
+    try:
+        launch = plan_launch(config=config, overrides=list(overrides or []), resume=resume, resume_from=resume_from,
+                             check=check, num_processes=num_processes, accelerate_config=accelerate_config,
+                             module="pathdino.slide.train")
+    except _project_error() as exc:
+        _fail(str(exc))
+    raise typer.Exit(train_command(launch))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("pathdino-demo"), "--out", "-o", help="Folder for every output of the demo."),

@@ -52,6 +52,7 @@ def embed_command(store: str, encoder: str, out: str, *, options: EmbedOptions) 
         console.print(f"rank {launched[0]} of {launched[1]} (from the launcher): shard {launched[0]}/{launched[1]}")
     report = embed_store(store, encoder, out, options)
     where = f"shard {report.shard[0]}/{report.shard[1]}: " if report.shard[1] > 1 else ""
+    console.print(f"{where}uses {report.uses}")
     console.print(f"{where}embedded {len(report.embedded)} slide(s), {report.n_tiles} tiles in {report.seconds:.1f} s "
                   f"({report.tiles_per_s:.0f} tiles/s); {len(report.skipped)} already complete")
     if report.waiting:

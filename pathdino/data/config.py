@@ -59,6 +59,10 @@ class DataConfig:
         pin_memory: pin batches in page-locked memory when the device is CUDA, default True.
         max_open_slides: slides each worker keeps open (least recently used are closed), default 512.
         skip_empty_slides: default False: a selected slide with no tiles is an error; True skips it.
+        allow_mixed_resolutions: default False: slides at different µm/px (more than 5% apart) or with different
+            tile sizes are an error naming two of them; True trains on the mix (a deliberate multi-scale recipe).
+        resume_changed_stores: default False: resuming after the selected slides or their tile counts changed
+            (slides added to a store, a store added) is an error; True continues at the same share of the epoch.
     """
 
     stores: tuple[str, ...]
@@ -77,6 +81,8 @@ class DataConfig:
     pin_memory: bool = True
     max_open_slides: int = 512
     skip_empty_slides: bool = False
+    allow_mixed_resolutions: bool = False
+    resume_changed_stores: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stores, str):

@@ -141,14 +141,17 @@ class TrainLoader:
                 "epoch_size": self.spec.epoch_size, "epoch_remainder": self.spec.data.epoch_remainder,
                 "dataset_fingerprint": self.spec.catalog.fingerprint}
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool | None = None) -> None:
         """Continue from ``state``.
 
         Same world size, workers, batch size, window and stores: the next batches equal the uninterrupted run's.
         Otherwise the epoch restarts at the first position of the round that held the checkpoint under the old
         layout: nothing is skipped, and at most one round (old world_size x workers x window draws) repeats.
-        Changed stores raise unless ``strict=False``, which resumes at the same epoch and share of the epoch.
+        Changed stores raise unless ``strict=False`` (default: ``not data.resume_changed_stores``), which resumes
+        at the same epoch and share of the epoch.
         """
+        if strict is None:
+            strict = not self.spec.data.resume_changed_stores
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown data-loader state format {state.get('format')!r} (expected {STATE_FORMAT})")
         if int(state["seed"]) != self.spec.seed:
@@ -159,8 +162,11 @@ class TrainLoader:
         if state["dataset_fingerprint"] != self.spec.catalog.fingerprint or state["epoch_size"] != self.spec.epoch_size:
             if strict:
                 raise ConfigError("the selected stores/slides changed since the checkpoint (fingerprint "
-                                  f"{state['dataset_fingerprint']} -> {self.spec.catalog.fingerprint}); resume with "
-                                  "load_state_dict(state, strict=False) to continue at the same share of the epoch")
+                                  f"{state['dataset_fingerprint']} -> {self.spec.catalog.fingerprint}, now "
+                                  f"{self.spec.catalog.uses or 'see data.stores'}); to continue at the same share "
+                                  "of the epoch with the new tiles, resume with the override "
+                                  "data.resume_changed_stores=true (or restore the old selection)",
+                                  key="data.resume_changed_stores")
             old_global = int(state["world_size"]) * int(state["batch_size_per_process"])
             done = (start + batch * old_global) / max(int(state["epoch_size"]), 1)
             self._set_position(epoch, math.floor(done * self.spec.epoch_size))

@@ -37,7 +37,7 @@ from pathdino.embed.store import (
 from pathdino.export.load import EncoderInfo, load_encoder, read_encoder_config
 from tiling import __version__
 from tiling.fsio import file_sha256, now_iso
-from tiling.store import StoreSlide, TileStore
+from tiling.store import StoreSlide, TileStore, describe_use, slide_mpp
 
 log = logging.getLogger(__name__)
 FORMATS = ("zarr", "h5")
@@ -114,6 +114,7 @@ class EmbedReport:
     shard: tuple[int, int] = (0, 1)  # this process's share of the work
     parts: int = 0  # tile ranges (whole slides or parts of slides) computed by this process
     waiting: tuple[str, ...] = ()  # slides whose parts this process finished, still waiting for other processes'
+    uses: str = ""  # what this run embeds: store, slides, tiles, failed slides skipped, µm/px and tile size
 
     @property
     def tiles_per_s(self) -> float:
@@ -153,6 +154,10 @@ def encode_tokens(model, x: torch.Tensor, mean_patch: bool) -> tuple[torch.Tenso
 
 def _select(store: TileStore, patterns: tuple[str, ...] | None) -> list[str]:
     ids = store.slide_ids
+    if not ids:  # nothing to embed is a mistake to report, not an "embedded 0 slide(s)" success
+        failed = len(store.failures)
+        raise EmbedError(f"tile store {store.url} holds no usable slide ({failed} failed slide(s), none complete): "
+                         f"`pathdino info {store.url} --failures` says why; tile the slides again")
     if patterns is None:
         return ids
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s, p) for s in ids)]
@@ -160,6 +165,13 @@ def _select(store: TileStore, patterns: tuple[str, ...] | None) -> list[str]:
         raise EmbedError(f"--slides {unmatched} match no complete slide of {store.url} "
                          f"(run `pathdino info {store.url}`)")
     return [s for s in ids if any(fnmatch.fnmatchcase(s, p) for p in patterns)]
+
+
+def _uses(store: TileStore, slides: dict[str, StoreSlide], patterns: tuple[str, ...] | None) -> str:
+    failed = [s for s in store.failures if patterns is None or any(fnmatch.fnmatchcase(s, p) for p in patterns)]
+    return describe_use(stores=(store.url,), n_slides=len(slides), n_tiles=sum(s.n_tiles for s in slides.values()),
+                        n_failed=len(failed), mpps=[slide_mpp(s) for s in slides.values()],
+                        tile_pxs=[s.tile_px for s in slides.values()])
 
 
 def _encoder_meta(info: EncoderInfo) -> dict[str, Any]:
@@ -367,7 +379,8 @@ def embed_store(store_url: str | Path, encoder_dir: str | Path, out: str | Path,
     return EmbedReport(out=writer.path, embedded=tuple(s for s in slide_ids if s in committed),
                        skipped=tuple(skipped), failed=result.failed, n_tiles=result.n_tiles,
                        seconds=result.seconds, forced=tuple(s for s in slide_ids if s in forced and s in committed),
-                       startup_s=result.startup_s, shard=shard, parts=result.parts_done, waiting=waiting)
+                       startup_s=result.startup_s, shard=shard, parts=result.parts_done, waiting=waiting,
+                       uses=_uses(store, slides, options.slides))
 
 
 def _compute(run: _Run, todo: list[WorkItem], shard: tuple[int, int]):
@@ -391,20 +404,6 @@ def _compute(run: _Run, todo: list[WorkItem], shard: tuple[int, int]):
         run.writer.record_failure(slide_id, {"reason": error, "stage": "read/decode", "shard": list(shard)})
 
     return run_loop(run, todo, run.try_commit, on_failure, options, device, bf16, model, transform, run.n_patch)
-
-
-def progress_bar(enabled: bool, total: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} tiles/s"), TimeRemainingColumn(), disable=not enabled)
-    return bar, bar.add_task("embedding", total=total, rate="-")
 
 
 __all__ = ["H5_DIR", "EmbedOptions", "EmbedReport", "check_compatibility", "embed_store", "encode_tokens"]

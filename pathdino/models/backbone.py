@@ -168,7 +168,9 @@ def timm_create_kwargs(cfg: BackboneConfig) -> tuple[str, dict[str, Any]]:
         num_heads=cfg.num_heads_,
         mlp_ratio=mlp_ratio,
         qkv_bias=cfg.qkv_bias,
-        init_values=cfg.layerscale_init,
+        # timm.create_model drops None kwargs (the dinov2 family's default 1e-5 would then apply); 0 is its
+        # "no LayerScale" (a falsy init_values builds nn.Identity).
+        init_values=cfg.layerscale_init if cfg.layerscale_init is not None else 0.0,
         reg_tokens=cfg.num_register_tokens,
         # With registers neither CLS nor registers get a position (timm's conversion of dinov2-reg weights);
         # without, the pos embed has a CLS slot as in dinov2 checkpoints.

@@ -140,8 +140,45 @@ def _adapt_pos_embed(
     return resized
 
 
+def _count_blocks(sd: Mapping[str, Any]) -> int:
+    ids = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def check_layout(sd: Mapping[str, torch.Tensor], model: VisionTransformer, path: Path) -> None:
+    """The checkpoint's patch size, register count, LayerScale, width and depth are the model's, or an error naming
+    the config key to change (``sd`` in timm names, after ``_rename_dinov2``). Continuing from a backbone with a
+    different layout would silently start those parts from random weights."""
+    problems = []
+    proj = sd.get("patch_embed.proj.weight")
+    patch = int(model.patch_embed.patch_size[0])
+    if proj is not None and proj.ndim == 4 and int(proj.shape[-1]) != patch:
+        problems.append(f"patch size {int(proj.shape[-1])} vs {patch}: set model.backbone.patch_size="
+                        f"{int(proj.shape[-1])}")
+    ckpt_regs = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
+    if ckpt_regs != model.num_reg_tokens:
+        problems.append(f"{ckpt_regs} register tokens vs {model.num_reg_tokens}: set "
+                        f"model.backbone.num_register_tokens={ckpt_regs}")
+    ckpt_ls = any(".ls1." in k for k in sd)
+    model_ls = any(".ls1." in k for k in model.state_dict())
+    if ckpt_ls != model_ls:
+        fix = "a value (e.g. 1.0e-5; the checkpoint's gammas replace it)" if ckpt_ls else "null"
+        problems.append(f"LayerScale {'present' if ckpt_ls else 'absent'} vs {'present' if model_ls else 'absent'}:"
+                        f" set model.backbone.layerscale_init to {fix}")
+    cls = sd.get("cls_token")
+    depth = _count_blocks(sd)
+    if (cls is not None and int(cls.shape[-1]) != model.embed_dim) or (depth and depth != len(model.blocks)):
+        problems.append(f"width x depth {int(cls.shape[-1]) if cls is not None else '?'} x {depth} vs "
+                        f"{model.embed_dim} x {len(model.blocks)}: set model.backbone.arch (or its embed_dim, depth,"
+                        " num_heads with arch: custom)")
+    if problems:
+        raise InitCheckpointError(f"init checkpoint {path} (model.init_checkpoint) does not match the configured "
+                                  "backbone: " + "; ".join(problems))
+
+
 def load_init_checkpoint(
-    backbone: VisionTransformer | MaskedViT, path: str | Path, *, prefix: str | None = None, strict: bool = False
+    backbone: VisionTransformer | MaskedViT, path: str | Path, *, prefix: str | None = None, strict: bool = False,
+    layout: bool = False,
 ) -> InitReport:
     """Initialise ``backbone`` in place from a local timm- or dinov2-layout checkpoint (no download).
 
@@ -151,7 +188,8 @@ def load_init_checkpoint(
     names are mapped (chunked ``blocks.C.N.``, ``mlp.w12/w3``, ``register_tokens``; ``mask_token`` ignored), the CLS
     position is folded into the CLS token for register models, and the position embedding is resampled to the
     model's grid with timm's ``resample_abs_pos_embed``. Missing/unexpected keys are logged and returned; with
-    ``strict=True`` they raise. Shape mismatches (wrong arch or patch size) always raise.
+    ``strict=True`` they raise. Shape mismatches (wrong arch or patch size) always raise; with ``layout=True``
+    (the trainer) so does any difference in patch size, registers, LayerScale, width or depth (``check_layout``).
     """
     model = backbone.backbone if isinstance(backbone, MaskedViT) else backbone
     path = Path(path)
@@ -160,6 +198,8 @@ def load_init_checkpoint(
         raise InitCheckpointError(f"init checkpoint {path}: no tensors under prefix {prefix!r}; "
                                   "pass prefix= explicitly")
     sd, dropped = _rename_dinov2(sd)
+    if layout:
+        check_layout(sd, model, path)
     resized = _adapt_pos_embed(sd, model)
     own = model.state_dict()
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
-            validate_config(cfg, world_size=1, check_stores=True)
-            print(f"{args.config}: config and stores are valid")
+            catalog = validate_config(cfg, world_size=1, check_stores=True)
+            print(f"{args.config}: config and stores are valid" + (f"; trains on {catalog.uses}" if catalog else ""))
             return 0
         from pathdino.train.loop import train
 

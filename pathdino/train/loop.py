@@ -29,7 +29,15 @@ from pathdino.train.param_groups import apply_schedule
 from pathdino.train.probe import probe_metrics
 from pathdino.train.run import Monitors, Phase, start_monitors, start_phase, switch_phase
 from pathdino.train.schedules import ScheduleValues
-from pathdino.train.step import HEALTH_TERMS, LOSS_TERMS, ReducedStep, apply_update, reduce_step, training_step
+from pathdino.train.step import (
+    HEALTH_TERMS,
+    LOSS_TERMS,
+    ReducedStep,
+    apply_update,
+    reduce_step,
+    refresh_gram_teacher,
+    training_step,
+)
 from tiling.fsio import atomic_write_text
 
 __all__ = ["HEALTH_TERMS", "LOSS_TERMS", "train"]
@@ -62,6 +70,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Loader | Non
         while step < stop_at:
             values = phase.schedules.at(step)
             apply_schedule(phase.parts.optimizer, values)
+            if values.gram_refresh:  # loss.gram: the Gram teacher becomes a copy of the EMA teacher
+                refresh_gram_teacher(phase.parts)
             log_now = (step + 1) % cfg.log.every_steps == 0 or step + 1 == stop_at
             accum = phase.cfg.train.grad_accum_steps
             terms = None
@@ -122,6 +132,7 @@ def _log_step(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, v
     record.update({k: v / world for k, v in zip(LOSS_TERMS, reduced.terms)})
     record.update(lr=values.lr, weight_decay=values.weight_decay, momentum=values.momentum,
                   teacher_temp=values.teacher_temp, last_layer_frozen=values.last_layer_frozen,
+                  backbone_lr_mult=values.backbone_lr_mult,
                   grad_norm=reduced.grad_norm, skipped=not reduced.finite,
                   nonfinite_total=monitors.guard.total + (not reduced.finite))
     record.update({f"grad_norm_{k}": v for k, v in reduced.grad_norms.items()})

@@ -16,8 +16,13 @@ Per parameter (names relative to the student ``SSLModel``: ``backbone.backbone.*
   (``optim.freeze_last_layer=drop_grads``) instead removes the gradients before clipping (no moments, as DINO v1's
   ``cancel_gradients_last_layer``).
 
-Parameters with identical multipliers share a group; each group carries ``lr_mult``, ``wd_mult`` and
-``is_last_layer`` keys that ``apply_schedule`` reads.
+* ``is_backbone`` marks the timm ViT's parameters (``backbone.backbone.*``: what ``model.init_checkpoint``
+  loads; not the iBOT mask token, which no released checkpoint carries). While ``train.freeze_backbone_steps``
+  lasts their gradients are dropped before clipping (no AdamW step or moments, no weight decay), then their lr
+  is scaled by the ramp ``backbone_lr_mult``.
+
+Parameters with identical multipliers share a group; each group carries ``lr_mult``, ``wd_mult``,
+``is_last_layer`` and ``is_backbone`` keys that ``apply_schedule`` reads.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def param_groups(
     decay_tokens: bool = True,
 ) -> list[dict]:
     """Parameter groups for ``torch.optim.AdamW`` (see the module docstring); frozen parameters are left out."""
-    groups: dict[tuple[float, float, bool], dict] = {}
+    groups: dict[tuple[float, float, bool, bool], dict] = {}
     for name, param in named_params:
         if not param.requires_grad:
             continue
@@ -87,9 +92,11 @@ def param_groups(
                 lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if no_weight_decay(name, param, decay_tokens) else 1.0
         last = is_last_layer(name)
-        key = (lr_mult, wd_mult, last)
+        backbone = name.startswith("backbone.backbone.")
+        key = (lr_mult, wd_mult, last, backbone)
         if key not in groups:
-            groups[key] = {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "is_last_layer": last}
+            groups[key] = {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "is_last_layer": last,
+                           "is_backbone": backbone}
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())
@@ -99,14 +106,22 @@ def apply_schedule(optimizer: torch.optim.Optimizer, values: ScheduleValues) -> 
     """Set each group's lr and weight decay for this step (last layer at lr 0 while frozen)."""
     for group in optimizer.param_groups:
         frozen = group["is_last_layer"] and values.last_layer_frozen
-        group["lr"] = 0.0 if frozen else values.lr * group["lr_mult"]
+        mult = values.backbone_lr_mult if group.get("is_backbone") else 1.0
+        group["lr"] = 0.0 if frozen else values.lr * group["lr_mult"] * mult
         group["weight_decay"] = values.weight_decay * group["wd_mult"]
 
 
 def drop_frozen_grads(optimizer: torch.optim.Optimizer, values: ScheduleValues, mode: str = "zero_lr") -> None:
     """With ``mode="drop_grads"``, while the last layer is frozen, drop its gradients before clipping, so they
     count in no clipping norm and AdamW neither moves it nor updates its moments (DINO v1). With ``"zero_lr"``
-    (DINOv2) nothing is dropped: the lr of 0 set by ``apply_schedule`` alone keeps the layer still."""
+    (DINOv2) nothing is dropped: the lr of 0 set by ``apply_schedule`` alone keeps the layer still.
+
+    While the backbone is frozen (``values.backbone_frozen``) its gradients are always dropped."""
+    if values.backbone_frozen:
+        for group in optimizer.param_groups:
+            if group.get("is_backbone"):
+                for p in group["params"]:
+                    p.grad = None
     if mode == "zero_lr" or not values.last_layer_frozen:
         return
     if mode != "drop_grads":

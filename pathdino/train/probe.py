@@ -3,8 +3,13 @@
 
 The labelled set uses the layouts ``pathdino eval`` reads (``pathdino.eval.datasets``: class folders, split folders
 or a CSV ``path,label[,split][,patient]``). Probes fit on its ``train`` split and score on ``val`` + ``test``
-(when the source gives no split, a seeded stratified one is drawn). Images are decoded once, resized (shorter
-side, bicubic) and centre-cropped to the global crop size, and normalised like the training crops.
+(when the source gives no split, a seeded stratified one is drawn). Images are decoded once and kept as uint8 at
+their own size; each batch becomes the teacher's input through ``TileTransform`` (``pathdino.data.tile_transform``),
+the preprocessing ``pathdino eval`` / ``pathdino embed`` apply to an exported encoder (resized to the global crop
+size when the side differs, the crops' normalisation), and the feature is the backbone's CLS after the final norm
+with every token through every block, which is the exported timm model's ``model(x)``. fp32 on CPU and bf16 autocast
+on CUDA, as ``pathdino eval``. So a probe score is the score ``pathdino eval`` gives the exported teacher of that
+step (tests/test_train_probe.py checks the features against an export).
 
 Embedding is sharded: every process embeds every ``world``-th image with its teacher (under FSDP2 every process
 must take part in each forward anyway) and the CLS features are gathered; process 0 fits the probes (kNN as
@@ -41,7 +46,7 @@ class ProbeConfig:
     data: str  # class-folder root or CSV (the layouts `pathdino eval` reads)
     every_steps: int = 1_000  # probe after every N optimizer steps (and once before the first step)
     knn_k: int = 20  # neighbours of the weighted kNN (DINOv2's evaluation uses 20)
-    max_images: int = 2_000  # at most this many images (a seeded subset per split); held in memory as uint8
+    max_images: int = 2_000  # at most this many images (a seeded subset per split); held in memory as uint8, own size
     batch_size: int = 64  # images per teacher forward, per process
     img_px: int | None = None  # side the images are resized/cropped to; None = augment.global_crop_px
     at_start: bool = True  # also probe the initial teacher (the baseline a run should beat)
@@ -76,13 +81,13 @@ class TrainingProbe:
     """Loads the labelled set once; ``maybe_run(step, teacher)`` probes on schedule and returns the metrics."""
 
     def __init__(self, cfg: ProbeConfig, *, img_px: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device, precision: str = "fp32") -> None:
+                 device: torch.device) -> None:
+        from pathdino.data.tile_transform import TileTransform
         from pathdino.eval.datasets import load_tile_dataset
-        from pathdino.eval.run import eval_uint8_transform
 
         if cfg.every_steps < 1 or cfg.knn_k < 1 or cfg.max_images < 2 or cfg.batch_size < 1:
             raise ValueError("eval.probe: every_steps, knn_k and batch_size must be >= 1, max_images >= 2")
-        self.cfg, self.device, self.precision = cfg, device, precision
+        self.cfg, self.device = cfg, device
         self.img_px = cfg.img_px or img_px
         with _untouched_rngs():
             try:
@@ -97,18 +102,15 @@ class TrainingProbe:
             rng = np.random.default_rng(0)
             fit = [fit[i] for i in sorted(rng.permutation(len(fit))[:share])]
             score = [score[i] for i in sorted(rng.permutation(len(score))[:max(1, cfg.max_images - share)])]
-            # Held as uint8 (4x less memory than normalised floats: ~0.3 GB at 2,000 images of 224 px) and normalised
-            # per batch exactly as eval_transform does (ToTensor's /255, then Normalize).
-            transform = eval_uint8_transform(self.img_px)
-            self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+            # Held as uint8 [H, W, 3] at their own size (4x less memory than floats: ~0.3 GB at 2,000 images of
+            # 224 px) and turned into inputs per batch by the exported encoder's own transform.
+            self.transform = TileTransform(input_px=self.img_px, mean=tuple(mean), std=tuple(std))
             rank, world = _world()
             records = fit + score
             # This process decodes only its own images (every world-th), padded to equal counts across processes.
             self.n_total, self.n_fit = len(records), len(fit)
             self.per_rank = -(-self.n_total // world)
-            mine = records[rank::world]
-            self.images = torch.stack([transform(_open(r.path)) for r in mine]) if mine else None
+            self.images = [_open(r.path) for r in records[rank::world]]
             self.labels = torch.tensor([r.label for r in records])
             self.n_classes = len(dataset.class_names)
         log.info("probe: %s, %d classes, fit on %d images, scored on %d, every %d steps", cfg.data, self.n_classes,
@@ -117,33 +119,30 @@ class TrainingProbe:
     def due(self, step: int) -> bool:
         return step % self.cfg.every_steps == 0 and (step > 0 or self.cfg.at_start)
 
-    def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """Stored uint8 images [N, 3, H, W] as the teacher's float input (eval_transform's values, bit for bit)."""
-        x = images_uint8.float().div_(255)
-        return x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
+    def inputs(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Stored uint8 images [H, W, 3] as the teacher's float input [N, 3, img_px, img_px], on the device."""
+        if len({tuple(im.shape) for im in images}) == 1:
+            return self.transform.batch(torch.stack(images).to(self.device))
+        return torch.cat([self.transform.batch(im[None].to(self.device)) for im in images])
 
     @torch.no_grad()
     def embed(self, teacher: nn.Module) -> torch.Tensor | None:
         """CLS features [N, D] of every probe image on process 0 (None elsewhere); all processes must call."""
         rank, world = _world()
-        n_mine = 0 if self.images is None else self.images.shape[0]
         feats = []
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        # As pathdino eval's extract_features: bf16 autocast on CUDA, fp32 elsewhere.
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for start in range(0, self.per_rank, self.cfg.batch_size):
             stop = min(start + self.cfg.batch_size, self.per_rank)
-            x = self.images[start:min(stop, n_mine)] if start < n_mine else None
-            pad = stop - start - (0 if x is None else x.shape[0])
-            if pad:  # equal forward calls on every process (FSDP2 collectives), padding rows dropped later
-                filler = torch.zeros(pad, 3, self.img_px, self.img_px, dtype=torch.uint8)
-                x = filler if x is None else torch.cat([x, filler])
-            x = self.normalise(x.to(self.device))  # moved as uint8: 4x fewer bytes to the device
-            no_mask = torch.zeros(x.shape[0], 1, dtype=torch.bool, device=self.device)
+            batch = list(self.images[start:stop])
+            # Equal forward calls on every process (FSDP2 collectives); the padding rows are dropped later.
+            batch += [torch.zeros(self.img_px, self.img_px, 3, dtype=torch.uint8)] * (stop - start - len(batch))
+            x = self.inputs(batch)
             with autocast:
-                # Through the root module's forward, as in training: FSDP2 gathers the root's own parameters
-                # (patch embedding, tokens, final norm) only there. No patch is masked: the heads see CLS rows only.
-                out = teacher(x, None, no_mask, teacher=True,
-                              mask_indices=torch.zeros(0, dtype=torch.long, device=self.device))
-            feats.append(out["global_cls"].float())
+                # The root module's forward (FSDP2 gathers the root's own parameters only there), in its embedding
+                # mode: all tokens, final norm, CLS; the objective's forward reads other rows (query_rows.py).
+                out = teacher(x, None, None, embed_only=True)
+            feats.append(out["cls"].float())
         local = torch.cat(feats) if feats else torch.zeros(0)
         if world > 1:
             gathered = [torch.empty_like(local) for _ in range(world)]
@@ -189,18 +188,19 @@ class TrainingProbe:
         return record
 
 
-def _open(path: Path):
+def _open(path: Path) -> torch.Tensor:
+    """An image file as uint8 [H, W, 3] (what ``TileTransform`` takes from a PIL image)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8, copy=True))
     except (OSError, ValueError) as exc:
         raise ValueError(f"eval.probe: cannot read image {path}: {exc}") from exc
 
 
 def build_probe(probe: ProbeConfig | None, *, crop_px: int, mean: tuple[float, ...], std: tuple[float, ...],
-                device: torch.device, precision: str) -> TrainingProbe | None:
+                device: torch.device) -> TrainingProbe | None:
     """The run's probe (None without ``eval.probe``), at the run's global crop size ``crop_px`` (unless
     ``eval.probe.img_px``) and the crops' normalisation; ConfigError if its data is unusable."""
     from tiling.configio import ConfigError
@@ -208,7 +208,7 @@ def build_probe(probe: ProbeConfig | None, *, crop_px: int, mean: tuple[float, .
     if probe is None:
         return None
     try:
-        return TrainingProbe(probe, img_px=crop_px, mean=mean, std=std, device=device, precision=precision)
+        return TrainingProbe(probe, img_px=crop_px, mean=mean, std=std, device=device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 

@@ -9,6 +9,7 @@ warnings, probes, which live across phases. ``train`` (loop.py) only reads these
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import warnings
@@ -22,7 +23,7 @@ from torch import nn
 from pathdino.losses import DINOLoss, IBOTPatchLoss, build_uniformity_loss
 from pathdino.models import dinov2_train_flops_per_image, load_init_checkpoint
 from pathdino.models.backbone import SUBSET_DROP_PATH_ABOVE, set_fused_attention
-from pathdino.train.checkpoint import load_checkpoint, read_trainer_state, resume_point
+from pathdino.train.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, resume_point
 from pathdino.train.config import CropPlan, RunConfig, config_changes, config_to_dict, crop_plan, per_process_batch
 from pathdino.train.context import RunContext
 from pathdino.train.distributed import shard_fsdp2
@@ -79,7 +80,9 @@ class Monitors:
 def start_phase(ctx: RunContext, cfg: RunConfig, *, resume: bool | str | None,
                 loader: Loader | None) -> tuple[Phase, Progress]:
     """Check the config (and ``loader``), find the resume point, and build the phase it falls in."""
-    validate_config(cfg, ctx.world, check_stores=loader is None)
+    catalog = validate_config(cfg, ctx.world, check_stores=loader is None)
+    if catalog is not None:
+        log.info("training on %s", catalog.uses)
     if loader is not None:
         check_loader(loader, cfg)
     checkpoint = resume_point(ctx.out_dir, resume)
@@ -154,14 +157,14 @@ def start_monitors(ctx: RunContext, cfg: RunConfig, progress: Progress, *,
     collapse.best.update(progress.collapse_best)
     a = cfg.augment
     probe = build_probe(cfg.eval.probe, crop_px=crop_plan(cfg).global_px, mean=tuple(a.mean), std=tuple(a.std),
-                        device=ctx.device, precision=cfg.train.precision)
+                        device=ctx.device)
     return Monitors(metrics=metrics, guard=guard, collapse=collapse, probe=probe)
 
 
 def _build_parts(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> StepParts:
     """Student, teacher, the student as trained (wrapped or sharded), losses, regulariser, AdamW, clip groups."""
     tc, device = cfg.train, ctx.device
-    student, teacher, model = _build_models(ctx, cfg, checkpoint)
+    student, teacher, model, gram_teacher = _build_models(ctx, cfg, checkpoint)
     losses, uniformity = _build_losses(cfg, device)
     optimizer = torch.optim.AdamW(
         param_groups(student.named_parameters(), cfg.model.backbone.depth_, layerwise_decay=cfg.optim.layerwise_decay,
@@ -176,7 +179,7 @@ def _build_parts(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> St
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     return StepParts(student=student, teacher=teacher, model=model, losses=losses, uniformity=uniformity,
                      optimizer=optimizer, clip_modules=clip_modules, autocast=autocast,
-                     objective=_objective(cfg))
+                     objective=_objective(cfg), gram_teacher=gram_teacher)
 
 
 def _objective(cfg: RunConfig) -> Objective:
@@ -185,24 +188,28 @@ def _objective(cfg: RunConfig) -> Objective:
     return Objective(dino_weight=lc.dino_weight, ibot_weight=lc.ibot_weight, uniformity_weight=lc.uniformity_weight,
                      student_temp=lc.student_temp, update_centers=lc.targets == "centering",
                      grad_accum_steps=cfg.train.grad_accum_steps, clip_grad=oc.clip_grad,
-                     freeze_last_layer=oc.freeze_last_layer)
+                     freeze_last_layer=oc.freeze_last_layer, gram_input_scale=lc.gram.input_scale,
+                     gram_remove_negative=lc.gram.remove_negative)
 
 
-def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> tuple[SSLModel, SSLModel, nn.Module]:
-    """Student, teacher and the student as trained (DDP-wrapped, FSDP2-sharded, or itself), on the device."""
+def _build_models(ctx: RunContext, cfg: RunConfig,
+                  checkpoint: Path | None) -> tuple[SSLModel, SSLModel, nn.Module, nn.Module | None]:
+    """Student, teacher, the student as trained (DDP-wrapped, FSDP2-sharded, or itself), on the device, and the
+    Gram teacher (loss.gram; a plain copy of the teacher's backbone, refreshed by the loop; None without it)."""
     tc, mc, device = cfg.train, cfg.model, ctx.device
     if tc.compile:
         check_compiler()
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     student, teacher = build_student_teacher(mc.backbone, mc.dino_head, mc.ibot_head_)
     if mc.init_checkpoint and checkpoint is None:
-        load_init_checkpoint(student.backbone, mc.init_checkpoint)
+        load_init_checkpoint(student.backbone, mc.init_checkpoint, layout=True)
         teacher.load_state_dict(student.state_dict())
     student.to(device)
     teacher.to(device)
     if device.type == "cpu" and tc.precision == "bf16":
         for module in (student, teacher):  # measured faster there; see set_fused_attention
             set_fused_attention(module, False)
+    gram_teacher = copy.deepcopy(teacher.backbone).requires_grad_(False).eval() if cfg.loss.gram.weight else None
     if tc.compile:
         for module in (student, teacher):
             blocks = list(module.backbone.backbone.blocks)
@@ -216,9 +223,9 @@ def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> t
         for module in (student, teacher):
             shard_fsdp2(module, module.fsdp_units(), precision=tc.precision,
                         reshard_after_forward=tc.fsdp_reshard_after_forward)
-        return student, teacher, student
+        return student, teacher, student, gram_teacher
     model = ctx.accelerator.prepare_model(student) if ctx.world > 1 else student  # DDP
-    return student, teacher, model
+    return student, teacher, model, gram_teacher
 
 
 def _build_losses(cfg: RunConfig, device: torch.device) -> tuple[nn.ModuleDict, nn.Module | None]:
@@ -246,7 +253,10 @@ def _schedules(cfg: RunConfig) -> Schedules:
         weight_decay_end=oc.weight_decay_end, momentum_teacher=oc.momentum_teacher,
         momentum_teacher_end=oc.momentum_teacher_end, teacher_temp=lc.teacher_temp,
         teacher_temp_warmup_start=lc.teacher_temp_warmup_start,
-        teacher_temp_warmup_steps=lc.teacher_temp_warmup_steps, freeze_last_layer_steps=oc.freeze_last_layer_steps)
+        teacher_temp_warmup_steps=lc.teacher_temp_warmup_steps, freeze_last_layer_steps=oc.freeze_last_layer_steps,
+        freeze_backbone_steps=tc.freeze_backbone_steps, backbone_lr_ramp_steps=tc.backbone_lr_ramp_steps,
+        gram_weight=lc.gram.weight, gram_start_step=lc.gram.start_step,
+        gram_refresh_every_steps=lc.gram.refresh_every_steps)
 
 
 def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *, parts: StepParts,
@@ -254,7 +264,17 @@ def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *
     """Load ``checkpoint`` (if any) into the parts and the loader; returns the progress to continue from."""
     if checkpoint is None:
         return Progress()
-    state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    try:
+        state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    except CheckpointError as exc:
+        saved = read_trainer_state(checkpoint)
+        now = config_to_dict(phase_config(cfg, saved.get("phase", 0)))
+        model = [c for c in config_changes(saved.get("config", {}), now) if c.startswith("model.")]
+        if not model:
+            raise
+        raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs from the checkpoint's "
+                              f"({'; '.join(model[:6])}); resume with the checkpoint's model settings, or start a "
+                              "new run in another train.output_dir") from exc
     step = state["step"]
     loader.load_state_dict(loader_state_for(state["loader_states"], ctx.rank, ctx.world))
     if not state["rng_restored"]:

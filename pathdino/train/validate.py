@@ -6,15 +6,18 @@ processes or the stores. Every failure is a ConfigError naming the key and what 
 
 from __future__ import annotations
 
-from pathdino.data import validate_stores
+from pathlib import Path
+
+from pathdino.data import Catalog, validate_stores
 from pathdino.train.config import RunConfig, crop_plan, per_process_batch
 from pathdino.train.phases import phase_config
 from tiling.configio import ConfigError
 from tiling.store import StoreError
 
 
-def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = True) -> None:
-    """Cross-section checks before any work starts; raises ConfigError naming the key and what to do."""
+def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = True) -> Catalog | None:
+    """Cross-section checks before any work starts; raises ConfigError naming the key and what to do. Returns the
+    stores' `Catalog` (``Catalog.uses``: the line saying what the run trains on) when the stores were checked."""
     patch = cfg.model.backbone.patch_size
     plan = crop_plan(cfg)  # the global crop is checked against the patch size where the backbone follows it
     if plan.n_local and plan.local_px % patch:
@@ -26,13 +29,35 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
         raise ConfigError("the DINO loss needs 2 global crops, or 1 global crop and some local crops")
     per_process_batch(cfg, world_size)
     t, o = cfg.train, cfg.optim
+    _check_output_dir(Path(t.output_dir))
     if o.warmup_steps > t.total_steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
                           key="optim.warmup_steps")
+    if t.freeze_backbone_steps and not cfg.model.init_checkpoint:
+        raise ConfigError(f"train.freeze_backbone_steps={t.freeze_backbone_steps} freezes a random backbone: set "
+                          "model.init_checkpoint to the backbone to continue from, or set it to 0",
+                          key="train.freeze_backbone_steps")
+    gram = cfg.loss.gram
+    if gram.weight and round(plan.global_px * gram.input_scale) % patch:
+        raise ConfigError(f"loss.gram.input_scale={gram.input_scale} makes the Gram teacher's crop "
+                          f"{plan.global_px * gram.input_scale:g} px, not a multiple of model.backbone.patch_size="
+                          f"{patch}; choose a scale that gives one (e.g. 2)", key="loss.gram.input_scale")
     if t.phases:
         validate_phases(cfg, world_size, check_stores)
     if check_stores and not t.synthetic_data:
-        _check_stores(cfg, "data.stores")
+        return _check_stores(cfg, "data.stores")
+    return None
+
+
+def _check_output_dir(out: Path) -> None:
+    """train.output_dir is (or can become) a folder: not a file, nor under one."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == out else f"is under {folder}, which is a file"
+                raise ConfigError(f"train.output_dir={str(out)!r} {what}: the run writes a folder there (checkpoints, "
+                                  "metrics.jsonl); choose another train.output_dir", key="train.output_dir")
+            return
 
 
 def validate_phases(cfg: RunConfig, world_size: int, check_stores: bool) -> None:
@@ -65,10 +90,10 @@ def validate_phases(cfg: RunConfig, world_size: int, check_stores: bool) -> None
             _check_stores(pcfg, key)
 
 
-def _check_stores(cfg: RunConfig, key: str) -> None:
+def _check_stores(cfg: RunConfig, key: str) -> Catalog:
     """The stores exist and hold tiles large enough for the crops of ``cfg`` (the run's, or a phase's)."""
     try:
-        validate_stores(cfg.data, cfg.augment)
+        return validate_stores(cfg.data, cfg.augment)
     except (StoreError, ValueError) as exc:
         if key == "data.stores":
             raise ConfigError(f"data.stores: {exc}") from exc
