@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "pathdino.models": {"tiling", "torch", "timm"},
     "pathdino.losses": {"torch"},
     "pathdino.train": {"tiling", "torch", "accelerate", "pathdino.data", "pathdino.models", "pathdino.losses",
-                       "pathdino.eval"},
+                       "pathdino.eval", "pathdino.export"},
     "pathdino.export": {"tiling", "torch", "timm", "pathdino.data", "pathdino.models"},
     "pathdino.embed": {"tiling", "torch", "timm", "pathdino.export"},
     "pathdino.eval": {"tiling", "torch", "torchvision", "timm", "pathdino.data", "pathdino.models",
