@@ -160,8 +160,6 @@ KEYWORD_ONLY_NOT_YET: set[str] = {
     "tiling/regions.py:slice_tiles",
     "tiling/runner.py:run_tiling",
     "tiling/outcome.py:why_empty",
-    "tiling/store_write.py:SlideWriter.__init__",
-    "tiling/store_write.py:TileStoreWriter._publish",
     "tiling/tiff_source.py:TiffLevelSource.__init__",
     "tiling/tiff_source.py:TiffLevelSource.can_reduce",
     "tiling/tiff_source.py:TiffLevelSource.read",

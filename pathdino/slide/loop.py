@@ -81,7 +81,8 @@ def train(cfg: SlidePretrainConfig, resume: bool | str | None = None) -> dict[st
     """
     with contextlib.ExitStack() as cleanup:
         ctx = open_context(cfg.train, cfg.log.trackers, cleanup)
-        source = SlideSource(cfg.data.embeddings, feature=cfg.data.feature, min_tiles=cfg.data.min_tiles_per_slide)
+        source = SlideSource(cfg.data.embeddings, feature=cfg.data.feature, min_tiles=cfg.data.min_tiles_per_slide,
+                             cache=cfg.data.cache_slides)
         cfg = resolve_config(cfg, source, world=ctx.world)
         if ctx.use_fsdp:
             raise ConfigError("slide pretraining runs DDP (the slide encoder fits one device); launch without an "
