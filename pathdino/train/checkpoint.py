@@ -272,6 +272,12 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def load_model_file(module: nn.Module, file: Path) -> None:
+    """Load one model file of a checkpoint into ``module`` (position embedding resampled to its grid; an error
+    naming the file when the keys differ): a distillation teacher read from another run's checkpoint."""
+    _load_model(module, file)
+
+
 def _load_model(module: nn.Module, file: Path) -> None:
     from pathdino.models.pos_embed import resample_position_embeddings
 

@@ -153,6 +153,21 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a frozen teacher (pathdino/train/distill.py; docs/training.md, "Recipes")."""
+
+    # A pathdino checkpoint (step_* folder, or a run folder: its newest checkpoint): DINO/iBOT targets from its
+    # heads. Or an encoder folder (pathdino export / known third-party timm encoder): cosine feature distillation.
+    teacher: str | None = None
+    cls_weight: float = 1.0  # encoder teacher: weight of the CLS cosine loss
+    patch_weight: float = 1.0  # encoder teacher: weight of the patch-token cosine loss
+
+    def __post_init__(self) -> None:
+        _check_fields("train.distill", non_negative={"cls_weight": self.cls_weight,
+                                                     "patch_weight": self.patch_weight})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The run: batch, length, precision, parallelism, checkpoints."""
 
@@ -183,6 +198,7 @@ class TrainConfig:
     # no weight decay) while the new heads learn; the teacher follows by EMA (its backbone stays the checkpoint's).
     freeze_backbone_steps: int = 0
     backbone_lr_ramp_steps: int = 0  # after the freeze, the backbone's lr multiplier rises 0 -> 1 over this many steps
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a frozen teacher to distil from; off by default
 
     def __post_init__(self) -> None:
         _check_fields("train", non_negative={"freeze_backbone_steps": self.freeze_backbone_steps,

@@ -162,6 +162,8 @@ def _save(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int) -> st
         # The config in effect for these weights (a phase's crops, img_size and batch): export reads it.
         "config": config_to_dict(phase.cfg), "phase": phase.index,
     }
+    if phase.parts.distill is not None:  # the teacher's path and weights hash, never its weights
+        trainer_state["distill_teacher"] = phase.parts.distill.record()
     path = save_checkpoint(ctx.out_dir, step, phase.parts.checkpoint_parts(), trainer_state=trainer_state,
                            keep=phase.cfg.train.keep_checkpoints)
     monitors.metrics.write({"event": "checkpoint", "step": step, "path": str(path)}, step, to_trackers=False)
