@@ -180,22 +180,16 @@ def run_eval(
         )
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     n_classes = len(dataset.class_names)
-    needs_train = any(m in methods for m in ("knn", "linear", "fewshot"))
-    if needs_train and n_classes < 2:  # every score would be a meaningless 1.000
-        raise DatasetError(
-            f"{dataset.source}: {n_classes} class ({', '.join(dataset.class_names)}); kNN, linear and few-shot "
-            "classification need at least 2 classes (one sub-folder or label value per class); for a label-free "
-            "report run only --method diagnostics"
-        )
-    unreadable: dict[str, str] = {}
-    n_images = sum(len(dataset.records(split)) for split in ("train", "val", "test"))
+    needs_train = _check_classes(dataset, methods)
+    unreadable: dict[str, str] = {}  # path -> why, over every split embedded
 
     def embed(records: Sequence[TileRecord], tf: Callable, name: str):
         out = extract_features(
             encoder, tf, list(records), batch_size=options.batch_size, device=device,
             num_workers=options.num_workers, progress=options.progress, description=name, skip_unreadable=True
         )
-        _note_unreadable(records, out.paths, name, unreadable, max_count=options.max_unreadable_fraction * n_images)
+        _note_unreadable(records, out.paths, name=name, unreadable=unreadable,
+                         max_count=options.max_unreadable_fraction * sum(map(len, dataset.splits.values())))
         return out
 
     timing: dict[str, float] = {}
@@ -260,7 +254,20 @@ def run_eval(
     return report  # type: ignore[return-value]
 
 
-def _note_unreadable(records: Sequence[TileRecord], kept: Sequence[str], name: str, unreadable: dict[str, str], *,
+def _check_classes(dataset: TileDataset, methods: Sequence[str]) -> bool:
+    """Whether ``methods`` need the training split; DatasetError when they classify a one-class dataset (every
+    score would be a meaningless 1.000)."""
+    needs_train = any(m in methods for m in ("knn", "linear", "fewshot"))
+    if needs_train and len(dataset.class_names) < 2:
+        raise DatasetError(
+            f"{dataset.source}: {len(dataset.class_names)} class ({', '.join(dataset.class_names)}); kNN, linear "
+            "and few-shot classification need at least 2 classes (one sub-folder or label value per class); for a "
+            "label-free report run only --method diagnostics"
+        )
+    return needs_train
+
+
+def _note_unreadable(records: Sequence[TileRecord], kept: Sequence[str], *, name: str, unreadable: dict[str, str],
                      max_count: float) -> None:
     """Record (and warn about) the images of ``records`` that could not be read; DatasetError once more than
     ``max_count`` images of the dataset were unreadable."""
