@@ -116,7 +116,8 @@ class _CpuFlashSegments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
+    def forward(ctx, *inputs):  # (q, k, v, mask, scale): Function.apply takes no keywords
+        q, k, v, mask, scale = inputs
         out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
         ctx.save_for_backward(q, k, v, mask, out, lse)
         ctx.scale = scale
