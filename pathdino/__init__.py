@@ -5,7 +5,7 @@ Importing `pathdino` is cheap (no torch); heavy entry points are imported on fir
 
 from tiling import __version__
 
-__all__ = ["__version__", "load_encoder"]
+__all__ = ["__version__", "load_encoder", "load_slide_encoder"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from pathdino.export.load import load_encoder
 
         return load_encoder
+    if name == "load_slide_encoder":
+        from pathdino.slide.export import load_slide_encoder
+
+        return load_slide_encoder
     raise AttributeError(f"module 'pathdino' has no attribute {name!r}")

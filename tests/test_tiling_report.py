@@ -243,3 +243,38 @@ def test_the_cli_starts_without_importing_the_tiler():
     code = "import sys, pathdino.cli; print(sorted(m for m in sys.modules if m.startswith(('tiling.', 'skimage'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"  # the bare `tiling` package (its version) is cheap and allowed
+
+
+class _NamedChannelsReader:
+    """A real reader of the bundled slide whose properties also name channels, as a multiplex scanner writes them."""
+
+    def __init__(self, inner, channel_names: dict[str, str]):
+        self._inner, self._names = inner, channel_names
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    @property
+    def properties(self):
+        return {**self._inner.properties, **self._names}
+
+
+@pytest.mark.parametrize("names", [{"vendor.channel.name": "DAPI"}, {"scan.Channel.1.Fluor": "Alexa Fluor 488"},
+                                   {"mplex.channel.2.Biomarker": "Opal 570"}])
+def test_reader_properties_naming_fluorophores_are_refused(monkeypatch, names):
+    """Pixels and TIFF headers look brightfield (the bundled H&E); only the reader's properties say fluorescence."""
+    import tiling.worker as worker
+    from tiling.inputs import SlideInput
+
+    real_open = worker.open_slide
+    shown = dict(names)
+
+    def fake_open(path, backend="auto", **kwargs):
+        return _NamedChannelsReader(real_open(path, backend, **kwargs), shown)
+
+    monkeypatch.setattr(worker, "open_slide", fake_open)
+    cfg = TilingConfig(target_mpp=1.0, tile_px=224)
+    with pytest.raises(NotBrightfieldError, match="fluorescence: channels named " + next(iter(names.values()))):
+        worker.plan_slide(SlideInput(SAMPLE, "cmu"), cfg)
+    shown.update({key: "Brightfield RGB" for key in names})  # the same reader with brightfield channel names
+    assert worker.plan_slide(SlideInput(SAMPLE, "cmu"), cfg).slide.slide_id == "cmu"

@@ -116,3 +116,22 @@ def test_tensorboard_tracker_and_jsonl_metrics(tmp_path):
                 "tflops_per_s", "memory_mb", "nonfinite_total", "collapse_warning"):
         assert key in step, key
     assert "mfu" not in step  # no known peak on a CPU unless log.peak_tflops is set
+
+
+def _collapse_flags(out: Path, *overrides: str) -> dict[int, bool]:
+    from pathdino.train.config import load_config
+    from pathdino.train.loop import train
+
+    train(load_config(SMOKE, ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]",
+                              "log.every_steps=1", *overrides]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["collapse_warning"] for r in records if "loss" in r}
+
+
+def test_smoke_run_does_not_warn_of_collapse_but_a_run_past_the_threshold_does(tmp_path):
+    """The smoke preset (`pathdino demo`'s 6 steps) ends before collapse warnings start; the same figures past
+    log.collapse_after_steps warn (a tiny ViT on noise halves its prototype usage within a few steps)."""
+    smoke = _collapse_flags(tmp_path / "smoke")
+    assert sorted(smoke) == [1, 2, 3, 4, 5, 6] and not any(smoke.values())
+    real = _collapse_flags(tmp_path / "real", "log.collapse_after_steps=2")
+    assert any(real.values()), real

@@ -150,3 +150,134 @@ def test_continue_preset_takes_a_dinov2_release_layout(tmp_path):
         report = load_init_checkpoint(model, tmp_path / name, strict=True, layout=True)
         assert report.pos_embed_resized == ((37, 37), (16, 16)) and not report.missing_keys
         assert torch.equal(model.blocks[11].mlp.fc2.weight, release.backbone.blocks[11].mlp.fc2.weight)
+
+
+# ---- Gram anchoring ---------------------------------------------------------------------------------------------
+
+def _gram_by_hand(student, teacher, remove_negative):
+    """dinov3's Gram loss written out entry by entry in float64: per image, cosine similarity of every patch pair,
+    negatives to 0 (both sides), squared difference, mean over images and pairs."""
+    total, count = 0.0, 0
+    for s_img, t_img in zip(student.double(), teacher.double()):
+        n = s_img.shape[0]
+        for i in range(n):
+            for j in range(n):
+                s = float(s_img[i] @ s_img[j] / (s_img[i].norm() * s_img[j].norm()))
+                t = float(t_img[i] @ t_img[j] / (t_img[i].norm() * t_img[j].norm()))
+                if remove_negative:
+                    s, t = max(s, 0.0), max(t, 0.0)
+                total += (s - t) ** 2
+                count += 1
+    return total / count
+
+
+def test_gram_loss_matches_the_formula():
+    from pathdino.losses import gram_loss, resample_patch_grid
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 9, 5), torch.randn(3, 9, 7)  # widths may differ: only similarities compare
+    for remove_negative in (True, False):
+        got = gram_loss(student, teacher, remove_negative=remove_negative).item()
+        assert got == pytest.approx(_gram_by_hand(student, teacher, remove_negative), rel=1e-5)
+    assert gram_loss(student, student * 3.0).item() == pytest.approx(0.0, abs=1e-6)  # scale-free: cosines
+    # a teacher grid twice as fine, resampled to the student's: constant features stay constant
+    fine = torch.ones(2, 16, 4) * torch.arange(4.0)
+    assert torch.allclose(resample_patch_grid(fine, 2), torch.ones(2, 4, 4) * torch.arange(4.0), atol=1e-5)
+    with pytest.raises(ValueError, match="same B and N"):
+        gram_loss(student, teacher[:, :4])
+
+
+GRAM = ["loss.gram.weight=1.0", "loss.gram.start_step=1", "loss.gram.refresh_every_steps=2",
+        "loss.gram.input_scale=2.0"]
+
+
+def test_gram_teacher_is_copied_from_the_ema_teacher_on_schedule(tmp_path):
+    out = tmp_path / "run"
+    train(config(out, *GRAM))
+    log = records(out)
+    assert log[1]["gram"] == 0.0 and all(log[s]["gram"] > 0 for s in (2, 3, 4))
+
+    def part(step, name, prefix=""):
+        sd = load_file(ckpt(out, step) / f"{name}.safetensors")
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    # refreshed before optimizer steps 1 and 3 (0-based): checkpoint 2 holds teacher 1's backbone, 4 holds 3's
+    for gram_step, teacher_step in ((2, 1), (3, 1), (4, 3)):
+        gram, teacher = part(gram_step, "gram_teacher"), part(teacher_step, "teacher", "backbone.")
+        assert gram.keys() == teacher.keys()
+        assert all(torch.equal(gram[k], teacher[k]) for k in gram), (gram_step, teacher_step)
+    gram2, teacher2 = part(2, "gram_teacher"), part(2, "teacher", "backbone.")
+    assert not all(torch.equal(gram2[k], teacher2[k]) for k in gram2)  # the EMA teacher has moved on
+
+
+def test_gram_resumes_exactly_across_a_refresh(tmp_path):
+    ref = assert_resumes_exactly(tmp_path, *GRAM, stop_at=2)  # the refresh before step 3 happens after the resume
+    assert_same_checkpoint(ckpt(ref, 4), ckpt(tmp_path / "resumed", 4), names=("gram_teacher",))
+
+
+# ---- distillation -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_teacher_run(tmp_path_factory) -> Path:
+    """A 1-step run of a wider model (96 wide, same prototypes): a pathdino checkpoint with heads."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    train(config(out, "model.backbone.embed_dim=96", "model.backbone.num_heads=4", "train.total_steps=1"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder_teacher(tmp_path_factory) -> Path:
+    """An exported encoder 96 wide with 16 px patches (the student: 64 wide, 14 px): projection and grid resampling
+    (84 px crops: a 6 x 6 student grid, 5 x 5 for the teacher at 80 px)."""
+    from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD
+    from pathdino.export.export import ExportOptions, export_backbone
+    from pathdino.export.source import TrainingGeometry
+
+    out = tmp_path_factory.mktemp("encoder") / "enc"
+    cfg = BackboneConfig(arch="custom", embed_dim=96, depth=1, num_heads=2, patch_size=16, img_size=64,
+                         drop_path_rate=0.0)
+    torch.manual_seed(3)
+    geometry = TrainingGeometry(tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=IMAGENET_MEAN,
+                                std=IMAGENET_STD, stores=(), notes=("test teacher",))
+    export_backbone(build_backbone(cfg), cfg, out, geometry=geometry,
+                    provenance={"checkpoint": None, "step": 0, "weights": "random", "stores": []},
+                    options=ExportOptions(model_name="test teacher"))
+    return out
+
+
+def test_distil_from_a_checkpoint_teacher(tmp_path, wide_teacher_run):
+    from tiling.fsio import file_sha256
+
+    teacher_ckpt = ckpt(wide_teacher_run, 1)
+    before = file_sha256(teacher_ckpt / "teacher.safetensors")
+    ref = assert_resumes_exactly(tmp_path, f"train.distill.teacher={wide_teacher_run}")
+    assert file_sha256(teacher_ckpt / "teacher.safetensors") == before
+    saved = json.loads((ckpt(ref, 4) / "trainer_state.json").read_text())["distill_teacher"]
+    assert saved == {"kind": "checkpoint", "path": str(teacher_ckpt), "sha256": before}
+    files = sorted(p.name for p in ckpt(ref, 4).iterdir())
+    assert not [f for f in files if "distill" in f] and "teacher.safetensors" in files  # the EMA, not the frozen one
+    assert load_file(ckpt(ref, 4) / "teacher.safetensors")["backbone.backbone.cls_token"].shape[-1] == 64
+    # the targets are the frozen teacher's: the same student without it sees other losses from step 1
+    plain = tmp_path / "plain"
+    train(config(plain, "train.total_steps=1"))
+    assert records(plain)[1]["dino_global"] != records(ref)[1]["dino_global"]
+    # resuming with other teacher weights is refused, naming the key
+    other = tmp_path / "other_teacher"
+    train(config(other, "model.backbone.embed_dim=96", "model.backbone.num_heads=4", "train.total_steps=1",
+                 "train.seed=5"))
+    with pytest.raises(Exception, match="train.distill.teacher"):
+        train(config(tmp_path / "resumed", f"train.distill.teacher={other}"), resume=True)
+    with pytest.raises(ConfigError, match="model.dino_head.n_prototypes"):
+        train(config(tmp_path / "k", f"train.distill.teacher={wide_teacher_run}", "model.dino_head.n_prototypes=128"))
+
+
+def test_feature_distillation_from_an_encoder_folder(tmp_path, encoder_teacher):
+    ref = assert_resumes_exactly(tmp_path, f"train.distill.teacher={encoder_teacher}", "augment.global_crop_px=84")
+    log = records(ref)
+    assert all(0 < log[s]["distill"] <= 4 for s in log)  # two cosine distances, each in [0, 2]
+    student = load_file(ckpt(ref, 4) / "student.safetensors")
+    assert student["distill_proj.weight"].shape == (96, 64)  # student width 64 -> teacher width 96
+    saved = json.loads((ckpt(ref, 4) / "trainer_state.json").read_text())["distill_teacher"]
+    assert saved["kind"] == "encoder" and saved["path"] == str(encoder_teacher)
+    # the loss is the teacher's: a student trained against it gets closer than at step 1
+    assert log[4]["distill"] < log[1]["distill"]

@@ -7,9 +7,11 @@ functions the loop calls, according to environment variables:
 
 * ``PATHDINO_TEST_DUMP=<dir>`` (required): after every checkpoint each rank appends SHA-256 digests of ITS OWN copy
   of the student, teacher and loss buffers (centers) to ``hashes_rank<r>.jsonl`` (DDP keeps full replicas on
-  every rank, so equal digests mean the ranks hold equal weights; FSDP2 ranks hold different shards). After a
+  every rank, so equal digests mean the ranks hold equal weights; FSDP2 ranks hold different shards), with how
+  many times so far the gradient all-reduce was skipped (DDP ``no_sync``, FSDP2's requires-sync flag off). After a
   resume, rank 0 writes what was actually reloaded (the gathered student, teacher, optimizer state) and every
-  rank writes its loss buffers and its loader position, for comparison with the checkpoint's files.
+  rank writes its loss buffers and its loader position, for comparison with the checkpoint's files. Every rank
+  appends the (slide id, tile index) pairs of each batch it trains on to ``batches_rank<r>.jsonl``.
 * ``PATHDINO_TEST_POISON=<rank>:<step>,<step>...[;<rank>:...]``: on that rank, the DINO loss VALUE of those steps is
   NaN while its gradient stays finite (a detached NaN is added), so only that rank's own finiteness check can
   notice: the test of the all-process agreement to skip a step.
@@ -44,7 +46,7 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class RecordingLoader:
-    """A loader that writes its position right after ``load_state_dict``."""
+    """A loader that writes its position right after ``load_state_dict``, and each batch's tiles."""
 
     def __init__(self, inner, dump: Path):
         self.inner, self.dump = inner, dump
@@ -58,11 +60,39 @@ class RecordingLoader:
         (self.dump / f"loader_rank{_rank()}.json").write_text(json.dumps(self.inner.state_dict()))
 
     def __iter__(self):
-        return iter(self.inner)
+        # Each batch's tiles (slide, tile index) as this rank received them: for the tests of who trains on what.
+        with open(self.dump / f"batches_rank{_rank()}.jsonl", "a") as fh:
+            for batch in self.inner:
+                tiles = [[s, int(t)] for s, t in zip(batch.slide_ids, batch.tile_indices.tolist())]
+                fh.write(json.dumps(tiles) + "\n")
+                fh.flush()
+                yield batch
 
     def close(self):
         if hasattr(self.inner, "close"):
             self.inner.close()
+
+
+def _count_skipped_gradient_syncs() -> dict[str, int]:
+    """Count entries into DDP's ``no_sync`` and FSDP2's ``set_requires_gradient_sync(False)`` (accumulation
+    micro-steps that must not all-reduce), so that a test can see the skipping path was taken."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    counts = {"ddp_no_sync": 0, "fsdp2_no_sync": 0}
+    no_sync, set_sync = DistributedDataParallel.no_sync, FSDPModule.set_requires_gradient_sync
+
+    def counted_no_sync(self):
+        counts["ddp_no_sync"] += 1
+        return no_sync(self)
+
+    def counted_set_sync(self, requires_gradient_sync, *args, **kwargs):
+        counts["fsdp2_no_sync"] += not requires_gradient_sync
+        return set_sync(self, requires_gradient_sync, *args, **kwargs)
+
+    DistributedDataParallel.no_sync = counted_no_sync
+    FSDPModule.set_requires_gradient_sync = counted_set_sync
+    return counts
 
 
 def install(dump: Path, poison: str | None = None) -> None:
@@ -82,12 +112,13 @@ def install(dump: Path, poison: str | None = None) -> None:
 
     dump.mkdir(parents=True, exist_ok=True)
     save, load, build = loop.save_checkpoint, run.load_checkpoint, run.build_loader
+    skipped_syncs = _count_skipped_gradient_syncs()
 
     def save_checkpoint(out_dir, step, parts, **kwargs):
         path = save(out_dir, step, parts, **kwargs)
         model, teacher, losses = parts.models["student"], parts.models["teacher"], parts.buffers["losses"]
         record = {"step": step, "student": digest(unwrap(model).state_dict()), "teacher": digest(teacher.state_dict()),
-                  "centers": digest(losses.state_dict())}
+                  "centers": digest(losses.state_dict()), "skipped_syncs": dict(skipped_syncs)}
         with open(dump / f"hashes_rank{_rank()}.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         return path

@@ -132,6 +132,7 @@ class _TilingRun:
         finally:
             with signals_ignored() if interrupted else contextlib.nullcontext():
                 self._stop(interrupted)
+                self.store.fold_index()  # plain zarr (the root's consolidated metadata) sees every commit of the run
 
     def _stop(self, interrupted: bool) -> None:
         if interrupted and isinstance(self.executor, SpillingProcessPool):

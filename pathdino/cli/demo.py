@@ -52,6 +52,9 @@ def _pretrain(store_url: str, run_dir: Path, steps: int) -> None:
                                      f"train.total_steps={steps}", f"train.checkpoint_every_steps={steps}"])
     train(cfg, resume=True)
     console.print(f"checkpoints: {run_dir / 'checkpoints'}; metrics: {run_dir / 'metrics.jsonl'}")
+    console.print(f"{steps} steps of a tiny ViT learn nothing yet: the losses, entropies and embedding rank in "
+                  "metrics.jsonl only show that every stage runs (collapse warnings start at step "
+                  f"{cfg.log.collapse_after_steps}, log.collapse_after_steps)")
 
 
 def _export(run_dir: Path, encoder_dir: Path) -> None:

@@ -16,7 +16,7 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL
+from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL, SLIDE_EMBED
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
@@ -177,6 +177,45 @@ def train(
     raise typer.Exit(train_command(launch))
 
 
+@app.command("slide-train")
+def slide_train(
+    *,
+    config: Path = typer.Option(..., "--config", "-c", help="YAML slide-pretraining config, e.g. "
+                                                            "configs/slide/small.yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Config overrides with dotted keys, e.g. "
+                                                         "data.embeddings=[runs/emb] optim.lr=3e-4."),
+    resume: bool = typer.Option(False, "--resume", show_default="off: a fresh run (refused if train.output_dir "
+                                                                 "holds checkpoints)",
+                                help="Resume from the newest checkpoint in train.output_dir."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="CHECKPOINT",
+                                              show_default="none: see --resume",
+                                              help="Resume from this checkpoint folder (step_*)."),
+    check: bool = typer.Option(False, "--check", show_default="off: train",
+                               help="Validate the config and embeddings stores, then exit."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", "-n",
+                                                show_default="1, or the accelerate config's num_processes",
+                                                help="Processes in total. More than 1: print the accelerate launch "
+                                                     "line to run."),
+    accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config",
+                                                     show_default="none: one process here, or the generic "
+                                                                  "multi-process flags",
+                                                     help="An accelerate config (configs/accelerate/*.yaml): print "
+                                                          "the accelerate launch line that uses it."),
+) -> None:
+    """Slide-encoder pretraining (masked autoencoding on `pathdino embed` outputs): runs `python -m
+    pathdino.slide.train` here (one process) or prints the `accelerate launch` line."""
+    from pathdino.cli.train import plan_launch, train_command
+
+    try:
+        launch = plan_launch(config=config, overrides=list(overrides or []), resume=resume, resume_from=resume_from,
+                             check=check, num_processes=num_processes, accelerate_config=accelerate_config,
+                             module="pathdino.slide.train")
+    except _project_error() as exc:
+        _fail(str(exc))
+    raise typer.Exit(train_command(launch))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("pathdino-demo"), "--out", "-o", help="Folder for every output of the demo."),
@@ -317,6 +356,38 @@ def mil(
 
     try:
         code = mil_command(labels_csv, embeddings, MIL.build(ctx.params, command="mil"), out=out, feature=feature)
+    except _project_error() as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command(name="slide-embed", cls=_defaults_from(SLIDE_EMBED.defaults))
+def slide_embed(
+    ctx: typer.Context,
+    *,
+    embeddings: str = typer.Argument(..., help="An embeddings store (`pathdino embed --out`)."),
+    slide_encoder: str = typer.Option(..., "--slide-encoder", help="A slide-encoder folder (`pathdino export` of a "
+                                                                   "slide-encoder run)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to create or complete: slides/<slide_id>.safetensors "
+                                                     "(cls, mean[, tiles, coords]) + slide_embed.json."),
+    tiles: bool = typer.Option(False, "--tiles", help="Also write each slide's contextualised tile embeddings."),
+    shard: Optional[str] = typer.Option(None, help="i/N: this process's share of the slides; any number run at "
+                                                   "once into one OUT."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides",
+                                               help="Only these slide ids / glob patterns (repeatable)."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu | cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),
+    force: bool = typer.Option(False, help="Use embeddings of another tile encoder than the one the slide "
+                                           "encoder's card names."),
+    overwrite: bool = typer.Option(False, help="Recompute slides already done (and replace another run's output)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """One vector per slide (CLS and mean of contextualised tiles) from a slide encoder; resumable, shardable."""
+    from pathdino.cli.slide import slide_embed_command
+
+    try:
+        code = slide_embed_command(embeddings, slide_encoder, out,
+                                   options=SLIDE_EMBED.build(ctx.params, command="slide-embed"))
     except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)

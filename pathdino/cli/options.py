@@ -78,6 +78,12 @@ def _eval_options() -> type:
     return EvalOptions
 
 
+def _slide_embed_options() -> type:
+    from pathdino.slide.slide_embed import SlideEmbedOptions
+
+    return SlideEmbedOptions
+
+
 def _mil_config() -> type:
     from pathdino.mil import MILConfig
 
@@ -114,3 +120,12 @@ MIL = Flags(
     _mil_config,
     {"max_epochs": "max_epochs", "hidden_dim": "hidden_dim", "lr": "lr", "device": "device",
      "skip_missing": "skip_missing_slides", "seed": "seed"})
+
+SLIDE_EMBED = Flags(
+    _slide_embed_options,
+    {"tiles": "tiles", "shard": "shard", "slides": "slides", "device": "device", "precision": "precision",
+     "force": "force", "overwrite": "overwrite", "no_progress": "progress"},
+    negated=frozenset({"no_progress"}),
+    shown={"tiles": "off: slide vectors only", "shard": "RANK/WORLD_SIZE under a launcher, else all slides",
+           "slides": "every complete slide", "device": "cuda when available, else cpu",
+           "no_progress": "off: a bar on terminals"})

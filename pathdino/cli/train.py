@@ -29,6 +29,8 @@ class TrainLaunch:
     """Processes in total; 1 runs in this process."""
     accelerate_config: Path | None
     """An accelerate config file (configs/accelerate/*.yaml); given, the launch line is always printed."""
+    module: str = "pathdino.train"
+    """The trainer's entry module: ``pathdino.train`` (tiles, DINOv2) or ``pathdino.slide.train`` (slide encoder)."""
 
     @property
     def in_process(self) -> bool:
@@ -41,12 +43,13 @@ class TrainLaunch:
             cmd += ["--config_file", str(self.accelerate_config)]
         elif self.num_processes > 1:
             cmd += list(_MULTI_PROCESS_FLAGS)
-        cmd += ["--num_processes", str(self.num_processes), "-m", "pathdino.train", *self.train_argv]
+        cmd += ["--num_processes", str(self.num_processes), "-m", self.module, *self.train_argv]
         return cmd
 
 
 def plan_launch(*, config: Path, overrides: list[str], resume: bool, resume_from: str | None, check: bool,
-                num_processes: int | None, accelerate_config: Path | None) -> TrainLaunch:
+                num_processes: int | None, accelerate_config: Path | None,
+                module: str = "pathdino.train") -> TrainLaunch:
     """Turn the command's flags into a :class:`TrainLaunch`; ConfigError names the flag at fault."""
     if resume and resume_from:
         raise ConfigError("give either --resume (newest checkpoint in train.output_dir) or --resume-from CHECKPOINT")
@@ -62,7 +65,8 @@ def plan_launch(*, config: Path, overrides: list[str], resume: bool, resume_from
     n = num_processes
     if n is None and accelerate_config is not None:
         n = _accelerate_processes(accelerate_config)
-    return TrainLaunch(train_argv=tuple(argv), num_processes=n or 1, accelerate_config=accelerate_config)
+    return TrainLaunch(train_argv=tuple(argv), num_processes=n or 1, accelerate_config=accelerate_config,
+                       module=module)
 
 
 def _accelerate_processes(path: Path) -> int:
@@ -76,7 +80,10 @@ def _accelerate_processes(path: Path) -> int:
 def train_command(launch: TrainLaunch) -> int:
     """Run in this process (returns pathdino.train's exit code) or print the launch line (returns 0)."""
     if launch.in_process:
-        from pathdino.train.__main__ import main
+        if launch.module == "pathdino.slide.train":
+            from pathdino.slide.train import main
+        else:
+            from pathdino.train.__main__ import main
 
         return main(list(launch.train_argv))
     line = shlex.join(launch.accelerate_command())

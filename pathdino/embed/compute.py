@@ -107,8 +107,6 @@ def run_loop(ctx: Any, items: list[WorkItem], try_commit: Callable[[str], bool],
             if try_commit(unit.slide_id):
                 result.committed.append(unit.slide_id)
 
-    from pathdino.embed.runner import progress_bar
-
     bar, task = progress_bar(options.progress, sum(it.size for it in items))
     t0 = time.perf_counter()
     startup = None
@@ -165,6 +163,21 @@ class _PinnedPair:
             host[name] = buf[:value.shape[0]]
             host[name].copy_(value, non_blocking=True)
         return host
+
+
+def progress_bar(enabled: bool, total: int):
+    """The embedding progress bar (rich; disabled unless ``enabled``) and its task."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]} tiles/s"), TimeRemainingColumn(), disable=not enabled)
+    return bar, bar.add_task("embedding", total=total, rate="-")
 
 
 __all__ = ["LoopResult", "array_specs", "run_loop", "token_outputs"]

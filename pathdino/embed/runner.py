@@ -406,18 +406,4 @@ def _compute(run: _Run, todo: list[WorkItem], shard: tuple[int, int]):
     return run_loop(run, todo, run.try_commit, on_failure, options, device, bf16, model, transform, run.n_patch)
 
 
-def progress_bar(enabled: bool, total: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} tiles/s"), TimeRemainingColumn(), disable=not enabled)
-    return bar, bar.add_task("embedding", total=total, rate="-")
-
-
 __all__ = ["H5_DIR", "EmbedOptions", "EmbedReport", "check_compatibility", "embed_store", "encode_tokens"]

@@ -25,6 +25,7 @@ cross-entropy. For G = 2, L = 8 this is DINOv2's normalisation: local term / (2 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -98,11 +99,18 @@ class PrototypeTargets(nn.Module):
         self.register_buffer("center", torch.zeros(1, n_prototypes))
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the mean teacher logit over all rows of all processes (no-op if there are none)."""
-        z = teacher_logits.detach()
+    def update_center(self, teacher_logits: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """EMA of the mean teacher logit over all rows of all processes (no-op if there are none).
+
+        A sequence (one [N_i, K] tensor per accumulation micro-step) is folded in as ONE batch, with one EMA step:
+        so an optimizer step of 2 micro-batches of 4 moves the center exactly as one batch of 8 does.
+        """
+        chunks = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
         # Summed into fp32 without an fp32 copy of [N, K] (340 MB for iBOT at K = 65,536): see sum_over_rows.
-        stats = torch.cat([sum_over_rows(z), self.center.new_tensor([float(z.shape[0])])])
+        row_sum = sum_over_rows(chunks[0].detach())
+        for z in chunks[1:]:
+            row_sum = row_sum + sum_over_rows(z.detach())
+        stats = torch.cat([row_sum, self.center.new_tensor([float(sum(z.shape[0] for z in chunks))])])
         all_reduce_(stats)  # one collective for sum and count, so unequal row counts per process are exact
         count = stats[-1]
         batch_center = (stats[:-1] / count.clamp_min(1.0)).unsqueeze(0)

@@ -18,7 +18,7 @@ from pathdino.data import AugmentConfig, DataConfig, MaskConfig
 from pathdino.models import BackboneConfig, HeadConfig
 from pathdino.train.logs import flat_config
 from pathdino.train.probe import EvalConfig
-from tiling.configio import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from tiling.configio import ConfigError, apply_overrides, blame_override, from_dict, load_yaml, to_dict
 
 
 def _check_fields(section: str, *, positive: dict[str, float] | None = None,
@@ -59,6 +59,25 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class GramConfig:
+    """Gram anchoring (DINOv3; off while ``weight`` is 0): the student's global-crop patch cosine similarities held
+    to those of a Gram teacher, a copy of the EMA teacher taken at ``start_step`` and every
+    ``refresh_every_steps`` after it, which sees the global crops resampled by ``input_scale`` (its patch features
+    are resampled back to the student's grid). Loss: pathdino/losses/gram.py; docs/training.md, "Recipes"."""
+
+    weight: float = 0.0  # loss weight; 0 = off
+    start_step: int = 0  # first optimizer step with the loss (the Gram teacher is copied from the EMA teacher here)
+    refresh_every_steps: int = 10_000  # re-copy the Gram teacher from the EMA teacher this often; 0 = never
+    input_scale: float = 2.0  # Gram teacher input = global crop x this (bicubic); 1 = the crop as it is
+    remove_negative: bool = True  # negative similarities set to 0 in both matrices (dinov3's remove_neg)
+
+    def __post_init__(self) -> None:
+        _check_fields("loss.gram", positive={"input_scale": self.input_scale},
+                      non_negative={"weight": self.weight, "start_step": self.start_step,
+                                    "refresh_every_steps": self.refresh_every_steps})
+
+
+@dataclass(frozen=True)
 class LossConfig:
     """DINO + iBOT + uniformity objective (DINOv2 defaults)."""
 
@@ -75,6 +94,7 @@ class LossConfig:
     teacher_temp: float = 0.07  # after the warm-up
     teacher_temp_warmup_start: float = 0.04
     teacher_temp_warmup_steps: int = 37_500  # DINOv2: 30 "epochs" x 1,250 iterations
+    gram: GramConfig = field(default_factory=GramConfig)  # Gram anchoring (DINOv3); off by default
 
     def __post_init__(self) -> None:
         _check_fields("loss", positive={"student_temp": self.student_temp, "teacher_temp": self.teacher_temp,
@@ -133,6 +153,21 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a frozen teacher (pathdino/train/distill.py; docs/training.md, "Recipes")."""
+
+    # A pathdino checkpoint (step_* folder, or a run folder: its newest checkpoint): DINO/iBOT targets from its
+    # heads. Or an encoder folder (pathdino export / known third-party timm encoder): cosine feature distillation.
+    teacher: str | None = None
+    cls_weight: float = 1.0  # encoder teacher: weight of the CLS cosine loss
+    patch_weight: float = 1.0  # encoder teacher: weight of the patch-token cosine loss
+
+    def __post_init__(self) -> None:
+        _check_fields("train.distill", non_negative={"cls_weight": self.cls_weight,
+                                                     "patch_weight": self.patch_weight})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The run: batch, length, precision, parallelism, checkpoints."""
 
@@ -163,6 +198,7 @@ class TrainConfig:
     # no weight decay) while the new heads learn; the teacher follows by EMA (its backbone stays the checkpoint's).
     freeze_backbone_steps: int = 0
     backbone_lr_ramp_steps: int = 0  # after the freeze, the backbone's lr multiplier rises 0 -> 1 over this many steps
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a frozen teacher to distil from; off by default
 
     def __post_init__(self) -> None:
         _check_fields("train", non_negative={"freeze_backbone_steps": self.freeze_backbone_steps,
@@ -247,7 +283,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config, apply ``key=value`` overrides, build the typed config (ConfigError on any problem)."""
     data = apply_overrides(load_yaml(path) if path is not None else {}, list(overrides or []))
     _drop_derived_img_size(data)
-    return from_dict(RunConfig, data, str(path) if path is not None else "config")
+    where = str(path) if path is not None else "config"
+    try:
+        return from_dict(RunConfig, data, where)
+    except ConfigError as exc:  # a key given as key=value is blamed on the command line, not on the file
+        raise blame_override(exc, where, overrides) from exc.__cause__
 
 
 def _drop_derived_img_size(data: dict[str, Any]) -> None:
@@ -275,14 +315,16 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 # Keys that may legitimately change on resume: where and how often the run writes, not what it computes.
 _RESUME_MAY_CHANGE = {"train.output_dir", "train.stop_at_step", "train.checkpoint_every_steps",
                       "train.keep_checkpoints", "train.checkpoint_at_end", "log.trackers", "log.every_steps",
-                      "data.num_workers"}
+                      "data.num_workers", "data.resume_changed_stores"}
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume."""
+def config_changes(saved: dict[str, Any], current: dict[str, Any], *,
+                   may_change: set[str] | frozenset[str] = frozenset(_RESUME_MAY_CHANGE)) -> list[str]:
+    """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume
+    (``may_change``: this trainer's; the slide trainer passes its own)."""
     old, new = flat_config(saved), flat_config(current)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in _RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+            if k not in may_change and old.get(k) != new.get(k)]
 
 
 def per_process_batch(cfg: RunConfig, world_size: int) -> int:

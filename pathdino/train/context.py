@@ -11,17 +11,27 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from pathdino.train.config import TrainConfig
 from pathdino.train.distributed import check_launch, make_accelerator, use_fsdp
 from pathdino.train.host import tune_cpu_runtime
 from pathdino.train.logs import default_trackers, setup_logging
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+class RuntimeSettings(Protocol):
+    """The fields of a trainer's ``train`` section that ``open_context`` reads (``pathdino.train.config.TrainConfig``,
+    ``pathdino.slide.train_config.SlideTrainConfig``): same names, same meaning."""
+
+    output_dir: str
+    precision: str
+    parallel: str
+    cpu_flush_denormal: bool
+    cpu_reuse_freed_memory: bool
 
 
 @dataclass(frozen=True)
@@ -37,7 +47,7 @@ class RunContext:
     out_dir: Path  # train.output_dir
 
 
-def open_context(train: TrainConfig, trackers: list[str] | None, cleanup: contextlib.ExitStack) -> RunContext:
+def open_context(train: RuntimeSettings, trackers: list[str] | None, cleanup: contextlib.ExitStack) -> RunContext:
     """Start accelerate for ``train`` (precision, output_dir, parallel, CPU settings) with ``trackers``
     (``log.trackers``); what this changes in the process is undone when ``cleanup`` closes."""
     out_dir = Path(train.output_dir)

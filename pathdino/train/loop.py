@@ -29,7 +29,15 @@ from pathdino.train.param_groups import apply_schedule
 from pathdino.train.probe import probe_metrics
 from pathdino.train.run import Monitors, Phase, start_monitors, start_phase, switch_phase
 from pathdino.train.schedules import ScheduleValues
-from pathdino.train.step import HEALTH_TERMS, LOSS_TERMS, ReducedStep, apply_update, reduce_step, training_step
+from pathdino.train.step import (
+    HEALTH_TERMS,
+    LOSS_TERMS,
+    ReducedStep,
+    apply_update,
+    reduce_step,
+    refresh_gram_teacher,
+    training_step,
+)
 from tiling.fsio import atomic_write_text
 
 __all__ = ["HEALTH_TERMS", "LOSS_TERMS", "train"]
@@ -65,6 +73,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Loader | Non
         while step < stop_at:
             values = phase.schedules.at(step)
             apply_schedule(phase.parts.optimizer, values)
+            if values.gram_refresh:  # loss.gram: the Gram teacher becomes a copy of the EMA teacher
+                refresh_gram_teacher(phase.parts)
             log_now = (step + 1) % cfg.log.every_steps == 0 or step + 1 == stop_at
             accum = phase.cfg.train.grad_accum_steps
             terms = None
@@ -175,6 +185,8 @@ def _save(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, name:
         "config": config_to_dict(phase.cfg), "phase": phase.index,
         "probe_best": monitors.probe.best.state() if monitors.probe is not None else {},
     }
+    if phase.parts.distill is not None:  # the teacher's path and weights hash, never its weights
+        trainer_state["distill_teacher"] = phase.parts.distill.record()
     path = save_checkpoint(ctx.out_dir, step, phase.parts.checkpoint_parts(), trainer_state=trainer_state,
                            keep=phase.cfg.train.keep_checkpoints, name=name)
     event = {"event": "checkpoint", "step": step, "path": str(path)}

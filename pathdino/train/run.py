@@ -9,6 +9,7 @@ warnings, probes, which live across phases. ``train`` (loop.py) only reads these
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import warnings
@@ -23,9 +24,10 @@ from torch import nn
 from pathdino.losses import DINOLoss, IBOTPatchLoss, build_uniformity_loss
 from pathdino.models import dinov2_train_flops_per_image, load_init_checkpoint
 from pathdino.models.backbone import SUBSET_DROP_PATH_ABOVE, set_fused_attention
-from pathdino.train.checkpoint import load_checkpoint, read_trainer_state, resume_point
+from pathdino.train.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, resume_point
 from pathdino.train.config import CropPlan, RunConfig, config_changes, config_to_dict, crop_plan, per_process_batch
 from pathdino.train.context import RunContext
+from pathdino.train.distill import DistillTeacher, build_distill_teacher, check_resumed_teacher, distill_units
 from pathdino.train.distributed import shard_fsdp2
 from pathdino.train.health import CollapseMonitor, NonFiniteGuard, Throughput, peak_tflops
 from pathdino.train.host import check_compiler
@@ -167,7 +169,8 @@ def start_monitors(ctx: RunContext, cfg: RunConfig, progress: Progress, *,
 def _build_parts(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> StepParts:
     """Student, teacher, the student as trained (wrapped or sharded), losses, regulariser, AdamW, clip groups."""
     tc, device = cfg.train, ctx.device
-    student, teacher, model = _build_models(ctx, cfg, checkpoint)
+    distill = build_distill_teacher(cfg, device)
+    student, teacher, model, gram_teacher = _build_models(ctx, cfg, checkpoint, distill=distill)
     losses, uniformity = _build_losses(cfg, device)
     optimizer = torch.optim.AdamW(
         param_groups(student.named_parameters(), cfg.model.backbone.depth_, layerwise_decay=cfg.optim.layerwise_decay,
@@ -179,10 +182,12 @@ def _build_parts(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> St
     clip_modules = {"backbone": student.backbone, "dino_head": student.dino_head}
     if student.ibot_head is not None:
         clip_modules["ibot_head"] = student.ibot_head
+    if student.distill_proj is not None:
+        clip_modules["distill_proj"] = student.distill_proj
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     return StepParts(student=student, teacher=teacher, model=model, losses=losses, uniformity=uniformity,
                      optimizer=optimizer, clip_modules=clip_modules, autocast=autocast,
-                     objective=_objective(cfg))
+                     objective=_objective(cfg), gram_teacher=gram_teacher, distill=distill)
 
 
 def _objective(cfg: RunConfig) -> Objective:
@@ -191,16 +196,22 @@ def _objective(cfg: RunConfig) -> Objective:
     return Objective(dino_weight=lc.dino_weight, ibot_weight=lc.ibot_weight, uniformity_weight=lc.uniformity_weight,
                      student_temp=lc.student_temp, update_centers=lc.targets == "centering",
                      grad_accum_steps=cfg.train.grad_accum_steps, clip_grad=oc.clip_grad,
-                     freeze_last_layer=oc.freeze_last_layer)
+                     freeze_last_layer=oc.freeze_last_layer, gram_input_scale=lc.gram.input_scale,
+                     gram_remove_negative=lc.gram.remove_negative, distill_cls_weight=cfg.train.distill.cls_weight,
+                     distill_patch_weight=cfg.train.distill.patch_weight)
 
 
-def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> tuple[SSLModel, SSLModel, nn.Module]:
-    """Student, teacher and the student as trained (DDP-wrapped, FSDP2-sharded, or itself), on the device."""
+def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *,
+                  distill: DistillTeacher | None) -> tuple[SSLModel, SSLModel, nn.Module, nn.Module | None]:
+    """Student, teacher, the student as trained (DDP-wrapped, FSDP2-sharded, or itself), on the device, and the
+    Gram teacher (loss.gram; a plain copy of the teacher's backbone, refreshed by the loop; None without it)."""
     tc, mc, device = cfg.train, cfg.model, ctx.device
     if tc.compile:
         check_compiler()
     torch.manual_seed(tc.seed)  # identical initial weights on every process
-    student, teacher = build_student_teacher(mc.backbone, mc.dino_head, mc.ibot_head_)
+    student, teacher = build_student_teacher(
+        mc.backbone, mc.dino_head, mc.ibot_head_,
+        distill_dim=distill.embed_dim if distill is not None and distill.kind == "encoder" else None)
     if mc.init_checkpoint and checkpoint is None:
         load_init_checkpoint(student.backbone, mc.init_checkpoint, layout=True)
         teacher.load_state_dict(student.state_dict())
@@ -209,6 +220,7 @@ def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> t
     if device.type == "cpu" and tc.precision == "bf16":
         for module in (student, teacher):  # measured faster there; see set_fused_attention
             set_fused_attention(module, False)
+    gram_teacher = copy.deepcopy(teacher.backbone).requires_grad_(False).eval() if cfg.loss.gram.weight else None
     if tc.compile:
         for module in (student, teacher):
             blocks = list(module.backbone.backbone.blocks)
@@ -222,9 +234,12 @@ def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> t
         for module in (student, teacher):
             shard_fsdp2(module, module.fsdp_units(), precision=tc.precision,
                         reshard_after_forward=tc.fsdp_reshard_after_forward)
-        return student, teacher, student
+        if distill is not None:  # a large teacher is sharded like the student (inference only)
+            shard_fsdp2(distill.model, distill_units(distill), precision=tc.precision,
+                        reshard_after_forward=tc.fsdp_reshard_after_forward)
+        return student, teacher, student, gram_teacher
     model = ctx.accelerator.prepare_model(student) if ctx.world > 1 else student  # DDP
-    return student, teacher, model
+    return student, teacher, model, gram_teacher
 
 
 def _build_losses(cfg: RunConfig, device: torch.device) -> tuple[nn.ModuleDict, nn.Module | None]:
@@ -253,7 +268,9 @@ def _schedules(cfg: RunConfig) -> Schedules:
         momentum_teacher_end=oc.momentum_teacher_end, teacher_temp=lc.teacher_temp,
         teacher_temp_warmup_start=lc.teacher_temp_warmup_start,
         teacher_temp_warmup_steps=lc.teacher_temp_warmup_steps, freeze_last_layer_steps=oc.freeze_last_layer_steps,
-        freeze_backbone_steps=tc.freeze_backbone_steps, backbone_lr_ramp_steps=tc.backbone_lr_ramp_steps)
+        freeze_backbone_steps=tc.freeze_backbone_steps, backbone_lr_ramp_steps=tc.backbone_lr_ramp_steps,
+        gram_weight=lc.gram.weight, gram_start_step=lc.gram.start_step,
+        gram_refresh_every_steps=lc.gram.refresh_every_steps)
 
 
 def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *, parts: StepParts,
@@ -261,7 +278,18 @@ def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *
     """Load ``checkpoint`` (if any) into the parts and the loader; returns the progress to continue from."""
     if checkpoint is None:
         return Progress()
-    state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    try:
+        state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    except CheckpointError as exc:
+        saved = read_trainer_state(checkpoint)
+        now = config_to_dict(phase_config(cfg, saved.get("phase", 0)))
+        model = [c for c in config_changes(saved.get("config", {}), now) if c.startswith("model.")]
+        if not model:
+            raise
+        raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs from the checkpoint's "
+                              f"({'; '.join(model[:6])}); resume with the checkpoint's model settings, or start a "
+                              "new run in another train.output_dir") from exc
+    check_resumed_teacher(state.get("distill_teacher"), parts.distill)
     step = state["step"]
     loader.load_state_dict(loader_state_for(state["loader_states"], ctx.rank, ctx.world))
     if not state["rng_restored"]:

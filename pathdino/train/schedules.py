@@ -10,7 +10,9 @@ only the step counter to be exactly where it was. Shapes follow facebookresearch
   then constant;
 * last layer: learning rate 0 for the first ``freeze_last_layer_steps`` steps (param_groups.py: how);
 * backbone (continued pretraining): no update for the first ``freeze_backbone_steps`` steps, then its lr
-  multiplier rises linearly 0 -> 1 over ``backbone_lr_ramp_steps`` (on top of the lr schedule).
+  multiplier rises linearly 0 -> 1 over ``backbone_lr_ramp_steps`` (on top of the lr schedule);
+* Gram anchoring: weight 0 before ``gram_start_step``, then ``gram_weight``; the Gram teacher is refreshed at the
+  start step and every ``gram_refresh_every_steps`` after it.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class ScheduleValues:
     last_layer_frozen: bool
     backbone_lr_mult: float = 1.0  # 0 while the backbone is frozen, then the ramp to 1 (continued pretraining)
     backbone_frozen: bool = False  # the backbone's gradients are dropped: no AdamW step, no weight decay
+    gram_weight: float = 0.0  # Gram anchoring's weight this step (0 before loss.gram.start_step)
+    gram_refresh: bool = False  # copy the EMA teacher into the Gram teacher before this step
 
 @dataclass(frozen=True)
 class Schedules:
@@ -83,8 +87,13 @@ class Schedules:
     freeze_last_layer_steps: int
     freeze_backbone_steps: int = 0
     backbone_lr_ramp_steps: int = 0
+    gram_weight: float = 0.0
+    gram_start_step: int = 0
+    gram_refresh_every_steps: int = 0
 
     def at(self, step: int) -> ScheduleValues:
+        gram_on = self.gram_weight > 0 and step >= self.gram_start_step
+        since = step - self.gram_start_step
         return ScheduleValues(
             lr=warmup_cosine(step, self.peak_lr, self.min_lr, total_steps=self.total_steps,
                              warmup_steps=self.warmup_steps),
@@ -97,4 +106,7 @@ class Schedules:
             backbone_lr_mult=0.0 if step < self.freeze_backbone_steps else linear(
                 step - self.freeze_backbone_steps + 1, 0.0, 1.0, n_steps=self.backbone_lr_ramp_steps),
             backbone_frozen=step < self.freeze_backbone_steps,
+            gram_weight=self.gram_weight if gram_on else 0.0,
+            gram_refresh=gram_on and (since == 0 or (self.gram_refresh_every_steps > 0
+                                                      and since % self.gram_refresh_every_steps == 0)),
         )

@@ -21,14 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathdino.data.batch import MultiCropBatch
+from pathdino.losses import cosine_distance, gram_loss, resample_patch_grid
 from pathdino.train.checkpoint import CheckpointParts
+from pathdino.train.distill import DistillTeacher
 from pathdino.train.distributed import all_reduce_sum_, gradient_sync
 from pathdino.train.health import effective_rank, entropy
-from pathdino.train.model import SSLModel, ema_update_
+from pathdino.train.model import SSLModel, copy_backbone_, ema_update_
 from pathdino.train.param_groups import drop_frozen_grads
 from pathdino.train.schedules import ScheduleValues
 
-LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "uniformity", "masked_tokens")
+LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "uniformity", "gram", "distill", "masked_tokens")
 HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank", "embedding_std")
 
 
@@ -44,6 +46,10 @@ class Objective:
     grad_accum_steps: int  # micro-steps per optimizer step
     clip_grad: float  # max grad norm per clipped module; 0: no clipping
     freeze_last_layer: Literal["zero_lr", "drop_grads"]
+    gram_input_scale: float = 2.0  # loss.gram: the Gram teacher sees the global crops resampled by this factor
+    gram_remove_negative: bool = True
+    distill_cls_weight: float = 1.0  # train.distill from an encoder: CLS and patch cosine-loss weights
+    distill_patch_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,18 @@ class StepParts:
     clip_modules: dict[str, nn.Module]  # clipped separately (backbone, each head), as DINOv2
     autocast: AbstractContextManager  # bf16 autocast, or disabled
     objective: Objective
+    # loss.gram: a copy of the EMA teacher's backbone (a MaskedViT, not sharded), refreshed on the Gram schedule
+    gram_teacher: nn.Module | None = None
+    distill: DistillTeacher | None = None  # train.distill: the frozen teacher (never saved; its sha256 is)
 
     def checkpoint_parts(self) -> CheckpointParts:
-        """student / teacher (gathered), the loss centers and AdamW: the files of a DINOv2 checkpoint."""
-        return CheckpointParts(models={"student": self.model, "teacher": self.teacher},
-                               buffers={"losses": self.losses}, optimizer=self.optimizer, optimized="student")
+        """student / teacher (gathered), the loss centers and AdamW: the files of a DINOv2 checkpoint; the Gram
+        teacher too when there is one (it cannot be rebuilt: the EMA teacher it copied has moved on)."""
+        models = {"student": self.model, "teacher": self.teacher}
+        if self.gram_teacher is not None:
+            models["gram_teacher"] = self.gram_teacher
+        return CheckpointParts(models=models, buffers={"losses": self.losses}, optimizer=self.optimizer,
+                               optimized="student")
 
 
 @dataclass(frozen=True)
@@ -91,27 +104,61 @@ def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValue
     mask_idx = batch.masks.flatten().nonzero().squeeze(1)
     token_weights = (1.0 / batch.masks.sum(dim=1).clamp_min(1).float()).index_select(
         0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
+    gram_on = values.gram_weight > 0
+    dt = parts.distill
+    # A checkpoint teacher's heads give the targets (and the student sees unmasked crops, as dinov3 distils); an
+    # encoder teacher's tokens are matched by cosine beside the usual objective with the EMA teacher.
+    from_heads, features = dt is not None and dt.kind == "checkpoint", dt is not None and dt.kind == "encoder"
+    side = math.isqrt(batch.masks.shape[1])
     with gradient_sync(parts.model, enabled=sync):
         with parts.autocast:
             with torch.no_grad():
-                t_out = parts.teacher(batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx)
+                t_out = (dt.model if from_heads else parts.teacher)(batch.global_crops, None, batch.masks,
+                                                                    teacher=True, mask_indices=mask_idx)
+                feat_t = dt.model(batch.global_crops, side) if features else None
                 dino_t = dino_loss.teacher_targets(t_out["global_cls_logits"], values.teacher_temp,
                                                    update_center=False)
                 ibot_t = ibot_loss.teacher_targets(t_out["masked_patch_logits"], values.teacher_temp,
                                                    update_center=False)
-            s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx)
+                gram_t = gram_targets(parts, batch.global_crops, side=side) if gram_on else None
+            s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx,
+                                return_patches=gram_on or features, mask_input=False if from_heads else None)
             dino_global, dino_local = dino_loss.forward_terms(
                 s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, n_global)
             ibot = ibot_loss(s_out["masked_patch_logits"], ibot_t, batch.masks, n_global, token_weights=token_weights)
             reg = (parts.uniformity(s_out["global_cls"], n_chunks=n_global) if parts.uniformity is not None
                    else dino_global.new_zeros(()))
-            loss = obj.dino_weight * (dino_global + dino_local) + obj.ibot_weight * ibot + obj.uniformity_weight * reg
+            gram = (gram_loss(s_out["global_patch"], gram_t, remove_negative=obj.gram_remove_negative) if gram_on
+                    else dino_global.new_zeros((), dtype=torch.float32))
+            distill = (obj.distill_cls_weight * cosine_distance(s_out["distill_cls"], feat_t[0])
+                       + obj.distill_patch_weight * cosine_distance(s_out["distill_patch"], feat_t[1])) if features \
+                else dino_global.new_zeros((), dtype=torch.float32)
+            loss = (obj.dino_weight * (dino_global + dino_local) + obj.ibot_weight * ibot + obj.uniformity_weight * reg
+                    + values.gram_weight * gram + distill)
         (loss / obj.grad_accum_steps).backward()
     terms = torch.stack([loss.detach(), dino_global.detach(), dino_local.detach(), ibot.detach(),
-                         reg.detach().float(), loss.new_tensor(float(mask_idx.shape[0]))])
+                         reg.detach().float(), gram.detach(), distill.detach(),
+                         loss.new_tensor(float(mask_idx.shape[0]))])
     return StepOutputs(terms=terms, teacher_cls_logits=t_out["global_cls_logits"].detach(),
                        teacher_patch_logits=t_out["masked_patch_logits"].detach(), teacher_targets=dino_t,
                        teacher_cls=t_out["global_cls"], student_cls_logits=s_out["global_cls_logits"].detach())
+
+
+def gram_targets(parts: StepParts, global_crops: torch.Tensor, *, side: int) -> torch.Tensor:
+    """The Gram teacher's patch features [G*B, side*side, D] for the global crops: it sees them resampled by
+    ``objective.gram_input_scale`` (bicubic) and its patch grid is resampled back to the student's ``side``."""
+    scale = parts.objective.gram_input_scale
+    crops = global_crops
+    if scale != 1:
+        px = round(global_crops.shape[-1] * scale)
+        crops = F.interpolate(global_crops, size=(px, px), mode="bicubic", align_corners=False)
+    patches = parts.gram_teacher.forward_crops(crops)["global"]["patch"]
+    return resample_patch_grid(patches, side)
+
+
+def refresh_gram_teacher(parts: StepParts) -> None:
+    """Copy the EMA teacher's backbone into the Gram teacher (loss.gram's start step and refresh interval)."""
+    copy_backbone_(parts.gram_teacher, parts.teacher.backbone)
 
 
 @dataclass(frozen=True)
@@ -165,9 +212,9 @@ def apply_update(parts: StepParts, outputs: list[StepOutputs], *, values: Schedu
         parts.optimizer.step()
         ema_update_(parts.teacher, parts.student, values.momentum)
         if parts.objective.update_centers:
-            for out in outputs:
-                parts.losses["dino"].targets.update_center(out.teacher_cls_logits)
-                parts.losses["ibot"].targets.update_center(out.teacher_patch_logits)
+            # Once per optimizer step over all micro-steps' rows (not once per micro-step): 2 x 4 == 1 x 8.
+            parts.losses["dino"].targets.update_center([out.teacher_cls_logits for out in outputs])
+            parts.losses["ibot"].targets.update_center([out.teacher_patch_logits for out in outputs])
     parts.optimizer.zero_grad(set_to_none=True)
 
 

@@ -1,0 +1,164 @@
+"""The LongNet slide encoder (pathdino.slide): dilated attention against dense and brute-force references,
+packing of variable-length slides, positions with holes, head offsets, config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pathdino.slide import (SlideEncoder, SlideEncoderConfig, dilated_attention, grid_positions, pack_layout,
+                            row_major_order, slide_encoder_preset)
+from pathdino.slide.attention import DilatedAttention
+from tiling.configio import ConfigError
+
+
+def _qkv(n_tiles, n_slides, heads=4, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tiles = [torch.randn(n_tiles, heads, dim, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    cls = [torch.randn(n_slides, heads, dim, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    return tiles, cls
+
+
+def _dense(tiles, cls, lengths):
+    """Plain softmax attention of each slide's [CLS, tiles] over themselves."""
+    outs, outs_cls, start = [], [], 0
+    for b, n in enumerate(lengths):
+        q, k, v = (torch.cat([c[b:b + 1], t[start:start + n]]).transpose(0, 1) for t, c in zip(tiles, cls))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1)
+        outs_cls.append(o[0])
+        outs.append(o[1:])
+        start += n
+    return torch.cat(outs), torch.stack(outs_cls)
+
+
+def _longnet_reference(tiles, cls, n, segments, ratios):
+    """One slide, brute force: token i of head h attends to its CLS and, for each branch where it is selected,
+    to every selected token of its segment; a key seen by several branches counts that many times."""
+    q, k, v = tiles
+    heads, dim = q.shape[1:]
+    count = torch.zeros(heads, n + 1, n + 1, dtype=torch.float64)
+    count[:, :, 0] = 1  # every token sees the CLS key once; the CLS row is dense
+    count[:, 0, :] = 1
+    for w, r in zip(segments, ratios):
+        seg = min(w, n)
+        for h in range(heads):
+            off = h % r
+            for i in range(n):
+                if (i % seg) % r != off:
+                    continue
+                for j in range(n):
+                    if j // seg == i // seg and (j % seg) % r == off:
+                        count[h, i + 1, j + 1] += 1
+    qa, ka, va = (torch.cat([c[0:1], t]).transpose(0, 1) for t, c in zip(tiles, cls))
+    scores = qa @ ka.transpose(-1, -2) / math.sqrt(dim) + count.log()
+    out = (scores.softmax(-1) @ va).transpose(0, 1)
+    return out[1:], out[0]
+
+
+def test_dilated_equals_dense_when_one_segment_covers_the_slide_and_ratio_is_one():
+    lengths = [37, 12]
+    tiles, cls = _qkv(sum(lengths), len(lengths))
+    layout = pack_layout(lengths, segment_lengths=(64,), dilation_ratios=(1,), num_heads=4)
+    out, out_cls = dilated_attention(tuple(tiles), tuple(cls), layout)
+    ref, ref_cls = _dense(tiles, cls, lengths)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out_cls, ref_cls)
+    weights = ref.detach().cos(), ref_cls.detach().sin()
+    grads = torch.autograd.grad((out * weights[0]).sum() + (out_cls * weights[1]).sum(), tiles + cls)
+    ref_grads = torch.autograd.grad((ref * weights[0]).sum() + (ref_cls * weights[1]).sum(), tiles + cls)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 7])  # 7 scores: the query-row chunks and their recomputation
+def test_mixed_branches_equal_brute_force_longnet(budget):
+    n, segments, ratios = 23, (4, 8, 16), (1, 2, 4)
+    tiles, cls = _qkv(n, 1, heads=4)
+    layout = pack_layout([n], segment_lengths=segments, dilation_ratios=ratios, num_heads=4)
+    out, out_cls = dilated_attention(tuple(tiles), tuple(cls), layout, score_budget=budget)
+    ref, ref_cls = _longnet_reference(tiles, cls, n, segments, ratios)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out_cls[0], ref_cls)
+    grads = torch.autograd.grad(out.square().sum(), tiles)
+    ref_grads = torch.autograd.grad(ref.square().sum(), tiles)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def _small_cfg(**kw):
+    return SlideEncoderConfig(**{**dict(in_dim=12, embed_dim=32, depth=2, num_heads=4, segment_lengths=(8, 16, 32),
+                                        dilation_ratios=(1, 2, 4)), **kw})
+
+
+def test_packed_slides_equal_one_slide_at_a_time_in_any_tile_order():
+    torch.manual_seed(0)
+    model = SlideEncoder(_small_cfg()).double().eval()
+    lengths = [40, 7, 19]
+    emb = torch.randn(sum(lengths), 12, dtype=torch.float64)
+    grids = [torch.stack(torch.meshgrid(torch.arange(8), torch.arange(5), indexing="xy"), -1).reshape(-1, 2)[:n]
+             for n in lengths]
+    grids = [g[torch.randperm(len(g))] for g in grids]  # tiles in a scrambled order
+    packed = model(emb, torch.cat(grids), lengths)
+    start = 0
+    for b, (n, grid) in enumerate(zip(lengths, grids)):
+        alone = model(emb[start:start + n], grid)
+        torch.testing.assert_close(packed.cls[b], alone.cls[0])
+        torch.testing.assert_close(packed.tiles[start:start + n], alone.tiles)
+        start += n
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(1)
+    model = SlideEncoder(_small_cfg()).double()
+    emb = torch.randn(30, 12, dtype=torch.float64)
+    grid = torch.stack([torch.arange(30) % 6, torch.arange(30) // 6], 1)
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        model.zero_grad()
+        out = model(emb, grid, [20, 10])
+        (out.cls.square().sum() + out.tiles.sin().sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_grid_positions_keep_holes_and_row_major_order():
+    stride = 448.0  # 224 px tiles at 0.5 um/px from a 0.25 um/px scan
+    coords = torch.tensor([[1000 + 5 * stride, 2000], [1000, 2000 + 2 * stride], [1000, 2000], [1001 + stride, 2000]])
+    grid = grid_positions(coords, stride)
+    assert grid.tolist() == [[5, 0], [0, 2], [0, 0], [1, 0]]  # the gap of 3 empty columns and a row is kept
+    assert row_major_order(grid).tolist() == [2, 3, 0, 1]
+
+
+def test_heads_take_different_offsets():
+    layout = pack_layout([16], segment_lengths=(8,), dilation_ratios=(2,), num_heads=4)
+    members = {tuple(g.heads.tolist()): sorted(g.index[g.valid].tolist()) for g in layout.branches[0]}
+    assert members == {(0, 2): list(range(0, 16, 2)), (1, 3): list(range(1, 16, 2))}
+    attn = DilatedAttention(8, num_heads=2)
+    assert attn.num_heads == 2
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(segment_lengths=(1024, 2048)), "dilation_ratios"),  # one ratio per segment length
+    (dict(dilation_ratios=(2, 2, 4, 8)), "dilation_ratios"),  # no ratio of 1
+    (dict(segment_lengths=(1024, 4096, 2, 65536)), "segment_lengths"),  # segment 2 < ratio 4
+    (dict(segment_lengths=(1024, 0, 16384, 65536)), "segment_lengths"),
+    (dict(num_heads=3), "num_heads"), (dict(embed_dim=30), "embed_dim"), (dict(drop_path=1.5), "drop_path"),
+])
+def test_config_errors_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=f"SlideEncoderConfig.{key}=") as err:
+        SlideEncoderConfig(**kwargs)
+    assert err.value.key == f"SlideEncoderConfig.{key}"
+
+
+def test_presets():
+    giga = slide_encoder_preset("gigapath")
+    assert (giga.depth, giga.embed_dim, giga.num_heads) == (12, 768, 16)
+    assert giga.segment_lengths == (1024, 5792, 32768, 185363, 1048576)
+    assert giga.dilation_ratios == (1, 2, 4, 8, 16)
+    assert slide_encoder_preset("small", in_dim=384).in_dim == 384
+    with pytest.raises(ConfigError, match="preset 'huge' is unknown"):
+        slide_encoder_preset("huge")
