@@ -320,6 +320,9 @@ def eval_(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Image-decoding worker processes."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    max_unreadable: Optional[float] = typer.Option(None, "--max-unreadable",
+                                                   help="Share of the dataset's images that may be unreadable (skipped "
+                                                        "with a warning); above it eval stops."),
 ) -> None:
     """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
     from pathdino.cli.use import eval_command

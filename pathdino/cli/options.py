@@ -112,7 +112,8 @@ EXPORT = Flags(
 
 EVAL = Flags(
     _eval_options,
-    {"batch_size": "batch_size", "workers": "num_workers", "device": "device", "no_progress": "progress"},
+    {"batch_size": "batch_size", "workers": "num_workers", "device": "device", "no_progress": "progress",
+     "max_unreadable": "max_unreadable_fraction"},
     negated=frozenset({"no_progress"}),
     shown={"device": "cuda when available, else cpu", "no_progress": "off: bars on terminals"})
 

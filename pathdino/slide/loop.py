@@ -32,6 +32,7 @@ from pathdino.slide.data import PackDataset, SlidePack, SlidePackLoader, SlideSo
 from pathdino.slide.mae import SlideMAE, mae_loss_sums
 from pathdino.slide.model import SlideEncoder
 from pathdino.slide.plan import EpochPlan, step_masked_tiles
+from pathdino.slide.pretrained import CHECKPOINT_KIND
 from pathdino.slide.train_config import RESUME_MAY_CHANGE, SlidePretrainConfig, config_to_dict
 from pathdino.train.checkpoint import CheckpointParts, load_checkpoint, resume_point, save_checkpoint
 from pathdino.train.config import config_changes
@@ -50,7 +51,6 @@ from tiling.fsio import atomic_write_text
 
 log = logging.getLogger("pathdino.train")
 
-CHECKPOINT_KIND = "slide-mae"  # trainer_state["kind"]: `pathdino export` writes a slide encoder for these
 # The step's figures, summed over micro-steps and processes in one collective.
 TERMS = ("loss_sum", "baseline_sum", "masked_tiles", "tiles", "slides")
 
