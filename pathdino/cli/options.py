@@ -106,7 +106,7 @@ EMBED = Flags(
 EXPORT = Flags(
     _export_options,
     {"tile_px": "tile_px", "target_mpp": "target_mpp", "name": "model_name", "license_": "license",
-     "overwrite": "overwrite"},
+     "overwrite": "overwrite", "pick": "pick"},
     shown={"tile_px": "read from the training stores", "target_mpp": "read from the training stores",
            "name": "the output folder's name"})
 
