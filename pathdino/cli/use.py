@@ -98,6 +98,9 @@ def eval_command(dataset: str, options: EvalOptions, *, encoder: str | None, arc
         model, transform = random_baseline_encoder(arch, img_size), eval_transform(img_size)
     report = run_eval(model, transform, dataset, methods=tuple(methods), out_json=out, options=options)
     console.print(f"evaluated on {report['eval_split']} split ({report['feature_dim']}-d features); report: {out}")
+    if report["unreadable"]["n"]:
+        console.print(f"  [yellow]skipped {report['unreadable']['n']} unreadable image(s)[/yellow] (listed in the "
+                      "report's 'unreadable')")
     for method, result in report["methods"].items():
         console.print(f"  {method}: {_headline(result)}")
     return 0

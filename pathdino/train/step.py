@@ -31,7 +31,7 @@ from pathdino.train.param_groups import drop_frozen_grads
 from pathdino.train.schedules import ScheduleValues
 
 LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "uniformity", "gram", "distill", "masked_tokens")
-HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank")
+HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank", "embedding_std")
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,8 @@ def reduce_step(parts: StepParts, terms: torch.Tensor, last: StepOutputs, *, val
             health = torch.tensor([
                 entropy(dino_t).item(), entropy(dino_t.float().mean(dim=0, keepdim=True)).item(),
                 entropy(student_probs).item(), effective_rank(last.teacher_cls),
+                # per-dimension std over the batch of the L2-normalised CLS, averaged (collapse drives it to 0)
+                F.normalize(last.teacher_cls.float(), dim=-1).std(dim=0).mean().item(),
             ], device=terms.device)
     bad = (~torch.isfinite(terms[0]) | ~torch.isfinite(grad_norm)).float()
     # One collective per step: loss terms, the finite flag, a stop request and health figures.
