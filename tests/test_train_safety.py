@@ -152,3 +152,13 @@ def test_bad_yaml_overrides_and_output_dirs_are_one_line(tmp_path):
     for out, what in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "run", "is under")):
         line = _one_error_line(_train("train.synthetic_data=true", f"train.output_dir={out}"))
         assert f"train.output_dir={str(out)!r} {what}" in line
+
+
+def test_resume_of_a_finished_run_says_so_in_one_line(run, tmp_path):
+    out = _copy(run, tmp_path)
+    before = (out / "metrics.jsonl").read_text()
+    result = _train("train.synthetic_data=true", f"train.output_dir={out}", "--resume")
+    assert result.exit_code == 0, result.output
+    assert (f"nothing to do: the run in {out} already finished (checkpoint step_000000004, step 4 of "
+            "train.total_steps=4)") in result.output
+    assert "Traceback" not in result.output and (out / "metrics.jsonl").read_text() == before

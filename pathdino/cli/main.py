@@ -235,8 +235,8 @@ def demo(
 def export(
     ctx: typer.Context,
     *,
-    checkpoint: str = typer.Argument(..., help="A training checkpoint (step_* folder) or a training output folder "
-                                               "(its newest complete checkpoint is used)."),
+    checkpoint: str = typer.Argument(..., help="A training checkpoint (step_* or best folder) or a training output "
+                                               "folder (--checkpoint picks which of its checkpoints)."),
     out: str = typer.Option(..., "--out", "-o", help="Encoder folder to write (model.safetensors, config.json, "
                                                      "README.md)."),
     tile_px: Optional[int] = typer.Option(None, help="Tile side the encoder was trained on, px."),
@@ -245,6 +245,9 @@ def export(
     license_: Optional[str] = typer.Option(None, "--license",
                                            help="License written in the model card / pretrained_cfg."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    pick: Optional[str] = typer.Option(None, "--checkpoint",
+                                       help="Of a training output folder: latest (newest step), best (the best "
+                                            "in-training probe score, eval.probe.keep_best) or a step number."),
 ) -> None:
     """Export the teacher backbone of a checkpoint as a timm encoder folder (checked by reloading it)."""
     from pathdino.cli.use import export_command
@@ -317,6 +320,9 @@ def eval_(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Image-decoding worker processes."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    max_unreadable: Optional[float] = typer.Option(None, "--max-unreadable",
+                                                   help="Share of the dataset's images that may be unreadable (skipped "
+                                                        "with a warning); above it eval stops."),
 ) -> None:
     """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
     from pathdino.cli.use import eval_command

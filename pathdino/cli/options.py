@@ -106,13 +106,14 @@ EMBED = Flags(
 EXPORT = Flags(
     _export_options,
     {"tile_px": "tile_px", "target_mpp": "target_mpp", "name": "model_name", "license_": "license",
-     "overwrite": "overwrite"},
+     "overwrite": "overwrite", "pick": "pick"},
     shown={"tile_px": "read from the training stores", "target_mpp": "read from the training stores",
            "name": "the output folder's name"})
 
 EVAL = Flags(
     _eval_options,
-    {"batch_size": "batch_size", "workers": "num_workers", "device": "device", "no_progress": "progress"},
+    {"batch_size": "batch_size", "workers": "num_workers", "device": "device", "no_progress": "progress",
+     "max_unreadable": "max_unreadable_fraction"},
     negated=frozenset({"no_progress"}),
     shown={"device": "cuda when available, else cpu", "no_progress": "off: bars on terminals"})
 

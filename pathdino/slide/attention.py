@@ -101,8 +101,50 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor | None, scale: flo
     return out, denominator.log() + shift[..., 0]
 
 
+# torch's fused CPU flash-attention kernel returns the log-sum-exp SDPA keeps to itself; private, so looked up once
+# and the plain-matmul path below stays the fallback (tests/test_private_apis.py pins it)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _CpuFlashSegments(torch.autograd.Function):
+    """(q, k, v [S, H, L, d], additive key mask [S, 1, 1, L] or None) -> (out, lse) through the fused CPU kernel.
+
+    The kernel's backward ignores a gradient on the log-sum-exp, which the branch merge needs. It enters through
+    one extra head channel: with q, k, v padded by a zero column, out by -1 and grad_out by grad_lse, the kernel's
+    rowsum(grad_out * out) becomes D - grad_lse, which is exactly where d lse / d scores = softmax adds in.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):  # (q, k, v, mask, scale): Function.apply takes no keywords
+        q, k, v, mask, scale = inputs
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        zero = q.new_zeros(*q.shape[:-1], 1)
+        padded = [torch.cat([t, zero], dim=-1) for t in (q, k, v)]
+        out_padded = torch.cat([out, -torch.ones_like(zero)], dim=-1)
+        grad_padded = torch.cat([grad_out, grad_lse.to(grad_out.dtype)[..., None]], dim=-1).contiguous()
+        dq, dk, dv = _CPU_FLASH_BACKWARD(grad_padded, *padded, out_padded, lse, 0.0, False, attn_mask=mask,
+                                         scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+
+
 def _attend_chunked(q, k, v, *, valid, scale: float, score_budget: int) -> tuple[Tensor, Tensor]:
-    """_attend over chunks of segments (or of query rows when one segment exceeds the budget)."""
+    """_attend over chunks of segments (or of query rows when one segment exceeds the budget); on CPU, the fused
+    flash kernel over all segments at once (its memory does not grow with the segment length)."""
+    if q.device.type == "cpu" and _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None:
+        mask = None
+        if valid is not None:
+            mask = torch.zeros(valid.shape[0], 1, 1, valid.shape[1], dtype=q.dtype)
+            mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        out, lse = _CpuFlashSegments.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale)
+        return out, lse.to(_wide(out).dtype)
     n_seg, heads, length, _ = q.shape
     recompute = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 

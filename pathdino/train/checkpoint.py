@@ -213,15 +213,17 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, parts: CheckpointParts, *, trainer_state: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int, name: str | None = None) -> Path:
     """Write checkpoint ``step`` of ``parts`` (every process must call this: the state is gathered collectively).
 
     ``trainer_state`` must be JSON-friendly and already hold every process's loader state; the newest ``keep``
-    complete checkpoints are kept. Returns the final directory.
+    complete ``step_*`` checkpoints are kept. ``name`` (e.g. ``best``) writes ``checkpoints/<name>`` instead of
+    ``step_<step>``, replacing the previous one atomically; named checkpoints are never pruned and never picked as
+    the newest. Returns the final directory.
     """
     root = checkpoint_root(output_dir)
-    final = root / f"step_{step:09d}"
-    tmp = root / f".tmp-step_{step:09d}"
+    final = root / (name or f"step_{step:09d}")
+    tmp = root / f".tmp-{final.name}"
     rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)

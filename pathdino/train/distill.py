@@ -5,7 +5,8 @@ Two kinds, told apart by what ``train.distill.teacher`` names:
 * a pathdino checkpoint (a ``step_*`` folder, or a run folder: its newest checkpoint): the EMA teacher of that run,
   heads included, rebuilt from the checkpoint's own config at this run's crop size. Its DINO and iBOT outputs
   replace the EMA teacher's as targets (centering or Sinkhorn as ``loss.targets`` says), as dinov3's distillation
-  does; the student sees its global crops unmasked (dinov3 too) and its EMA is what gets exported.
+  does; the student keeps its iBOT masks (dinov3 unmasks the student when distilling; here the losses stay the
+  DINOv2 ones, and DDP's graph the same) and its EMA is what gets exported.
 * an encoder folder (``pathdino export`` output, or a third-party timm folder of the known-encoder table): a
   headless ViT. The student's global-crop CLS and patch tokens learn the teacher's by cosine (through a linear
   projection when the widths differ; the teacher's patch grid resampled to the student's when patch sizes

@@ -15,6 +15,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ class Progress:
     step: int = 0
     nonfinite_total: int = 0
     collapse_best: dict[str, float] = field(default_factory=dict)
+    probe_best: dict[str, Any] = field(default_factory=dict)  # the best probe score so far (ProbeMonitor.state)
     checkpoint: Path | None = None  # the checkpoint it was loaded from (None: from scratch)
 
 
@@ -159,6 +161,8 @@ def start_monitors(ctx: RunContext, cfg: RunConfig, progress: Progress, *,
     a = cfg.augment
     probe = build_probe(cfg.eval.probe, crop_px=crop_plan(cfg).global_px, mean=tuple(a.mean), std=tuple(a.std),
                         device=ctx.device)
+    if probe is not None:
+        probe.best.load(progress.probe_best)
     return Monitors(metrics=metrics, guard=guard, collapse=collapse, probe=probe)
 
 
@@ -299,7 +303,8 @@ def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *
     if changed:
         log.warning("config differs from the checkpoint's in %d key(s): %s", len(changed), "; ".join(changed[:8]))
     return Progress(step=step, nonfinite_total=state.get("nonfinite_total", 0),
-                    collapse_best=state.get("collapse_best", {}), checkpoint=checkpoint)
+                    collapse_best=state.get("collapse_best", {}), probe_best=state.get("probe_best", {}),
+                    checkpoint=checkpoint)
 
 
 def _throughput(ctx: RunContext, cfg: RunConfig, *, plan: CropPlan, student: SSLModel) -> Throughput:

@@ -31,7 +31,7 @@ from pathdino.train.param_groups import drop_frozen_grads
 from pathdino.train.schedules import ScheduleValues
 
 LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "uniformity", "gram", "distill", "masked_tokens")
-HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank")
+HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank", "embedding_std")
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValue
         0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
     gram_on = values.gram_weight > 0
     dt = parts.distill
-    # A checkpoint teacher's heads give the targets (and the student sees unmasked crops, as dinov3 distils); an
-    # encoder teacher's tokens are matched by cosine beside the usual objective with the EMA teacher.
+    # A checkpoint teacher's heads give the targets (the student is masked as usual: the same iBOT loss; dinov3's
+    # distillation unmasks it); an encoder teacher's tokens are matched by cosine beside the usual objective.
     from_heads, features = dt is not None and dt.kind == "checkpoint", dt is not None and dt.kind == "encoder"
     side = math.isqrt(batch.masks.shape[1])
     with gradient_sync(parts.model, enabled=sync):
@@ -122,7 +122,7 @@ def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValue
                                                    update_center=False)
                 gram_t = gram_targets(parts, batch.global_crops, side=side) if gram_on else None
             s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx,
-                                return_patches=gram_on or features, mask_input=False if from_heads else None)
+                                return_patches=gram_on or features)
             dino_global, dino_local = dino_loss.forward_terms(
                 s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, n_global)
             ibot = ibot_loss(s_out["masked_patch_logits"], ibot_t, batch.masks, n_global, token_weights=token_weights)
@@ -191,6 +191,8 @@ def reduce_step(parts: StepParts, terms: torch.Tensor, last: StepOutputs, *, val
             health = torch.tensor([
                 entropy(dino_t).item(), entropy(dino_t.float().mean(dim=0, keepdim=True)).item(),
                 entropy(student_probs).item(), effective_rank(last.teacher_cls),
+                # per-dimension std over the batch of the L2-normalised CLS, averaged (collapse drives it to 0)
+                F.normalize(last.teacher_cls.float(), dim=-1).std(dim=0).mean().item(),
             ], device=terms.device)
     bad = (~torch.isfinite(terms[0]) | ~torch.isfinite(grad_norm)).float()
     # One collective per step: loss terms, the finite flag, a stop request and health figures.
