@@ -21,13 +21,17 @@ def tissue_coords(rng: np.random.Generator, *, rows: int, cols: int, keep: float
 
 def write_store(path: Path, slides: dict[str, tuple[np.ndarray, np.ndarray]], encoder: dict | None = None) -> Path:
     """An embeddings store holding ``slides``: id -> (features [N, D], level-0 coords [N, 2])."""
+    from unittest import mock
+
     from pathdino.embed.store import EmbeddingWriter
 
-    writer = EmbeddingWriter(path, encoder or ENCODER, tile_store="synthetic", features=("cls",))
-    for sid, (features, coords) in slides.items():
-        attrs = {"slide": {"slide_id": sid, "level0_step_px": STRIDE_PX, "level0_tile_px": STRIDE_PX},
-                 "embedding": {"encoder": encoder or ENCODER}}
-        writer.write_slide(sid, {"cls": np.asarray(features, np.float32)}, coords, attrs, {"features": ["cls"]})
+    # Durability is not under test here, and fsync per file costs seconds on a busy CI disk.
+    with mock.patch("os.fsync"):
+        writer = EmbeddingWriter(path, encoder or ENCODER, tile_store="synthetic", features=("cls",))
+        for sid, (features, coords) in slides.items():
+            attrs = {"slide": {"slide_id": sid, "level0_step_px": STRIDE_PX, "level0_tile_px": STRIDE_PX},
+                     "embedding": {"encoder": encoder or ENCODER}}
+            writer.write_slide(sid, {"cls": np.asarray(features, np.float32)}, coords, attrs, {"features": ["cls"]})
     return path
 
 

@@ -76,3 +76,14 @@ def test_dataloader_shutdown_workers_stops_persistent_workers():
     for w in workers:
         w.join(timeout=30)
     assert not any(w.is_alive() for w in workers)
+
+
+def test_cpu_flash_attention_ops_the_slide_encoder_uses():
+    """pathdino.slide.attention runs segments through torch's fused CPU flash kernel for its log-sum-exp (falls back
+    to plain matmuls without it); tests/test_slide_encoder.py checks values and gradients through it."""
+    import torch
+
+    q = torch.randn(1, 1, 4, 8)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, False)[:2]
+    assert out.shape == q.shape and lse.shape == (1, 1, 4)
+    assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")

@@ -10,6 +10,7 @@ import torch
 
 from pathdino.slide import (SlideEncoder, SlideEncoderConfig, dilated_attention, grid_positions, pack_layout,
                             row_major_order, slide_encoder_preset)
+from pathdino.slide import attention
 from pathdino.slide.attention import DilatedAttention
 from tiling.configio import ConfigError
 
@@ -72,8 +73,12 @@ def test_dilated_equals_dense_when_one_segment_covers_the_slide_and_ratio_is_one
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("budget", [1 << 20, 7])  # 7 scores: the query-row chunks and their recomputation
-def test_mixed_branches_equal_brute_force_longnet(budget):
+@pytest.mark.parametrize("path,budget", [("cpu-flash", 1 << 20), ("math", 1 << 20), ("math", 7)])
+def test_mixed_branches_equal_brute_force_longnet(path, budget, monkeypatch):
+    """Both CPU paths: the fused flash kernel (log-sum-exp gradient injected), and plain matmuls in chunks
+    (budget 7 scores: query-row chunks and their recomputation in the backward pass)."""
+    if path == "math":
+        monkeypatch.setattr(attention, "_CPU_FLASH", None)
     n, segments, ratios = 23, (4, 8, 16), (1, 2, 4)
     tiles, cls = _qkv(n, 1, heads=4)
     layout = pack_layout([n], segment_lengths=segments, dilation_ratios=ratios, num_heads=4)

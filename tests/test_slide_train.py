@@ -170,3 +170,31 @@ def test_cli_prints_the_launch_line(store, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert "-m pathdino.slide.train --config" in line and line.endswith("--resume")
     assert "--num_processes 2" in line
+
+
+def test_export_writes_a_slide_encoder_folder_naming_the_tile_encoder(reference, store, tmp_path):
+    from typer.testing import CliRunner
+
+    import pathdino
+    from pathdino.cli.main import app
+    from pathdino.slide.data import SlideSource
+
+    out = tmp_path / "slide_encoder"
+    result = CliRunner().invoke(app, ["export", str(reference), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "ema weights, step 6" in result.output and "synthetic-tile-encoder" in result.output
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["tile_encoder"]["name"] == "synthetic-tile-encoder" and meta["tile_encoder"]["feature_dim"] == 16
+    assert meta["tile_encoder"]["weights_sha256"] == "0" * 64
+    assert "synthetic-tile-encoder" in (out / "README.md").read_text()
+    model = pathdino.load_slide_encoder(out)
+    ema = load_file(ckpt(reference, 6) / "ema.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    source = SlideSource([str(store)])
+    with torch.no_grad():
+        for i in range(len(source.slides)):  # a forward pass over each slide
+            features, grid = source.read(i)
+            cls = model(torch.from_numpy(features), torch.from_numpy(grid)).cls
+            assert cls.shape == (1, 32) and torch.isfinite(cls).all()
+    again = CliRunner().invoke(app, ["export", str(reference), "--out", str(out)])
+    assert again.exit_code != 0 and "--overwrite" in again.output

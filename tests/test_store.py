@@ -97,7 +97,6 @@ def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path, n_items):
 
 def test_writer_uses_direct_shards_and_zarr_reads_them(tmp_path):
     w, tiles, _ = _write(tmp_path / "store.zarr", n=300)
-    assert w.begin_slide("probe", 32)._shard_dir is not None  # local store: the direct path is the one tested
     encoded = TileStore(tmp_path / "store.zarr").slide("s1").read_encoded(0, 300)
     assert encoded == [encode_tile(t) for t in tiles]
 
@@ -131,7 +130,7 @@ def test_plain_zarr_opens_store_in_fresh_process(tmp_path):
     code = (
         "import zarr, imagecodecs, json, sys\n"
         f"root = zarr.open_group({str(url)!r}, mode='r')\n"
-        "index = root.attrs['pathdino']['slides']\n"
+        "index = list(root['slides'].group_keys())  # format 2: the slides' metadata is inline in zarr.json\n"
         "tiles = root['slides/s1/tiles'][0:20]\n"
         "img = imagecodecs.jpeg8_decode(tiles[3])\n"
         "print(json.dumps([sorted(index), img.shape, root['slides/s1/coords'][3].tolist()]))\n"

@@ -47,6 +47,28 @@ def test_collapse_monitor_warns_on_falling_rank_or_usage(caplog):
     assert "possible collapse" in caplog.text and "embedding_rank" in caplog.text and mon.warnings == 3
 
 
+def test_probe_monitor_keeps_the_best_and_warns_when_the_probe_falls_well_below_it(caplog):
+    from pathdino.train.health import ProbeMonitor
+
+    mon = ProbeMonitor("probe_knn_accuracy", drop_warning=0.05)
+    assert not mon.check(3, {"loss": 1.0})  # not a probe step
+    assert mon.check(0, {"probe_knn_accuracy": 0.55})  # the initial teacher is the first best
+    assert mon.check(25, {"probe_knn_accuracy": 0.65})
+    assert not mon.check(50, {"probe_knn_accuracy": 0.65})  # a tie is not a new best
+    with caplog.at_level("WARNING", logger="pathdino.train"):
+        assert not mon.check(75, {"probe_knn_accuracy": 0.61})  # within the threshold: no warning
+        assert mon.warnings == 0 and not caplog.text
+        assert not mon.check(100, {"probe_knn_accuracy": 0.59})  # 0.06 below the best
+    assert mon.warnings == 1 and "probe fell" in caplog.text and "best 0.650 (step 25)" in caplog.text
+    assert mon.state() == {"metric": "probe_knn_accuracy", "value": 0.65, "step": 25}
+    resumed = ProbeMonitor("probe_knn_accuracy", drop_warning=0.05)
+    resumed.load(mon.state())
+    assert not resumed.check(125, {"probe_knn_accuracy": 0.62}) and resumed.best_step == 25
+    other = ProbeMonitor("probe_linear_accuracy", drop_warning=0.05)
+    other.load(mon.state())  # another metric's best does not carry over
+    assert other.best is None
+
+
 def test_nonfinite_guard_counts_and_stops():
     guard = NonFiniteGuard(max_consecutive=2)
     guard.update(False, 1, None)

@@ -56,13 +56,17 @@ def runs(tmp_path_factory, labelled) -> dict[str, Path]:
     """Without probes; with probes every 2 steps (and TensorBoard); the same stopped after step 2 and resumed."""
     base = tmp_path_factory.mktemp("runs")
     probe = f"eval.probe={{data: {labelled}, every_steps: 2, knn_k: 20}}"
+    # keep_best without the step-0 probe: step 2's probe is the first best, so a checkpoint is always kept
+    kept = f"eval.probe={{data: {labelled}, every_steps: 2, knn_k: 20, keep_best: true, at_start: false}}"
     train(config(base / "plain"))
     train(config(base / "probed", probe, "log.trackers=[tensorboard]"))
-    train(config(base / "resumed", probe, "train.stop_at_step=2"))
-    train(config(base / "resumed", probe), resume=True)
-    return {name: base / name for name in ("plain", "probed", "resumed")}
+    train(config(base / "kept", kept))
+    train(config(base / "resumed", kept, "train.stop_at_step=2"))
+    train(config(base / "resumed", kept), resume=True)
+    return {name: base / name for name in ("plain", "probed", "kept", "resumed")}
 
 
+@pytest.mark.timeout(600)  # the first test of the module: it pays for the five training runs of `runs`
 def test_probes_are_logged_and_change_nothing(runs):
     records = lines(runs["probed"])
     with_probe = [r for r in records if "probe_knn_accuracy" in r]
@@ -99,6 +103,40 @@ def test_probe_resume_is_exact(runs):
             assert a[step][key] == b[step][key], (step, key)
     for key in PROBE_KEYS:  # the probe after the resume sees the same teacher
         assert a[4][key] == b[4][key] and a[2][key] == b[2][key], key
+
+
+def test_keep_best_keeps_the_best_probe_step_resumably_and_export_picks_it(runs, tmp_path):
+    from pathdino.export import ExportOptions, export_checkpoint
+
+    probed = [r for r in lines(runs["kept"]) if "probe_knn_balanced_accuracy" in r]
+    scores = [r["probe_knn_balanced_accuracy"] for r in probed]
+    assert [r["step"] for r in probed] == [2, 4]
+    best_step = probed[scores.index(max(scores))]["step"]  # the first step reaching the best (a tie is no new best)
+    kept = {}
+    for name in ("kept", "resumed"):
+        best = runs[name] / "checkpoints" / "best"
+        state = json.loads((best / "trainer_state.json").read_text())
+        assert state["step"] == best_step, name
+        assert state["probe_best"] == {"metric": "probe_knn_balanced_accuracy", "value": max(scores),
+                                       "step": best_step}
+        kept[name] = load_file(best / "teacher.safetensors")
+        events = [r for r in lines(runs[name]) if r.get("kept") == "best"]
+        assert events and events[-1]["step"] == best_step and events[-1]["value"] == max(scores)
+    # The run stopped at step 2 and resumed kept the same checkpoint: the best so far travels with the checkpoints
+    # (without it, the resumed run's first probe, step 4, would count as a new best).
+    assert all(torch.equal(kept["kept"][k], kept["resumed"][k]) for k in kept["kept"])
+    step_dir = runs["kept"] / "checkpoints" / f"step_{best_step:09d}"
+    assert all(torch.equal(kept["kept"][k], v) for k, v in load_file(step_dir / "teacher.safetensors").items())
+    # the losses are those of the run without probes: keeping the best changes nothing
+    a = {r["step"]: r["loss"] for r in lines(runs["plain"]) if "loss" in r}
+    assert a == {r["step"]: r["loss"] for r in lines(runs["kept"]) if "loss" in r}
+    assert not (runs["probed"] / "checkpoints" / "best").exists()  # keep_best off: nothing kept
+
+    options = {"tile_px": 64, "target_mpp": 0.5}
+    assert export_checkpoint(runs["kept"], tmp_path / "best", ExportOptions(pick="best", **options)).step == best_step
+    assert export_checkpoint(runs["kept"], tmp_path / "latest", ExportOptions(**options)).step == 4
+    with pytest.raises(Exception, match="holds no best checkpoint.*keep_best"):
+        export_checkpoint(runs["probed"], tmp_path / "none", ExportOptions(pick="best", **options))
 
 
 def test_probe_data_errors_name_the_key(tmp_path):

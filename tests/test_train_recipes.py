@@ -213,3 +213,96 @@ def test_gram_teacher_is_copied_from_the_ema_teacher_on_schedule(tmp_path):
 def test_gram_resumes_exactly_across_a_refresh(tmp_path):
     ref = assert_resumes_exactly(tmp_path, *GRAM, stop_at=2)  # the refresh before step 3 happens after the resume
     assert_same_checkpoint(ckpt(ref, 4), ckpt(tmp_path / "resumed", 4), names=("gram_teacher",))
+
+
+# ---- distillation -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_teacher_run(tmp_path_factory) -> Path:
+    """A 1-step run of a wider model (96 wide, same prototypes): a pathdino checkpoint with heads."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    train(config(out, "model.backbone.embed_dim=96", "model.backbone.num_heads=4", "train.total_steps=1"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder_teacher(tmp_path_factory) -> Path:
+    """An exported encoder 96 wide with 16 px patches (the student: 64 wide, 14 px): projection and grid resampling
+    (84 px crops: a 6 x 6 student grid, 5 x 5 for the teacher at 80 px)."""
+    from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD
+    from pathdino.export.export import ExportOptions, export_backbone
+    from pathdino.export.source import TrainingGeometry
+
+    out = tmp_path_factory.mktemp("encoder") / "enc"
+    cfg = BackboneConfig(arch="custom", embed_dim=96, depth=1, num_heads=2, patch_size=16, img_size=64,
+                         drop_path_rate=0.0)
+    torch.manual_seed(3)
+    geometry = TrainingGeometry(tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=IMAGENET_MEAN,
+                                std=IMAGENET_STD, stores=(), notes=("test teacher",))
+    export_backbone(build_backbone(cfg), cfg, out, geometry=geometry,
+                    provenance={"checkpoint": None, "step": 0, "weights": "random", "stores": []},
+                    options=ExportOptions(model_name="test teacher"))
+    return out
+
+
+def test_distil_from_a_checkpoint_teacher(tmp_path, wide_teacher_run):
+    from tiling.fsio import file_sha256
+
+    teacher_ckpt = ckpt(wide_teacher_run, 1)
+    before = file_sha256(teacher_ckpt / "teacher.safetensors")
+    ref = assert_resumes_exactly(tmp_path, f"train.distill.teacher={wide_teacher_run}")
+    assert file_sha256(teacher_ckpt / "teacher.safetensors") == before
+    saved = json.loads((ckpt(ref, 4) / "trainer_state.json").read_text())["distill_teacher"]
+    assert saved == {"kind": "checkpoint", "path": str(teacher_ckpt), "sha256": before}
+    files = sorted(p.name for p in ckpt(ref, 4).iterdir())
+    assert not [f for f in files if "distill" in f] and "teacher.safetensors" in files  # the EMA, not the frozen one
+    assert load_file(ckpt(ref, 4) / "teacher.safetensors")["backbone.backbone.cls_token"].shape[-1] == 64
+    # the targets are the frozen teacher's: the same student without it sees other losses from step 1
+    plain = tmp_path / "plain"
+    train(config(plain, "train.total_steps=1"))
+    assert records(plain)[1]["dino_global"] != records(ref)[1]["dino_global"]
+    # resuming with other teacher weights is refused, naming the key
+    other = tmp_path / "other_teacher"
+    train(config(other, "model.backbone.embed_dim=96", "model.backbone.num_heads=4", "train.total_steps=1",
+                 "train.seed=5"))
+    with pytest.raises(Exception, match="train.distill.teacher"):
+        train(config(tmp_path / "resumed", f"train.distill.teacher={other}"), resume=True)
+    with pytest.raises(ConfigError, match="model.dino_head.n_prototypes"):
+        train(config(tmp_path / "k", f"train.distill.teacher={wide_teacher_run}", "model.dino_head.n_prototypes=128"))
+
+
+def test_feature_distillation_from_an_encoder_folder(tmp_path, encoder_teacher):
+    ref = assert_resumes_exactly(tmp_path, f"train.distill.teacher={encoder_teacher}", "augment.global_crop_px=84")
+    log = records(ref)
+    assert all(0 < log[s]["distill"] <= 4 for s in log)  # two cosine distances, each in [0, 2]
+    student = load_file(ckpt(ref, 4) / "student.safetensors")
+    assert student["distill_proj.weight"].shape == (96, 64)  # student width 64 -> teacher width 96
+    saved = json.loads((ckpt(ref, 4) / "trainer_state.json").read_text())["distill_teacher"]
+    assert saved["kind"] == "encoder" and saved["path"] == str(encoder_teacher)
+    # the loss is the teacher's: a student trained against it gets closer than at step 1
+    assert log[4]["distill"] < log[1]["distill"]
+
+
+def test_encoder_teacher_mpp_must_match_the_stores(tmp_path, encoder_teacher):
+    """The encoder teacher saw tissue at 0.5 µm/px (its config.json); a store tiled at 0.25 µm/px is refused."""
+    import numpy as np
+
+    from pathdino.train.distill import build_distill_teacher
+    from tiling.store import encode_tile
+    from tiling.store_write import TileStoreWriter
+
+    def store(url: Path, mpp: float) -> Path:
+        sw = TileStoreWriter(url).begin_slide("s1", 64, encoding="png", tiles_per_shard=32)
+        rng = np.random.default_rng(0)
+        tiles = [encode_tile(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), encoding="png") for _ in range(4)]
+        sw.add(tiles, np.arange(8, dtype=np.int64).reshape(4, 2), np.ones(4, np.float32))
+        sw.commit({"source_path": "synthetic", "source_fingerprint": "test", "target_mpp": mpp})
+        return url
+
+    def cfg(url: Path):
+        return load_config(SMOKE, [f"data.stores=[{url}]", f"train.distill.teacher={encoder_teacher}"])
+
+    with pytest.raises(ConfigError, match=r"0\.5 µm/px.*0\.25 µm/px"):
+        build_distill_teacher(cfg(store(tmp_path / "fine.zarr", 0.25)), torch.device("cpu"))
+    teacher = build_distill_teacher(cfg(store(tmp_path / "same.zarr", 0.51)), torch.device("cpu"))
+    assert teacher.kind == "encoder" and not any(p.requires_grad for p in teacher.model.parameters())

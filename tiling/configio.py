@@ -77,8 +77,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -91,7 +97,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {text!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                          f"'{key.strip()}=\"...\"', or close its brackets", key=key.strip()) from None
+    return key.strip().split("."), parsed
 
 
 def set_key(data: dict[str, Any], keys: list[str], value: Any, *, what: str) -> None:
@@ -128,7 +140,27 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     """
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides, values)
-    return from_dict(cls, data, where or (str(path) if path is not None else "config"))
+    where = where or (str(path) if path is not None else "config")
+    try:
+        return from_dict(cls, data, where)
+    except ConfigError as exc:
+        raise blame_override(exc, where, overrides) from exc.__cause__
+
+
+def blame_override(exc: ConfigError, where: str, overrides: list[str] | None) -> ConfigError:
+    """``exc`` (from ``from_dict(..., where)``) reworded to name the ``key=value`` override at fault when the key it
+    is about was given on the command line, rather than the config file; else ``exc`` itself."""
+    msg = str(exc)
+    for text in reversed(overrides or []):
+        key = text.split("=", 1)[0].strip()
+        parent, _, leaf = key.rpartition(".")
+        head = f"{where}.{key}"
+        unknown = msg.startswith(f"{where}.{parent}: unknown key" if parent else f"{where}: unknown key")
+        if (msg.startswith((head + ":", head + ".", head + "[")) or (unknown and repr(leaf) in msg.split(";")[0])
+                or (exc.key or "").endswith("." + leaf) and msg.startswith(f"{where}.{parent}:")):
+            detail = msg[len(where):].lstrip(".: ")
+            return ConfigError(f"override {text!r} (command line): {detail}", key=key)
+    return exc
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

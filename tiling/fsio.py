@@ -129,6 +129,44 @@ def read_json(path: str | Path, *, error: type[Exception], expect: type = dict, 
     return value
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file (truncated, not safetensors), or None when its header and length
+    agree. Reads the header only (a few KB), so a damaged checkpoint or encoder is found before any work starts."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                return f"truncated or not a safetensors file ({size:,} bytes)"
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid (truncated or not a safetensors file)"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size:,} of {expected:,} bytes"
+    return None
+
+
+def zip_problem(path: str | Path) -> str | None:
+    """What is wrong with a zip-based file (``torch.save``'s format), or None when its directory reads."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except zipfile.BadZipFile:
+        return f"truncated or damaged ({Path(path).stat().st_size:,} bytes)"
+    return None
+
+
 def to_jsonable(obj: object) -> object:
     """Plain JSON types: numpy/torch arrays and scalars become lists and numbers, NaN/inf None, paths strings."""
     if isinstance(obj, Mapping):

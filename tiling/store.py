@@ -1,8 +1,9 @@
-"""The pathdino tile store: the one module that knows its layout (documented in docs/tile-store.md).
+"""The pathdino tile store: the one module that reads its layout (documented in docs/tile-store.md).
 
-A store is a Zarr v3 hierarchy::
+A store (format 2) is a Zarr v3 hierarchy::
 
-    <store>/zarr.json                      root group; attrs["pathdino"] = format, version, index, failures
+    <store>/zarr.json                      root group; attrs["pathdino"] = format, version, failures, folded_seq;
+                                           consolidated_metadata = every slide's node metadata (the index)
     <store>/slides/zarr.json               group holding one child group per slide
     <store>/slides/<slide_id>/zarr.json    attrs["pathdino"] = the slide's provenance
     <store>/slides/<slide_id>/tiles        (N,) variable-length bytes: one encoded image (JPEG or PNG) per tile
@@ -12,11 +13,13 @@ A store is a Zarr v3 hierarchy::
 Beside it, outside the Zarr hierarchy so that plain zarr opens the store without a warning::
 
     <store>.pathdino/qc/<slide_id>.jpg     QC image
+    <store>.pathdino/journal/<seq>.json    commits not yet folded into the root document (tiling/store_index.py)
     <store>.pathdino/staging/, lock        the writers' scratch space, leases and lock file (store_write.py,
                                            staging.py)
 
-Only slides listed in the root index are complete; readers never look at anything else, so a killed writer leaves
-nothing a reader can mistake for data.
+Only slides in the index (the root document plus the journal) are complete; readers never look at anything else,
+so a killed writer leaves nothing a reader can mistake for data. Format 1 (the index in the root attributes) is
+still read, and a writer migrates it to format 2 when it first opens it.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ import numpy as np
 import zarr
 import zarr.storage
 
-from tiling import fsio
+from tiling import fsio, store_index
 from tiling.errors import PathdinoError
 
 FORMAT_NAME = "pathdino-tile-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version this code writes. Version 2 keeps the slide index as Zarr consolidated metadata in the root zarr.json
+plus a journal (tiling/store_index.py); version 1 kept it in the root attributes, rewritten whole at every commit."""
+READ_VERSIONS = (1, 2)
 TILE_ENCODINGS = ("jpeg", "png")
 
 # zarr-python warns that variable-length bytes have no Zarr v3 spec yet; docs/tile-store.md says what we rely on.
@@ -125,11 +131,57 @@ def zarr_store(url: str | Path, read_only: bool) -> zarr.abc.store.Store:
 
 
 def check_format(meta: dict[str, Any], url: str) -> None:
-    """Raise StoreError unless `meta` (the root's attrs["pathdino"]) is a tile store of the version this code reads."""
+    """Raise StoreError unless `meta` (the root's attrs["pathdino"]) is a tile store of a version this code reads."""
+    version = meta.get("format_version")
     fsio.check_format(meta, where=url, kind="pathdino tile store", format_name=FORMAT_NAME,
-                      format_version=FORMAT_VERSION, error=StoreError,
+                      format_version=version if version in READ_VERSIONS else FORMAT_VERSION, error=StoreError,
                       not_this_format="Point at the folder that `pathdino tile --out` created.",
                       other_version="Re-tile the slides or install the pathdino release that wrote it.")
+
+
+def read_root_document(url: str) -> dict[str, Any]:
+    """The root zarr.json of the store at `url`, parsed and checked to be a tile store of a readable version."""
+    raw = store_index.Files(url, remote=is_remote_url(url)).read("zarr.json")
+    if raw is None:
+        raise StoreError(f"no tile store at {url}: expected a folder with zarr.json "
+                         "(create one with `pathdino tile SLIDES --out STORE`)")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"cannot open {url} as a Zarr v3 group: its zarr.json is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("node_type") != "group":
+        raise StoreError(f"cannot open {url} as a Zarr v3 group: its zarr.json is not a group's metadata")
+    check_format(dict((doc.get("attributes") or {}).get("pathdino") or {}), url)
+    return doc
+
+
+def read_index(url: str) -> tuple[dict[str, Any], store_index.IndexState | None]:
+    """(the root's attrs["pathdino"], the slide index with the journal applied; None for a format-1 store)."""
+    for _ in range(8):  # a writer folding the journal while we read it: read again
+        doc = read_root_document(url)
+        meta = dict(doc["attributes"]["pathdino"])
+        if meta["format_version"] == 1:
+            return meta, None
+        state = store_index.parse_root(doc)
+        if store_index.apply_journal(state, store_index.Files(sidecar_url(url), remote=is_remote_url(url))):
+            return meta, state
+    raise StoreError(f"the index of {url} kept changing while it was read; try again")
+
+
+def _index_entry(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 style index entry (SlideEntry fields) from a slide's provenance."""
+    return {"n_tiles": int(attrs.get("n_tiles", 0)), "source_path": str(attrs.get("source_path", "")),
+            "fingerprint": str(attrs.get("source_fingerprint", "")), "committed": str(attrs.get("created", ""))}
+
+
+def _group_from_nodes(store: zarr.abc.store.Store, slide_id: str, nodes: dict[str, dict[str, Any]]) -> zarr.Group:
+    """A slide's group built from its metadata (no request): its arrays come from the group's inline metadata."""
+    from zarr.core.group import AsyncGroup
+    from zarr.storage import StorePath
+
+    children = {name: meta for name, meta in nodes.items() if name}
+    meta = {**nodes[""], "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": children}}
+    return zarr.Group(AsyncGroup.from_dict(StorePath(store, f"slides/{slide_id}"), meta))
 
 
 SIDECAR_SUFFIX = ".pathdino"
@@ -222,28 +274,38 @@ def slide_mpp(slide: StoreSlide) -> float | None:
 
 
 class TileStore:
-    """A pathdino tile store opened for reading (local folder or fsspec URL)."""
+    """A pathdino tile store opened for reading (local folder or fsspec URL), format 2 or 1.
+
+    Format 2 reads one object (the root zarr.json, every slide's metadata inline) and the journal of commits not yet
+    folded into it (`tiling.store_index`); opening a slide then costs no request. Format 1 reads the index from the
+    root attributes and each slide's metadata when it is opened.
+    """
 
     def __init__(self, url: str | Path):
         self.url = str(url)
-        if not is_remote_url(self.url) and not (local_root(self.url) / "zarr.json").exists():
-            raise StoreError(f"no tile store at {self.url}: expected a folder with zarr.json "
-                             "(create one with `pathdino tile SLIDES --out STORE`)")
-        try:
-            self.root = zarr.open_group(store=zarr_store(self.url, read_only=True), mode="r")
-        except Exception as exc:  # noqa: BLE001 - zarr raises several types for "not a group"
-            raise StoreError(f"cannot open {self.url} as a Zarr v3 group: {exc}") from exc
-        self.meta: dict[str, Any] = dict(self.root.attrs.get("pathdino", {}))
-        check_format(self.meta, self.url)
+        self._store = zarr_store(self.url, read_only=True)
+        self.meta, self._state = read_index(self.url)
+        self._v1_root: zarr.Group | None = None
+        if self._state is None:
+            self._v1_root = zarr.open_group(store=self._store, mode="r", use_consolidated=False)
+            self._index: dict[str, dict[str, Any]] = dict(self.meta.get("slides", {}))
+        else:
+            self._index = {sid: _index_entry(store_index.slide_group_attrs(nodes))
+                           for sid, nodes in self._state.slides.items()}
+            self.meta = {**self.meta, "slides": self._index, "failures": self._state.failures}
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta.get("format_version", FORMAT_VERSION))
 
     @property
     def entries(self) -> dict[str, SlideEntry]:
-        return {sid: SlideEntry(slide_id=sid, **e) for sid, e in sorted(self.meta.get("slides", {}).items())}
+        return {sid: SlideEntry(slide_id=sid, **e) for sid, e in sorted(self._index.items())}
 
     @property
     def slide_ids(self) -> list[str]:
         """Ids of the complete slides, sorted."""
-        return sorted(self.meta.get("slides", {}))
+        return sorted(self._index)
 
     @property
     def failures(self) -> dict[str, dict[str, Any]]:
@@ -254,14 +316,23 @@ class TileStore:
 
     def _entry(self, slide_id: str) -> dict[str, Any]:
         try:
-            return self.meta["slides"][slide_id]
+            return self._index[slide_id]
         except KeyError:
             raise StoreError(f"slide {slide_id!r} is not a complete slide of {self.url} "
                              f"(run `pathdino info {self.url}` to list them)") from None
 
+    def slide_attrs(self, slide_id: str) -> dict[str, Any]:
+        """A slide's provenance (its group's attributes["pathdino"]); no request in format 2."""
+        self._entry(slide_id)
+        if self._state is not None:
+            return store_index.slide_group_attrs(self._state.slides[slide_id])
+        return dict(self._v1_root[f"slides/{slide_id}"].attrs.get("pathdino", {}))
+
     def slide(self, slide_id: str) -> StoreSlide:
         self._entry(slide_id)
-        return StoreSlide(self.root[f"slides/{slide_id}"], slide_id)
+        if self._state is None:
+            return StoreSlide(self._v1_root[f"slides/{slide_id}"], slide_id)
+        return StoreSlide(_group_from_nodes(self._store, slide_id, self._state.slides[slide_id]), slide_id)
 
     def qc_image_path(self, slide_id: str) -> str:
         """Path or URL of a slide's QC image. Falls back to the PNG pictures of earlier versions, in the sidecar or

@@ -7,26 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import shutil
 import struct
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
-import zarr
-import zarr.storage
 
-from tiling import staging
+from tiling import staging, store_index
 from tiling.fsio import atomic_write_bytes, now_iso, publish_dir
 from tiling.store import (
-    FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, check_format, is_remote_url, local_root,
-    safe_slide_id, sidecar_url, zarr_store,
+    FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, is_remote_url, local_root, read_index, safe_slide_id,
+    sidecar_url,
 )
 
-try:  # zarr's own CRC32C dependency; without it, shards go through zarr's codec pipeline
-    import google_crc32c as _crc32c
-except ImportError:  # pragma: no cover
-    _crc32c = None
+import google_crc32c as _crc32c  # zarr's own CRC32C dependency
 
 _U32 = struct.Struct("<I")
 
@@ -34,6 +31,8 @@ _U32 = struct.Struct("<I")
 # there keeps the commit one rename: the sidecar and the store share a parent folder, hence a filesystem.
 _STAGING_DIR = "staging"
 _LOCK_FILE = "lock"
+# The last fold (folded_seq, slides folded, when): lets a commit decide whether to fold without reading the index.
+_FOLD_MARK = "index-fold.json"
 # Where earlier versions kept them, inside the store: stale staging folders there are still cleaned up.
 _LEGACY_STAGING_DIR = ".staging"
 
@@ -73,11 +72,15 @@ class SlideWriter:
     """Writes one slide's tiles shard by shard; nothing is visible to readers until `commit`.
 
     Tiles arrive already encoded (the tiler encodes in worker processes). They are buffered until a whole shard is
-    ready, because writing tile by tile into a shard rewrites the shard each time (30x slower, measured).
+    ready and written as one file (`shard_file_bytes`: the bytes zarr writes, tested), because writing tile by tile
+    into a shard rewrites the shard each time (30x slower, measured) and zarr's sharding pipeline cost ~11 ms of CPU
+    per 256-tile shard. The arrays' metadata (`store_index.slide_nodes`) and the coordinate chunks are written at
+    commit, also as files: a slide costs no zarr call at all (nine of them cost ~35 ms per slide on a busy 2-core
+    machine, more than a small slide's tiles).
     """
 
-    def __init__(self, writer: "TileStoreWriter", slide_id: str, tile_px: int, encoding: str,
-                 tiles_per_shard: int, tiles_per_chunk: int, tile_attrs: dict[str, Any], max_tiles: int = 0):
+    def __init__(self, writer: "TileStoreWriter", slide_id: str, *, tile_px: int, encoding: str,
+                 tiles_per_shard: int, tiles_per_chunk: int, tile_attrs: dict[str, Any]):
         if encoding not in TILE_ENCODINGS:
             raise ValueError(f"unknown tile encoding {encoding!r}; expected one of {TILE_ENCODINGS}")
         if tiles_per_shard % tiles_per_chunk:
@@ -86,20 +89,9 @@ class SlideWriter:
         self.slide_id = slide_id
         self._writer = writer
         self._shard = tiles_per_shard
-        self._group, self._final_key, self._lease = writer._staging_group(slide_id)
-        from zarr.core.dtype import VariableLengthBytes
-
-        self._tiles = self._group.create_array(
-            "tiles", shape=(0,), chunks=(tiles_per_chunk,), shards=(tiles_per_shard,), dtype=VariableLengthBytes(),
-            compressors=None, fill_value=b"")
-        self._tiles.attrs.update({"encoding": encoding, "tile_px": int(tile_px), "channels": 3, **tile_attrs})
         self._chunk = tiles_per_chunk
-        # Local stores: whole shards are written as files by `shard_file_bytes` (the same bytes zarr writes, tested),
-        # because zarr's sharding pipeline cost ~11 ms of CPU per 256-tile shard, 6-8% of tiling a 20x slide.
-        self._shard_dir = None if writer.remote or _crc32c is None else Path(self._final_key) / "tiles" / "c"
-        # The array is sized once for at most `max_tiles` (resizing rewrites its metadata: ~1 ms per shard) and cut
-        # to the tiles written at commit; staged, so nobody sees the interim size.
-        self._capacity = max(int(max_tiles), 0)
+        self._files, self._final_key, self._lease = writer._staging_area(slide_id)
+        self._tile_attrs = {"encoding": encoding, "tile_px": int(tile_px), "channels": 3, **tile_attrs}
         self._buffer: list[bytes] = []
         self._coords: list[np.ndarray] = []
         self._fractions: list[np.ndarray] = []
@@ -118,18 +110,10 @@ class SlideWriter:
     def _flush(self, n: int) -> None:
         items = self._buffer[:n]
         del self._buffer[:n]
-        start = self.n_written
-        if start + n > self._tiles.shape[0]:
-            self._tiles.resize((max(start + n, self._capacity),))
-        if self._shard_dir is not None and start % self._shard == 0:
-            self._shard_dir.mkdir(parents=True, exist_ok=True)
-            data = shard_file_bytes(items, tiles_per_chunk=self._chunk, tiles_per_shard=self._shard)
-            # A staged slide is invisible until commit, and a killed run's staging folder is discarded: no temp file.
-            (self._shard_dir / str(start // self._shard)).write_bytes(data)
-        else:
-            chunk = np.empty(n, dtype=object)
-            chunk[:] = items
-            self._tiles[start:start + n] = chunk
+        data = shard_file_bytes(items, tiles_per_chunk=self._chunk, tiles_per_shard=self._shard)
+        # Always a shard's start (only the last flush is partial). A staged slide is invisible until commit, and a
+        # killed run's staging folder is discarded: no temporary file.
+        self._files.write(f"tiles/c/{self.n_written // self._shard}", data, atomic=False)
         self.n_written += n
 
     def commit(self, provenance: dict[str, Any]) -> int:
@@ -139,14 +123,22 @@ class SlideWriter:
         coords = np.concatenate(self._coords) if self._coords else np.zeros((0, 2), np.int64)
         fractions = np.concatenate(self._fractions) if self._fractions else np.zeros((0,), np.float32)
         n = self.n_written
-        if self._tiles.shape[0] != n:
-            self._tiles.resize((n,))
         rows = max(min(n, 1 << 16), 1)
-        self._group.create_array("coords", data=coords, chunks=(rows, 2), compressors=None)
-        self._group.create_array("tissue_fraction", data=fractions, chunks=(rows,), compressors=None)
-        self._group.attrs["pathdino"] = {**provenance, "n_tiles": n, "complete": True}
+        for i, start in enumerate(range(0, n, rows)):  # regular chunks, the last padded with the fill value 0
+            chunk_xy = np.zeros((rows, 2), "<i8")
+            chunk_xy[:min(rows, n - start)] = coords[start:start + rows]
+            chunk_f = np.zeros(rows, "<f4")
+            chunk_f[:min(rows, n - start)] = fractions[start:start + rows]
+            self._files.write(f"coords/c/{i}/0", chunk_xy.tobytes(), atomic=False)
+            self._files.write(f"tissue_fraction/c/{i}", chunk_f.tobytes(), atomic=False)
+        nodes = store_index.slide_nodes(
+            n_tiles=n, provenance={**provenance, "n_tiles": n, "complete": True}, tile_attrs=self._tile_attrs,
+            tiles_per_shard=self._shard, tiles_per_chunk=self._chunk, coord_rows=rows)
+        for name in (*store_index.SLIDE_ARRAYS, ""):  # the group last: a folder with it has everything
+            self._files.write(f"{name}/zarr.json" if name else "zarr.json", json.dumps(nodes[name]).encode(),
+                              atomic=False)
         self._check_staged(n)
-        self._writer._publish(self.slide_id, self._final_key, n, provenance)
+        self._writer._publish(self.slide_id, self._final_key, nodes)
         if self._lease is not None:
             staging.release_lease(self._lease)
         return n
@@ -157,9 +149,9 @@ class SlideWriter:
         if self._lease is None:
             return
         problem = "" if staging.lease_held(self._lease) else "its lease was reclaimed by another run"
-        if not problem and self._shard_dir is not None:
+        if not problem:
             n_shards = -(-n // self._shard)
-            found = len(list(self._shard_dir.glob("*"))) if self._shard_dir.exists() else 0
+            found = len(self._files.names("tiles/c"))
             if found != n_shards:
                 problem = f"{found} of its {n_shards} shard file(s) are left"
         if not problem and not all((Path(self._final_key) / name / "zarr.json").exists()
@@ -197,16 +189,20 @@ class TileStoreWriter:
             except OSError as exc:
                 raise StoreError(f"cannot create the tile store {self.url}: {exc.strerror or exc} "
                                  f"({exc.filename or self.url}); choose a folder you can write to") from None
+        self._files = store_index.Files(self.url, remote=self.remote)
+        self._side = store_index.Files(self.sidecar, remote=self.remote)
+        self._snapshot: store_index.IndexState | None = None
         with self._index_lock():
-            store = zarr_store(self.url, read_only=False)
-            try:
-                root = zarr.open_group(store=store, mode="r")
-                check_format(dict(root.attrs.get("pathdino", {})), self.url)
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                root = zarr.open_group(store=store, mode="a")
-                root.attrs["pathdino"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                                          "created": now_iso(), "slides": {}, "failures": {}}
-                root.require_group("slides")
+            if self._files.read("zarr.json") is None:
+                self._files.write(f"{store_index.SLIDES}/zarr.json", json.dumps(
+                    {"attributes": {}, "zarr_format": 3, "node_type": "group"}).encode())
+                attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": now_iso(),
+                         "failures": {}, "folded_seq": 0}
+                self._write_root(store_index.IndexState(attrs=attrs, slides={}))
+            else:
+                meta, state = read_index(self.url)
+                if state is None:
+                    self._migrate_v1(meta)
 
     # -- index ---------------------------------------------------------------------------------------------------
 
@@ -222,86 +218,138 @@ class TileStoreWriter:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _root(self) -> zarr.Group:
-        # Re-open every time: another process may have changed the index since we last looked.
-        return zarr.open_group(store=zarr_store(self.url, read_only=False), mode="r+")
+    def _write_root(self, state: store_index.IndexState) -> None:
+        """Write the root document (every slide's metadata inline) and the fold marker; caller holds the lock."""
+        state.attrs["folded_seq"] = state.last_seq
+        self._files.write("zarr.json", store_index.root_document(state.attrs, state.slides))
+        self._side.write(_FOLD_MARK, json.dumps({"folded_seq": state.last_seq, "n_slides": len(state.slides),
+                                                 "unix_time": time.time()}).encode())
 
-    def _update_meta(self, update: Callable[[dict[str, Any]], None], *, locked: bool = False) -> None:
-        with contextlib.nullcontext() if locked else self._index_lock():
-            root = self._root()
-            meta = dict(root.attrs["pathdino"])
-            meta["slides"] = dict(meta.get("slides", {}))
-            meta["failures"] = dict(meta.get("failures", {}))
-            update(meta)
-            root.attrs["pathdino"] = meta
+    def _migrate_v1(self, meta: dict[str, Any]) -> None:
+        """Turn a format-1 store into format 2 (once, under the lock): read each listed slide's metadata."""
+        slides = {sid: self._read_nodes(f"{store_index.SLIDES}/{sid}") for sid in meta.get("slides", {})}
+        attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": meta.get("created", now_iso()),
+                 "failures": dict(meta.get("failures", {})), "folded_seq": 0, "migrated_from_version": 1}
+        self._write_root(store_index.IndexState(attrs=attrs, slides=slides))
 
-    def read_meta(self) -> dict[str, Any]:
-        return dict(self._root().attrs["pathdino"])
+    def _read_nodes(self, prefix: str, files: store_index.Files | None = None) -> dict[str, dict[str, Any]]:
+        """The metadata of a slide's group and arrays, from their zarr.json files under `prefix`."""
+        files = files or self._files
+        nodes = {}
+        for name in ("", *store_index.SLIDE_ARRAYS):
+            raw = files.read(f"{prefix}/{name}/zarr.json" if name else f"{prefix}/zarr.json")
+            if raw is None:
+                raise StoreError(f"{self.url}: {prefix}/{name or '.'} has no zarr.json; the slide is incomplete. "
+                                 "Rerun `pathdino tile` on it")
+            nodes[name] = json.loads(raw)
+        return nodes
+
+    def _fold_mark(self) -> dict[str, Any]:
+        raw = self._side.read(_FOLD_MARK)
+        if raw is not None:
+            return json.loads(raw)
+        _, state = read_index(self.url)  # no mark yet (a store copied without its sidecar): read the root once
+        return {"folded_seq": state.attrs.get("folded_seq", 0), "n_slides": len(state.folded_ids), "unix_time": 0}
+
+    def _append(self, record: dict[str, Any], *, fold: bool = False) -> None:
+        """Append a journal record (caller holds the lock) and fold the journal when it is due (or `fold`)."""
+        mark = self._fold_mark()
+        seqs = [q for q in store_index.journal_seqs(self._side) if q > int(mark["folded_seq"])]
+        seq = max([int(mark["folded_seq"]), *seqs]) + 1
+        now = time.time()
+        record = {"seq": seq, **record, "unix_time": now}
+        self._side.write(f"{store_index.JOURNAL_DIR}/{store_index.record_name(seq)}",
+                         json.dumps(record, separators=(",", ":")).encode())
+        if self._snapshot is not None:
+            self._snapshot.apply(record)
+        due = len(seqs) + 1 >= max(1.0, store_index.FOLD_FRACTION * mark["n_slides"])
+        if fold or due or now - self._oldest_record_time(seqs, now) >= store_index.FOLD_MAX_AGE_S:
+            self._fold()
+
+    def _oldest_record_time(self, seqs: list[int], now: float) -> float:
+        if not seqs:
+            return now
+        raw = self._side.read(f"{store_index.JOURNAL_DIR}/{store_index.record_name(seqs[0])}")
+        return float(json.loads(raw).get("unix_time", now)) if raw else now
+
+    def _fold(self) -> None:
+        """Fold the journal into the root document, then delete the records folded (caller holds the lock)."""
+        _, state = read_index(self.url)
+        self._write_root(state)
+        for seq in store_index.journal_seqs(self._side):
+            if seq <= state.last_seq:
+                self._side.delete(f"{store_index.JOURNAL_DIR}/{store_index.record_name(seq)}")
+
+    def fold_index(self) -> None:
+        """Bring the root document (what plain zarr reads) up to date with every commit; `run_tiling` calls it at
+        the end of every run. Cheap when nothing is pending."""
+        with self._index_lock():
+            mark = self._fold_mark()
+            if any(q > int(mark["folded_seq"]) for q in store_index.journal_seqs(self._side)):
+                self._fold()
+
+    def _slide_exists(self, slide_id: str) -> bool:
+        return self._files.read(f"{store_index.SLIDES}/{slide_id}/zarr.json") is not None
 
     def completed_provenance(self, slide_id: str) -> dict[str, Any] | None:
-        """The provenance of `slide_id` if it is complete in this store, else None."""
-        if slide_id not in self.read_meta().get("slides", {}):
-            return None
-        return dict(self._root()[f"slides/{slide_id}"].attrs.get("pathdino", {}))
+        """The provenance of `slide_id` if it is complete in this store, else None. The index is read once per
+        writer (a run checks thousands of slides) and kept up to date with this writer's own commits."""
+        if self._snapshot is None:
+            self._snapshot = read_index(self.url)[1]
+        nodes = self._snapshot.slides.get(slide_id)
+        return None if nodes is None else store_index.slide_group_attrs(nodes)
 
     def record_failure(self, slide_id: str, failure: dict[str, Any]) -> None:
         """Record why `slide_id` failed, and forget any earlier committed version of it: a slide that was tried
         again (its file or the parameters changed, or --overwrite) and failed must not keep serving tiles of a
         file or parameters that are no longer the ones asked for."""
-        dropped: list[bool] = []
-
-        def update(meta: dict[str, Any]) -> None:
-            dropped.append(meta["slides"].pop(slide_id, None) is not None)
-            meta["failures"][slide_id] = {**failure, "time": now_iso(),
-                                          **({"replaced_committed": True} if dropped[0] else {})}
-
         with self._index_lock():  # as in _publish: never between another run's rename and its index entry
-            self._update_meta(update, locked=True)
-            if dropped[0]:
+            existed = self._slide_exists(slide_id)
+            failure = {**failure, "time": now_iso(), **({"replaced_committed": True} if existed else {})}
+            # a slide plain zarr may list is folded out before its files go
+            self._append({"op": "fail", "slide_id": slide_id, "failure": failure}, fold=existed)
+            if existed:
                 self._delete_key(f"slides/{slide_id}")
 
     def remove_slide(self, slide_id: str) -> None:
-        """Forget a slide (index first, so readers stop seeing it before its data goes)."""
+        """Forget a slide (index first, folded, so readers stop seeing it before its data goes)."""
         with self._index_lock():
-            self._update_meta(lambda m: m["slides"].pop(slide_id, None), locked=True)
-            self._delete_key(f"slides/{slide_id}")
+            if self._slide_exists(slide_id):
+                self._append({"op": "remove", "slide_id": slide_id}, fold=True)
+                self._delete_key(f"slides/{slide_id}")
 
     # -- slides --------------------------------------------------------------------------------------------------
 
     def begin_slide(self, slide_id: str, tile_px: int, *, encoding: str = "jpeg", tiles_per_shard: int = 256,
                     tiles_per_chunk: int = 16, tile_attrs: dict[str, Any] | None = None,
                     max_tiles: int = 0) -> SlideWriter:
-        """Stage a slide; `max_tiles` (optional, e.g. the number of candidate tiles) lets the writer size its array
-        once instead of once per shard."""
+        """Stage a slide (an earlier version of it is removed first). `max_tiles` is accepted and ignored (earlier
+        versions sized their arrays with it; the metadata is now written once, at commit)."""
         if slide_id != safe_slide_id(slide_id):
             raise StoreError(f"slide id {slide_id!r} is not a safe group name; pass it through safe_slide_id()")
+        del max_tiles  # accepted for callers of earlier versions: the metadata is written once, at commit
         self.remove_slide(slide_id)
-        return SlideWriter(self, slide_id, tile_px, encoding, tiles_per_shard, tiles_per_chunk, tile_attrs or {},
-                           max_tiles)
+        return SlideWriter(self, slide_id, tile_px=tile_px, encoding=encoding, tiles_per_shard=tiles_per_shard,
+                           tiles_per_chunk=tiles_per_chunk, tile_attrs=tile_attrs or {})
 
-    def _staging_group(self, slide_id: str) -> tuple[zarr.Group, str, Path | None]:
-        """(the staged group, its folder or key, its lease file): see tiling/staging.py for names and leases."""
+    def _staging_area(self, slide_id: str) -> tuple[store_index.Files, str, Path | None]:
+        """(the files of the staged slide, its folder or key, its lease file): see tiling/staging.py for names and
+        leases. Object stores write the slide in place (nobody reads it before its commit record)."""
         if self.remote:
-            group = zarr.open_group(store=zarr_store(self.url, read_only=False), mode="r+")
-            return group.create_group(f"slides/{slide_id}", overwrite=True), slide_id, None
+            self._delete_key(f"slides/{slide_id}")  # leftovers of a killed writer
+            return store_index.Files(f"{self.url.rstrip('/')}/slides/{slide_id}", remote=True), slide_id, None
         folder = Path(self.sidecar) / _STAGING_DIR / staging.staging_name(slide_id)
         folder.parent.mkdir(parents=True, exist_ok=True)
         lease = staging.write_lease(folder, slide_id)  # before the folder: a folder never exists without its lease
         folder.mkdir()
-        return zarr.open_group(store=zarr.storage.LocalStore(folder), mode="w"), str(folder), lease
+        return store_index.Files(str(folder), remote=False), str(folder), lease
 
-    def _publish(self, slide_id: str, staged: str, n_tiles: int, provenance: dict[str, Any]) -> None:
-        def update(meta: dict[str, Any]) -> None:
-            meta["slides"][slide_id] = {"n_tiles": int(n_tiles), "source_path": str(provenance.get("source_path", "")),
-                                        "fingerprint": str(provenance.get("source_fingerprint", "")),
-                                        "committed": now_iso()}
-            meta["failures"].pop(slide_id, None)
-
+    def _publish(self, slide_id: str, staged: str, nodes: dict[str, dict[str, Any]]) -> None:
         with self._index_lock():  # the rename too: two runs committing the same slide take turns, never interleave
             if not self.remote:
                 # No fsync: a slide's shards are many files, and an unfinished commit is redone on resume anyway.
                 publish_dir(staged, local_root(self.url) / "slides" / slide_id, fsync=False)
-            self._update_meta(update, locked=True)
+            self._append({"op": "commit", "slide_id": slide_id, "nodes": nodes})
 
     def _discard_staging(self, staged: str) -> None:
         if self.remote:

@@ -16,7 +16,7 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL
+from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL, SLIDE_EMBED, SLIDE_MIL, SLIDE_ONLY_FLAGS, mil_defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
@@ -235,8 +235,8 @@ def demo(
 def export(
     ctx: typer.Context,
     *,
-    checkpoint: str = typer.Argument(..., help="A training checkpoint (step_* folder) or a training output folder "
-                                               "(its newest complete checkpoint is used)."),
+    checkpoint: str = typer.Argument(..., help="A training checkpoint (step_* or best folder) or a training output "
+                                               "folder (--checkpoint picks which of its checkpoints)."),
     out: str = typer.Option(..., "--out", "-o", help="Encoder folder to write (model.safetensors, config.json, "
                                                      "README.md)."),
     tile_px: Optional[int] = typer.Option(None, help="Tile side the encoder was trained on, px."),
@@ -245,6 +245,9 @@ def export(
     license_: Optional[str] = typer.Option(None, "--license",
                                            help="License written in the model card / pretrained_cfg."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    pick: Optional[str] = typer.Option(None, "--checkpoint",
+                                       help="Of a training output folder: latest (newest step), best (the best "
+                                            "in-training probe score, eval.probe.keep_best) or a step number."),
 ) -> None:
     """Export the teacher backbone of a checkpoint as a timm encoder folder (checked by reloading it)."""
     from pathdino.cli.use import export_command
@@ -317,6 +320,9 @@ def eval_(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Image-decoding worker processes."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    max_unreadable: Optional[float] = typer.Option(None, "--max-unreadable",
+                                                   help="Share of the dataset's images that may be unreadable (skipped "
+                                                        "with a warning); above it eval stops."),
 ) -> None:
     """Frozen-feature tile classification (kNN, linear probe, few-shot) and label-free diagnostics."""
     from pathdino.cli.use import eval_command
@@ -329,7 +335,7 @@ def eval_(
     raise typer.Exit(code)
 
 
-@app.command(cls=_defaults_from(MIL.defaults))
+@app.command(cls=_defaults_from(mil_defaults))
 def mil(
     ctx: typer.Context,
     *,
@@ -347,12 +353,69 @@ def mil(
     device: Optional[str] = typer.Option(None, help="cpu | cuda."),
     skip_missing: bool = typer.Option(False, help="Drop labelled slides without embeddings instead of failing."),
     seed: Optional[int] = typer.Option(None, help="Seed of the model, slide order and the drawn split."),
+    slide_encoder: Optional[str] = typer.Option(None, "--slide-encoder", show_default="none: ABMIL",
+                                                help="A slide-encoder folder: fine-tune it with a linear head "
+                                                     "(GigaPath's recipe; --max-epochs, --lr then default to 5, "
+                                                     "2.5e-4) instead of ABMIL."),
+    linear_probe: bool = typer.Option(False, "--linear-probe", help="With --slide-encoder: a logistic regression "
+                                                                    "on its frozen slide vectors, no fine-tuning."),
+    layer_decay: Optional[float] = typer.Option(None, help="With --slide-encoder: lr multiplier per layer from "
+                                                           "the top down."),
+    accumulate_slides: Optional[int] = typer.Option(None, help="With --slide-encoder: slides per optimizer step."),
+    max_tiles: Optional[int] = typer.Option(None, help="With --slide-encoder: train on a random contiguous run of "
+                                                       "this many tiles per slide."),
+    slide_vector: Optional[str] = typer.Option(None, help="With --slide-encoder: cls | mean (of the contextualised "
+                                                          "tiles)."),
 ) -> None:
-    """Train and evaluate a gated-attention MIL (ABMIL) slide classifier on slide embeddings."""
-    from pathdino.cli.use import mil_command
+    """Train and evaluate a slide classifier: ABMIL on tile embeddings, or a fine-tuned / probed slide encoder."""
+    try:
+        if slide_encoder is None:
+            given = [f"--{f.replace('_', '-')}" for f in SLIDE_ONLY_FLAGS if ctx.params.get(f)]
+            if given:
+                from tiling.configio import ConfigError
+
+                raise ConfigError(f"pathdino mil: {', '.join(given)} only apply with --slide-encoder DIR")
+            from pathdino.cli.use import mil_command
+
+            code = mil_command(labels_csv, embeddings, MIL.build(ctx.params, command="mil"), out=out,
+                               feature=feature)
+        else:
+            from pathdino.cli.slide import slide_mil_command
+
+            code = slide_mil_command(labels_csv, embeddings, slide_encoder, out=out, force=False,
+                                     config=SLIDE_MIL.build(ctx.params, command="mil --slide-encoder"))
+    except _project_error() as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command(name="slide-embed", cls=_defaults_from(SLIDE_EMBED.defaults))
+def slide_embed(
+    ctx: typer.Context,
+    *,
+    embeddings: str = typer.Argument(..., help="An embeddings store (`pathdino embed --out`)."),
+    slide_encoder: str = typer.Option(..., "--slide-encoder", help="A slide-encoder folder (`pathdino export` of a "
+                                                                   "slide-encoder run)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to create or complete: slides/<slide_id>.safetensors "
+                                                     "(cls, mean[, tiles, coords]) + slide_embed.json."),
+    tiles: bool = typer.Option(False, "--tiles", help="Also write each slide's contextualised tile embeddings."),
+    shard: Optional[str] = typer.Option(None, help="i/N: this process's share of the slides; any number run at "
+                                                   "once into one OUT."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides",
+                                               help="Only these slide ids / glob patterns (repeatable)."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu | cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."),
+    force: bool = typer.Option(False, help="Use embeddings of another tile encoder than the one the slide "
+                                           "encoder's card names."),
+    overwrite: bool = typer.Option(False, help="Recompute slides already done (and replace another run's output)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """One vector per slide (CLS and mean of contextualised tiles) from a slide encoder; resumable, shardable."""
+    from pathdino.cli.slide import slide_embed_command
 
     try:
-        code = mil_command(labels_csv, embeddings, MIL.build(ctx.params, command="mil"), out=out, feature=feature)
+        code = slide_embed_command(embeddings, slide_encoder, out,
+                                   options=SLIDE_EMBED.build(ctx.params, command="slide-embed"))
     except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)

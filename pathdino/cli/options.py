@@ -78,6 +78,18 @@ def _eval_options() -> type:
     return EvalOptions
 
 
+def _slide_embed_options() -> type:
+    from pathdino.slide.slide_embed import SlideEmbedOptions
+
+    return SlideEmbedOptions
+
+
+def _slide_mil_config() -> type:
+    from pathdino.mil.slide_encoder import SlideMILConfig
+
+    return SlideMILConfig
+
+
 def _mil_config() -> type:
     from pathdino.mil import MILConfig
 
@@ -100,13 +112,14 @@ EMBED = Flags(
 EXPORT = Flags(
     _export_options,
     {"tile_px": "tile_px", "target_mpp": "target_mpp", "name": "model_name", "license_": "license",
-     "overwrite": "overwrite"},
+     "overwrite": "overwrite", "pick": "pick"},
     shown={"tile_px": "read from the training stores", "target_mpp": "read from the training stores",
            "name": "the output folder's name"})
 
 EVAL = Flags(
     _eval_options,
-    {"batch_size": "batch_size", "workers": "num_workers", "device": "device", "no_progress": "progress"},
+    {"batch_size": "batch_size", "workers": "num_workers", "device": "device", "no_progress": "progress",
+     "max_unreadable": "max_unreadable_fraction"},
     negated=frozenset({"no_progress"}),
     shown={"device": "cuda when available, else cpu", "no_progress": "off: bars on terminals"})
 
@@ -114,3 +127,27 @@ MIL = Flags(
     _mil_config,
     {"max_epochs": "max_epochs", "hidden_dim": "hidden_dim", "lr": "lr", "device": "device",
      "skip_missing": "skip_missing_slides", "seed": "seed"})
+
+SLIDE_EMBED = Flags(
+    _slide_embed_options,
+    {"tiles": "tiles", "shard": "shard", "slides": "slides", "device": "device", "precision": "precision",
+     "force": "force", "overwrite": "overwrite", "no_progress": "progress"},
+    negated=frozenset({"no_progress"}),
+    shown={"tiles": "off: slide vectors only", "shard": "RANK/WORLD_SIZE under a launcher, else all slides",
+           "slides": "every complete slide", "device": "cuda when available, else cpu",
+           "no_progress": "off: a bar on terminals"})
+
+# `pathdino mil --slide-encoder DIR`: the shared flags (--max-epochs, --lr, ...) fill SlideMILConfig instead
+SLIDE_MIL = Flags(
+    _slide_mil_config,
+    {"max_epochs": "max_epochs", "lr": "lr", "device": "device", "skip_missing": "skip_missing_slides",
+     "seed": "seed", "linear_probe": "linear_probe", "layer_decay": "layer_decay",
+     "accumulate_slides": "accumulate_slides", "max_tiles": "max_tiles", "slide_vector": "vector"},
+    shown={"max_tiles": "none: every tile"})
+SLIDE_ONLY_FLAGS = ("linear_probe", "layer_decay", "accumulate_slides", "max_tiles", "slide_vector")
+
+
+def mil_defaults() -> dict[str, str]:
+    """`pathdino mil` help: ABMIL's defaults, and SlideMILConfig's for the flags only --slide-encoder uses."""
+    slide = SLIDE_MIL.defaults()
+    return {**MIL.defaults(), **{flag: slide[flag] for flag in SLIDE_ONLY_FLAGS}}

@@ -222,7 +222,7 @@ def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
 
     store = TileStore(store_url)
     summary = summarise(store)
-    attrs_of = {sid: dict(store.root[f"slides/{sid}"].attrs.get("pathdino", {})) for sid in store.entries}
+    attrs_of = {sid: store.slide_attrs(sid) for sid in store.entries}  # format 2: no request per slide
     decode_failures = {sid: int(a.get("n_decode_failures", 0) or 0) for sid, a in attrs_of.items()}
     summary["n_decode_failures"] = sum(decode_failures.values())
     summary["n_slides_with_decode_failures"] = sum(n > 0 for n in decode_failures.values())

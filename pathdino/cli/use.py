@@ -30,7 +30,11 @@ console = Console(highlight=False, soft_wrap=True)
 
 def export_command(checkpoint: str, out: str, options: ExportOptions) -> int:
     from pathdino.export import export_checkpoint
+    from pathdino.export.source import resolve_checkpoint_dir
+    from pathdino.slide.pretrained import is_slide_checkpoint
 
+    if is_slide_checkpoint(resolve_checkpoint_dir(checkpoint)):
+        return _export_slide(resolve_checkpoint_dir(checkpoint), out, options)
     result = export_checkpoint(checkpoint, out, options)
     console.print(f"exported {result.architecture} (step {result.step}) to {result.out_dir}")
     console.print(f"  trained on {result.tile_px} px tiles at {result.target_mpp} µm/px; reload check: max "
@@ -39,6 +43,18 @@ def export_command(checkpoint: str, out: str, options: ExportOptions) -> int:
         console.print(f"  [yellow]note:[/yellow] {note}")
     console.print(f"  load it: pathdino.load_encoder({str(result.out_dir)!r}) or "
                   f"timm.create_model('local-dir:{result.out_dir}', pretrained=True)")
+    return 0
+
+
+def _export_slide(checkpoint: Path, out: str, options: ExportOptions) -> int:
+    """``pathdino export`` of a slide-pretraining run: a slide-encoder folder (pathdino.slide.pretrained)."""
+    from pathdino.slide.pretrained import export_slide_checkpoint
+
+    result = export_slide_checkpoint(checkpoint, out, overwrite=options.overwrite)
+    console.print(f"exported the slide encoder ({result.weights} weights, step {result.step}) to {result.out_dir}")
+    console.print(f"  reads embeddings of the tile encoder {result.tile_encoder!r}; reload check: max |difference| "
+                  f"{result.max_abs_diff:.3g}")
+    console.print(f"  load it: pathdino.load_slide_encoder({str(result.out_dir)!r})")
     return 0
 
 
@@ -82,6 +98,9 @@ def eval_command(dataset: str, options: EvalOptions, *, encoder: str | None, arc
         model, transform = random_baseline_encoder(arch, img_size), eval_transform(img_size)
     report = run_eval(model, transform, dataset, methods=tuple(methods), out_json=out, options=options)
     console.print(f"evaluated on {report['eval_split']} split ({report['feature_dim']}-d features); report: {out}")
+    if report["unreadable"]["n"]:
+        console.print(f"  [yellow]skipped {report['unreadable']['n']} unreadable image(s)[/yellow] (listed in the "
+                      "report's 'unreadable')")
     for method, result in report["methods"].items():
         console.print(f"  {method}: {_headline(result)}")
     return 0

@@ -41,6 +41,35 @@ class _Transformed(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
+class _RecordImages(Dataset):
+    """``(image, label, index)`` of a :class:`TileImageDataset`; ``skip``: an unreadable image gives ``None`` (dropped
+    by ``_collate_readable``) instead of stopping the whole extraction."""
+
+    def __init__(self, base: TileImageDataset, skip: bool):
+        self.base = base
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[object, int, int]:
+        try:
+            image, label = self.base[i]
+        except OSError:
+            if not self.skip:
+                raise
+            return None, -1, i
+        return image, label, i
+
+
+def _collate_readable(batch: list[tuple[object, int, int]]) -> tuple[object, object, list[int]]:
+    from torch.utils.data import default_collate
+
+    kept = [(image, label) for image, label, _ in batch if image is not None]
+    images, labels = default_collate(kept) if kept else (None, None)
+    return images, labels, [i for image, _, i in batch if image is not None]
+
+
 def _progress_bar(enabled: bool):
     """A transient rich progress bar, or None when disabled."""
     if not enabled:
@@ -63,13 +92,15 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     description: str = "features",
+    skip_unreadable: bool = False,
 ) -> ExtractedFeatures:
     """Embed every item of ``dataset`` with ``encoder`` (kept frozen, in eval mode).
 
     ``dataset`` is a list/tuple of :class:`TileRecord` or a :class:`TileImageDataset` (images are read from disk),
     or any map-style dataset returning ``(image, label)``; ``transform`` (image -> CHW float tensor) is applied to
     each image. Rows keep the dataset order, so two calls with a random ``transform`` give paired views of the same
-    tiles.
+    tiles. ``skip_unreadable``: an image file that cannot be read is left out (its row is absent from the result,
+    and its path from ``paths``) instead of raising ``OSError``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,16 +108,19 @@ def extract_features(
     if isinstance(dataset, TileImageDataset):
         dataset = dataset.records  # re-read with this call's transform
     if isinstance(dataset, (list, tuple)) and all(isinstance(r, TileRecord) for r in dataset):
-        ds: Dataset | TileImageDataset = TileImageDataset(dataset, transform)
+        ds: Dataset = _RecordImages(TileImageDataset(dataset, transform), skip_unreadable)
         paths = [str(r.path) for r in dataset]
+        collate = _collate_readable
     else:
         ds = _Transformed(dataset, transform)  # type: ignore[arg-type]
         paths = [""] * len(dataset)  # type: ignore[arg-type]
+        collate = None
     n = len(ds)  # type: ignore[arg-type]
     loader = DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate,
     )
+    kept: list[int] = []
     was_training = encoder.training
     encoder.eval()
     feats: list[torch.Tensor] = []
@@ -95,7 +129,13 @@ def extract_features(
     try:
         with bar if bar is not None else nullcontext():
             task = bar.add_task(description, total=n) if bar is not None else None
-            for images, ys in loader:
+            for images, ys, *index in loader:
+                if index:
+                    kept += index[0]
+                    if images is None:  # every image of the batch was unreadable
+                        if bar is not None:
+                            bar.advance(task, batch_size)
+                        continue
                 images = images.to(device, non_blocking=True)
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     out = encoder(images)
@@ -112,6 +152,8 @@ def extract_features(
                     bar.advance(task, len(out))
     finally:
         encoder.train(was_training)
+    if collate is not None:
+        paths = [paths[i] for i in kept]
     if not feats:
         dim = int(getattr(encoder, "num_features", 0))
         return ExtractedFeatures(torch.zeros(0, dim), torch.zeros(0, dtype=torch.int64), [])

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ from tiling.fsio import atomic_write_json, now_iso, to_jsonable
 
 METHODS = ("knn", "linear", "fewshot", "diagnostics")
 REPORT_SCHEMA = "pathdino.eval/1"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class EvalOptions:
     diagnostics_max_tiles: int = DEFAULT_MAX_ITEMS  # RankMe/uniformity on at most this many eval-split tiles
     alignment_max_tiles: int = 512  # tiles embedded twice more (two augmented views) for alignment; 0 skips it
     seed: int = 0  # seeds subsampling, few-shot draws, CV folds and view augmentation
+    # Image files that cannot be read are skipped with a warning (counted in the report) until more than this
+    # share of the dataset's images is unreadable; then the evaluation stops (a broken copy, not a bad file).
+    max_unreadable_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         if self.fewshot_method not in ("simpleshot", "linear"):
@@ -57,6 +62,9 @@ class EvalOptions:
             )
         if self.batch_size < 1:
             raise ValueError(f"EvalOptions.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.max_unreadable_fraction <= 1.0:
+            raise ConfigError(f"EvalOptions.max_unreadable_fraction={self.max_unreadable_fraction} (--max-unreadable)"
+                              " must be in [0, 1]")
 
 
 def eval_resize(img_size: int) -> Callable[[object], object]:
@@ -172,14 +180,18 @@ def run_eval(
         )
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     n_classes = len(dataset.class_names)
+    needs_train = _check_classes(dataset, methods)
+    unreadable: dict[str, str] = {}  # path -> why, over every split embedded
 
     def embed(records: Sequence[TileRecord], tf: Callable, name: str):
-        return extract_features(
+        out = extract_features(
             encoder, tf, list(records), batch_size=options.batch_size, device=device,
-            num_workers=options.num_workers, progress=options.progress, description=name
+            num_workers=options.num_workers, progress=options.progress, description=name, skip_unreadable=True
         )
+        _note_unreadable(records, out.paths, name=name, unreadable=unreadable,
+                         max_count=options.max_unreadable_fraction * sum(map(len, dataset.splits.values())))
+        return out
 
-    needs_train = any(m in methods for m in ("knn", "linear", "fewshot"))
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     feats = {eval_split: embed(dataset.records(eval_split), transform, f"{eval_split} features")}
@@ -234,11 +246,57 @@ def run_eval(
         "options": asdict(options),
         "methods": results,
         "timing": timing,
+        "unreadable": {"n": len(unreadable), "paths": sorted(unreadable)[:100]},
     }
     report = to_jsonable(report)
     if out_json is not None:
         atomic_write_json(out_json, report, allow_nan=False)
     return report  # type: ignore[return-value]
+
+
+def _check_classes(dataset: TileDataset, methods: Sequence[str]) -> bool:
+    """Whether ``methods`` need the training split; DatasetError when they classify a one-class dataset (every
+    score would be a meaningless 1.000)."""
+    needs_train = any(m in methods for m in ("knn", "linear", "fewshot"))
+    if needs_train and len(dataset.class_names) < 2:
+        raise DatasetError(
+            f"{dataset.source}: {len(dataset.class_names)} class ({', '.join(dataset.class_names)}); kNN, linear "
+            "and few-shot classification need at least 2 classes (one sub-folder or label value per class); for a "
+            "label-free report run only --method diagnostics"
+        )
+    return needs_train
+
+
+def _note_unreadable(records: Sequence[TileRecord], kept: Sequence[str], *, name: str, unreadable: dict[str, str],
+                     max_count: float) -> None:
+    """Record (and warn about) the images of ``records`` that could not be read; DatasetError once more than
+    ``max_count`` images of the dataset were unreadable."""
+    left = set(kept)
+    bad = [str(r.path) for r in records if str(r.path) not in left]
+    if not bad:
+        return
+    why = _read_error(bad[0])
+    new = [p for p in bad if p not in unreadable]
+    unreadable.update(dict.fromkeys(new, why))
+    if len(unreadable) > max_count:
+        raise DatasetError(
+            f"{len(unreadable)} images cannot be read, more than --max-unreadable allows ({max_count:g} images of "
+            f"this dataset); first: {bad[0]} ({why})"
+        )
+    if new:
+        log.warning("skipped %d unreadable image(s) of %d (%s), e.g. %s (%s)", len(new), len(records), name,
+                    new[0], why)
+
+
+def _read_error(path: str) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return "unreadable"
 
 
 def _diagnostics(records, features, transform, embed, options: EvalOptions) -> dict[str, object]:

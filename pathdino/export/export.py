@@ -48,6 +48,7 @@ class ExportOptions:
     model_name: str | None = None  # title of the model card; None: the output folder's name
     license: str = "other"  # model-card / pretrained_cfg license (the weights inherit the training data's terms)
     overwrite: bool = False  # replace an existing output folder
+    pick: str = "latest"  # of a run folder: latest (newest step_*), best (eval.probe.keep_best) or a step number
     atol: float = 1e-5  # largest |reloaded - checkpoint| output difference accepted (fp32, same machine: 0)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,9 @@ class ExportOptions:
             raise ValueError(f"ExportOptions.tile_px must be positive, got {self.tile_px}")
         if self.target_mpp is not None and not self.target_mpp > 0:
             raise ValueError(f"ExportOptions.target_mpp must be > 0, got {self.target_mpp}")
+        if self.pick not in ("latest", "best") and not str(self.pick).isdigit():
+            raise ValueError(f"ExportOptions.pick (--checkpoint) must be latest, best or a step number, got "
+                             f"{self.pick!r}")
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,11 @@ class ExportResult:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()
                       ) -> ExportResult:
-    """Export the teacher backbone of a training checkpoint (a ``step_*`` folder or a run folder: newest step)."""
+    """Export the teacher backbone of a training checkpoint: a checkpoint folder, or a run folder and the checkpoint
+    ``options.pick`` names (``latest``, ``best``, a step number)."""
     from pathdino.models import build_backbone
 
-    ckpt = resolve_checkpoint_dir(checkpoint)
+    ckpt = resolve_checkpoint_dir(checkpoint, options.pick)
     state = read_trainer_state(ckpt)
     config = state.get("config") or state.get("resolved_config") or {}
     cfg = backbone_config_from(config, str(ckpt / "trainer_state.json"))

@@ -19,7 +19,7 @@ from typing import Any
 
 from pathdino.data.tile_transform import TileTransform
 from tiling.errors import PathdinoError
-from tiling.fsio import read_json
+from tiling.fsio import read_json, safetensors_problem
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -135,12 +135,21 @@ def _require_files(path: Path, cfg_exists: bool = True) -> None:
 
 
 def read_encoder_config(path: str | Path, encoder_table: str | Path | None = None) -> EncoderInfo:
-    """Parse and check ``<path>/config.json`` (also checks that the weights file exists).
+    """Parse and check ``<path>/config.json`` (also checks that the weights file exists and is not truncated).
 
     A folder written by ``pathdino export`` is read as is. Any other timm hub-style folder is completed from the
     table of known encoders (``encoder_table``: a JSON file of extra entries, see ``known_encoders.py``).
     """
-    path = Path(path).expanduser()
+    info = _read_encoder_config(Path(path).expanduser(), encoder_table)
+    weights = info.path / WEIGHTS_FILE
+    problem = safetensors_problem(weights) if weights.is_file() else None
+    if problem is not None:  # found before any output is created (pathdino embed) or a model is built
+        raise EncoderFormatError(f"{weights} is damaged ({problem}); copy the encoder folder again, or re-run "
+                                 "`pathdino export`")
+    return info
+
+
+def _read_encoder_config(path: Path, encoder_table: str | Path | None) -> EncoderInfo:
     _require_files(path)
     file = path / CONFIG_FILE
     cfg = read_json(file, error=EncoderFormatError)

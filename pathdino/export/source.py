@@ -9,6 +9,7 @@ config sections defensively, so a reordered config still exports.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,7 +18,7 @@ from typing import Any
 
 from pathdino.data.config import IMAGENET_MEAN, IMAGENET_STD  # augment defaults, for configs without that section
 from tiling.errors import PathdinoError
-from tiling.fsio import read_json
+from tiling.fsio import read_json, safetensors_problem
 
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -28,6 +29,7 @@ _BACKBONE_PREFIXES = ("backbone.backbone.", "teacher.backbone.backbone.", "teach
 _TRAINER_ONLY = ("mask_token",)
 _WRAPPER = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
 _MAX_SLIDES_CHECKED = 64
+log = logging.getLogger(__name__)
 
 
 class ExportError(PathdinoError, ValueError):
@@ -47,21 +49,49 @@ class TrainingGeometry:
     notes: tuple[str, ...]  # why a value is unknown, stores that could not be read, mixed resolutions
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A ``step_*`` checkpoint folder, or the newest complete one under a run folder or its ``checkpoints/``."""
+def resolve_checkpoint_dir(path: str | Path, pick: str = "latest") -> Path:
+    """A checkpoint folder: ``path`` itself when it is one (a ``step_*`` or ``best`` folder), else, in a run folder
+    or its ``checkpoints/``, the one ``pick`` names: ``latest`` (the newest complete ``step_*``), ``best`` (the
+    checkpoint of the best in-training probe score, kept with ``eval.probe.keep_best``) or a step number."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ExportError(f"checkpoint {path} does not exist; pass a step_* folder or a training output folder")
     if path.is_file():
         raise ExportError(f"checkpoint {path} is a file; pass its folder (it holds {TEACHER_FILE} and {STATE_FILE})")
     if (path / STATE_FILE).is_file() or (path / TEACHER_FILE).is_file():
+        if pick != "latest":
+            raise ExportError(f"--checkpoint {pick}: {path} is a checkpoint folder already; pass the run folder to "
+                              f"pick one of its checkpoints, or leave --checkpoint out")
         return path
-    for root in (path / "checkpoints", path):
+    roots = [r for r in (path / "checkpoints", path) if r.is_dir()]
+    if pick == "best":
+        for root in roots:
+            if (root / "best" / STATE_FILE).is_file():
+                return root / "best"
+        raise ExportError(f"{path} holds no best checkpoint (checkpoints/best): the run kept none; train with "
+                          "eval.probe.keep_best=true, or export --checkpoint latest / a step number")
+    if pick != "latest" and not pick.isdigit():
+        raise ExportError(f"--checkpoint {pick!r}: expected latest, best or a step number")
+    for root in roots:
         steps = sorted(((int(m.group(1)), child) for child in root.iterdir() if child.is_dir()
                         and (m := _STEP_DIR.match(child.name)) and (child / STATE_FILE).is_file()),
-                       key=lambda t: t[0]) if root.is_dir() else []
-        if steps:
-            return steps[-1][1]
+                       key=lambda t: t[0])
+        if steps and pick != "latest":
+            chosen = [child for step, child in steps if step == int(pick)]
+            if chosen:
+                return chosen[0]
+            raise ExportError(f"{path} has no complete checkpoint of step {pick} (it has steps "
+                              f"{', '.join(str(s) for s, _ in steps)}, and best when kept)")
+        damaged = []
+        for _, step_dir in reversed(steps):  # the newest whose teacher weights are whole
+            problem = safetensors_problem(step_dir / TEACHER_FILE) if (step_dir / TEACHER_FILE).is_file() else None
+            if problem is None:
+                if damaged:
+                    log.warning("%s; exporting the newest complete checkpoint, %s", "; ".join(damaged), step_dir.name)
+                return step_dir
+            damaged.append(f"{step_dir / TEACHER_FILE} is damaged ({problem})")
+        if damaged:
+            raise ExportError(f"every checkpoint under {root} is damaged: {'; '.join(damaged[:3])}")
     raise ExportError(f"{path} holds no complete checkpoint (no {STATE_FILE} in it, nor in checkpoints/step_*/)")
 
 
@@ -82,6 +112,10 @@ def read_teacher_backbone(ckpt_dir: Path) -> tuple[dict[str, Any], list[str]]:
         present = sorted(p.name for p in ckpt_dir.iterdir())
         raise ExportError(f"checkpoint {ckpt_dir} has no teacher weights ({TEACHER_FILE}; found {present}); only "
                           "the EMA teacher is exported: pass a checkpoint written by `pathdino.train`")
+    problem = safetensors_problem(file)
+    if problem is not None:
+        raise ExportError(f"{file} is damaged ({problem}); export another step_* folder, or the run folder (its "
+                          "newest complete checkpoint is used)")
     state = load_file(str(file), device="cpu")
     # DDP ("module.") and torch.compile ("_orig_mod.") wrappers add name components that timm does not know.
     state = {_WRAPPER.sub(r"\1", k): v for k, v in state.items()}

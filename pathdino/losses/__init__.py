@@ -1,6 +1,7 @@
 """DINOv2 objectives: DINO CLS loss, iBOT masked-patch loss, KoLeo / KDE uniformity; imports torch."""
 
 from pathdino.losses.dino import DINOLoss, PrototypeTargets, all_reduce_, sinkhorn_knopp
+from pathdino.losses.distill import cosine_distance
 from pathdino.losses.gram import gram_loss, resample_patch_grid
 from pathdino.losses.ibot import IBOTPatchLoss, gather_masked_tokens, masked_token_weights
 from pathdino.losses.koleo import (
@@ -13,6 +14,7 @@ from pathdino.losses.koleo import (
 )
 
 __all__ = [
+    "cosine_distance",
     "DEFAULT_WEIGHTS",
     "DINOLoss",
     "IBOTPatchLoss",

@@ -306,7 +306,8 @@ def _drop_missing(table: SlideTable, source: FeatureSource, skip: bool) -> tuple
     if not skip:
         raise MissingFileError(
             f"{len(missing)} slide(s) in the labels have no features: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}; embed them or set MILConfig(skip_missing_slides=True)"
+            f"{' ...' if len(missing) > 10 else ''}; embed them, or drop them with --skip-missing "
+            "(MILConfig(skip_missing_slides=True) in Python)"
         )
     keep = [i for i, s in enumerate(table.slide_ids) if s not in set(missing)]
     kept = SlideTable(tuple(table.slide_ids[i] for i in keep), tuple(table.labels[i] for i in keep),

@@ -85,21 +85,70 @@ def _wide(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Softmax attention with its log-sum-exp: q [S, H, Lq, d], k/v [S, H, L, d], valid [S, L] (keys)."""
-    scores = _wide(torch.matmul(q, k.transpose(-1, -2))) * scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v)
-    return out, lse
+def _attend(q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention with its log-sum-exp: q [S, H, Lq, d], k/v [S, H, L, d], valid [S, L] (keys; None: all).
+
+    In-place on the score tensor (one [S, H, Lq, L] buffer): the max is detached because it cancels out of both
+    the output and the log-sum-exp, so autograd only keeps exp's result for the backward pass.
+    """
+    scores = _wide(torch.matmul(q * scale, k.transpose(-1, -2)))
+    if valid is not None:
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    shift = scores.detach().amax(dim=-1, keepdim=True)
+    probs = scores.sub_(shift).exp_()
+    denominator = probs.sum(dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v) / denominator[..., None].to(v.dtype)
+    return out, denominator.log() + shift[..., 0]
+
+
+# torch's fused CPU flash-attention kernel returns the log-sum-exp SDPA keeps to itself; private, so looked up once
+# and the plain-matmul path below stays the fallback (tests/test_private_apis.py pins it)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _CpuFlashSegments(torch.autograd.Function):
+    """(q, k, v [S, H, L, d], additive key mask [S, 1, 1, L] or None) -> (out, lse) through the fused CPU kernel.
+
+    The kernel's backward ignores a gradient on the log-sum-exp, which the branch merge needs. It enters through
+    one extra head channel: with q, k, v padded by a zero column, out by -1 and grad_out by grad_lse, the kernel's
+    rowsum(grad_out * out) becomes D - grad_lse, which is exactly where d lse / d scores = softmax adds in.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):  # (q, k, v, mask, scale): Function.apply takes no keywords
+        q, k, v, mask, scale = inputs
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        zero = q.new_zeros(*q.shape[:-1], 1)
+        padded = [torch.cat([t, zero], dim=-1) for t in (q, k, v)]
+        out_padded = torch.cat([out, -torch.ones_like(zero)], dim=-1)
+        grad_padded = torch.cat([grad_out, grad_lse.to(grad_out.dtype)[..., None]], dim=-1).contiguous()
+        dq, dk, dv = _CPU_FLASH_BACKWARD(grad_padded, *padded, out_padded, lse, 0.0, False, attn_mask=mask,
+                                         scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
 
 
 def _attend_chunked(q, k, v, *, valid, scale: float, score_budget: int) -> tuple[Tensor, Tensor]:
-    """_attend over chunks of segments (or of query rows when one segment exceeds the budget)."""
+    """_attend over chunks of segments (or of query rows when one segment exceeds the budget); on CPU, the fused
+    flash kernel over all segments at once (its memory does not grow with the segment length)."""
+    if q.device.type == "cpu" and _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None:
+        mask = None
+        if valid is not None:
+            mask = torch.zeros(valid.shape[0], 1, 1, valid.shape[1], dtype=q.dtype)
+            mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        out, lse = _CpuFlashSegments.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale)
+        return out, lse.to(_wide(out).dtype)
     n_seg, heads, length, _ = q.shape
     recompute = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
-    def run(q_part, k_part, v_part, *, valid_part):
+    def run(q_part, k_part, v_part, *, valid_part: Tensor | None):
         if recompute:
             return checkpoint(_attend, q_part, k_part, v_part, valid=valid_part, scale=scale, use_reentrant=False)
         return _attend(q_part, k_part, v_part, valid=valid_part, scale=scale)
@@ -109,13 +158,15 @@ def _attend_chunked(q, k, v, *, valid, scale: float, score_budget: int) -> tuple
     if per_segment <= score_budget:
         step = max(1, score_budget // per_segment)
         for s0 in range(0, n_seg, step):
-            o, lse = run(q[s0:s0 + step], k[s0:s0 + step], v[s0:s0 + step], valid_part=valid[s0:s0 + step])
+            part = slice(s0, s0 + step)
+            o, lse = run(q[part], k[part], v[part], valid_part=None if valid is None else valid[part])
             outs.append(o)
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses)
     rows = max(1, score_budget // (heads * length))
     for s in range(n_seg):
-        parts = [run(q[s:s + 1, :, r0:r0 + rows], k[s:s + 1], v[s:s + 1], valid_part=valid[s:s + 1])
+        one = slice(s, s + 1)
+        parts = [run(q[one, :, r0:r0 + rows], k[one], v[one], valid_part=None if valid is None else valid[one])
                  for r0 in range(0, length, rows)]
         outs.append(torch.cat([p[0] for p in parts], dim=2))
         lses.append(torch.cat([p[1] for p in parts], dim=2))
@@ -128,8 +179,11 @@ def _branch(q: Tensor, k: Tensor, v: Tensor, *, groups: Sequence[SegmentGroup], 
     n_tokens, heads, dim = q.shape
     rows, cols, values, lses = [], [], [], []
     for group in groups:
-        qh, kh, vh = (t.index_select(1, group.heads)[group.index].permute(0, 2, 1, 3) for t in (q, k, v))
-        out, lse = _attend_chunked(qh, kh, vh, valid=group.valid, scale=scale, score_budget=score_budget)
+        all_heads = group.heads.numel() == heads
+        qh, kh, vh = ((t if all_heads else t.index_select(1, group.heads))[group.index].permute(0, 2, 1, 3)
+                      for t in (q, k, v))
+        valid = None if bool(group.valid.all()) else group.valid
+        out, lse = _attend_chunked(qh, kh, vh, valid=valid, scale=scale, score_budget=score_budget)
         members = group.index[group.valid]  # [M]
         rows.append(members[:, None].expand(-1, group.heads.numel()))
         cols.append(group.heads[None, :].expand(members.numel(), -1))

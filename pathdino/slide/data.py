@@ -34,12 +34,14 @@ class SlideSource:
     """The slides of the embeddings stores ``paths`` (sorted by store, then slide id) with at least ``min_tiles``
     tiles; ConfigError when a store is missing, the stores come from different tile encoders, or no slide is left."""
 
-    def __init__(self, paths: tuple[str, ...] | list[str], *, feature: str = "features", min_tiles: int = 2):
+    def __init__(self, paths: tuple[str, ...] | list[str], *, feature: str = "features", min_tiles: int = 2,
+                 cache: bool = False):
         from pathdino.embed.store import EmbedError
 
         self.paths = tuple(str(p) for p in paths)
         self.feature = feature
         self._stores: list[EmbeddingStore] | None = None
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
         try:
             stores = self.stores
         except EmbedError as exc:
@@ -74,13 +76,18 @@ class SlideSource:
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Slide ``index``: its tile embeddings [N, D] float32 and tile-grid positions [N, 2] (column, row), in
-        row-major grid order (the order the encoder reads them in)."""
+        row-major grid order (the order the encoder reads them in). Kept in memory with ``cache``."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
         ref = self.slides[index]
         store = self.stores[ref.store]
         features, coords = store[ref.slide_id]
         grid = grid_positions(torch.from_numpy(coords), tile_stride_px(store.slide_attrs(ref.slide_id), coords))
         order = row_major_order(grid).numpy()
-        return np.ascontiguousarray(features[order], dtype=np.float32), grid.numpy()[order]
+        slide = np.ascontiguousarray(features[order], dtype=np.float32), grid.numpy()[order]
+        if self._cache is not None:
+            self._cache[index] = slide
+        return slide
 
     def describe(self, index: int) -> str:
         ref = self.slides[index]

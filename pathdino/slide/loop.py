@@ -32,6 +32,7 @@ from pathdino.slide.data import PackDataset, SlidePack, SlidePackLoader, SlideSo
 from pathdino.slide.mae import SlideMAE, mae_loss_sums
 from pathdino.slide.model import SlideEncoder
 from pathdino.slide.plan import EpochPlan, step_masked_tiles
+from pathdino.slide.pretrained import CHECKPOINT_KIND
 from pathdino.slide.train_config import RESUME_MAY_CHANGE, SlidePretrainConfig, config_to_dict
 from pathdino.train.checkpoint import CheckpointParts, load_checkpoint, resume_point, save_checkpoint
 from pathdino.train.config import config_changes
@@ -50,7 +51,6 @@ from tiling.fsio import atomic_write_text
 
 log = logging.getLogger("pathdino.train")
 
-CHECKPOINT_KIND = "slide-mae"  # trainer_state["kind"]: `pathdino export` writes a slide encoder for these
 # The step's figures, summed over micro-steps and processes in one collective.
 TERMS = ("loss_sum", "baseline_sum", "masked_tiles", "tiles", "slides")
 
@@ -81,7 +81,8 @@ def train(cfg: SlidePretrainConfig, resume: bool | str | None = None) -> dict[st
     """
     with contextlib.ExitStack() as cleanup:
         ctx = open_context(cfg.train, cfg.log.trackers, cleanup)
-        source = SlideSource(cfg.data.embeddings, feature=cfg.data.feature, min_tiles=cfg.data.min_tiles_per_slide)
+        source = SlideSource(cfg.data.embeddings, feature=cfg.data.feature, min_tiles=cfg.data.min_tiles_per_slide,
+                             cache=cfg.data.cache_slides)
         cfg = resolve_config(cfg, source, world=ctx.world)
         if ctx.use_fsdp:
             raise ConfigError("slide pretraining runs DDP (the slide encoder fits one device); launch without an "

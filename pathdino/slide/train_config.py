@@ -34,6 +34,9 @@ class SlideDataConfig:
     tokens_per_pack: int = 16384
     min_tiles_per_slide: int = 2  # slides with fewer tiles are skipped (nothing to predict one tile from)
     num_workers: int = 2  # DataLoader workers per process reading the stores; 0 reads in the training process
+    # Keep every slide read in memory (in each data worker): for datasets that fit in RAM, trained for many epochs
+    # (a store read costs tens of ms per slide, whatever its size).
+    cache_slides: bool = False
 
     def __post_init__(self) -> None:
         if not self.embeddings:

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathdino.train.validate import validate_config
     from tiling.errors import PathdinoError
 
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
@@ -47,8 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         from pathdino.train.loop import train
 
         resume = True if args.resume == "latest" else args.resume
-        train(cfg, resume=resume)
+        if resume and _already_finished(cfg, resume):
+            return 0
+        summary = train(cfg, resume=resume)
+        if summary.get("stopped_early"):
+            _say_how_to_resume(cfg, "stopped by a signal")
         return 0
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, the last checkpoint is what is kept
+        _say_how_to_resume(cfg, "interrupted")
+        return 130
     except NonFiniteError as exc:
         print(f"pathdino.train: {exc}", file=sys.stderr)
         return 3
@@ -58,6 +66,44 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - report, then exit non-zero so the launcher stops the other processes
         traceback.print_exc()
         return 1
+
+
+def _say_how_to_resume(cfg, what: str) -> None:
+    """One line: what was kept (the newest checkpoint) and how to continue; from the main process only."""
+    import os
+
+    from pathdino.train.checkpoint import list_checkpoints
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    found = list_checkpoints(cfg.train.output_dir) if cfg is not None else []
+    kept = (f"last checkpoint step {found[-1][0]} ({found[-1][1]}); rerun the same command with --resume to "
+            "continue from it") if found else "no checkpoint was written yet; rerun the same command to start again"
+    print(f"pathdino.train: {what}: {kept}", file=sys.stderr, flush=True)
+
+
+def _already_finished(cfg, resume: bool | str) -> bool:
+    """--resume of a run whose checkpoint is at train.total_steps already: say so in one line (every process
+    returns 0 without starting; the main process prints), rather than rebuild the run to do nothing."""
+    import os
+
+    from pathdino.train.checkpoint import list_checkpoints, read_trainer_state, resume_point
+
+    found = list_checkpoints(cfg.train.output_dir)
+    if resume is True and (not found or found[-1][0] < cfg.train.total_steps):
+        return False  # the usual resume: decided from the folder names, without reading a checkpoint twice
+    checkpoint = resume_point(cfg.train.output_dir, resume)
+    if checkpoint is None:
+        return False
+    step = int(read_trainer_state(checkpoint)["step"])
+    if step < cfg.train.total_steps:
+        return False
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pathdino.train: nothing to do: the run in {cfg.train.output_dir} already finished (checkpoint "
+              f"{checkpoint.name}, step {step} of train.total_steps={cfg.train.total_steps}); raise "
+              "train.total_steps to train further, or export it: pathdino export "
+              f"{cfg.train.output_dir} --out ENCODER", file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":

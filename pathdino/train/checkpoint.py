@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from tiling.configio import ConfigError
 from tiling.errors import PathdinoError
-from tiling.fsio import publish_dir, read_json
+from tiling.fsio import publish_dir, read_json, safetensors_problem, zip_problem
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,46 @@ def resume_point(output_dir: str | Path, resume: bool | str | Path | None) -> Pa
                 "that run, or set train.output_dir to a new directory")
         return None
     if resume is True or resume == "latest":
-        latest = latest_checkpoint(output_dir)
-        if latest is None:
+        found = list_checkpoints(output_dir)
+        if not found:
             log.info("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
-        return latest
+            return None
+        damaged = []
+        for _, path in reversed(found):  # newest first: the newest complete one wins
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if damaged:
+                    log.warning("--resume: %s; resuming from the newest complete checkpoint, %s",
+                                "; ".join(damaged), path.name)
+                return path
+            damaged.append(f"{path.name} is damaged ({problem})")
+        raise CheckpointError(f"--resume: every checkpoint in {checkpoint_root(output_dir)} is damaged: "
+                              f"{'; '.join(damaged[:3])}; start a new run in another train.output_dir")
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(f"--resume {path}: no such checkpoint directory; give a step_* folder of a run, or "
                           "--resume alone for the newest one in train.output_dir")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"--resume {path}: the checkpoint is damaged ({problem}); give another step_* "
+                              "folder, or --resume alone for the newest complete one in train.output_dir")
     return path
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What makes a checkpoint folder unusable (no trainer state, a truncated weights or optimizer file), or
+    None. Reads file headers only: a resume finds a damaged checkpoint before building anything."""
+    path = Path(path)
+    try:
+        read_trainer_state(path)
+    except CheckpointError as exc:
+        return str(exc)
+    for file in sorted(path.iterdir()):
+        problem = (safetensors_problem(file) if file.suffix == ".safetensors" else
+                   zip_problem(file) if file.suffix == ".pt" else None)
+        if problem is not None:
+            return f"{file.name}: {problem}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -182,15 +213,17 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, parts: CheckpointParts, *, trainer_state: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int, name: str | None = None) -> Path:
     """Write checkpoint ``step`` of ``parts`` (every process must call this: the state is gathered collectively).
 
     ``trainer_state`` must be JSON-friendly and already hold every process's loader state; the newest ``keep``
-    complete checkpoints are kept. Returns the final directory.
+    complete ``step_*`` checkpoints are kept. ``name`` (e.g. ``best``) writes ``checkpoints/<name>`` instead of
+    ``step_<step>``, replacing the previous one atomically; named checkpoints are never pruned and never picked as
+    the newest. Returns the final directory.
     """
     root = checkpoint_root(output_dir)
-    final = root / f"step_{step:09d}"
-    tmp = root / f".tmp-step_{step:09d}"
+    final = root / (name or f"step_{step:09d}")
+    tmp = root / f".tmp-{final.name}"
     rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -241,6 +274,12 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def load_model_file(module: nn.Module, file: Path) -> None:
+    """Load one model file of a checkpoint into ``module`` (position embedding resampled to its grid; an error
+    naming the file when the keys differ): a distillation teacher read from another run's checkpoint."""
+    _load_model(module, file)
+
+
 def _load_model(module: nn.Module, file: Path) -> None:
     from pathdino.models.pos_embed import resample_position_embeddings
 
@@ -252,10 +291,14 @@ def _load_model(module: nn.Module, file: Path) -> None:
     if resized:
         log.info("%s: resampled %s to this model's grid", file.name, ", ".join(resized))
     missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{file} does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}); was it saved "
-            "with another model config?")
+    shapes = {k: (tuple(sd[k].shape), tuple(own_sd[k].shape)) for k in sorted(own & set(sd))}
+    resized_shape = [f"{k} {list(a)} in the checkpoint, {list(b)} here" for k, (a, b) in shapes.items() if a != b]
+    if missing or unexpected or resized_shape:
+        what = [f"missing {missing[:5]}"] * bool(missing) + [f"unexpected {unexpected[:5]}"] * bool(unexpected)
+        what += [f"{len(resized_shape)} tensor(s) of another shape ({'; '.join(resized_shape[:2])})"] * bool(
+            resized_shape)
+        raise CheckpointError(f"{file} does not fit the model ({', '.join(what)}); was it saved with another "
+                              "model config?")
     set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
 
 
@@ -307,6 +350,10 @@ def load_checkpoint(path: str | Path, parts: CheckpointParts) -> dict[str, Any]:
     """
     path = Path(path)
     state = read_trainer_state(path)
+    needed = [f"{name}.safetensors" for name in (*parts.models, *parts.buffers)] + ["optimizer.pt"]
+    absent = [name for name in needed if not (path / name).is_file()]
+    if absent:
+        raise CheckpointError(f"checkpoint {path} lacks {absent}: it is incomplete; pick another step_* folder")
     for name, module in parts.models.items():
         _load_model(module, path / f"{name}.safetensors")
     for name, module in parts.buffers.items():

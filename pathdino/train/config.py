@@ -18,7 +18,7 @@ from pathdino.data import AugmentConfig, DataConfig, MaskConfig
 from pathdino.models import BackboneConfig, HeadConfig
 from pathdino.train.logs import flat_config
 from pathdino.train.probe import EvalConfig
-from tiling.configio import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from tiling.configio import ConfigError, apply_overrides, blame_override, from_dict, load_yaml, to_dict
 
 
 def _check_fields(section: str, *, positive: dict[str, float] | None = None,
@@ -153,6 +153,21 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a frozen teacher (pathdino/train/distill.py; docs/training.md, "Recipes")."""
+
+    # A pathdino checkpoint (step_* folder, or a run folder: its newest checkpoint): DINO/iBOT targets from its
+    # heads. Or an encoder folder (pathdino export / known third-party timm encoder): cosine feature distillation.
+    teacher: str | None = None
+    cls_weight: float = 1.0  # encoder teacher: weight of the CLS cosine loss
+    patch_weight: float = 1.0  # encoder teacher: weight of the patch-token cosine loss
+
+    def __post_init__(self) -> None:
+        _check_fields("train.distill", non_negative={"cls_weight": self.cls_weight,
+                                                     "patch_weight": self.patch_weight})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The run: batch, length, precision, parallelism, checkpoints."""
 
@@ -183,6 +198,7 @@ class TrainConfig:
     # no weight decay) while the new heads learn; the teacher follows by EMA (its backbone stays the checkpoint's).
     freeze_backbone_steps: int = 0
     backbone_lr_ramp_steps: int = 0  # after the freeze, the backbone's lr multiplier rises 0 -> 1 over this many steps
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a frozen teacher to distil from; off by default
 
     def __post_init__(self) -> None:
         _check_fields("train", non_negative={"freeze_backbone_steps": self.freeze_backbone_steps,
@@ -267,7 +283,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config, apply ``key=value`` overrides, build the typed config (ConfigError on any problem)."""
     data = apply_overrides(load_yaml(path) if path is not None else {}, list(overrides or []))
     _drop_derived_img_size(data)
-    return from_dict(RunConfig, data, str(path) if path is not None else "config")
+    where = str(path) if path is not None else "config"
+    try:
+        return from_dict(RunConfig, data, where)
+    except ConfigError as exc:  # a key given as key=value is blamed on the command line, not on the file
+        raise blame_override(exc, where, overrides) from exc.__cause__
 
 
 def _drop_derived_img_size(data: dict[str, Any]) -> None:
@@ -295,7 +315,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 # Keys that may legitimately change on resume: where and how often the run writes, not what it computes.
 _RESUME_MAY_CHANGE = {"train.output_dir", "train.stop_at_step", "train.checkpoint_every_steps",
                       "train.keep_checkpoints", "train.checkpoint_at_end", "log.trackers", "log.every_steps",
-                      "data.num_workers"}
+                      "data.num_workers", "data.resume_changed_stores"}
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any], *,

@@ -123,6 +123,47 @@ class CollapseMonitor:
         return bool(reasons)
 
 
+class ProbeMonitor:
+    """The best in-training probe score so far, and a warning when a probe falls well below it.
+
+    ``check(step, record)`` reads ``metric`` (one of the ``probe_*`` keys) from a step's record: a value above the
+    best so far (the first probe, step 0's initial teacher included, sets it) makes it the new best and returns
+    True; a value more than ``drop_warning`` (accuracy points, absolute) below the best logs a warning and counts
+    it. Probe scores move by a few points from one probe to the next on a few hundred images (one binomial standard
+    error is ~0.03 at 250 images), so the default 0.05 warns about a fall beyond noise, not jitter.
+    """
+
+    def __init__(self, metric: str, drop_warning: float) -> None:
+        self.metric = metric
+        self.drop_warning = drop_warning
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.warnings = 0
+
+    def state(self) -> dict[str, float | int | str | None]:
+        """What a checkpoint carries (``load`` restores it on resume)."""
+        return {"metric": self.metric, "value": self.best, "step": self.best_step}
+
+    def load(self, state: dict | None) -> None:
+        if state and state.get("metric") == self.metric and state.get("value") is not None:
+            self.best, self.best_step = float(state["value"]), int(state["step"])
+
+    def check(self, step: int, record: dict[str, float]) -> bool:
+        value = record.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best is None or value > self.best:
+            self.best, self.best_step = float(value), step
+            return True
+        if value < self.best - self.drop_warning:
+            self.warnings += 1
+            log.warning("step %d: the probe fell: %s %.3f is %.3f below its best %.3f (step %d); the features are "
+                        "losing what the probe reads. eval.probe.keep_best keeps the best checkpoint "
+                        "(checkpoints/best); see docs/training.md, 'Small budgets'", step, self.metric, value,
+                        self.best - value, self.best, self.best_step)
+        return False
+
+
 def memory_mb(device: torch.device) -> float:
     """Peak allocated GPU memory since the last call (CUDA), else this process's resident memory, in MiB."""
     if device.type == "cuda":

@@ -65,8 +65,11 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Loader | Non
         phase.parts.model.train()
         phase.parts.teacher.eval()
         stopped_early = False
-        if step == 0 and (probed := probe_metrics(monitors.probe, 0, phase.parts.teacher)):  # the initial teacher
-            monitors.metrics.write({"step": 0, **probed}, 0)
+        if step == 0:  # the initial teacher: the baseline (and the first best) of the run's probes
+            probed = probe_metrics(monitors.probe, 0, phase.parts.teacher)
+            if probed:  # process 0 holds the scores
+                monitors.metrics.write({"step": 0, **probed}, 0)
+            _keep_best(ctx, phase, monitors, step=0, record=probed)
         while step < stop_at:
             values = phase.schedules.at(step)
             apply_schedule(phase.parts.optimizer, values)
@@ -90,7 +93,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Loader | Non
             step += 1
             phase.throughput.step_done()
 
-            _log_step(ctx, phase, monitors, step=step, values=values, reduced=reduced, full=log_now)
+            record = _log_step(ctx, phase, monitors, step=step, values=values, reduced=reduced, full=log_now)
+            _keep_best(ctx, phase, monitors, step=step, record=record)
             monitors.guard.update(reduced.finite, step, last_checkpoint)  # raises after too many in a row
             # A new phase starts from a checkpoint of the step before it, exactly as a resume there would.
             switch = phase.end_step <= step < stop_at
@@ -125,8 +129,9 @@ def _end_trackers_on_error(ctx: RunContext, error: type[BaseException] | None) -
 # ---- logging and checkpointing (no training logic below) -------------------------------------------------------
 
 def _log_step(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, values: ScheduleValues,
-              reduced: ReducedStep, full: bool) -> None:
-    """Write the step's record (losses, schedules, grad norms; health, throughput and data figures if ``full``)."""
+              reduced: ReducedStep, full: bool) -> dict[str, Any]:
+    """Write the step's record (losses, schedules, grad norms; health, throughput and data figures if ``full``;
+    probe scores when probed) and return it."""
     world, parts = ctx.world, phase.parts
     record: dict[str, Any] = {"step": step}
     record.update({k: v / world for k, v in zip(LOSS_TERMS, reduced.terms)})
@@ -152,19 +157,42 @@ def _log_step(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, v
                  f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
     record.update(probe_metrics(monitors.probe, step, parts.teacher))  # every process calls it; {} off its period
     monitors.metrics.write(record, step)
+    return record
 
 
-def _save(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int) -> str:
-    """Checkpoint the run at ``step`` (every process takes part); returns the checkpoint's path."""
+def _keep_best(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, record: dict[str, Any]) -> None:
+    """After a probe: the best score so far (a warning if it fell well below it, health.ProbeMonitor), and with
+    ``eval.probe.keep_best`` the checkpoint of a new best in ``checkpoints/best`` (every process takes part).
+
+    Step 0's probe (the initial teacher) sets the bar but is not saved: gathering an optimizer that has no state
+    yet makes torch create it with a zero-lr step, which would shift AdamW's step count and change the run. So
+    ``checkpoints/best`` holds a trained step that beat the initial teacher, or does not exist."""
+    probe = monitors.probe
+    if probe is None or not probe.new_best(step, record) or not probe.cfg.keep_best or step == 0:
+        return
+    path = _save(ctx, phase, monitors, step=step, name="best")
+    log.info("new best probe score: %s %.3f at step %d, kept in %s", probe.cfg.metric, probe.best.best or 0.0,
+             step, path)
+
+
+def _save(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, name: str | None = None) -> str:
+    """Checkpoint the run at ``step`` (every process takes part; ``name``: ``checkpoints/<name>`` rather than
+    ``step_*``); returns the checkpoint's path."""
     trainer_state = {
         "world_size": ctx.world, "batch_size": phase.cfg.train.batch_size, "nonfinite_total": monitors.guard.total,
         "collapse_best": monitors.collapse.best, "loader_states": gather_loader_states(phase.loader, ctx.world),
         # The config in effect for these weights (a phase's crops, img_size and batch): export reads it.
         "config": config_to_dict(phase.cfg), "phase": phase.index,
+        "probe_best": monitors.probe.best.state() if monitors.probe is not None else {},
     }
+    if phase.parts.distill is not None:  # the teacher's path and weights hash, never its weights
+        trainer_state["distill_teacher"] = phase.parts.distill.record()
     path = save_checkpoint(ctx.out_dir, step, phase.parts.checkpoint_parts(), trainer_state=trainer_state,
-                           keep=phase.cfg.train.keep_checkpoints)
-    monitors.metrics.write({"event": "checkpoint", "step": step, "path": str(path)}, step, to_trackers=False)
+                           keep=phase.cfg.train.keep_checkpoints, name=name)
+    event = {"event": "checkpoint", "step": step, "path": str(path)}
+    if name is not None and monitors.probe is not None:
+        event.update(kept=name, metric=monitors.probe.cfg.metric, value=monitors.probe.best.best)
+    monitors.metrics.write(event, step, to_trackers=False)
     log.info("checkpoint %s", path)
     return str(path)
 

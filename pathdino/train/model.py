@@ -31,7 +31,7 @@ class SSLModel(nn.Module):
     """
 
     def __init__(self, backbone_cfg: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig | None = None, *,
-                 trim_last_block: bool = True):
+                 trim_last_block: bool = True, distill_dim: int | None = None):
         super().__init__()
         self.backbone = MaskedViT(build_backbone(backbone_cfg))
         # The last block runs its queries on the tokens the objective reads only (an exact cut; query_rows.py).
@@ -40,10 +40,13 @@ class SSLModel(nn.Module):
         dim = self.backbone.embed_dim
         self.dino_head = DINOHead.from_config(dim, dino_head)
         self.ibot_head = DINOHead.from_config(dim, ibot_head) if ibot_head is not None else None
+        # Feature distillation from a wider/narrower encoder: the student's tokens projected to its width.
+        self.distill_proj = nn.Linear(dim, distill_dim) if distill_dim and distill_dim != dim else None
 
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP2 shards one by one (each ViT block, then each head); the root is sharded last."""
-        return [*self.backbone.backbone.blocks, self.dino_head, *([self.ibot_head] if self.ibot_head else [])]
+        return [*self.backbone.backbone.blocks, self.dino_head, *([self.ibot_head] if self.ibot_head else []),
+                *([self.distill_proj] if self.distill_proj is not None else [])]
 
     def forward(
         self,
@@ -107,17 +110,26 @@ class SSLModel(nn.Module):
             "masked_patch_logits": patch_logits,
             "global_cls": g_cls,
             "global_patch": global_patch if return_patches else None,
+            # feature distillation: CLS and patch tokens at the teacher's width (only with return_patches)
+            "distill_cls": self._project(g_cls) if return_patches else None,
+            "distill_patch": self._project(global_patch) if return_patches else None,
         }
+
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.distill_proj(tokens) if self.distill_proj is not None else tokens
 
 
 def build_student_teacher(
     backbone_cfg: BackboneConfig,
     dino_head: HeadConfig,
     ibot_head: HeadConfig | None,
+    *,
+    distill_dim: int | None = None,
 ) -> tuple[SSLModel, SSLModel]:
-    """Student (with drop path) and teacher (without, eval mode, no grads) starting from identical weights."""
-    student = SSLModel(backbone_cfg, dino_head, ibot_head)
-    teacher = SSLModel(replace(backbone_cfg, drop_path_rate=0.0), dino_head, ibot_head)
+    """Student (with drop path) and teacher (without, eval mode, no grads) starting from identical weights;
+    ``distill_dim``: a feature-distillation teacher's width (a projection when it differs from the student's)."""
+    student = SSLModel(backbone_cfg, dino_head, ibot_head, distill_dim=distill_dim)
+    teacher = SSLModel(replace(backbone_cfg, drop_path_rate=0.0), dino_head, ibot_head, distill_dim=distill_dim)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     teacher.eval()

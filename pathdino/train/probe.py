@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pathdino.train.health import ProbeMonitor
+
 log = logging.getLogger("pathdino.train")
+
+PROBE_KEYS = ("probe_knn_accuracy", "probe_knn_balanced_accuracy", "probe_linear_accuracy",
+              "probe_linear_balanced_accuracy")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class ProbeConfig:
     batch_size: int = 64  # images per teacher forward, per process
     img_px: int | None = None  # side the images are resized/cropped to; None = augment.global_crop_px
     at_start: bool = True  # also probe the initial teacher (the baseline a run should beat)
+    metric: str = "probe_knn_balanced_accuracy"  # the score "best" means (keep_best, drop_warning): a PROBE_KEYS
+    keep_best: bool = False  # keep the checkpoint of the best probe score in <output_dir>/checkpoints/best
+    drop_warning: float = 0.05  # warn when a probe falls more than this (absolute) below the best so far; 0 = off
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,12 @@ class TrainingProbe:
 
         if cfg.every_steps < 1 or cfg.knn_k < 1 or cfg.max_images < 2 or cfg.batch_size < 1:
             raise ValueError("eval.probe: every_steps, knn_k and batch_size must be >= 1, max_images >= 2")
+        if cfg.metric not in PROBE_KEYS:
+            raise ValueError(f"eval.probe.metric={cfg.metric!r}: choose one of {', '.join(PROBE_KEYS)}")
+        if not cfg.drop_warning >= 0:
+            raise ValueError(f"eval.probe.drop_warning={cfg.drop_warning}: must be >= 0 (0 turns the warning off)")
         self.cfg, self.device = cfg, device
+        self.best = ProbeMonitor(cfg.metric, cfg.drop_warning if cfg.drop_warning > 0 else math.inf)
         self.img_px = cfg.img_px or img_px
         with _untouched_rngs():
             try:
@@ -156,6 +170,20 @@ class TrainingProbe:
         for r, g in enumerate(gathered):
             out[r::world] = g
         return out[:self.n_total].cpu()
+
+    def new_best(self, step: int, record: dict[str, Any]) -> bool:
+        """Whether ``record`` (a step's metrics; the probe scores are on process 0 only) holds a new best score,
+        as every process learns it from process 0 (all must call: saving the best checkpoint is collective); warns
+        when the score fell ``drop_warning`` below the best. False when the step was not probed."""
+        if not self.due(step):  # every process knows the probe steps: no collective on the others
+            return False
+        rank, world = _world()
+        found = self.best.check(step, record) if rank == 0 else False
+        if world > 1:
+            flag = torch.tensor([float(found)], device=self.device)
+            dist.broadcast(flag, src=0)
+            found = bool(flag.item())
+        return found
 
     def maybe_run(self, step: int, teacher: nn.Module) -> dict[str, Any]:
         """Probe if due at ``step``: metrics on process 0, {} elsewhere and when not due."""

@@ -15,6 +15,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +24,10 @@ from torch import nn
 from pathdino.losses import DINOLoss, IBOTPatchLoss, build_uniformity_loss
 from pathdino.models import dinov2_train_flops_per_image, load_init_checkpoint
 from pathdino.models.backbone import SUBSET_DROP_PATH_ABOVE, set_fused_attention
-from pathdino.train.checkpoint import load_checkpoint, read_trainer_state, resume_point
+from pathdino.train.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, resume_point
 from pathdino.train.config import CropPlan, RunConfig, config_changes, config_to_dict, crop_plan, per_process_batch
 from pathdino.train.context import RunContext
+from pathdino.train.distill import DistillTeacher, build_distill_teacher, check_resumed_teacher, distill_units
 from pathdino.train.distributed import shard_fsdp2
 from pathdino.train.health import CollapseMonitor, NonFiniteGuard, Throughput, peak_tflops
 from pathdino.train.host import check_compiler
@@ -64,6 +66,7 @@ class Progress:
     step: int = 0
     nonfinite_total: int = 0
     collapse_best: dict[str, float] = field(default_factory=dict)
+    probe_best: dict[str, Any] = field(default_factory=dict)  # the best probe score so far (ProbeMonitor.state)
     checkpoint: Path | None = None  # the checkpoint it was loaded from (None: from scratch)
 
 
@@ -158,13 +161,16 @@ def start_monitors(ctx: RunContext, cfg: RunConfig, progress: Progress, *,
     a = cfg.augment
     probe = build_probe(cfg.eval.probe, crop_px=crop_plan(cfg).global_px, mean=tuple(a.mean), std=tuple(a.std),
                         device=ctx.device)
+    if probe is not None:
+        probe.best.load(progress.probe_best)
     return Monitors(metrics=metrics, guard=guard, collapse=collapse, probe=probe)
 
 
 def _build_parts(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> StepParts:
     """Student, teacher, the student as trained (wrapped or sharded), losses, regulariser, AdamW, clip groups."""
     tc, device = cfg.train, ctx.device
-    student, teacher, model, gram_teacher = _build_models(ctx, cfg, checkpoint)
+    distill = build_distill_teacher(cfg, device)
+    student, teacher, model, gram_teacher = _build_models(ctx, cfg, checkpoint, distill=distill)
     losses, uniformity = _build_losses(cfg, device)
     optimizer = torch.optim.AdamW(
         param_groups(student.named_parameters(), cfg.model.backbone.depth_, layerwise_decay=cfg.optim.layerwise_decay,
@@ -176,10 +182,12 @@ def _build_parts(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None) -> St
     clip_modules = {"backbone": student.backbone, "dino_head": student.dino_head}
     if student.ibot_head is not None:
         clip_modules["ibot_head"] = student.ibot_head
+    if student.distill_proj is not None:
+        clip_modules["distill_proj"] = student.distill_proj
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     return StepParts(student=student, teacher=teacher, model=model, losses=losses, uniformity=uniformity,
                      optimizer=optimizer, clip_modules=clip_modules, autocast=autocast,
-                     objective=_objective(cfg), gram_teacher=gram_teacher)
+                     objective=_objective(cfg), gram_teacher=gram_teacher, distill=distill)
 
 
 def _objective(cfg: RunConfig) -> Objective:
@@ -189,18 +197,21 @@ def _objective(cfg: RunConfig) -> Objective:
                      student_temp=lc.student_temp, update_centers=lc.targets == "centering",
                      grad_accum_steps=cfg.train.grad_accum_steps, clip_grad=oc.clip_grad,
                      freeze_last_layer=oc.freeze_last_layer, gram_input_scale=lc.gram.input_scale,
-                     gram_remove_negative=lc.gram.remove_negative)
+                     gram_remove_negative=lc.gram.remove_negative, distill_cls_weight=cfg.train.distill.cls_weight,
+                     distill_patch_weight=cfg.train.distill.patch_weight)
 
 
-def _build_models(ctx: RunContext, cfg: RunConfig,
-                  checkpoint: Path | None) -> tuple[SSLModel, SSLModel, nn.Module, nn.Module | None]:
+def _build_models(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *,
+                  distill: DistillTeacher | None) -> tuple[SSLModel, SSLModel, nn.Module, nn.Module | None]:
     """Student, teacher, the student as trained (DDP-wrapped, FSDP2-sharded, or itself), on the device, and the
     Gram teacher (loss.gram; a plain copy of the teacher's backbone, refreshed by the loop; None without it)."""
     tc, mc, device = cfg.train, cfg.model, ctx.device
     if tc.compile:
         check_compiler()
     torch.manual_seed(tc.seed)  # identical initial weights on every process
-    student, teacher = build_student_teacher(mc.backbone, mc.dino_head, mc.ibot_head_)
+    student, teacher = build_student_teacher(
+        mc.backbone, mc.dino_head, mc.ibot_head_,
+        distill_dim=distill.embed_dim if distill is not None and distill.kind == "encoder" else None)
     if mc.init_checkpoint and checkpoint is None:
         load_init_checkpoint(student.backbone, mc.init_checkpoint, layout=True)
         teacher.load_state_dict(student.state_dict())
@@ -222,6 +233,9 @@ def _build_models(ctx: RunContext, cfg: RunConfig,
     if ctx.use_fsdp:
         for module in (student, teacher):
             shard_fsdp2(module, module.fsdp_units(), precision=tc.precision,
+                        reshard_after_forward=tc.fsdp_reshard_after_forward)
+        if distill is not None:  # a large teacher is sharded like the student (inference only)
+            shard_fsdp2(distill.model, distill_units(distill), precision=tc.precision,
                         reshard_after_forward=tc.fsdp_reshard_after_forward)
         return student, teacher, student, gram_teacher
     model = ctx.accelerator.prepare_model(student) if ctx.world > 1 else student  # DDP
@@ -264,7 +278,18 @@ def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *
     """Load ``checkpoint`` (if any) into the parts and the loader; returns the progress to continue from."""
     if checkpoint is None:
         return Progress()
-    state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    try:
+        state = load_checkpoint(checkpoint, parts.checkpoint_parts())
+    except CheckpointError as exc:
+        saved = read_trainer_state(checkpoint)
+        now = config_to_dict(phase_config(cfg, saved.get("phase", 0)))
+        model = [c for c in config_changes(saved.get("config", {}), now) if c.startswith("model.")]
+        if not model:
+            raise
+        raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs from the checkpoint's "
+                              f"({'; '.join(model[:6])}); resume with the checkpoint's model settings, or start a "
+                              "new run in another train.output_dir") from exc
+    check_resumed_teacher(state.get("distill_teacher"), parts.distill)
     step = state["step"]
     loader.load_state_dict(loader_state_for(state["loader_states"], ctx.rank, ctx.world))
     if not state["rng_restored"]:
@@ -278,7 +303,8 @@ def _load_checkpoint(ctx: RunContext, cfg: RunConfig, checkpoint: Path | None, *
     if changed:
         log.warning("config differs from the checkpoint's in %d key(s): %s", len(changed), "; ".join(changed[:8]))
     return Progress(step=step, nonfinite_total=state.get("nonfinite_total", 0),
-                    collapse_best=state.get("collapse_best", {}), checkpoint=checkpoint)
+                    collapse_best=state.get("collapse_best", {}), probe_best=state.get("probe_best", {}),
+                    checkpoint=checkpoint)
 
 
 def _throughput(ctx: RunContext, cfg: RunConfig, *, plan: CropPlan, student: SSLModel) -> Throughput:

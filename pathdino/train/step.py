@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathdino.data.batch import MultiCropBatch
-from pathdino.losses import gram_loss, resample_patch_grid
+from pathdino.losses import cosine_distance, gram_loss, resample_patch_grid
 from pathdino.train.checkpoint import CheckpointParts
+from pathdino.train.distill import DistillTeacher
 from pathdino.train.distributed import all_reduce_sum_, gradient_sync
 from pathdino.train.health import effective_rank, entropy
 from pathdino.train.model import SSLModel, copy_backbone_, ema_update_
@@ -30,7 +31,7 @@ from pathdino.train.param_groups import drop_frozen_grads
 from pathdino.train.schedules import ScheduleValues
 
 LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "uniformity", "gram", "distill", "masked_tokens")
-HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank")
+HEALTH_TERMS = ("teacher_entropy", "teacher_usage_entropy", "student_entropy", "embedding_rank", "embedding_std")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Objective:
     freeze_last_layer: Literal["zero_lr", "drop_grads"]
     gram_input_scale: float = 2.0  # loss.gram: the Gram teacher sees the global crops resampled by this factor
     gram_remove_negative: bool = True
+    distill_cls_weight: float = 1.0  # train.distill from an encoder: CLS and patch cosine-loss weights
+    distill_patch_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class StepParts:
     objective: Objective
     # loss.gram: a copy of the EMA teacher's backbone (a MaskedViT, not sharded), refreshed on the Gram schedule
     gram_teacher: nn.Module | None = None
+    distill: DistillTeacher | None = None  # train.distill: the frozen teacher (never saved; its sha256 is)
 
     def checkpoint_parts(self) -> CheckpointParts:
         """student / teacher (gathered), the loss centers and AdamW: the files of a DINOv2 checkpoint; the Gram
@@ -101,18 +105,24 @@ def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValue
     token_weights = (1.0 / batch.masks.sum(dim=1).clamp_min(1).float()).index_select(
         0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
     gram_on = values.gram_weight > 0
+    dt = parts.distill
+    # A checkpoint teacher's heads give the targets (the student is masked as usual: the same iBOT loss; dinov3's
+    # distillation unmasks it); an encoder teacher's tokens are matched by cosine beside the usual objective.
+    from_heads, features = dt is not None and dt.kind == "checkpoint", dt is not None and dt.kind == "encoder"
+    side = math.isqrt(batch.masks.shape[1])
     with gradient_sync(parts.model, enabled=sync):
         with parts.autocast:
             with torch.no_grad():
-                t_out = parts.teacher(batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx)
+                t_out = (dt.model if from_heads else parts.teacher)(batch.global_crops, None, batch.masks,
+                                                                    teacher=True, mask_indices=mask_idx)
+                feat_t = dt.model(batch.global_crops, side) if features else None
                 dino_t = dino_loss.teacher_targets(t_out["global_cls_logits"], values.teacher_temp,
                                                    update_center=False)
                 ibot_t = ibot_loss.teacher_targets(t_out["masked_patch_logits"], values.teacher_temp,
                                                    update_center=False)
-                gram_t = gram_targets(parts, batch.global_crops, side=math.isqrt(batch.masks.shape[1])) \
-                    if gram_on else None
+                gram_t = gram_targets(parts, batch.global_crops, side=side) if gram_on else None
             s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx,
-                                return_patches=gram_on)
+                                return_patches=gram_on or features)
             dino_global, dino_local = dino_loss.forward_terms(
                 s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, n_global)
             ibot = ibot_loss(s_out["masked_patch_logits"], ibot_t, batch.masks, n_global, token_weights=token_weights)
@@ -120,9 +130,11 @@ def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValue
                    else dino_global.new_zeros(()))
             gram = (gram_loss(s_out["global_patch"], gram_t, remove_negative=obj.gram_remove_negative) if gram_on
                     else dino_global.new_zeros((), dtype=torch.float32))
-            distill = dino_global.new_zeros((), dtype=torch.float32)
+            distill = (obj.distill_cls_weight * cosine_distance(s_out["distill_cls"], feat_t[0])
+                       + obj.distill_patch_weight * cosine_distance(s_out["distill_patch"], feat_t[1])) if features \
+                else dino_global.new_zeros((), dtype=torch.float32)
             loss = (obj.dino_weight * (dino_global + dino_local) + obj.ibot_weight * ibot + obj.uniformity_weight * reg
-                    + values.gram_weight * gram)
+                    + values.gram_weight * gram + distill)
         (loss / obj.grad_accum_steps).backward()
     terms = torch.stack([loss.detach(), dino_global.detach(), dino_local.detach(), ibot.detach(),
                          reg.detach().float(), gram.detach(), distill.detach(),
@@ -179,6 +191,8 @@ def reduce_step(parts: StepParts, terms: torch.Tensor, last: StepOutputs, *, val
             health = torch.tensor([
                 entropy(dino_t).item(), entropy(dino_t.float().mean(dim=0, keepdim=True)).item(),
                 entropy(student_probs).item(), effective_rank(last.teacher_cls),
+                # per-dimension std over the batch of the L2-normalised CLS, averaged (collapse drives it to 0)
+                F.normalize(last.teacher_cls.float(), dim=-1).std(dim=0).mean().item(),
             ], device=terms.device)
     bad = (~torch.isfinite(terms[0]) | ~torch.isfinite(grad_norm)).float()
     # One collective per step: loss terms, the finite flag, a stop request and health figures.

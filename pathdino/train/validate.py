@@ -6,6 +6,8 @@ processes or the stores. Every failure is a ConfigError naming the key and what 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pathdino.data import Catalog, validate_stores
 from pathdino.train.config import RunConfig, crop_plan, per_process_batch
 from pathdino.train.phases import phase_config
@@ -27,6 +29,7 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
         raise ConfigError("the DINO loss needs 2 global crops, or 1 global crop and some local crops")
     per_process_batch(cfg, world_size)
     t, o = cfg.train, cfg.optim
+    _check_output_dir(Path(t.output_dir))
     if o.warmup_steps > t.total_steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
                           key="optim.warmup_steps")
@@ -44,6 +47,17 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
     if check_stores and not t.synthetic_data:
         return _check_stores(cfg, "data.stores")
     return None
+
+
+def _check_output_dir(out: Path) -> None:
+    """train.output_dir is (or can become) a folder: not a file, nor under one."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == out else f"is under {folder}, which is a file"
+                raise ConfigError(f"train.output_dir={str(out)!r} {what}: the run writes a folder there (checkpoints, "
+                                  "metrics.jsonl); choose another train.output_dir", key="train.output_dir")
+            return
 
 
 def validate_phases(cfg: RunConfig, world_size: int, check_stores: bool) -> None:
