@@ -5,9 +5,10 @@
     python -m pathdino.train --config ... --resume runs/x/checkpoints/step_000010000
     python -m pathdino.train --config ... --check                  # validate config and stores, then exit
 
-Exit codes: 0 done (or stopped by stop_at_step / a signal, with a checkpoint), 2 an error the user can fix (a
-``PathdinoError``: config, stores, checkpoint, launch), 3 too many non-finite steps in a row, 1 anything else (a
-bug: its traceback is printed). Every process ends through ``exit_process`` (see distributed.py).
+Exit codes: 0 done (or stopped by stop_at_step / a signal, with a checkpoint; or --resume of a finished run), 2 an
+error the user can fix (a ``PathdinoError``: config, stores, checkpoint, launch), 3 too many non-finite steps in a
+row, 130 a second Ctrl-C (stopped mid-step; the last checkpoint is kept), 1 anything else (a bug: its traceback is
+printed). Every process ends through ``exit_process`` (see distributed.py).
 """
 
 from __future__ import annotations
