@@ -237,3 +237,19 @@ def test_info_lists_1000_slides_from_the_index(archive):
     assert any(line.startswith("slide-0999 ") and line.endswith("/archive/slide-0999.svs") for line in lines)
     as_json = json.loads(CliRunner().invoke(app, ["info", str(url), "--json"]).output)
     assert as_json["n_slides"] == N_SLIDES and as_json["slides"]["slide-0500"]["fingerprint"] == "fp-500"
+
+
+def test_a_reader_racing_a_fold_reads_again(tmp_path):
+    """A reader that read the root document before a fold must not miss the records that fold deleted."""
+    url = tmp_path / "tiles.zarr"
+    writer = TileStoreWriter(url)
+    for i in range(16):
+        _commit(writer, f"s{i:02d}")
+    writer.fold_index()
+    stale = store_index.parse_root(json.loads((url / "zarr.json").read_bytes()))  # read just before ...
+    for i in range(16, 19):  # ... these: the third one folds (2 = 16/8 records were waiting) ...
+        _commit(writer, f"s{i:02d}")
+    _commit(writer, "s19")  # ... and this one waits in the journal
+    assert _journal(url)
+    assert not store_index.apply_journal(stale, store_index.Files(sidecar_url(url), remote=False))
+    assert TileStore(url).slide_ids == [f"s{i:02d}" for i in range(20)]

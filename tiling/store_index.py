@@ -289,6 +289,8 @@ def apply_journal(state: IndexState, sidecar: Files) -> bool:
     for seq in journal_seqs(sidecar):
         if seq <= folded:
             continue  # folded, and about to be deleted by the writer that folded it
+        if seq != state.last_seq + 1:
+            return False  # a gap: records folded (and deleted) after we read the root document
         data = sidecar.read(f"{JOURNAL_DIR}/{record_name(seq)}")
         if data is None:
             return False
