@@ -306,3 +306,17 @@ def test_encoder_teacher_mpp_must_match_the_stores(tmp_path, encoder_teacher):
         build_distill_teacher(cfg(store(tmp_path / "fine.zarr", 0.25)), torch.device("cpu"))
     teacher = build_distill_teacher(cfg(store(tmp_path / "same.zarr", 0.51)), torch.device("cpu"))
     assert teacher.kind == "encoder" and not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_init_checkpoint_from_a_pathdino_checkpoint_file(tmp_path):
+    """A pathdino run's teacher.safetensors (backbone.backbone.*, mask token, heads) starts a backbone directly."""
+    from pathdino.models import load_init_checkpoint
+
+    src = load_file(smoke_backbone(tmp_path))
+    path = tmp_path / "teacher.safetensors"
+    save_file({**{f"backbone.backbone.{k}": v for k, v in src.items()}, "backbone.mask_token": torch.zeros(1, 64),
+               "dino_head.last_layer.weight": torch.zeros(4, 4)}, str(path))
+    cfg = load_config(SMOKE, ["train.synthetic_data=true"]).model.backbone
+    model = build_backbone(BackboneConfig(**{**cfg.__dict__, "layerscale_init": 0.3}))
+    report = load_init_checkpoint(model, path, strict=True, layout=True)
+    assert not report.missing_keys and all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
