@@ -21,6 +21,7 @@ Prints, in ONE run (name the CPU with the figures; compare only within a run):
 
     python benchmarks/archive.py [--slides 10000] [--checkpoints 1000,10000] [--folder-slides 200]
         [--folder-scale 1.0] [--baseline-pythonpath DIR] [--skip-store] [--skip-requests] [--skip-folder] [--keep DIR]
+        [--reuse]   (measure the stores a previous --keep run left, without writing them again)
 """
 
 from __future__ import annotations
@@ -203,6 +204,49 @@ def store_checkpoint(n: int, store: Path, folders: list[Path], commit_s: list[fl
     return rows
 
 
+def reuse_store_scale(work: Path, checkpoints: list[int]) -> Path:
+    """Measure stores an earlier run of this script left in `work` (--keep): commands first, then 100 more commits
+    into each store and one explicit fold (the store grows by 100 slides)."""
+    import resource
+
+    from tiling.store_write import TileStoreWriter
+
+    stores = {checkpoints[0]: work / "archive-1000.zarr", checkpoints[-1]: work / "archive.zarr"}
+    folders = sorted(work.glob("slides-*"))
+    template = provenance_template(work, next(folders[0].glob("*.tif")))
+    tiles = sample_tiles(TILES_PER_SLIDE)
+    results = {}
+    for k, (n, store) in enumerate(stores.items()):
+        rows = store_checkpoint(n, store, folders[:k + 1], [float("nan")], float("nan"))
+        extra = work / f"extra-{n}"
+        extra.mkdir(exist_ok=True)
+        paths = []
+        for i, src in enumerate(sorted(folders[0].glob("*.tif"))[:100]):
+            dst = extra / f"extra-{n}-{i:03d}.tif"
+            if not dst.exists():
+                shutil.copy(src, dst)
+            paths.append(dst)
+        writer = TileStoreWriter(store)
+        commit_s = commit_slides(writer, paths, template, tiles)
+        t0 = time.perf_counter()
+        writer.fold_index()
+        fold_s = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        rows[0] = ("commit (mean of 100; slowest) / fold of the journal", f"{1e3 * np.mean(commit_s):.1f} ms; "
+                   f"{1e3 * max(commit_s):.0f} ms / {fold_s:.2f} s", f"{rss:.2f}")
+        results[n] = rows
+    _print_store_table(results, checkpoints)
+    return stores[checkpoints[0]]
+
+
+def _print_store_table(results: dict, checkpoints: list[int]) -> None:
+    print(f"\n| measure ({TILES_PER_SLIDE} tiles/slide) | " + " | ".join(f"{n:,} slides: time | peak RSS GiB"
+                                                                      for n in results) + " |")
+    print("|---|" + "---|---|" * len(results))
+    for i, row in enumerate(results[checkpoints[0]]):
+        print(f"| {row[0]} | " + " | ".join(f"{results[n][i][1]} | {results[n][i][2]}" for n in results) + " |")
+
+
 def run_store_scale(work: Path, n_slides: int, checkpoints: list[int]) -> Path:
     import resource
 
@@ -231,11 +275,7 @@ def run_store_scale(work: Path, n_slides: int, checkpoints: list[int]) -> Path:
         results[stop] = store_checkpoint(stop, store, folders[:k + 1], commit_s, rss)
         if stop == 1000 or (k == 0 and stop < 1000):
             shutil.copytree(store, work / "archive-1000.zarr", dirs_exist_ok=True)
-    print(f"\n| measure ({TILES_PER_SLIDE} tiles/slide) | " + " | ".join(f"{n:,} slides: time | peak RSS GiB"
-                                                                     for n in results) + " |")
-    print("|---|" + "---|---|" * len(results))
-    for i, row in enumerate(results[checkpoints[0]]):
-        print(f"| {row[0]} | " + " | ".join(f"{results[n][i][1]} | {results[n][i][2]}" for n in results) + " |")
+    _print_store_table(results, checkpoints)
     return work / "archive-1000.zarr"
 
 
@@ -303,13 +343,15 @@ def _tiling_benchmark():
 
 
 def make_small_folder(folder: Path, n_slides: int, scale: float) -> Path:
-    """n small slides: 60% 20x mosaics, 25% Aperio-like 40x, 10% JPEG 2000 40x, 5% that fail."""
+    """n small slides: 60% 20x mosaics, 25% Aperio-like 40x, 10% JPEG 2000 40x (at most 400 tiles: OpenJPEG
+    encodes them slowly), 5% that fail."""
     tb = _tiling_benchmark()
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n_slides):
         kind = "fail" if i % 20 == 19 else "j2k" if i % 10 == 9 else "40x" if i % 4 == 3 else "20x"
         tiles = int(rng.integers(1000, 5001) * scale)
+        tiles = min(tiles, 400) if kind == "j2k" else tiles
         # the mosaic is ~65% tissue: side for `tiles` kept 224-px tiles at 0.5 µm/px
         side_05 = int(224 * np.sqrt(tiles / 0.65))
         path = folder / f"{kind}-{i:03d}.svs"
@@ -342,7 +384,7 @@ rerun = time.perf_counter() - again
 stats = pstats.Stats(prof).stats
 groups = {"open": ["open_slide"], "thumbnail + tissue mask": ["read_thumbnail", "tissue_mask", "detect_tissue",
           "thumbnail"], "plan (all)": ["plan_slide"], "tiles (decode, QC, encode)": ["tile_block"],
-          "QC picture": ["write_qc_image"], "store: begin + commit": ["begin_slide", "commit"],
+          "QC picture": ["write_qc_image", "qc_image_jpeg"], "store: begin + commit": ["begin_slide", "commit"],
           "fingerprint": ["fingerprint"], "resume check": ["_up_to_date", "completed_provenance"],
           "record failure": ["record_failure"], "fold index": ["fold_index"]}
 res = {}
@@ -446,6 +488,7 @@ def main() -> None:
     parser.add_argument("--folder-scale", type=float, default=1.0, help="tiles per small slide x this")
     parser.add_argument("--baseline-pythonpath", default=None, help="another checkout to run next to this one")
     parser.add_argument("--skip-store", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="measure the stores a --keep run left in --keep")
     parser.add_argument("--skip-requests", action="store_true")
     parser.add_argument("--skip-folder", action="store_true")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
@@ -456,7 +499,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         small_store = None
-        if not args.skip_store:
+        if args.reuse and not args.skip_store:
+            small_store = reuse_store_scale(work, checkpoints)
+        elif not args.skip_store:
             small_store = run_store_scale(work, args.slides, checkpoints)
         if not args.skip_requests and small_store is not None:
             count_requests(small_store)

@@ -57,7 +57,7 @@ def synthetic_slide(n_tiles: int, in_dim: int, *, seed: int = 0):
     return torch.randn(n_tiles, in_dim, generator=g), grid
 
 
-def build(preset: str, *, mode: str, blocks: int | None, grad_checkpointing: bool):
+def build(preset: str, *, mode: str, blocks: int | None, grad_checkpointing: bool, backend: str = "torch"):
     from pathdino.slide import SlideEncoder, slide_encoder_preset
 
     cfg = slide_encoder_preset(preset)
@@ -65,7 +65,7 @@ def build(preset: str, *, mode: str, blocks: int | None, grad_checkpointing: boo
         cfg = dataclasses.replace(cfg, depth=blocks)
     if mode == "dense":
         cfg = dataclasses.replace(cfg, segment_lengths=(1 << 30,), dilation_ratios=(1,))
-    return SlideEncoder(cfg, grad_checkpointing=grad_checkpointing), cfg
+    return SlideEncoder(cfg, grad_checkpointing=grad_checkpointing, attention_backend=backend), cfg
 
 
 def run_case(args) -> dict:
@@ -73,7 +73,7 @@ def run_case(args) -> dict:
     device = "cuda" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model, cfg = build(args.preset, mode=args.mode, blocks=args.blocks,
-                       grad_checkpointing=args.pass_ == "backward")
+                       grad_checkpointing=args.pass_ == "backward", backend=args.backend)
     model = model.to(device)
     backward = args.pass_ == "backward"
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -150,6 +150,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="torch", help="attention backend: torch | xformers | auto (--check: auto)")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_case(args)))
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
     for preset in args.presets.split(","):
         blocks = args.blocks or (1 if preset == "gigapath" and not gpu else None)
         extra = [*(["--blocks", str(blocks)] if blocks else []),
-                 *(["--device", "cuda", "--dtype", "bf16"] if gpu else [])]
+                 *(["--device", "cuda", "--dtype", "bf16"] if gpu else []),
+                 "--backend", "auto" if gpu and args.backend == "torch" else args.backend]
         for mode in args.modes.split(","):
             for pass_ in args.passes.split(","):
                 previous = None
@@ -180,27 +182,41 @@ def main(argv=None) -> None:
 
 
 def check_correctness() -> None:
-    """GPU: the dilated path in bf16 against fp32 on a 3-slide packed batch, and xformers' presence."""
+    """GPU: bf16 against fp32 on a 3-slide packed batch (torch path), and the xformers path against the torch path
+    (outputs and gradients) when xformers is importable."""
     from pathdino.slide import SlideEncoder, SlideEncoderConfig
+    from pathdino.slide.attention_xformers import xformers_importable
 
     cfg = SlideEncoderConfig(in_dim=64, embed_dim=128, depth=2, num_heads=8, segment_lengths=(256, 1024),
                              dilation_ratios=(1, 4))
-    model = SlideEncoder(cfg).cuda().eval()
     lengths = [3000, 700, 1]
-    emb, grid = synthetic_slide(sum(lengths), 64)
-    grids = torch.cat([synthetic_slide(n, 64, seed=i)[1] for i, n in enumerate(lengths)])
+    emb = synthetic_slide(sum(lengths), 64)[0].cuda()
+    grids = torch.cat([synthetic_slide(n, 64, seed=i)[1] for i, n in enumerate(lengths)]).cuda()
+    torch.manual_seed(0)
+    model = SlideEncoder(cfg).cuda().eval()
     with torch.no_grad():
-        ref = model(emb.cuda(), grids.cuda(), lengths)
+        ref = model(emb, grids, lengths)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            low = model(emb.cuda(), grids.cuda(), lengths)
+            low = model(emb, grids, lengths)
     err = (low.tiles.float() - ref.tiles).abs().max().item()
-    try:
-        import xformers  # noqa: F401
-        has_xformers = "importable"
-    except ImportError:
-        has_xformers = "not installed"
-    print(f"# check: bf16 vs fp32 max |diff| on contextualised tiles {err:.3g} (tiles are LayerNormed: ~1); "
-          f"xformers {has_xformers}")
+    print(f"# check: torch path, bf16 vs fp32 max |diff| on contextualised tiles {err:.3g} (LayerNormed: ~1)")
+    if not xformers_importable():
+        print("# check: xformers not installed: the xformers path was not checked")
+        return
+    outs = {}
+    for backend in ("torch", "xformers"):
+        torch.manual_seed(0)
+        m = SlideEncoder(cfg, attention_backend=backend).cuda().train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(emb, grids, lengths)
+            (out.cls.float().square().sum() + out.tiles.float().mean()).backward()
+        outs[backend] = (out.tiles.float(), [p.grad.float() for p in m.parameters()])
+    diff = (outs["xformers"][0] - outs["torch"][0]).abs().max().item()
+    grad = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+               for a, b in zip(outs["xformers"][1], outs["torch"][1]))
+    verdict = "OK" if diff < 0.1 and grad < 0.05 else "MISMATCH: keep attention_backend='torch'"
+    print(f"# check: xformers vs torch path (bf16): tiles max |diff| {diff:.3g}, worst relative gradient "
+          f"difference {grad:.3g}: {verdict}")
 
 
 if __name__ == "__main__":

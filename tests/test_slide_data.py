@@ -146,6 +146,8 @@ def test_config_errors_name_the_key(tmp_path, store):
         return load_pretrain_config(SMALL, [f"data.embeddings=[{store}]", *overrides])
 
     load()
+    big = load_pretrain_config(SMALL.with_name("gigapath.yaml"), [f"data.embeddings=[{store}]"])
+    assert (big.model.depth, big.model.embed_dim, big.optim.ema_momentum) == (12, 768, 0.999)
     cases = {
         "data.tokens_per_pack": ["data.tokens_per_pack=10", "data.max_tokens_per_slide=20"],
         "objective.mask_ratio": ["objective.mask_ratio=1.0"],

@@ -14,6 +14,8 @@ from pathdino.slide import attention
 from pathdino.slide.attention import DilatedAttention
 from tiling.configio import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: OpenMP barriers cost more than the work
+
 
 def _qkv(n_tiles, n_slides, heads=4, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -167,3 +169,60 @@ def test_presets():
     assert slide_encoder_preset("small", in_dim=384).in_dim == 384
     with pytest.raises(ConfigError, match="preset 'huge' is unknown"):
         slide_encoder_preset("huge")
+
+
+class _FakeFmha:
+    """The two xformers calls the GPU path makes, in plain torch (CPU), to check its packing and the log-sum-exp
+    gradient it injects; the real kernel's backward, like this one, ignores a gradient on the log-sum-exp."""
+
+    class attn_bias:  # noqa: N801 - mirrors xformers.ops.fmha.attn_bias
+        class BlockDiagonalMask:
+            def __init__(self, seqlens):
+                self.seqlens = seqlens
+
+            @classmethod
+            def from_seqlens(cls, seqlens):
+                return cls(seqlens)
+
+    @staticmethod
+    def _scores(q, k, bias, scale):
+        seg = torch.repeat_interleave(torch.arange(len(bias.seqlens)), torch.tensor(bias.seqlens))
+        s = torch.einsum("bmhd,bnhd->bhmn", q, k) * scale
+        return s.masked_fill(seg[:, None] != seg[None, :], float("-inf"))
+
+    @classmethod
+    def memory_efficient_attention_partial(cls, q, k, v, *, attn_bias, scale):
+        s = cls._scores(q, k, attn_bias, scale)
+        return torch.einsum("bhmn,bnhd->bmhd", s.softmax(-1), v), s.logsumexp(-1)
+
+    @classmethod
+    def memory_efficient_attention_backward(cls, grad, out, lse, q, k, v, *, attn_bias, scale):
+        p = torch.exp(cls._scores(q, k, attn_bias, scale) - lse[..., None])
+        dv = torch.einsum("bhmn,bmhd->bnhd", p, grad)
+        dp = torch.einsum("bmhd,bnhd->bhmn", grad, v)
+        ds = p * (dp - (grad * out).sum(-1).transpose(1, 2)[..., None])
+        return (torch.einsum("bhmn,bnhd->bmhd", ds, k) * scale, torch.einsum("bhmn,bmhd->bnhd", ds, q) * scale, dv)
+
+
+def test_xformers_path_packs_segments_and_injects_the_lse_gradient(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", types.SimpleNamespace(fmha=_FakeFmha))
+    monkeypatch.setattr(attention, "resolve_backend", lambda backend, q: backend)
+    lengths = [23, 9]
+    tiles, cls = _qkv(sum(lengths), 2)
+    layout = pack_layout(lengths, segment_lengths=(4, 8, 16), dilation_ratios=(1, 2, 4), num_heads=4)
+    results = {b: dilated_attention(tuple(tiles), tuple(cls), layout, backend=b) for b in ("torch", "xformers")}
+    torch.testing.assert_close(results["xformers"][0], results["torch"][0])
+    grads = {b: torch.autograd.grad(r[0].square().sum() + r[1].sum(), tiles) for b, r in results.items()}
+    for got, want in zip(grads["xformers"], grads["torch"]):
+        torch.testing.assert_close(got, want)
+
+
+def test_attention_backend_choice():
+    q = torch.zeros(1, 1, 8)
+    assert attention.resolve_backend("auto", q) == "torch"  # no GPU here
+    with pytest.raises(ValueError, match="needs xformers installed"):
+        attention.resolve_backend("xformers", q)

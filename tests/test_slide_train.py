@@ -161,6 +161,18 @@ def test_two_processes_equal_one_and_reshard_both_ways(reference, store, tmp_pat
         assert_close(reference, out, [5, 6])
 
 
+def test_cli_check_validates_config_and_stores(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from pathdino.cli.main import app
+
+    ok = CliRunner().invoke(app, ["slide-train", "--config", str(SMALL), f"data.embeddings=[{store}]", "--check"])
+    assert ok.exit_code == 0 and "10 slides" in ok.output and "width 16" in ok.output, ok.output
+    bad = CliRunner().invoke(app, ["slide-train", "--config", str(SMALL), f"data.embeddings=[{tmp_path / 'nope'}]",
+                                   "--check"])
+    assert bad.exit_code == 2 and "data.embeddings" in bad.output
+
+
 def test_cli_prints_the_launch_line(store, tmp_path, capsys):
     from pathdino.cli.train import plan_launch, train_command
 

@@ -281,3 +281,42 @@ def test_feature_distillation_from_an_encoder_folder(tmp_path, encoder_teacher):
     assert saved["kind"] == "encoder" and saved["path"] == str(encoder_teacher)
     # the loss is the teacher's: a student trained against it gets closer than at step 1
     assert log[4]["distill"] < log[1]["distill"]
+
+
+def test_encoder_teacher_mpp_must_match_the_stores(tmp_path, encoder_teacher):
+    """The encoder teacher saw tissue at 0.5 µm/px (its config.json); a store tiled at 0.25 µm/px is refused."""
+    import numpy as np
+
+    from pathdino.train.distill import build_distill_teacher
+    from tiling.store import encode_tile
+    from tiling.store_write import TileStoreWriter
+
+    def store(url: Path, mpp: float) -> Path:
+        sw = TileStoreWriter(url).begin_slide("s1", 64, encoding="png", tiles_per_shard=32)
+        rng = np.random.default_rng(0)
+        tiles = [encode_tile(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), encoding="png") for _ in range(4)]
+        sw.add(tiles, np.arange(8, dtype=np.int64).reshape(4, 2), np.ones(4, np.float32))
+        sw.commit({"source_path": "synthetic", "source_fingerprint": "test", "target_mpp": mpp})
+        return url
+
+    def cfg(url: Path):
+        return load_config(SMOKE, [f"data.stores=[{url}]", f"train.distill.teacher={encoder_teacher}"])
+
+    with pytest.raises(ConfigError, match=r"0\.5 µm/px.*0\.25 µm/px"):
+        build_distill_teacher(cfg(store(tmp_path / "fine.zarr", 0.25)), torch.device("cpu"))
+    teacher = build_distill_teacher(cfg(store(tmp_path / "same.zarr", 0.51)), torch.device("cpu"))
+    assert teacher.kind == "encoder" and not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_init_checkpoint_from_a_pathdino_checkpoint_file(tmp_path):
+    """A pathdino run's teacher.safetensors (backbone.backbone.*, mask token, heads) starts a backbone directly."""
+    from pathdino.models import load_init_checkpoint
+
+    src = load_file(smoke_backbone(tmp_path))
+    path = tmp_path / "teacher.safetensors"
+    save_file({**{f"backbone.backbone.{k}": v for k, v in src.items()}, "backbone.mask_token": torch.zeros(1, 64),
+               "dino_head.last_layer.weight": torch.zeros(4, 4)}, str(path))
+    cfg = load_config(SMOKE, ["train.synthetic_data=true"]).model.backbone
+    model = build_backbone(BackboneConfig(**{**cfg.__dict__, "layerscale_init": 0.3}))
+    report = load_init_checkpoint(model, path, strict=True, layout=True)
+    assert not report.missing_keys and all(torch.equal(model.state_dict()[k], v) for k, v in src.items())

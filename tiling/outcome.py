@@ -6,10 +6,8 @@ provenance and failure records of docs/tile-store.md) and for the summary (`Slid
 
 from __future__ import annotations
 
-import tempfile
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +19,6 @@ from tiling.inputs import SlideInput
 from tiling.store import qc_image_key
 
 if TYPE_CHECKING:
-    from tiling.store_write import TileStoreWriter
     from tiling.worker import SlidePlan
 
 TILE_ORDER = "block-major"
@@ -120,10 +117,10 @@ def provenance(plan: SlidePlan, cfg: TilingConfig, tally: SlideTally) -> dict[st
     }
 
 
-def write_qc_image(store: TileStoreWriter, plan: SlidePlan, tally: SlideTally) -> None:
-    """Draw the slide's QC picture (thumbnail, tissue outline, kept and rejected tiles) into the sidecar."""
+def qc_image_inputs(plan: SlidePlan, tally: SlideTally) -> dict[str, np.ndarray]:
+    """What `tiling.qc_image.qc_image_jpeg` draws for a slide: thumbnail, mask, kept and rejected tile boxes in
+    thumbnail pixels (cheap to compute; the drawing itself is left to a worker)."""
     from tiling.geometry import tile_level0_xy
-    from tiling.qc_image import draw_qc_image
 
     scale = plan.geometry.slide_mpp / plan.thumbnail_mpp
 
@@ -136,11 +133,9 @@ def write_qc_image(store: TileStoreWriter, plan: SlidePlan, tally: SlideTally) -
 
     rej_rows = [plan.rows[idx] for idxs in tally.rejected.values() for idx in idxs]
     rej_cols = [plan.cols[idx] for idxs in tally.rejected.values() for idx in idxs]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "qc.jpg"
-        draw_qc_image(plan.thumbnail, plan.mask, boxes(tally.kept_rows, tally.kept_cols), path=path,
-                      rejected_boxes=boxes(rej_rows, rej_cols))
-        store.write_file(qc_image_key(plan.slide.slide_id), path.read_bytes())
+    return {"thumbnail_rgb": plan.thumbnail, "mask": plan.mask,
+            "tile_boxes_thumb_px": boxes(tally.kept_rows, tally.kept_cols),
+            "rejected_boxes": boxes(rej_rows, rej_cols)}
 
 
 def why_empty(n_candidates: int, rejected: dict[str, int], n_decode_failures: int,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from tiling.fsio import atomic_path
 
-__all__ = ["draw_qc_image", "MAX_SIDE_PX", "MIN_SIDE_PX"]
+__all__ = ["draw_qc_image", "qc_image_jpeg", "MAX_SIDE_PX", "MIN_SIDE_PX"]
 
 MAX_SIDE_PX = 2048
 """Longest side of the saved image: big slides are shrunk to this so the picture stays small (~0.3-1.5 MB)."""
@@ -34,6 +36,15 @@ def draw_qc_image(
     any size; it is stretched over the thumbnail. Written to a temporary file next to ``path`` and renamed,
     so a crash never leaves a truncated image.
     """
+    data = qc_image_jpeg(thumbnail_rgb, mask, tile_boxes_thumb_px, rejected_boxes=rejected_boxes)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def qc_image_jpeg(thumbnail_rgb: np.ndarray, mask: np.ndarray, tile_boxes_thumb_px: np.ndarray, *,
+                  rejected_boxes: np.ndarray | None = None) -> bytes:
+    """The QC picture of `draw_qc_image` as JPEG bytes (the tiler draws it in a worker process, so that a small
+    slide's picture overlaps other slides' tiles instead of holding up the process that schedules them)."""
     rgb = np.asarray(thumbnail_rgb)
     if rgb.ndim != 3 or rgb.shape[2] < 3 or rgb.dtype != np.uint8:
         raise ValueError(f"draw_qc_image: thumbnail must be RGB uint8 (h, w, 3), got {rgb.dtype} {rgb.shape}")
@@ -64,11 +75,12 @@ def draw_qc_image(
             # Pillow needs x1 >= x0; a tile under one output pixel is drawn as a dot.
             draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=1)
 
-    with atomic_path(path) as tmp:
-        # JPEG, not PNG: QC pictures are viewed, not archived. On a 2,048² picture of a tissue-filled 40k slide a
-        # fast PNG took 0.21 s (6.4 MB), 2% of tiling the slide; JPEG q90 takes ~0.02 s (1.4 MB). 4:4:4 keeps the
-        # one-pixel coloured outlines crisp (4:2:0 would smear their colour over neighbours).
-        image.save(tmp, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    out = io.BytesIO()
+    # JPEG, not PNG: QC pictures are viewed, not archived. On a 2,048² picture of a tissue-filled 40k slide a fast
+    # PNG took 0.21 s (6.4 MB), 2% of tiling the slide; JPEG q90 takes ~0.02 s (1.4 MB). 4:4:4 keeps the one-pixel
+    # coloured outlines crisp (4:2:0 would smear their colour over neighbours).
+    image.save(out, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    return out.getvalue()
 
 
 def _as_boxes(boxes: np.ndarray | None, name: str) -> np.ndarray:

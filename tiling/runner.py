@@ -24,10 +24,12 @@ from tiling.errors import DecodeFailuresError, SlideError
 from tiling.inputs import SlideInput
 from tiling.interrupts import InterruptGuard, signals_ignored
 from tiling.outcome import (
-    SlideOutcome, SlideTally, TilingInterrupted, failure_record, provenance, too_many_decode_failures, why_empty,
-    write_qc_image,
+    SlideOutcome, SlideTally, TilingInterrupted, failure_record, provenance, qc_image_inputs, too_many_decode_failures,
+    why_empty,
 )
 from tiling.pool import SpillingProcessPool
+from tiling.qc_image import qc_image_jpeg
+from tiling.store import qc_image_key
 from tiling.store_write import SlideWriter, TileStoreWriter
 from tiling.worker import BlockResult, SlidePlan, close_readers, fingerprint, plan_slide, tile_block
 
@@ -208,6 +210,9 @@ class _TilingRun:
 
     def _on_done(self, fut: cf.Future) -> None:
         kind, sid, index = self.futures.pop(fut)
+        if kind == "qc":
+            self._on_qc_image(sid, fut)
+            return
         if sid in self.outcomes:  # the slide already failed; drop its remaining blocks
             return
         exc = fut.exception()
@@ -282,11 +287,24 @@ class _TilingRun:
                 rejected=rejected, n_decode_failures=tally.n_decode_failures,
                 seconds=time.perf_counter() - job.started, reason=empty_reason, warnings=list(plan.thumbnail_notes))
         if self.cfg.qc_images:
-            try:
-                write_qc_image(self.store, plan, tally)
-            except Exception as exc:  # noqa: BLE001 - a QC picture is not worth losing the slide for
-                self.emit("warning", {"slide_id": sid, "message": f"QC image not written: {exc}"})
+            # Drawn by a worker, overlapping other slides' tiles (a small slide's picture costs as much as ~100 of
+            # its tiles); written here when it comes back. workers=1 draws it inline, as before.
+            fut = self.executor.submit(qc_image_jpeg, **qc_image_inputs(plan, tally))
+            self.futures[fut] = ("qc", sid, -1)
+            if fut.done():
+                self._on_done(fut)
         self.emit("slide_end", {"slide_id": sid, "status": status, "n_tiles": tally.n_tiles})
+
+    def _on_qc_image(self, sid: str, fut: cf.Future) -> None:
+        exc = fut.exception()
+        if isinstance(exc, BrokenProcessPool):
+            raise exc
+        try:
+            if exc is not None:
+                raise exc
+            self.store.write_file(qc_image_key(sid), fut.result())
+        except Exception as err:  # noqa: BLE001 - a QC picture is not worth losing the slide for
+            self.emit("warning", {"slide_id": sid, "message": f"QC image not written: {err}"})
 
     def _fail(self, slide_id: str, exc: BaseException) -> None:
         slide = self.by_id[slide_id]

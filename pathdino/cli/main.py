@@ -16,7 +16,7 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL, SLIDE_EMBED
+from pathdino.cli.options import EMBED, EVAL, EXPORT, MIL, SLIDE_EMBED, SLIDE_MIL, SLIDE_ONLY_FLAGS, mil_defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pathdino: slide folders → Zarr tile stores → DINOv2 pretraining → tile encoders → "
@@ -335,7 +335,7 @@ def eval_(
     raise typer.Exit(code)
 
 
-@app.command(cls=_defaults_from(MIL.defaults))
+@app.command(cls=_defaults_from(mil_defaults))
 def mil(
     ctx: typer.Context,
     *,
@@ -353,12 +353,37 @@ def mil(
     device: Optional[str] = typer.Option(None, help="cpu | cuda."),
     skip_missing: bool = typer.Option(False, help="Drop labelled slides without embeddings instead of failing."),
     seed: Optional[int] = typer.Option(None, help="Seed of the model, slide order and the drawn split."),
+    slide_encoder: Optional[str] = typer.Option(None, "--slide-encoder", show_default="none: ABMIL",
+                                                help="A slide-encoder folder: fine-tune it with a linear head "
+                                                     "(GigaPath's recipe; --max-epochs, --lr then default to 5, "
+                                                     "2.5e-4) instead of ABMIL."),
+    linear_probe: bool = typer.Option(False, "--linear-probe", help="With --slide-encoder: a logistic regression "
+                                                                    "on its frozen slide vectors, no fine-tuning."),
+    layer_decay: Optional[float] = typer.Option(None, help="With --slide-encoder: lr multiplier per layer from "
+                                                           "the top down."),
+    accumulate_slides: Optional[int] = typer.Option(None, help="With --slide-encoder: slides per optimizer step."),
+    max_tiles: Optional[int] = typer.Option(None, help="With --slide-encoder: train on a random contiguous run of "
+                                                       "this many tiles per slide."),
+    slide_vector: Optional[str] = typer.Option(None, help="With --slide-encoder: cls | mean (of the contextualised "
+                                                          "tiles)."),
 ) -> None:
-    """Train and evaluate a gated-attention MIL (ABMIL) slide classifier on slide embeddings."""
-    from pathdino.cli.use import mil_command
-
+    """Train and evaluate a slide classifier: ABMIL on tile embeddings, or a fine-tuned / probed slide encoder."""
     try:
-        code = mil_command(labels_csv, embeddings, MIL.build(ctx.params, command="mil"), out=out, feature=feature)
+        if slide_encoder is None:
+            given = [f"--{f.replace('_', '-')}" for f in SLIDE_ONLY_FLAGS if ctx.params.get(f)]
+            if given:
+                from tiling.configio import ConfigError
+
+                raise ConfigError(f"pathdino mil: {', '.join(given)} only apply with --slide-encoder DIR")
+            from pathdino.cli.use import mil_command
+
+            code = mil_command(labels_csv, embeddings, MIL.build(ctx.params, command="mil"), out=out,
+                               feature=feature)
+        else:
+            from pathdino.cli.slide import slide_mil_command
+
+            code = slide_mil_command(labels_csv, embeddings, slide_encoder, out=out, force=False,
+                                     config=SLIDE_MIL.build(ctx.params, command="mil --slide-encoder"))
     except _project_error() as exc:
         _fail(str(exc))
     raise typer.Exit(code)

@@ -84,6 +84,12 @@ def _slide_embed_options() -> type:
     return SlideEmbedOptions
 
 
+def _slide_mil_config() -> type:
+    from pathdino.mil.slide_encoder import SlideMILConfig
+
+    return SlideMILConfig
+
+
 def _mil_config() -> type:
     from pathdino.mil import MILConfig
 
@@ -130,3 +136,18 @@ SLIDE_EMBED = Flags(
     shown={"tiles": "off: slide vectors only", "shard": "RANK/WORLD_SIZE under a launcher, else all slides",
            "slides": "every complete slide", "device": "cuda when available, else cpu",
            "no_progress": "off: a bar on terminals"})
+
+# `pathdino mil --slide-encoder DIR`: the shared flags (--max-epochs, --lr, ...) fill SlideMILConfig instead
+SLIDE_MIL = Flags(
+    _slide_mil_config,
+    {"max_epochs": "max_epochs", "lr": "lr", "device": "device", "skip_missing": "skip_missing_slides",
+     "seed": "seed", "linear_probe": "linear_probe", "layer_decay": "layer_decay",
+     "accumulate_slides": "accumulate_slides", "max_tiles": "max_tiles", "slide_vector": "vector"},
+    shown={"max_tiles": "none: every tile"})
+SLIDE_ONLY_FLAGS = ("linear_probe", "layer_decay", "accumulate_slides", "max_tiles", "slide_vector")
+
+
+def mil_defaults() -> dict[str, str]:
+    """`pathdino mil` help: ABMIL's defaults, and SlideMILConfig's for the flags only --slide-encoder uses."""
+    slide = SLIDE_MIL.defaults()
+    return {**MIL.defaults(), **{flag: slide[flag] for flag in SLIDE_ONLY_FLAGS}}

@@ -9,9 +9,43 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from pathdino.mil.slide_encoder import SlideMILConfig
     from pathdino.slide.slide_embed import SlideEmbedOptions
 
 console = Console(highlight=False, soft_wrap=True)
+
+
+def _step_px(store):
+    def step_px(slide_id: str) -> float | None:
+        attrs = store.slide_attrs(slide_id).get("slide", {})
+        step = attrs.get("level0_step_px") or attrs.get("level0_tile_px")
+        return float(step) if step else None
+
+    return step_px
+
+
+def slide_mil_command(labels_csv: str, embeddings: str, slide_encoder: str, *, out: str, force: bool,
+                      config: SlideMILConfig) -> int:
+    import math
+
+    from pathdino.embed import EmbeddingStore
+    from pathdino.mil.slide_encoder import train_slide_mil
+    from pathdino.slide import check_tile_encoder, load_slide_encoder
+
+    store = EmbeddingStore(embeddings)
+    model = load_slide_encoder(slide_encoder, device=config.device)
+    if len(store):
+        feature_dim = int(store[store.slide_ids[0]][0].shape[1])
+        check_tile_encoder(model.info, store.encoder, feature_dim=feature_dim, where=str(embeddings), force=force)
+    result = train_slide_mil(labels_csv, store, out, encoder=model, step_px=_step_px(store), config=config)
+    what = "linear probe on frozen slide vectors" if config.linear_probe else (
+        f"fine-tuned slide encoder + head: best epoch {result.best_epoch} of {result.epochs_run}")
+    console.print(f"{what}; outputs in {result.out_dir}")
+    for split, metrics in result.metrics.items():
+        auc = metrics.get("auc")
+        auc_text = "n/a" if auc is None or math.isnan(auc) else f"{auc:.3f}"
+        console.print(f"  {split}: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {auc_text}")
+    return 0
 
 
 def slide_embed_command(embeddings: str, slide_encoder: str, out: str, *, options: SlideEmbedOptions) -> int:
@@ -38,11 +72,7 @@ def slide_embed_command(embeddings: str, slide_encoder: str, out: str, *, option
         console.print(f"[yellow]--force:[/yellow] tile-encoder mismatch accepted: {issue}")
     sizes = {sid: int(store.meta["slides"][sid].get("n_tiles", 0)) for sid in store.slide_ids}
 
-    def step_px(slide_id: str) -> float | None:
-        attrs = store.slide_attrs(slide_id).get("slide", {})
-        step = attrs.get("level0_step_px") or attrs.get("level0_tile_px")
-        return float(step) if step else None
-
+    step_px = _step_px(store)
     source = {"embeddings": str(store.path), "tile_encoder": store.encoder, "mismatches_forced": issues}
     report = slide_embed(model, store, out=out, step_px=step_px, sizes=sizes, source=source, options=options)
     where = f"shard {report.shard[0]}/{report.shard[1]}: " if report.shard[1] > 1 else ""

@@ -24,7 +24,9 @@ from tiling.errors import MissingFileError, PathdinoError
 log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("teacher", "model", "state_dict", "module")
-_PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "backbone.", "module.", "encoder.")
+# "backbone.backbone.": a pathdino checkpoint's teacher.safetensors / student.safetensors (SSLModel -> MaskedViT).
+_PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "backbone.backbone.", "backbone.",
+             "module.", "encoder.")
 _DINOV2_ONLY = ("mask_token",)
 
 

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pathdino.slide.attention_xformers import xformers_group, xformers_importable
+
 DEFAULT_SCORE_BUDGET = 1 << 25  # attention scores held at once per chunk: 128 MiB in fp32
 
 
@@ -174,19 +176,24 @@ def _attend_chunked(q, k, v, *, valid, scale: float, score_budget: int) -> tuple
 
 
 def _branch(q: Tensor, k: Tensor, v: Tensor, *, groups: Sequence[SegmentGroup], scale: float,
-            score_budget: int) -> tuple[Tensor, Tensor]:
+            score_budget: int, backend: str = "torch") -> tuple[Tensor, Tensor]:
     """One (w, r) branch: output [N, H, d] and log-sum-exp [N, H] (-inf where a head skips a token)."""
     n_tokens, heads, dim = q.shape
     rows, cols, values, lses = [], [], [], []
     for group in groups:
+        members = group.index[group.valid]  # [M]
+        rows.append(members[:, None].expand(-1, group.heads.numel()))
+        cols.append(group.heads[None, :].expand(members.numel(), -1))
+        if backend == "xformers":
+            out, lse = xformers_group(q, k, v, group=group, scale=scale)
+            values.append(out)
+            lses.append(lse.to(_wide(q).dtype))
+            continue
         all_heads = group.heads.numel() == heads
         qh, kh, vh = ((t if all_heads else t.index_select(1, group.heads))[group.index].permute(0, 2, 1, 3)
                       for t in (q, k, v))
         valid = None if bool(group.valid.all()) else group.valid
         out, lse = _attend_chunked(qh, kh, vh, valid=valid, scale=scale, score_budget=score_budget)
-        members = group.index[group.valid]  # [M]
-        rows.append(members[:, None].expand(-1, group.heads.numel()))
-        cols.append(group.heads[None, :].expand(members.numel(), -1))
         values.append(out.permute(0, 2, 1, 3)[group.valid])  # [M, Hg, d]
         lses.append(lse.permute(0, 2, 1)[group.valid])  # [M, Hg]
     index = (torch.cat([r.reshape(-1) for r in rows]), torch.cat([c.reshape(-1) for c in cols]))
@@ -194,6 +201,19 @@ def _branch(q: Tensor, k: Tensor, v: Tensor, *, groups: Sequence[SegmentGroup], 
     lse = torch.full((n_tokens, heads), float("-inf"), device=q.device, dtype=_wide(q).dtype).index_put(
         index, torch.cat([x.reshape(-1) for x in lses]))
     return out, lse
+
+
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """"torch" or "xformers" for a requested backend and where the tensors are."""
+    if backend not in ("torch", "xformers", "auto"):
+        raise ValueError(f"attention backend {backend!r}: expected torch, xformers or auto")
+    if backend == "torch":
+        return "torch"
+    usable = q.device.type == "cuda" and xformers_importable()
+    if backend == "xformers" and not usable:
+        raise ValueError("attention backend 'xformers' needs xformers installed (pip install -e '.[xformers]') and "
+                         "the model on a GPU")
+    return "xformers" if usable else "torch"
 
 
 def _cls_attention(q_cls: Tensor, k: Tensor, v: Tensor, *, k_cls: Tensor, v_cls: Tensor, layout: PackedLayout,
@@ -209,8 +229,12 @@ def _cls_attention(q_cls: Tensor, k: Tensor, v: Tensor, *, k_cls: Tensor, v_cls:
 
 
 def dilated_attention(qkv: tuple[Tensor, Tensor, Tensor], cls_qkv: tuple[Tensor, Tensor, Tensor],
-                      layout: PackedLayout, *, score_budget: int = DEFAULT_SCORE_BUDGET) -> tuple[Tensor, Tensor]:
+                      layout: PackedLayout, *, score_budget: int = DEFAULT_SCORE_BUDGET,
+                      backend: str = "torch") -> tuple[Tensor, Tensor]:
     """LongNet attention of packed tiles (q, k, v, each [N, H, d]) and their slides' CLS tokens (each [B, H, d]).
+
+    ``backend``: "torch" (CPU flash kernel / chunked matmuls), "xformers" (GPU, attention_xformers.py) or "auto"
+    (xformers when importable and q is on a GPU, else torch).
 
     Returns (tile outputs [N, H, d], CLS outputs [B, H, d]).
     """
@@ -222,7 +246,8 @@ def dilated_attention(qkv: tuple[Tensor, Tensor, Tensor], cls_qkv: tuple[Tensor,
     lse_total = _wide((q * k_own).sum(-1)) * scale
     out_total = v_own
     for groups in layout.branches:
-        out, lse = _branch(q, k, v, groups=groups, scale=scale, score_budget=score_budget)
+        out, lse = _branch(q, k, v, groups=groups, scale=scale, score_budget=score_budget,
+                           backend=resolve_backend(backend, q))
         merged = torch.logaddexp(lse_total, lse)
         out_total = (out_total * torch.exp(lse_total - merged)[..., None].to(q.dtype)
                      + out * torch.exp(lse - merged)[..., None].to(q.dtype))
@@ -234,9 +259,10 @@ class DilatedAttention(nn.Module):
     """Multi-head LongNet self-attention over packed slides (tiles [N, D]) and their CLS tokens ([B, D])."""
 
     def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 score_budget: int = DEFAULT_SCORE_BUDGET):
+                 score_budget: int = DEFAULT_SCORE_BUDGET, backend: str = "torch"):
         super().__init__()
         self.num_heads = num_heads
+        self.backend = backend
         self.score_budget = score_budget
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -248,6 +274,6 @@ class DilatedAttention(nn.Module):
         q, k, v = qkv.unbind(1)
         out, out_cls = dilated_attention((q[:n_tiles], k[:n_tiles], v[:n_tiles]),
                                          (q[n_tiles:], k[n_tiles:], v[n_tiles:]), layout,
-                                         score_budget=self.score_budget)
+                                         score_budget=self.score_budget, backend=self.backend)
         out = self.proj_drop(self.proj(torch.cat([out, out_cls]).reshape(-1, dim)))
         return out[:n_tiles], out[n_tiles:]

@@ -24,12 +24,13 @@ class SlideEncoderOutput:
 class SlideBlock(nn.Module):
     """Pre-norm transformer block: x + DilatedAttention(LN(x)), x + MLP(LN(x)), for tiles and CLS together."""
 
-    def __init__(self, cfg: SlideEncoderConfig, *, drop_path: float = 0.0, score_budget: int = DEFAULT_SCORE_BUDGET):
+    def __init__(self, cfg: SlideEncoderConfig, *, drop_path: float = 0.0, score_budget: int = DEFAULT_SCORE_BUDGET,
+                 attention_backend: str = "torch"):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.attn = DilatedAttention(dim, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout,
-                                     score_budget=score_budget)
+                                     score_budget=score_budget, backend=attention_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(dim, hidden_features=int(dim * cfg.mlp_ratio), drop=cfg.dropout)
@@ -52,14 +53,15 @@ class SlideEncoder(nn.Module):
     """
 
     def __init__(self, cfg: SlideEncoderConfig, *, grad_checkpointing: bool = False,
-                 score_budget: int = DEFAULT_SCORE_BUDGET):
+                 score_budget: int = DEFAULT_SCORE_BUDGET, attention_backend: str = "torch"):
         super().__init__()
         self.cfg = cfg
         self.grad_checkpointing = grad_checkpointing
         self.proj = nn.Linear(cfg.in_dim, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(cfg.embed_dim))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
-        self.blocks = nn.ModuleList(SlideBlock(cfg, drop_path=rate, score_budget=score_budget) for rate in rates)
+        self.blocks = nn.ModuleList(SlideBlock(cfg, drop_path=rate, score_budget=score_budget,
+                                               attention_backend=attention_backend) for rate in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.reset_parameters()
 

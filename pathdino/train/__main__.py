@@ -5,9 +5,10 @@
     python -m pathdino.train --config ... --resume runs/x/checkpoints/step_000010000
     python -m pathdino.train --config ... --check                  # validate config and stores, then exit
 
-Exit codes: 0 done (or stopped by stop_at_step / a signal, with a checkpoint), 2 an error the user can fix (a
-``PathdinoError``: config, stores, checkpoint, launch), 3 too many non-finite steps in a row, 1 anything else (a
-bug: its traceback is printed). Every process ends through ``exit_process`` (see distributed.py).
+Exit codes: 0 done (or stopped by stop_at_step / a signal, with a checkpoint; or --resume of a finished run), 2 an
+error the user can fix (a ``PathdinoError``: config, stores, checkpoint, launch), 3 too many non-finite steps in a
+row, 130 a second Ctrl-C (stopped mid-step; the last checkpoint is kept), 1 anything else (a bug: its traceback is
+printed). Every process ends through ``exit_process`` (see distributed.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathdino.train.validate import validate_config
     from tiling.errors import PathdinoError
 
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
@@ -49,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         resume = True if args.resume == "latest" else args.resume
         if resume and _already_finished(cfg, resume):
             return 0
-        train(cfg, resume=resume)
+        summary = train(cfg, resume=resume)
+        if summary.get("stopped_early"):
+            _say_how_to_resume(cfg, "stopped by a signal")
         return 0
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, the last checkpoint is what is kept
+        _say_how_to_resume(cfg, "interrupted")
+        return 130
     except NonFiniteError as exc:
         print(f"pathdino.train: {exc}", file=sys.stderr)
         return 3
@@ -60,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - report, then exit non-zero so the launcher stops the other processes
         traceback.print_exc()
         return 1
+
+
+def _say_how_to_resume(cfg, what: str) -> None:
+    """One line: what was kept (the newest checkpoint) and how to continue; from the main process only."""
+    import os
+
+    from pathdino.train.checkpoint import list_checkpoints
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    found = list_checkpoints(cfg.train.output_dir) if cfg is not None else []
+    kept = (f"last checkpoint step {found[-1][0]} ({found[-1][1]}); rerun the same command with --resume to "
+            "continue from it") if found else "no checkpoint was written yet; rerun the same command to start again"
+    print(f"pathdino.train: {what}: {kept}", file=sys.stderr, flush=True)
 
 
 def _already_finished(cfg, resume: bool | str) -> bool:

@@ -77,19 +77,26 @@ def _glibc() -> Any:
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (cluster preemption) set ``requested``: the loop finishes the step, checkpoints, stops.
+    """SIGTERM / SIGUSR1 (cluster preemption) and a first Ctrl-C (SIGINT) set ``requested``: the loop finishes the
+    step, checkpoints, stops. A second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint stays).
 
     A context manager: the handlers are installed on entry (from the main thread only; elsewhere none are and
     ``requested`` stays False) and the previous ones restored on exit.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002 - the signal module's signature
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":
+                print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                      file=sys.stderr, flush=True)
         self.requested = True
 
     def __enter__(self) -> StopSignals:
