@@ -21,6 +21,7 @@ Prints, in ONE run (name the CPU with the figures; compare only within a run):
 
     python benchmarks/archive.py [--slides 10000] [--checkpoints 1000,10000] [--folder-slides 200]
         [--folder-scale 1.0] [--baseline-pythonpath DIR] [--skip-store] [--skip-requests] [--skip-folder] [--keep DIR]
+        [--reuse]   (measure the stores a previous --keep run left, without writing them again)
 """
 
 from __future__ import annotations
@@ -203,6 +204,49 @@ def store_checkpoint(n: int, store: Path, folders: list[Path], commit_s: list[fl
     return rows
 
 
+def reuse_store_scale(work: Path, checkpoints: list[int]) -> Path:
+    """Measure stores an earlier run of this script left in `work` (--keep): commands first, then 100 more commits
+    into each store and one explicit fold (the store grows by 100 slides)."""
+    import resource
+
+    from tiling.store_write import TileStoreWriter
+
+    stores = {checkpoints[0]: work / "archive-1000.zarr", checkpoints[-1]: work / "archive.zarr"}
+    folders = sorted(work.glob("slides-*"))
+    template = provenance_template(work, next(folders[0].glob("*.tif")))
+    tiles = sample_tiles(TILES_PER_SLIDE)
+    results = {}
+    for k, (n, store) in enumerate(stores.items()):
+        rows = store_checkpoint(n, store, folders[:k + 1], [float("nan")], float("nan"))
+        extra = work / f"extra-{n}"
+        extra.mkdir(exist_ok=True)
+        paths = []
+        for i, src in enumerate(sorted(folders[0].glob("*.tif"))[:100]):
+            dst = extra / f"extra-{n}-{i:03d}.tif"
+            if not dst.exists():
+                shutil.copy(src, dst)
+            paths.append(dst)
+        writer = TileStoreWriter(store)
+        commit_s = commit_slides(writer, paths, template, tiles)
+        t0 = time.perf_counter()
+        writer.fold_index()
+        fold_s = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        rows[0] = ("commit (mean of 100; slowest) / fold of the journal", f"{1e3 * np.mean(commit_s):.1f} ms; "
+                   f"{1e3 * max(commit_s):.0f} ms / {fold_s:.2f} s", f"{rss:.2f}")
+        results[n] = rows
+    _print_store_table(results, checkpoints)
+    return stores[checkpoints[0]]
+
+
+def _print_store_table(results: dict, checkpoints: list[int]) -> None:
+    print(f"\n| measure ({TILES_PER_SLIDE} tiles/slide) | " + " | ".join(f"{n:,} slides: time | peak RSS GiB"
+                                                                      for n in results) + " |")
+    print("|---|" + "---|---|" * len(results))
+    for i, row in enumerate(results[checkpoints[0]]):
+        print(f"| {row[0]} | " + " | ".join(f"{results[n][i][1]} | {results[n][i][2]}" for n in results) + " |")
+
+
 def run_store_scale(work: Path, n_slides: int, checkpoints: list[int]) -> Path:
     import resource
 
@@ -231,11 +275,7 @@ def run_store_scale(work: Path, n_slides: int, checkpoints: list[int]) -> Path:
         results[stop] = store_checkpoint(stop, store, folders[:k + 1], commit_s, rss)
         if stop == 1000 or (k == 0 and stop < 1000):
             shutil.copytree(store, work / "archive-1000.zarr", dirs_exist_ok=True)
-    print(f"\n| measure ({TILES_PER_SLIDE} tiles/slide) | " + " | ".join(f"{n:,} slides: time | peak RSS GiB"
-                                                                     for n in results) + " |")
-    print("|---|" + "---|---|" * len(results))
-    for i, row in enumerate(results[checkpoints[0]]):
-        print(f"| {row[0]} | " + " | ".join(f"{results[n][i][1]} | {results[n][i][2]}" for n in results) + " |")
+    _print_store_table(results, checkpoints)
     return work / "archive-1000.zarr"
 
 
@@ -448,6 +488,7 @@ def main() -> None:
     parser.add_argument("--folder-scale", type=float, default=1.0, help="tiles per small slide x this")
     parser.add_argument("--baseline-pythonpath", default=None, help="another checkout to run next to this one")
     parser.add_argument("--skip-store", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="measure the stores a --keep run left in --keep")
     parser.add_argument("--skip-requests", action="store_true")
     parser.add_argument("--skip-folder", action="store_true")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
@@ -458,7 +499,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         small_store = None
-        if not args.skip_store:
+        if args.reuse and not args.skip_store:
+            small_store = reuse_store_scale(work, checkpoints)
+        elif not args.skip_store:
             small_store = run_store_scale(work, args.slides, checkpoints)
         if not args.skip_requests and small_store is not None:
             count_requests(small_store)

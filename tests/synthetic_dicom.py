@@ -49,10 +49,18 @@ def write_dicom(path: Path, series_uid: str, *, image_type: str = "VOLUME", widt
 
 
 def write_dicom_wsi(path: Path, image: np.ndarray, *, series_uid: str | None = None, mpp: float = 0.5,
-                    tile_px: int = 256) -> Path:
-    """A one-level, uncompressed TILED_FULL whole-slide image of `image` (h, w, 3) that OpenSlide opens."""
+                    tile_px: int = 256, study_uid: str | None = None, frame_of_reference_uid: str | None = None,
+                    container: str | None = None) -> Path:
+    """A one-level, uncompressed TILED_FULL whole-slide image of `image` (h, w, 3) that OpenSlide opens.
+
+    Several levels of one slide: one file per level, all with the same ``series_uid``, ``study_uid``,
+    ``frame_of_reference_uid`` and ``container`` (a level at twice the ``mpp`` is half the size)."""
     height, width, _ = image.shape
     ds = _dataset(series_uid or generate_uid(), WSI, "SM", "VOLUME")
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    if frame_of_reference_uid:
+        ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.Rows = ds.Columns = tile_px
     ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = width, height
     ds.DimensionOrganizationType = "TILED_FULL"
@@ -67,7 +75,7 @@ def write_dicom_wsi(path: Path, image: np.ndarray, *, series_uid: str | None = N
     optical_path = pydicom.Dataset()
     optical_path.OpticalPathIdentifier = "1"
     ds.OpticalPathSequence = Sequence([optical_path])
-    ds.ContainerIdentifier = path.stem
+    ds.ContainerIdentifier = container or path.stem
     rows, cols = -(-height // tile_px), -(-width // tile_px)
     padded = np.full((rows * tile_px, cols * tile_px, 3), 255, np.uint8)
     padded[:height, :width] = image

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from pathdino.embed import h5_dir, work_files
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SLIDE = REPO / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
 TILE_PX = 56
@@ -79,7 +81,7 @@ def test_round_trip_zarr_and_h5(store, encoder, tmp_path):
     assert report.n_tiles == 2 * len(coords)
 
     # The h5 layout CLAM / TRIDENT read: features [N, D] float32, coords [N, 2] level-0 with patch attributes.
-    with h5py.File(out / "h5" / "slide-a.h5", "r") as h5:
+    with h5py.File(h5_dir(out) / "slide-a.h5", "r") as h5:
         assert h5["features"].dtype == np.float32 and h5["features"].shape == (len(coords), 64)
         np.testing.assert_array_equal(h5["coords"][:], coords)
         np.testing.assert_allclose(h5["features"][:], cls_ref, atol=1e-5)
@@ -87,7 +89,7 @@ def test_round_trip_zarr_and_h5(store, encoder, tmp_path):
         assert a["patch_size"] == TILE_PX and a["patch_size_level0"] == TILE_PX and a["patch_level"] == 0
         assert a["mpp"] == pytest.approx(0.499) and a["target_mpp"] == pytest.approx(0.5)
         assert h5.attrs["slide_id"] == "slide-a" and h5["mean_patch_features"].shape == (len(coords), 64)
-    feats_h5, coords_h5 = H5FeatureReader(out / "h5")("slide-b")
+    feats_h5, coords_h5 = H5FeatureReader(h5_dir(out))("slide-b")
     assert feats_h5.shape == (len(coords), 64) and coords_h5.shape == (len(coords), 2)
 
 
@@ -120,20 +122,20 @@ def test_interrupted_run_resumes_and_skips_complete_slides(store, encoder, tmp_p
     monkeypatch.undo()
     assert EmbeddingStore(out).slide_ids == ["slide-a"]  # only the finished slide is visible
     # Leftovers of a killed process: a staging folder of a dead pid and a temporary h5.
-    (out / ".staging" / "slide-b.999999999.deadbeef").mkdir(parents=True)
+    (work_files(out).staging / "slide-b.999999999.deadbeef").mkdir(parents=True)
     done_file = next((out / "slides" / "slide-a" / "cls").rglob("c/*/*"))
     stamp = done_file.stat().st_mtime_ns
 
     report = embed_store(store, encoder, out, _options(formats=("h5",)))
     assert report.skipped == ("slide-a",) and report.embedded == ("slide-b",)
     assert done_file.stat().st_mtime_ns == stamp  # the complete slide was not rewritten
-    assert not (out / ".staging" / "slide-b.999999999.deadbeef").exists()
+    assert not (work_files(out).staging / "slide-b.999999999.deadbeef").exists()
     np.testing.assert_allclose(EmbeddingStore(out)["slide-b"][0], _reference(store, encoder, "slide-b")[0],
                                atol=1e-5)
     # A complete slide whose h5 went missing gets it back from the store, without recomputing.
-    (out / "h5" / "slide-a.h5").unlink()
+    (h5_dir(out) / "slide-a.h5").unlink()
     again = embed_store(store, encoder, out, _options(formats=("h5",)))
-    assert again.embedded == () and again.n_tiles == 0 and (out / "h5" / "slide-a.h5").is_file()
+    assert again.embedded == () and again.n_tiles == 0 and (h5_dir(out) / "slide-a.h5").is_file()
     # Asking for a feature the complete slides lack recomputes them.
     more = embed_store(store, encoder, out, _options(mean_patch=True, slides=("slide-a",)))
     assert more.embedded == ("slide-a",)
@@ -172,7 +174,7 @@ def test_cli_embed_then_mil_on_h5(store, encoder, tmp_path):
     result = _cli(["embed", store, "--encoder", str(encoder), "--out", str(out), "--format", "h5", "-j", "0",
                    "--no-progress", "--slides", "slide-a"])
     assert result.exit_code == 0, result.output
-    assert "embedded 1 slide(s)" in result.output and (out / "h5" / "slide-a.h5").is_file()
+    assert "embedded 1 slide(s)" in result.output and (h5_dir(out) / "slide-a.h5").is_file()
     bad = _cli(["embed", store, "--encoder", str(tmp_path / "missing"), "--out", str(out)])
     assert bad.exit_code == 2 and "missing" in bad.output
 
@@ -272,6 +274,54 @@ def test_mil_uses_the_encoders_tile_embedding_by_default(store, encoder, tmp_pat
                  "-j", "0", "--no-progress", "--slides", "slide-a"]).exit_code == 0
     source = _feature_source(out, "features")
     assert isinstance(source, EmbeddingStore) and source.feature == "features"
-    assert isinstance(_feature_source(out / "h5", "features"), H5FeatureReader)
+    assert isinstance(_feature_source(h5_dir(out), "features"), H5FeatureReader)
     with pytest.raises(ValueError, match="leave --feature out"):
-        _feature_source(out / "h5", "cls")
+        _feature_source(h5_dir(out), "cls")
+
+
+def _walk_with_plain_zarr(out: Path, *, warnings_as_errors: bool = True) -> tuple[list[str], list[str]]:
+    """Every array of the store found by plain zarr walking the whole hierarchy, and the warnings it gave (zarr
+    warns about every object inside the folder that is not part of the hierarchy): errors by default."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings(record=not warnings_as_errors) as caught:
+        warnings.simplefilter("error" if warnings_as_errors else "always")
+        root = zarr.open_group(str(out), mode="r")
+        arrays = sorted(name for name, member in root.members(max_depth=None) if isinstance(member, zarr.Array))
+    return arrays, [str(w.message) for w in caught or []]
+
+
+def test_embeddings_store_opens_clean_in_plain_zarr(store, encoder, tmp_path):
+    from pathdino.embed import embed_store, read_commits
+
+    out = tmp_path / "emb"
+    embed_store(store, encoder, out, _options(formats=("zarr", "h5")))
+    arrays, _ = _walk_with_plain_zarr(out)
+    assert arrays == [f"slides/{s}/{a}" for s in ("slide-a", "slide-b") for a in ("cls", "coords")]
+    work = work_files(out)
+    assert work.root == tmp_path / "emb.pathdino" and not work.legacy  # the work files are beside the store
+    assert (work.h5 / "slide-a.h5").is_file() and work.lock.is_file() and len(read_commits(out)) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["slides", "zarr.json"]
+
+
+def test_a_store_of_the_old_layout_keeps_its_work_files_inside(store, encoder, tmp_path):
+    """Stores written before the work files moved beside them: their journal, h5 files and resume state are found
+    inside, and a rerun adds nothing beside them."""
+    from pathdino.embed import embed_store, read_commits
+
+    out = tmp_path / "emb"
+    embed_store(store, encoder, out, _options(formats=("zarr", "h5")))
+    beside = work_files(out).root
+    for new, old in (("lock", ".pathdino.lock"), ("commits.jsonl", "commits.jsonl"), ("h5", "h5")):
+        shutil.move(beside / new, out / old)
+    shutil.rmtree(beside)
+    work = work_files(out)
+    assert work.legacy and h5_dir(out) == out / "h5" and len(read_commits(out)) == 2
+    (out / "h5" / "slide-b.h5").unlink()
+    again = embed_store(store, encoder, out, _options(formats=("zarr", "h5")))
+    assert again.skipped == ("slide-a", "slide-b") and again.n_tiles == 0
+    assert (out / "h5" / "slide-b.h5").is_file() and not beside.exists()
+    _, warned = _walk_with_plain_zarr(out, warnings_as_errors=False)
+    assert len(warned) >= 3, warned  # what the old layout did to plain zarr (lock, journal, h5)

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from pathdino.embed import h5_dir
+
 sys.path.insert(0, str(Path(__file__).parent))
 from embed_fixtures import TILE_PX, make_store  # noqa: E402
 
@@ -94,7 +96,7 @@ def test_uni_pytorch_bin_folder(stores, tmp_path):
     np.testing.assert_allclose(emb["s1"][0], _expected(model, stores[0.5], "s1", 224, IMAGENET, "cls"), atol=1e-4)
 
     # The h5 is what TRIDENT / CLAM read: features [N, D], coords [N, 2] with TRIDENT's attributes on coords.
-    with h5py.File(tmp_path / "emb" / "h5" / "s1.h5", "r") as h5:
+    with h5py.File(h5_dir(tmp_path / "emb") / "s1.h5", "r") as h5:
         assert set(h5.keys()) >= {"features", "coords"} and h5["features"].shape == (20, 64)
         a = h5["coords"].attrs
         assert a["patch_size"] == TILE_PX and a["patch_size_level0"] == TILE_PX and a["name"] == "s1"
@@ -136,7 +138,7 @@ def test_virchow2_safetensors_folder_concatenates_cls_and_mean_patch(stores, tmp
     feats, _ = emb["s1"]
     assert feats.shape == (20, 128)
     np.testing.assert_allclose(feats, want, atol=1e-4)
-    with h5py.File(tmp_path / "emb-0.5" / "h5" / "s1.h5", "r") as h5:
+    with h5py.File(h5_dir(tmp_path / "emb-0.5") / "s1.h5", "r") as h5:
         np.testing.assert_allclose(h5["features"][:], want, atol=1e-4)
         assert h5.attrs["features"] == "cls+mean_patch"
     tokens, _ = EmbeddingStore(tmp_path / "emb-0.5", feature="patch_tokens")["s1"]

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pathdino.embed import h5_dir, work_files
+
 sys.path.insert(0, str(Path(__file__).parent))
 from embed_fixtures import SLIDE_SIZES, TILE_PX, make_store  # noqa: E402
 
@@ -73,9 +75,10 @@ def _check_complete(out: Path, reference) -> list[dict]:
         np.testing.assert_array_equal(got_coords, coords)
         np.testing.assert_allclose(got, feats, atol=2e-5, rtol=1e-4)
         assert EmbeddingStore(out, feature="mean_patch")[sid][0].shape == (len(coords), 64)
-        with h5py.File(out / "h5" / f"{sid}.h5", "r") as h5:
+        with h5py.File(h5_dir(out) / f"{sid}.h5", "r") as h5:
             np.testing.assert_allclose(h5["features"][:], feats, atol=2e-5, rtol=1e-4)
-    assert not (out / ".assembly").exists() or not any((out / ".assembly").iterdir())  # nothing left staged
+    assembly = work_files(out).assembly
+    assert not assembly.exists() or not any(assembly.iterdir())  # nothing left staged
     return read_commits(out)
 
 
@@ -133,6 +136,18 @@ def test_accelerate_launch_two_cpu_processes(store, encoder, reference, tmp_path
     assert len(tiles) == 2 and sum(tiles) == sum(SLIDE_SIZES.values()) and min(tiles) > 0
 
 
+def _finished_tiles(out: Path, *, committed: set[str]) -> dict[str, list[tuple[int, int]]]:
+    """The tile ranges a killed run marked finished, per slide not yet committed (the parts' marker files)."""
+    finished: dict[str, list[tuple[int, int]]] = {}
+    for parts in work_files(out).assembly.glob("*.parts"):
+        slide_id = parts.name.rsplit(".", 2)[0]
+        ranges = [tuple(int(v) for v in m.name.split("-")) for m in parts.iterdir()
+                  if re.fullmatch(r"\d{12}-\d{12}", m.name)]
+        if slide_id not in committed and ranges:
+            finished[slide_id] = sorted(ranges)
+    return finished
+
+
 def test_killed_process_resumes_with_another_number_of_processes(store, encoder, reference, tmp_path):
     """kill -9 after the first parts are marked done; a one-process rerun computes only what is missing."""
     from pathdino.embed import EmbeddingStore, EmbedOptions, embed_store
@@ -143,7 +158,7 @@ def test_killed_process_resumes_with_another_number_of_processes(store, encoder,
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(out.glob(".assembly/*.parts/0*"))) >= 2:  # two tile ranges finished and marked
+        if len(list(work_files(out).assembly.glob("*.parts/0*"))) >= 2:  # two tile ranges finished and marked
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the process finished before it could be killed"
@@ -151,14 +166,18 @@ def test_killed_process_resumes_with_another_number_of_processes(store, encoder,
     proc.wait()
     done_before = EmbeddingStore(out).slide_ids if (out / "zarr.json").exists() else []
     assert set(done_before) < set(SLIDE_SIZES)  # killed mid-run: some slides are not listed
-    marked = len(list(out.glob(".assembly/*.parts/0*")))
-    assert marked >= 2
+    finished = _finished_tiles(out, committed=set(done_before))
+    assert finished or done_before  # the killed run left finished work that must not be recomputed
 
     report = embed_store(store, encoder, out, EmbedOptions(num_workers=0, progress=False, batch_size=16,
                                                            part_tiles=PART, mean_patch=True, formats=("h5",),
                                                            shard=(0, 1)))
     total = sum(SLIDE_SIZES.values())
-    assert report.n_tiles <= total - marked * 3  # finished ranges (>= 3 tiles each) were not recomputed
+    # exactly the tiles of what the killed process had not finished: no finished part is recomputed, nothing
+    # unfinished is taken as done
+    recomputed = total - sum(SLIDE_SIZES[s] for s in done_before) - sum(
+        stop - start for sid, ranges in finished.items() if sid not in done_before for start, stop in ranges)
+    assert report.n_tiles == recomputed, (report.n_tiles, recomputed, finished, done_before)
     assert set(report.embedded) | set(done_before) == set(SLIDE_SIZES) and not report.failed
     _check_complete(out, reference)
 

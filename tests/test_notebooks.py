@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pathdino.embed import h5_dir
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 NAMES = ("01_load_tile_encoder", "02_patch_features", "03_slide_embeddings", "04_slide_encoder")
@@ -49,7 +51,7 @@ def test_notebook_runs_on_given_inputs(name, notebook_dir, tmp_path, monkeypatch
     book = _execute(name, notebook_dir, tmp_path, monkeypatch)
     assert _images(book) >= 1  # the figure was drawn
     if name == "03_slide_embeddings":
-        assert (notebook_dir / "embeddings.zarr" / "h5" / "CMU-1-Small-Region.h5").is_file()
+        assert (h5_dir(notebook_dir / "embeddings.zarr") / "CMU-1-Small-Region.h5").is_file()
         assert (notebook_dir / "abmil" / "attention.npz").is_file()
     if name == "04_slide_encoder":
         assert (notebook_dir / "slide_encoder" / "config.json").is_file()

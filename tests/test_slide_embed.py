@@ -14,6 +14,8 @@ from pathdino.embed.store import EmbeddingWriter
 from pathdino.slide import SlideEncoder, SlideEncoderConfig, grid_positions, save_slide_encoder, tile_encoder_identity
 from pathdino.slide.slide_embed import read_slide_embeddings
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: OpenMP barriers cost more than the work
+
 ENCODER = {"dir": "/runs/tile/export", "architecture": "vit_small_patch14_reg4_dinov2", "embed_dim": 12,
            "weights_sha256": "ab" * 32, "recipe": "cls", "tile_px": 224, "target_mpp": 0.5, "known_encoder": None}
 STEP = 448

@@ -14,6 +14,8 @@ from pathdino.slide import attention
 from pathdino.slide.attention import DilatedAttention
 from tiling.configio import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: OpenMP barriers cost more than the work
+
 
 def _qkv(n_tiles, n_slides, heads=4, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -12,6 +12,8 @@ from pathdino.slide import (SlideEncoder, SlideEncoderConfig, SlideEncoderFormat
                             check_tile_encoder, read_slide_encoder_config, save_slide_encoder, tile_encoder_identity)
 from tiling.configio import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: OpenMP barriers cost more than the work
+
 STORE_ENCODER = {"dir": "/runs/tile/export", "architecture": "vit_small_patch14_reg4_dinov2", "embed_dim": 12,
                  "weights_sha256": "ab" * 32, "recipe": "cls", "tile_px": 224, "target_mpp": 0.5,
                  "known_encoder": None}

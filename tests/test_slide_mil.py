@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -14,11 +15,13 @@ from pathdino.embed.store import EmbeddingWriter
 from pathdino.mil.slide_encoder import SlideMILConfig, _SlideClassifier, layer_decay_groups, train_slide_mil
 from pathdino.slide import SlideEncoder, SlideEncoderConfig, save_slide_encoder, tile_encoder_identity
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: OpenMP barriers cost more than the work
+
 ENCODER = {"dir": "/runs/tile/export", "embed_dim": 12, "weights_sha256": "ab" * 32, "recipe": "cls",
            "tile_px": 224, "target_mpp": 0.5}
 
 
-def _cohort(tmp_path, n_slides=12):
+def _cohort(tmp_path, n_slides=8):
     rng = np.random.default_rng(0)
     writer = EmbeddingWriter(tmp_path / "emb", ENCODER, "tiles.zarr", ("cls",))
     rows = ["slide_id,label,split"]
@@ -57,7 +60,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path):
     import pathdino
 
     emb, enc = _cohort(tmp_path)
-    config = SlideMILConfig(max_epochs=6, patience=6, accumulate_slides=2, lr=3e-3, max_tiles=8)
+    config = SlideMILConfig(max_epochs=5, patience=5, accumulate_slides=2, lr=3e-3, max_tiles=8)
     result = train_slide_mil(tmp_path / "labels.csv", EmbeddingStore(emb), tmp_path / "ft",
                              encoder=pathdino.load_slide_encoder(enc), step_px=lambda sid: 448.0, config=config)
     report = json.loads((tmp_path / "ft" / "metrics.json").read_text())
@@ -65,7 +68,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     assert result.metrics["test"]["balanced_accuracy"] == 1.0
     with np.load(tmp_path / "ft" / "predictions.npz") as z:
-        assert z["probabilities"].shape == (12, 2) and list(z["class_names"]) == ["normal", "tumour"]
+        assert z["probabilities"].shape == (8, 2) and list(z["class_names"]) == ["normal", "tumour"]
     assert (tmp_path / "ft" / "slide_mil.safetensors").is_file()
 
 
@@ -75,7 +78,7 @@ def test_cli_linear_probe_and_flag_checks(tmp_path):
                                    str(tmp_path / "probe"), "--slide-encoder", str(enc), "--linear-probe"])
     assert run.exit_code == 0, run.output
     report = json.loads((tmp_path / "probe" / "metrics.json").read_text())
-    assert report["mode"] == "linear_probe" and report["metrics"]["test"]["n"] == 3
+    assert report["mode"] == "linear_probe" and report["metrics"]["test"]["n"] == 2
     stray = CliRunner().invoke(app, ["mil", str(tmp_path / "labels.csv"), "--embeddings", str(emb), "--out",
                                      str(tmp_path / "x"), "--layer-decay", "0.9"])
     assert stray.exit_code == 2 and "--layer-decay only apply with --slide-encoder" in stray.output

@@ -221,3 +221,49 @@ def test_format_1_store_still_opens_and_is_migrated_by_the_next_writer(tmp_path)
     assert store.format_version == 2 and store.slide_ids == ["added", "cmu1"] and list(store.failures) == ["broken"]
     assert store.slide("cmu1").read_encoded(0, 44) == slide.read_encoded(0, 44)
     assert _plain_zarr_slides(url)[0] == ["added", "cmu1"]
+
+
+def test_info_lists_1000_slides_from_the_index(archive):
+    from typer.testing import CliRunner
+
+    from pathdino.cli.main import app
+
+    url, values = archive
+    result = CliRunner().invoke(app, ["info", str(url)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "1000 slide(s) with 1,000 tiles" in " ".join(lines[:3])
+    assert sum(line.startswith("slide-") for line in lines) == N_SLIDES  # every slide, one plain line each
+    assert any(line.startswith("slide-0999 ") and line.endswith("/archive/slide-0999.svs") for line in lines)
+    as_json = json.loads(CliRunner().invoke(app, ["info", str(url), "--json"]).output)
+    assert as_json["n_slides"] == N_SLIDES and as_json["slides"]["slide-0500"]["fingerprint"] == "fp-500"
+
+
+def test_a_reader_racing_a_fold_reads_again(tmp_path):
+    """A reader that read the root document before a fold must not miss the records that fold deleted."""
+    url = tmp_path / "tiles.zarr"
+    writer = TileStoreWriter(url)
+    for i in range(16):
+        _commit(writer, f"s{i:02d}")
+    writer.fold_index()
+    stale = store_index.parse_root(json.loads((url / "zarr.json").read_bytes()))  # read just before ...
+    for i in range(16, 19):  # ... these: the third one folds (2 = 16/8 records were waiting) ...
+        _commit(writer, f"s{i:02d}")
+    _commit(writer, "s19")  # ... and this one waits in the journal
+    assert _journal(url)
+    assert not store_index.apply_journal(stale, store_index.Files(sidecar_url(url), remote=False))
+    assert TileStore(url).slide_ids == [f"s{i:02d}" for i in range(20)]
+
+
+def test_summary_of_a_rerun_over_an_archive_counts_skipped_slides_instead_of_listing_them(capsys):
+    from pathdino.cli.tile import print_summary
+    from tiling.outcome import SlideOutcome
+
+    outcomes = [SlideOutcome(f"old-{i:04d}", f"/a/old-{i}.svs", "skipped", n_tiles=4, already_complete=True)
+                for i in range(N_SLIDES)]
+    outcomes += [SlideOutcome("new-one", "/a/new.svs", "done", n_tiles=7),
+                 SlideOutcome("bad-one", "/a/bad.svs", "failed", reason="SlideOpenError: cannot open")]
+    print_summary(outcomes, 12.0)
+    err = capsys.readouterr().err
+    assert "old-0001" not in err and "new-one" in err and "bad-one" in err and "SlideOpenError" in err
+    assert "1 done" in err and "1000 skipped (already complete)" in err and "1 failed" in err

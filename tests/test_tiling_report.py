@@ -278,3 +278,32 @@ def test_reader_properties_naming_fluorophores_are_refused(monkeypatch, names):
         worker.plan_slide(SlideInput(SAMPLE, "cmu"), cfg)
     shown.update({key: "Brightfield RGB" for key in names})  # the same reader with brightfield channel names
     assert worker.plan_slide(SlideInput(SAMPLE, "cmu"), cfg).slide.slide_id == "cmu"
+
+
+def test_a_multi_file_dicom_series_tiles_like_its_tiff_twin(tmp_path):
+    """Two levels of one DICOM series in two files (level 1: 2x box-downsampled, at 1 µm/px) and the same pyramid
+    as an uncompressed TIFF: tiled at 1 µm/px, both read level 1, and give the same tiles, pixel for pixel."""
+    from pydicom.uid import generate_uid
+
+    from tests.synthetic import box_downsample
+    from tests.synthetic_dicom import write_dicom_wsi
+
+    tissue = _sample_pixels()[:1024, :1024]
+    folder = tmp_path / "in"
+    series = dict(series_uid=generate_uid(), study_uid=generate_uid(), frame_of_reference_uid=generate_uid(),
+                  container="case-7")
+    write_dicom_wsi(folder / "case-7" / "level-0.dcm", tissue, mpp=0.5, tile_px=128, **series)
+    write_dicom_wsi(folder / "case-7" / "level-1.dcm", box_downsample(tissue, 2), mpp=1.0, tile_px=128, **series)
+    write_pyramid(folder / "twin.tif", tissue, downsamples=(1, 2), mpp=0.5, tile=128, compression=None)
+    url = tmp_path / "tiles.zarr"
+    result = _pathdino("tile", str(folder), "--out", str(url), "-j", "1", "--tile-px", "64", "--target-mpp", "1.0")
+    assert result.returncode == 0, result.stderr
+    assert "Found 2 slide(s): 1 dicom, 1 tiff" in result.stderr, result.stderr
+    store = TileStore(url)
+    assert store.slide_ids == ["case-7", "twin"] and store.failures == {}
+    dicom, tiff = store.slide("case-7"), store.slide("twin")
+    assert dicom.n_tiles == tiff.n_tiles > 4
+    np.testing.assert_array_equal(dicom.coords, tiff.coords)
+    for sid in ("case-7", "twin"):  # level 1 was read: from the series' second file for the DICOM
+        assert store.slide_attrs(sid)["read_level"] == 1 and store.slide_attrs(sid)["read_downsample"] == 2.0
+    assert dicom.read_encoded(0, dicom.n_tiles) == tiff.read_encoded(0, tiff.n_tiles)

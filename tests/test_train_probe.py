@@ -174,3 +174,55 @@ def test_probe_embeds_exactly_as_pathdino_eval_does_on_the_exported_teacher(labe
     expected = extract_features(model, transform, records, progress=False).features
     assert got.shape == expected.shape == (28, 48)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def make_separable_folder(root: Path) -> Path:
+    """Two classes any encoder tells apart, even an untrained one: pink (eosin-like) vs dark blue (haematoxylin-like)
+    noise textures, 14 images each."""
+    rng = np.random.default_rng(1)
+    for name, colour in (("pink", (230, 120, 190)), ("blue", (50, 50, 140))):
+        (root / name).mkdir(parents=True)
+        for i in range(14):
+            noise = rng.normal(0, 25, size=(64, 64, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_probe_scores_equal_pathdino_eval_and_are_above_chance(tmp_path):
+    """The probe's kNN scores of a teacher are `pathdino eval`'s kNN scores of that teacher exported, on the same
+    images split the same way (a CSV with the probe's fit images as train, its scored images as test); on classes
+    built to be separable (chance 0.5) both probes score well above chance."""
+    from pathdino.eval.datasets import load_tile_dataset
+    from pathdino.eval.run import EvalOptions, run_eval
+    from pathdino.export import TrainingGeometry, export_backbone, load_encoder
+    from pathdino.models import BackboneConfig, HeadConfig
+    from pathdino.train.model import build_student_teacher
+    from pathdino.train.probe import ProbeConfig, TrainingProbe
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    # LayerScale 1: at DINOv2's 1e-5 an untrained ViT's CLS is the same vector for every image (cosine 0.99999),
+    # which a kNN cannot split; the blocks' full contribution makes the untrained features tell the colours apart.
+    cfg = BackboneConfig(arch="custom", embed_dim=48, depth=2, num_heads=2, patch_size=14, img_size=56,
+                         num_register_tokens=0, drop_path_rate=0.0, layerscale_init=1.0)
+    torch.manual_seed(0)
+    _, teacher = build_student_teacher(cfg, HeadConfig(n_prototypes=32, hidden_dim=32, bottleneck_dim=16), None)
+    labelled = make_separable_folder(tmp_path / "tiles")
+    probe = TrainingProbe(ProbeConfig(data=str(labelled), knn_k=5, max_images=1_000), img_px=56, mean=mean,
+                          std=std, device=torch.device("cpu"))
+    record = probe.maybe_run(0, teacher)
+
+    dataset = load_tile_dataset(labelled)
+    rows = ["path,label,split"] + [f"{r.path},{dataset.class_names[r.label]},{split}"
+                                   for split, names in (("train", ("train",)), ("test", ("val", "test")))
+                                   for name in names for r in dataset.records(name)]
+    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    geometry = TrainingGeometry(tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=mean, std=std,
+                                stores=(), notes=())
+    export_backbone(teacher.backbone.backbone, cfg, tmp_path / "encoder", geometry=geometry, provenance={"step": 0})
+    model, transform = load_encoder(tmp_path / "encoder")
+    report = run_eval(model, transform, tmp_path / "split.csv", methods=("knn",),
+                      options=EvalOptions(knn_ks=(5,), progress=False, device="cpu"))
+    knn = report["methods"]["knn"]["by_k"]["5"]
+    assert record["probe_knn_accuracy"] == pytest.approx(knn["accuracy"], abs=1e-9)
+    assert record["probe_knn_balanced_accuracy"] == pytest.approx(knn["balanced_accuracy"], abs=1e-9)
+    assert record["probe_knn_balanced_accuracy"] >= 0.9 and record["probe_linear_balanced_accuracy"] >= 0.9, record

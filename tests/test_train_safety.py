@@ -111,7 +111,7 @@ def test_export_and_embed_of_damaged_weights_are_one_line_and_leave_nothing(run,
 def test_resume_with_another_model_names_the_keys(run, tmp_path):
     out = _copy(run, tmp_path)
     result = _train("train.synthetic_data=true", f"train.output_dir={out}", "model.backbone.embed_dim=96",
-                    "model.backbone.num_heads=4", "--resume")
+                    "model.backbone.num_heads=4", "train.total_steps=6", "--resume")
     line = _one_error_line(result)
     assert "the model config differs from the checkpoint's (model.backbone.embed_dim: 64 -> 96)" in line
 

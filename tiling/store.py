@@ -24,12 +24,13 @@ still read, and a writer migrates it to format 2 when it first opens it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
@@ -225,16 +226,34 @@ class SlideEntry:
 class StoreSlide:
     """Read access to one slide's tiles, coordinates and provenance."""
 
-    def __init__(self, group: zarr.Group, slide_id: str):
+    def __init__(self, group: zarr.Group | Callable[[], zarr.Group], slide_id: str, *,
+                 nodes: dict[str, dict[str, Any]] | None = None):
+        """`group` is the slide's zarr group, or (format 2, with the slide's node metadata `nodes`) a function that
+        builds it: a slide is then described from its metadata alone, and its zarr objects are only made when its
+        arrays are read (a 10,000-slide catalog makes none)."""
         self.slide_id = slide_id
-        self._group = group
-        self._tiles = group["tiles"]
-        self.attrs: dict[str, Any] = dict(group.attrs.get("pathdino", {}))
-        tile_attrs = dict(self._tiles.attrs)
+        self._make_group = group if callable(group) else (lambda: group)
+        if nodes is None:
+            tiles = self._group["tiles"]
+            self.attrs: dict[str, Any] = dict(self._group.attrs.get("pathdino", {}))
+            tile_attrs, shape = dict(tiles.attrs), tiles.shape
+            shard = (tiles.shards or tiles.chunks)[0]
+        else:
+            self.attrs = store_index.slide_group_attrs(nodes)
+            tile_attrs, shape = nodes["tiles"].get("attributes", {}), nodes["tiles"]["shape"]
+            shard = nodes["tiles"]["chunk_grid"]["configuration"]["chunk_shape"][0]
         self.encoding: str = tile_attrs["encoding"]
         self.tile_px: int = int(tile_attrs["tile_px"])
-        self.n_tiles: int = int(self._tiles.shape[0])
-        self.tiles_per_shard: int = int((self._tiles.shards or self._tiles.chunks)[0])
+        self.n_tiles: int = int(shape[0])
+        self.tiles_per_shard: int = int(shard)
+
+    @functools.cached_property
+    def _group(self) -> zarr.Group:
+        return self._make_group()
+
+    @functools.cached_property
+    def _tiles(self) -> zarr.Array:
+        return self._group["tiles"]
 
     @property
     def coords(self) -> np.ndarray:
@@ -332,7 +351,8 @@ class TileStore:
         self._entry(slide_id)
         if self._state is None:
             return StoreSlide(self._v1_root[f"slides/{slide_id}"], slide_id)
-        return StoreSlide(_group_from_nodes(self._store, slide_id, self._state.slides[slide_id]), slide_id)
+        nodes = self._state.slides[slide_id]
+        return StoreSlide(lambda: _group_from_nodes(self._store, slide_id, nodes), slide_id, nodes=nodes)
 
     def qc_image_path(self, slide_id: str) -> str:
         """Path or URL of a slide's QC image. Falls back to the PNG pictures of earlier versions, in the sidecar or

@@ -180,24 +180,79 @@ def slide_group_attrs(nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return dict(nodes[""].get("attributes", {}).get("pathdino", {}))
 
 
+def _slide_lines(sid: str, nodes: dict[str, dict[str, Any]]) -> list[str]:
+    """A slide's lines of the root document: its group's and its arrays' metadata, one node per line."""
+    group = {**nodes[""], "consolidated_metadata": _GROUP_CONSOLIDATED}
+    lines = [json.dumps(f"{SLIDES}/{sid}") + ": " + json.dumps(group, separators=(",", ":"))]
+    for name in sorted(n for n in nodes if n):
+        lines.append(json.dumps(f"{SLIDES}/{sid}/{name}") + ": " + json.dumps(nodes[name], separators=(",", ":")))
+    return lines
+
+
+def _document(attrs: dict[str, Any], slide_lines: dict[str, list[str]]) -> bytes:
+    lines = [f'"{SLIDES}": ' + json.dumps({"attributes": {}, "zarr_format": 3,
+                                          "consolidated_metadata": _GROUP_CONSOLIDATED, "node_type": "group"})]
+    for sid in sorted(slide_lines):
+        lines.extend(slide_lines[sid])
+    head = json.dumps({"attributes": {"pathdino": attrs}, "zarr_format": 3, "node_type": "group"})
+    return (head[:-1] + ",\n" + _CONSOLIDATED_OPEN + "\n" + ",\n".join(lines) + "\n}}}\n").encode()
+
+
+_CONSOLIDATED_OPEN = '"consolidated_metadata": {"kind": "inline", "must_understand": false, "metadata": {'
+
+
 def root_document(attrs: dict[str, Any], slides: dict[str, dict[str, dict[str, Any]]]) -> bytes:
     """The root zarr.json of a format-2 store: the group, its attributes, and every node's metadata inline.
 
-    One node per line, so the document stays readable and diffable; groups carry an empty inline
-    `consolidated_metadata` of their own, as zarr-python writes them.
+    One node per line (and the attributes on the first), so that folding the journal in (`fold_document`) edits
+    lines instead of parsing and writing 40,000 nodes; groups carry an empty inline `consolidated_metadata` of their
+    own, as zarr-python writes them.
     """
-    lines = [f'"{SLIDES}": ' + json.dumps({"attributes": {}, "zarr_format": 3,
-                                          "consolidated_metadata": _GROUP_CONSOLIDATED, "node_type": "group"})]
-    for sid in sorted(slides):
-        nodes = slides[sid]
-        group = {**nodes[""], "consolidated_metadata": _GROUP_CONSOLIDATED}
-        lines.append(json.dumps(f"{SLIDES}/{sid}") + ": " + json.dumps(group, separators=(",", ":")))
-        for name in sorted(n for n in nodes if n):
-            lines.append(json.dumps(f"{SLIDES}/{sid}/{name}") + ": " + json.dumps(nodes[name], separators=(",", ":")))
-    head = json.dumps({"attributes": {"pathdino": attrs}, "zarr_format": 3, "node_type": "group"})
-    body = ",\n".join(lines)
-    return (head[:-1] + ',\n"consolidated_metadata": {"kind": "inline", "must_understand": false, "metadata": {\n'
-            + body + "\n}}}\n").encode()
+    return _document(attrs, {sid: _slide_lines(sid, nodes) for sid, nodes in slides.items()})
+
+
+def document_attrs(raw: bytes) -> dict[str, Any] | None:
+    """The root attributes["pathdino"] of a document laid out by `root_document` (its first line only), else None."""
+    head, _, rest = raw.partition(b"\n")
+    if not head.endswith(b",") or not rest.startswith(_CONSOLIDATED_OPEN.encode()):
+        return None
+    try:
+        return dict(json.loads(head[:-1] + b"}")["attributes"]["pathdino"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def fold_document(raw: bytes, records: list[dict[str, Any]]) -> tuple[bytes, dict[str, Any], int] | None:
+    """Apply journal `records` (in order) to a root document written by `root_document`, editing its lines: only the
+    attributes line and the records' slides are parsed or written as JSON. Returns (new document, its attributes,
+    number of slides), or None when the document is not laid out one node per line (rewritten by another tool):
+    the caller then parses it whole."""
+    lines = raw.decode("utf-8").split("\n")
+    if len(lines) < 4 or lines[1] != _CONSOLIDATED_OPEN or lines[-2] != "}}}" or not lines[0].endswith(","):
+        return None
+    try:
+        attrs = dict(json.loads(lines[0][:-1] + "}")["attributes"]["pathdino"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    attrs["failures"] = dict(attrs.get("failures", {}))
+    slide_lines: dict[str, list[str]] = {}
+    prefix = f'"{SLIDES}/'
+    for line in lines[2:-2]:
+        if line.startswith(prefix):
+            sid = line[len(prefix):line.index('"', len(prefix))].split("/", 1)[0]
+            slide_lines.setdefault(sid, []).append(line.removesuffix(","))
+    for record in records:
+        sid, op = record["slide_id"], record["op"]
+        slide_lines.pop(sid, None)
+        if op == "commit":
+            slide_lines[sid] = _slide_lines(sid, record["nodes"])
+            attrs["failures"].pop(sid, None)
+        elif op == "fail":
+            attrs["failures"][sid] = record["failure"]
+        elif op != "remove":
+            raise ValueError(f"unknown journal operation {op!r} in record {record.get('seq')}")
+        attrs["folded_seq"] = max(int(attrs.get("folded_seq", 0)), int(record["seq"]))
+    return _document(attrs, slide_lines), attrs, len(slide_lines)
 
 
 def parse_root(doc: dict[str, Any]) -> IndexState:
@@ -234,6 +289,8 @@ def apply_journal(state: IndexState, sidecar: Files) -> bool:
     for seq in journal_seqs(sidecar):
         if seq <= folded:
             continue  # folded, and about to be deleted by the writer that folded it
+        if seq != state.last_seq + 1:
+            return False  # a gap: records folded (and deleted) after we read the root document
         data = sidecar.read(f"{JOURNAL_DIR}/{record_name(seq)}")
         if data is None:
             return False

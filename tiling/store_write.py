@@ -222,7 +222,10 @@ class TileStoreWriter:
         """Write the root document (every slide's metadata inline) and the fold marker; caller holds the lock."""
         state.attrs["folded_seq"] = state.last_seq
         self._files.write("zarr.json", store_index.root_document(state.attrs, state.slides))
-        self._side.write(_FOLD_MARK, json.dumps({"folded_seq": state.last_seq, "n_slides": len(state.slides),
+        self._write_fold_mark(state.last_seq, len(state.slides))
+
+    def _write_fold_mark(self, folded_seq: int, n_slides: int) -> None:
+        self._side.write(_FOLD_MARK, json.dumps({"folded_seq": folded_seq, "n_slides": n_slides,
                                                  "unix_time": time.time()}).encode())
 
     def _migrate_v1(self, meta: dict[str, Any]) -> None:
@@ -248,8 +251,9 @@ class TileStoreWriter:
         raw = self._side.read(_FOLD_MARK)
         if raw is not None:
             return json.loads(raw)
-        _, state = read_index(self.url)  # no mark yet (a store copied without its sidecar): read the root once
-        return {"folded_seq": state.attrs.get("folded_seq", 0), "n_slides": len(state.folded_ids), "unix_time": 0}
+        _, state = read_index(self.url)  # no mark (a store copied without its sidecar): read the root once
+        self._write_fold_mark(int(state.attrs.get("folded_seq", 0)), len(state.folded_ids))
+        return json.loads(self._side.read(_FOLD_MARK))
 
     def _append(self, record: dict[str, Any], *, fold: bool = False) -> None:
         """Append a journal record (caller holds the lock) and fold the journal when it is due (or `fold`)."""
@@ -273,11 +277,29 @@ class TileStoreWriter:
         return float(json.loads(raw).get("unix_time", now)) if raw else now
 
     def _fold(self) -> None:
-        """Fold the journal into the root document, then delete the records folded (caller holds the lock)."""
-        _, state = read_index(self.url)
-        self._write_root(state)
+        """Fold the journal into the root document, then delete the records folded (caller holds the lock).
+
+        The document's lines are edited (`store_index.fold_document`), not parsed and written whole: at 10,000
+        slides that is a 33 MB split and join instead of ~10 s of JSON on a busy 2-core machine."""
+        raw = self._files.read("zarr.json")
+        head = store_index.document_attrs(raw) if raw is not None else None
+        folded = None
+        if head is not None:
+            start = int(head.get("folded_seq", 0))
+            records = [json.loads(self._side.read(f"{store_index.JOURNAL_DIR}/{store_index.record_name(q)}"))
+                       for q in store_index.journal_seqs(self._side) if q > start]
+            folded = store_index.fold_document(raw, records)
+        if folded is None:  # not one node per line (another tool rewrote it): parse it whole, once
+            _, state = read_index(self.url)
+            self._write_root(state)
+            last = state.last_seq
+        else:
+            document, attrs, n_slides = folded
+            last = int(attrs.get("folded_seq", 0))
+            self._files.write("zarr.json", document)
+            self._write_fold_mark(last, n_slides)
         for seq in store_index.journal_seqs(self._side):
-            if seq <= state.last_seq:
+            if seq <= last:
                 self._side.delete(f"{store_index.JOURNAL_DIR}/{store_index.record_name(seq)}")
 
     def fold_index(self) -> None:

@@ -69,6 +69,7 @@ def _export(run_dir: Path, encoder_dir: Path) -> None:
 
 def _embed(store_url: str, encoder_dir: Path, embeddings_dir: Path) -> bool:
     from pathdino.embed.runner import EmbedOptions, embed_store
+    from pathdino.embed.store import h5_dir
 
     console.rule("4/4  embed every tile of every slide")
     report = embed_store(store_url, encoder_dir, embeddings_dir,
@@ -76,7 +77,7 @@ def _embed(store_url: str, encoder_dir: Path, embeddings_dir: Path) -> bool:
     if report.failed:
         console.print(f"[red]embedding failed[/]: {report.failed}")
         return False
-    console.print(f"embeddings: {embeddings_dir} (Zarr) and {embeddings_dir / 'h5'} (CLAM/TRIDENT h5); "
+    console.print(f"embeddings: {embeddings_dir} (Zarr) and {h5_dir(embeddings_dir)} (CLAM/TRIDENT h5); "
                   f"{report.n_tiles} tiles embedded, {len(report.skipped)} slide(s) already done")
     return True
 

@@ -59,7 +59,7 @@ def _export_slide(checkpoint: Path, out: str, options: ExportOptions) -> int:
 
 
 def embed_command(store: str, encoder: str, out: str, *, options: EmbedOptions) -> int:
-    from pathdino.embed import embed_store
+    from pathdino.embed import embed_store, h5_dir
     from pathdino.embed.plan import shard_from_env
 
     if options.shard is None and (launched := shard_from_env()) is not None:
@@ -74,7 +74,7 @@ def embed_command(store: str, encoder: str, out: str, *, options: EmbedOptions) 
     if report.waiting:
         console.print(f"  {len(report.waiting)} slide(s) wait for parts other processes embed; whichever finishes "
                       "a slide's last part commits it (rerun to finish if those processes died)")
-    console.print(f"  embeddings: {report.out}" + (f"  (h5: {report.out / 'h5'})" if "h5" in options.formats else ""))
+    console.print(f"  embeddings: {report.out}" + (f"  (h5: {h5_dir(report.out)})" if "h5" in options.formats else ""))
     if report.forced:
         console.print(f"  [yellow]--force:[/yellow] {len(report.forced)} slide(s) embedded despite a tile-size or "
                       "µm/px mismatch (recorded in their attributes)")

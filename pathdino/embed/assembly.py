@@ -1,7 +1,9 @@
 """A slide being embedded: a staging Zarr group filled part by part (by one or several processes), then committed.
 
-    <emb>/.assembly/<slide_id>.<key>/          Zarr group with the slide's full-size arrays (cls, mean_patch, ...)
-    <emb>/.assembly/<slide_id>.<key>.parts/    one marker file per finished part ("<start>-<stop>"), and "merging"
+    <emb>.pathdino/assembly/<slide_id>.<key>/        Zarr group with the slide's full-size arrays (cls, ...)
+    <emb>.pathdino/assembly/<slide_id>.<key>.parts/  one marker file per finished part ("<start>-<stop>"), "merging"
+
+(``<emb>/.assembly/`` in stores of the old layout: ``store.work_files``.)
 
 ``key`` hashes everything the numbers depend on (tile-store entry, features, part size), so a rerun after the tile
 store changed never mixes old and new parts. Part boundaries are multiples of every array's chunk rows, so two
@@ -31,7 +33,6 @@ import zarr.storage
 from pathdino.embed.plan import WorkItem
 from tiling.fsio import pid_alive, read_json
 
-ASSEMBLY_DIR = ".assembly"
 MERGE_CLAIM = "merging"
 STALE_CLAIM_S = 1800.0
 _NAME = re.compile(r"(.+)\.([0-9a-f]{12})(\.parts)?")
@@ -54,7 +55,7 @@ class SlideAssembly:
         self.writer = writer
         self.slide_id = slide_id
         self.key = key
-        root = writer.path / ASSEMBLY_DIR
+        root = writer.work.assembly
         self.path = root / f"{slide_id}.{key}"
         self.parts_dir = root / f"{slide_id}.{key}.parts"
 

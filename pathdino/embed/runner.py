@@ -65,7 +65,7 @@ class EmbedOptions:
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32" everywhere
     mean_patch: bool = False  # also store the mean patch token per tile ("mean_patch")
     patch_tokens: bool = False  # also store every patch token per tile, float16 (N, T, D), chunked
-    formats: tuple[str, ...] = ("zarr",)  # add "h5" for one CLAM/TRIDENT-style HDF5 per slide under <out>/h5/
+    formats: tuple[str, ...] = ("zarr",)  # add "h5" for one CLAM/TRIDENT-style HDF5 per slide in h5_dir(out)
     slides: tuple[str, ...] | None = None  # slide ids or fnmatch patterns; None: every complete slide
     force: bool = False  # embed slides whose tile size or µm/px disagree with the encoder's
     overwrite: bool = False  # recompute slides that are already complete

@@ -9,9 +9,12 @@ docs/export-embed-eval.md), written atomically, indexed in the root attributes.
     <emb>/slides/<slide_id>/mean_patch    (N, D) float32: mean patch token (--mean-patch, or the recipe needs it)
     <emb>/slides/<slide_id>/patch_tokens  (N, T, D) float16: every patch token, registers excluded (--patch-tokens)
     <emb>/slides/<slide_id>/coords        (N, 2) int64: level-0 (x, y) of tile i's top-left corner
-    <emb>/h5/<slide_id>.h5                CLAM/TRIDENT-style copy (only with --format h5)
-    <emb>/commits.jsonl                   one line per slide commit: slide, tiles, host, pid, rank, time
+    <emb>.pathdino/h5/<slide_id>.h5       CLAM/TRIDENT-style copy (only with --format h5)
+    <emb>.pathdino/commits.jsonl          one line per slide commit: slide, tiles, host, pid, rank, time
+    <emb>.pathdino/assembly/, staging/, lock   slides being assembled, scratch space, the index lock
 
+What is not Zarr lives BESIDE the store (``<emb>.pathdino/``, as a tile store's sidecar), so plain zarr opens the
+store without a warning; stores written before keep those files inside (``work_files`` finds them there).
 Only slides in the root index are complete. Local folders only (the tile store may be remote). The tile embedding
 ("features") follows the encoder's recipe (``attrs["pathdino"]["encoder"]["recipe"]``): ``cls``, ``mean_patch`` or
 ``cls+mean_patch`` (the two concatenated, Virchow's way); it is assembled from the stored arrays when read.
@@ -27,6 +30,7 @@ import socket
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +45,10 @@ FORMAT_NAME = "pathdino-embeddings"
 FORMAT_VERSION = 1
 FEATURE_NAMES = ("cls", "mean_patch", "patch_tokens")
 H5_DIR = "h5"
-_STAGING = ".staging"
-_LOCK = ".pathdino.lock"
 JOURNAL = "commits.jsonl"
+WORK_SUFFIX = ".pathdino"
+# Inside the store (layout before the work files moved beside it): still found and used for such stores.
+_LEGACY_NAMES = {"lock": ".pathdino.lock", "assembly": ".assembly", "staging": ".staging"}
 
 
 class EmbedError(PathdinoError, ValueError):
@@ -54,6 +59,53 @@ def _check_local(url: str | Path) -> Path:
     if "://" in str(url) and not str(url).startswith("file://"):
         raise EmbedError(f"embeddings output {url}: only local folders are supported; write locally, then copy")
     return Path(str(url).removeprefix("file://")).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class WorkFiles:
+    """Where an embeddings store's non-Zarr files are: the folder beside it, or (older stores) inside it."""
+
+    root: Path  # <emb>.pathdino, or <emb> itself for a store of the old layout
+    legacy: bool
+
+    def _name(self, key: str) -> Path:
+        return self.root / (_LEGACY_NAMES[key] if self.legacy else key)
+
+    @property
+    def lock(self) -> Path:
+        return self._name("lock")
+
+    @property
+    def assembly(self) -> Path:
+        return self._name("assembly")
+
+    @property
+    def staging(self) -> Path:
+        return self._name("staging")
+
+    @property
+    def journal(self) -> Path:
+        return self.root / JOURNAL
+
+    @property
+    def h5(self) -> Path:
+        return self.root / H5_DIR
+
+
+def work_files(url: str | Path) -> WorkFiles:
+    """The work files of the embeddings store at ``url``: ``<emb>.pathdino/`` beside it, unless the store was
+    written with them inside (an older pathdino) and has no such folder: then inside, where its resume state is."""
+    path = _check_local(url)
+    beside = path.with_name(path.name + WORK_SUFFIX)
+    inside = [path / name for name in (*_LEGACY_NAMES.values(), JOURNAL, H5_DIR)]
+    if not beside.exists() and any(p.exists() for p in inside):
+        return WorkFiles(root=path, legacy=True)
+    return WorkFiles(root=beside, legacy=False)
+
+
+def h5_dir(url: str | Path) -> Path:
+    """The folder of a store's CLAM/TRIDENT h5 files (``--format h5``): ``<emb>.pathdino/h5`` (older: ``<emb>/h5``)."""
+    return work_files(url).h5
 
 
 def _check_format(meta: dict[str, Any], where: Path) -> None:
@@ -153,7 +205,9 @@ class EmbeddingWriter:
 
     def __init__(self, url: str | Path, encoder: dict[str, Any], tile_store: str, features: tuple[str, ...]):
         self.path = _check_local(url)
+        self.work = work_files(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.work.root.mkdir(exist_ok=True)
         with self.lock():
             if (self.path / "zarr.json").is_file():
                 meta = dict(zarr.open_group(store=self._store(), mode="r").attrs.get("pathdino", {}))
@@ -182,7 +236,7 @@ class EmbeddingWriter:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """The store's lock file (flock): index updates and renames into ``slides/`` happen under it."""
-        with open(self.path / _LOCK, "a+") as fh:
+        with open(self.work.lock, "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -209,12 +263,12 @@ class EmbeddingWriter:
         return self.meta().get("slides", {}).get(slide_id)
 
     def h5_path(self, slide_id: str) -> Path:
-        return self.path / H5_DIR / f"{slide_id}.h5"
+        return self.work.h5 / f"{slide_id}.h5"
 
     def write_slide(self, slide_id: str, arrays: dict[str, np.ndarray], coords: np.ndarray,
                     attrs: dict[str, Any], index_entry: dict[str, Any]) -> None:
         """Write one slide's arrays in a staging folder, move it into ``slides/`` and add it to the index."""
-        staging = self.path / _STAGING / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        staging = self.work.staging / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
             group = zarr.open_group(store=zarr.storage.LocalStore(staging), mode="w")
@@ -249,7 +303,7 @@ class EmbeddingWriter:
         """One line per commit in ``commits.jsonl`` (who committed what, when); the caller holds the lock."""
         record = {"slide_id": slide_id, "n_tiles": n_tiles, "host": socket.gethostname(), "pid": os.getpid(),
                   "rank": os.environ.get("RANK"), "time": now_iso()}
-        with open(self.path / JOURNAL, "a") as fh:
+        with open(self.work.journal, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def forget(self, slide_id: str) -> None:
@@ -266,7 +320,7 @@ class EmbeddingWriter:
         self._update(change)
 
     def _clean_stale_staging(self) -> None:
-        root, assembly = self.path / _STAGING, self.path / ".assembly"
+        root, assembly = self.work.staging, self.work.assembly
         leftovers = [*(root.glob("*.*.*") if root.is_dir() else []),
                      *(assembly.glob(".tmp.*") if assembly.is_dir() else [])]
         for path in leftovers:  # staging folders of processes killed on this host
@@ -276,8 +330,8 @@ class EmbeddingWriter:
 
 
 def read_commits(url: str | Path) -> list[dict[str, Any]]:
-    """Every commit recorded in ``<emb>/commits.jsonl`` (a slide recomputed later appears again)."""
-    path = _check_local(url) / JOURNAL
+    """Every commit recorded in the store's ``commits.jsonl`` (a slide recomputed later appears again)."""
+    path = work_files(url).journal
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 

@@ -134,6 +134,8 @@ def train(cfg: SlidePretrainConfig, resume: bool | str | None = None) -> dict[st
             step += 1
             clock.steps += 1
             record = _record(step, values=values, reduced=reduced, guard=guard, epoch=pack.epoch)
+            if parts.ema is None:
+                del record["ema_momentum"]
             if log_now:
                 record.update(_health(ctx, cls, clock=clock, total=cfg.train.total_steps, record=record))
             metrics.write(record, step)
