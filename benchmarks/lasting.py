@@ -110,6 +110,66 @@ def report(out: Path) -> None:
             print(f"| {frac:g} (step {step}) | " + " | ".join(row) + " |")
 
 
+def grad_shares(run_dir: Path, *, checkpoint: str | None, n_batches: int = 3) -> dict[str, float]:
+    """Norms of the backbone gradient of each weighted loss term (DINO global + local, iBOT, KoLeo/KDE) and the
+    cosine between the KoLeo and DINO gradients, on ``n_batches`` of the run's own data, for the run's checkpoint
+    ``checkpoint`` (a step_* folder; None: the initial weights of its seed). What the summed gradient is made of
+    where the probe falls: a term that dominates late is what moves the features then."""
+    import contextlib
+    import math
+    import tempfile
+
+    import torch
+
+    from pathdino.train.config import load_config
+    from pathdino.train.context import open_context
+    from pathdino.train.run import start_phase
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as cleanup:
+        cfg = load_config(run_dir / "config.yaml", [f"train.output_dir={tmp}", "log.trackers=[]", "eval.probe=null"])
+        ctx = open_context(cfg.train, [], cleanup)
+        phase, progress = start_phase(ctx, cfg, resume=checkpoint, loader=None)
+        parts, obj = phase.parts, phase.parts.objective
+        values = phase.schedules.at(min(progress.step, cfg.train.total_steps - 1))
+        params = [q for q in parts.student.backbone.parameters() if q.requires_grad]
+        data, sums = iter(phase.loader), {}
+        parts.model.train()
+        for _ in range(n_batches):
+            batch = next(data).to(ctx.device)
+            mask_idx = batch.masks.flatten().nonzero().squeeze(1)
+            weights = (1.0 / batch.masks.sum(dim=1).clamp_min(1).float()).index_select(
+                0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
+            with torch.no_grad():
+                t_out = parts.teacher(batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx)
+                dino_t = parts.losses["dino"].teacher_targets(t_out["global_cls_logits"], values.teacher_temp,
+                                                              update_center=False)
+                ibot_t = parts.losses["ibot"].teacher_targets(t_out["masked_patch_logits"], values.teacher_temp,
+                                                              update_center=False)
+            s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx)
+            g, loc = parts.losses["dino"].forward_terms(s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t,
+                                                        batch.n_global)
+            ibot = parts.losses["ibot"](s_out["masked_patch_logits"], ibot_t, batch.masks, batch.n_global,
+                                        token_weights=weights)
+            terms = {"dino": obj.dino_weight * (g + loc), "ibot": obj.ibot_weight * ibot}
+            if parts.uniformity is not None:
+                terms["koleo"] = obj.uniformity_weight * parts.uniformity(s_out["global_cls"], n_chunks=batch.n_global)
+            flat = {}
+            for name, term in terms.items():
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                flat[name] = torch.cat([(gr if gr is not None else torch.zeros_like(q)).flatten()
+                                        for gr, q in zip(grads, params)])
+                sums[f"grad_{name}"] = sums.get(f"grad_{name}", 0.0) + float(flat[name].norm()) / n_batches
+            total = sum(flat.values())
+            sums["grad_total"] = sums.get("grad_total", 0.0) + float(total.norm()) / n_batches
+            if "koleo" in flat:
+                cos = float(torch.nn.functional.cosine_similarity(flat["koleo"], flat["dino"], dim=0))
+                sums["cos_koleo_dino"] = sums.get("cos_koleo_dino", 0.0) + cos / n_batches
+        sums["koleo_share"] = sums.get("grad_koleo", math.nan) / sum(sums[k] for k in sums if k.startswith("grad_")
+                                                                    and k != "grad_total")
+        sums["step"] = progress.step
+        return sums
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="working folder (store, probe set, runs)")
@@ -120,7 +180,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="config override on top of small.yaml (repeatable)")
     parser.add_argument("--warmup-fraction", type=float, default=0.2)
     parser.add_argument("--report", action="store_true", help="only print the tables of the finished runs")
+    parser.add_argument("--grad-shares", type=Path, metavar="RUN_DIR",
+                        help="only print each loss term's backbone gradient norm at the run's initial weights and "
+                             "its last checkpoint (needs the run's config.yaml and checkpoints)")
     args = parser.parse_args(argv)
+    if args.grad_shares is not None:
+        sys.path.insert(0, str(ROOT))  # ahead of benchmarks/, whose tiling.py would shadow the tiling package
+        from pathdino.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(args.grad_shares)
+        for label, ckpt in (("init", None), ("last", str(last) if last else None)):
+            if label == "last" and ckpt is None:
+                break
+            shares = grad_shares(args.grad_shares, checkpoint=ckpt)
+            print(label, json.dumps({k: round(v, 4) for k, v in shares.items()}), flush=True)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         store, probe = prepare(args.out)

@@ -253,3 +253,17 @@ def test_a_reader_racing_a_fold_reads_again(tmp_path):
     assert _journal(url)
     assert not store_index.apply_journal(stale, store_index.Files(sidecar_url(url), remote=False))
     assert TileStore(url).slide_ids == [f"s{i:02d}" for i in range(20)]
+
+
+def test_summary_of_a_rerun_over_an_archive_counts_skipped_slides_instead_of_listing_them(capsys):
+    from pathdino.cli.tile import print_summary
+    from tiling.outcome import SlideOutcome
+
+    outcomes = [SlideOutcome(f"old-{i:04d}", f"/a/old-{i}.svs", "skipped", n_tiles=4, already_complete=True)
+                for i in range(N_SLIDES)]
+    outcomes += [SlideOutcome("new-one", "/a/new.svs", "done", n_tiles=7),
+                 SlideOutcome("bad-one", "/a/bad.svs", "failed", reason="SlideOpenError: cannot open")]
+    print_summary(outcomes, 12.0)
+    err = capsys.readouterr().err
+    assert "old-0001" not in err and "new-one" in err and "bad-one" in err and "SlideOpenError" in err
+    assert "1 done" in err and "1000 skipped (already complete)" in err and "1 failed" in err

@@ -251,8 +251,9 @@ class TileStoreWriter:
         raw = self._side.read(_FOLD_MARK)
         if raw is not None:
             return json.loads(raw)
-        _, state = read_index(self.url)  # no mark yet (a store copied without its sidecar): read the root once
-        return {"folded_seq": state.attrs.get("folded_seq", 0), "n_slides": len(state.folded_ids), "unix_time": 0}
+        _, state = read_index(self.url)  # no mark (a store copied without its sidecar): read the root once
+        self._write_fold_mark(int(state.attrs.get("folded_seq", 0)), len(state.folded_ids))
+        return json.loads(self._side.read(_FOLD_MARK))
 
     def _append(self, record: dict[str, Any], *, fold: bool = False) -> None:
         """Append a journal record (caller holds the lock) and fold the journal when it is due (or `fold`)."""

@@ -113,8 +113,21 @@ def print_found(scan: InputScan, *, list_all: bool, max_listed: int = 10) -> Non
         console.print(f"  ... and {len(scan.skipped) - len(shown)} more (--dry-run lists them all)")
 
 
+def _plain_rows(columns: tuple[str, ...], rows: list[tuple[str, ...]], stream: Any) -> None:
+    """Columns aligned with spaces, the last one left free: for lists of hundreds or thousands of slides, where
+    laying out a rich table costs ~10 ms a row (10,000 slides took minutes)."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns[:-1])]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in [columns, *rows]]
+    stream.write("\n".join(lines) + "\n")
+
+
 def print_slide_list(slides: list[SlideInput]) -> None:
     """`--dry-run`: every slide that would be tiled, to stdout (one per line: id, format, path)."""
+    if len(slides) > PLAIN_TABLE_ROWS:
+        print(f"{len(slides)} slide(s) would be tiled (--dry-run: nothing written)")
+        _plain_rows(("slide", "format", "path"), [(s.slide_id, slide_format(s.path), str(s.path)) for s in slides],
+                    sys.stdout)
+        return
     table = Table(title=f"{len(slides)} slide(s) would be tiled (--dry-run: nothing written)")
     for col in ("slide", "format", "path"):
         table.add_column(col, overflow="fold")
@@ -130,7 +143,8 @@ def _force_progress() -> bool:
 
 
 PLAIN_TABLE_ROWS = 200
-"""`pathdino info` lists more slides than this as plain aligned text, not a rich table (fast at 10,000 slides)."""
+"""`pathdino info`, `tile --dry-run` and the end-of-run summary list more slides than this as plain aligned text,
+not a rich table (fast at 10,000 slides)."""
 STATUS_STYLE = {"done": "green", "empty": "yellow", "skipped": "cyan", "failed": "red"}
 
 
@@ -167,7 +181,20 @@ def _outcome_note(o: SlideOutcome) -> str:
 
 
 def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
-    """The end-of-run table (slide, status, tiles, one-line note: fits 80 columns) and the totals line."""
+    """The end-of-run table (slide, status, tiles, one-line note: fits 80 columns) and the totals line. Past
+    `PLAIN_TABLE_ROWS` slides, slides skipped as already complete are counted, not listed, and the rest are plain
+    aligned rows (a rerun over a 10,000-slide archive prints its totals, not 10,000 rows)."""
+    if len(outcomes) > PLAIN_TABLE_ROWS:
+        listed = [o for o in outcomes if not o.already_complete]
+        if listed:
+            _plain_rows(("slide", "status", "tiles", "reason / note"),
+                        [(o.slide_id, o.status, f"{o.n_tiles:,}", _outcome_note(o)) for o in listed], console.file)
+    else:
+        _summary_table(outcomes)
+    _summary_totals(outcomes, elapsed_s)
+
+
+def _summary_table(outcomes: list[SlideOutcome]) -> None:
     table = Table(title="pathdino tile: summary", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   collapse_padding=True)
     # Every cell stays on one line: the slide id and the reason are cut with "…" to fit the terminal (80 columns).
@@ -183,6 +210,9 @@ def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
         table.add_row(escape(_middle_cut(o.slide_id, id_width)), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}",
                       escape(_outcome_note(o)))
     console.print(table, highlight=False)
+
+
+def _summary_totals(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     n = collections.Counter(o.status for o in outcomes)
     n_empty_old = sum(o.status == "empty" and o.already_complete for o in outcomes)
     total = sum(o.n_tiles for o in outcomes if o.status == "done")
@@ -253,10 +283,7 @@ def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
                      str(attrs.get("read_level")), f"{attrs.get('reader')} ({attrs.get('pixel_source')})",
                      entry.source_path))
     if len(rows) > PLAIN_TABLE_ROWS:
-        # Laying out a rich table costs ~10 ms a row: 10,000 slides took minutes. Plain aligned columns instead.
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns[:-1])]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in [columns, *rows]]
-        sys.stdout.write("\n".join(lines) + "\n")
+        _plain_rows(columns, rows, sys.stdout)
     else:
         table = Table()
         for col in columns:
