@@ -226,3 +226,15 @@ def test_attention_backend_choice():
     assert attention.resolve_backend("auto", q) == "torch"  # no GPU here
     with pytest.raises(ValueError, match="needs xformers installed"):
         attention.resolve_backend("xformers", q)
+
+
+def test_outputs_follow_the_input_tile_order():
+    torch.manual_seed(2)
+    model = SlideEncoder(_small_cfg()).double().eval()
+    emb = torch.randn(25, 12, dtype=torch.float64)
+    grid = torch.stack([torch.arange(25) % 5, torch.arange(25) // 5], 1)
+    perm = torch.randperm(25)
+    with torch.no_grad():
+        base, shuffled = model(emb, grid), model(emb[perm], grid[perm])
+    torch.testing.assert_close(shuffled.tiles, base.tiles[perm])
+    torch.testing.assert_close(shuffled.cls, base.cls)
