@@ -60,8 +60,13 @@ def cpu_name() -> str:
 def timed(cmd: list[str], *, env: dict[str, str] | None = None, stdout=subprocess.DEVNULL) -> dict:
     """Wall seconds and peak RSS (GiB, the largest process of the command) of a subprocess."""
     t0 = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=stdout, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", *cmd],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     seconds = time.perf_counter() - t0
     lines = result.stderr.strip().splitlines()
     if result.returncode:
@@ -114,7 +119,7 @@ def sample_tiles(n: int) -> list[bytes]:
 
     with openslide.OpenSlide(str(SAMPLE)) as s:
         region = np.asarray(s.read_region((800, 1000), 0, (224 * n, 224)).convert("RGB"))
-    return [encode_tile(np.ascontiguousarray(region[:, 224 * i:224 * (i + 1)])) for i in range(n)]
+    return [encode_tile(np.ascontiguousarray(region[:, 224 * i : 224 * (i + 1)])) for i in range(n)]
 
 
 def commit_slides(writer, paths: list[Path], template: dict, tiles: list[bytes]) -> list[float]:
@@ -127,11 +132,19 @@ def commit_slides(writer, paths: list[Path], template: dict, tiles: list[bytes])
     for path in paths:
         fp, size = fingerprint(path)
         sid = path.stem
-        record = {**template, "slide_id": sid, "source_slide_id": sid, "source_path": str(path),
-                  "source_size_bytes": size, "source_fingerprint": fp, "created": now_iso()}
+        record = {
+            **template,
+            "slide_id": sid,
+            "source_slide_id": sid,
+            "source_path": str(path),
+            "source_size_bytes": size,
+            "source_fingerprint": fp,
+            "created": now_iso(),
+        }
         t0 = time.perf_counter()
-        sw = writer.begin_slide(sid, 224, max_tiles=len(tiles), tile_attrs={"jpeg_quality": 90,
-                                                                             "jpeg_subsampling": "420"})
+        sw = writer.begin_slide(
+            sid, 224, max_tiles=len(tiles), tile_attrs={"jpeg_quality": 90, "jpeg_subsampling": "420"}
+        )
         sw.add(tiles, xy, np.ones(len(tiles), np.float32))
         sw.commit(record)
         seconds.append(time.perf_counter() - t0)
@@ -177,26 +190,43 @@ print(f"{time.perf_counter() - t1:.3f} {len(ids)}")
 
 def store_checkpoint(n: int, store: Path, folders: list[Path], commit_s: list[float], writer_rss: float) -> list:
     pd = [sys.executable, "-m", "pathdino.cli"]
-    tail = commit_s[-max(1, len(commit_s) // 10):]
-    rows = [("commit (mean of last 10%; slowest)", f"{1e3 * np.mean(tail):.1f} ms; {1e3 * max(tail):.0f} ms",
-             f"{writer_rss:.2f}")]
+    tail = commit_s[-max(1, len(commit_s) // 10) :]
+    rows = [
+        (
+            "commit (mean of last 10%; slowest)",
+            f"{1e3 * np.mean(tail):.1f} ms; {1e3 * max(tail):.0f} ms",
+            f"{writer_rss:.2f}",
+        )
+    ]
     rerun = timed([*pd, "tile", *map(str, folders), "--out", str(store)])
     rows.append(("`pathdino tile` rerun, nothing to do", f"{rerun['s']:.1f} s", f"{rerun['rss_gib']:.2f}"))
     for flags in ([], ["--json"]):
         info = timed([*pd, "info", str(store), *flags])
-        rows.append((f"`pathdino info {' '.join(flags)}`".replace(" `", "`"), f"{info['s']:.2f} s",
-                     f"{info['rss_gib']:.2f}"))
+        rows.append(
+            (f"`pathdino info {' '.join(flags)}`".replace(" `", "`"), f"{info['s']:.2f} s", f"{info['rss_gib']:.2f}")
+        )
     z = timed([sys.executable, "-c", ZARR_CODE, str(store)], stdout=subprocess.PIPE)
     inner, listed = (z["stdout"].split() + ["nan", "0"])[:2]
-    rows.append((f"plain zarr open + list ({listed} slides; import excluded)", f"{float(inner):.2f} s",
-                 f"{z['rss_gib']:.2f}"))
+    rows.append(
+        (f"plain zarr open + list ({listed} slides; import excluded)", f"{float(inner):.2f} s", f"{z['rss_gib']:.2f}")
+    )
     lo = timed([sys.executable, "-c", LOADER_CODE, str(store)], stdout=subprocess.PIPE)
     first, whole = (lo["stdout"].split() + ["nan", "nan"])[:2]
-    rows.append(("trainer loader: catalog + plan + first batch (process incl. imports)",
-                 f"{float(first):.1f} s ({float(whole):.1f} s)", f"{lo['rss_gib']:.2f}"))
+    rows.append(
+        (
+            "trainer loader: catalog + plan + first batch (process incl. imports)",
+            f"{float(first):.1f} s ({float(whole):.1f} s)",
+            f"{lo['rss_gib']:.2f}",
+        )
+    )
     em = timed([sys.executable, "-c", EMBED_PLAN_CODE, str(store)], stdout=subprocess.PIPE)
-    rows.append(("`pathdino embed` plan (store, slides, items; incl. imports)",
-                 f"{float((em['stdout'].split() + ['nan'])[0]):.2f} s", f"{em['rss_gib']:.2f}"))
+    rows.append(
+        (
+            "`pathdino embed` plan (store, slides, items; incl. imports)",
+            f"{float((em['stdout'].split() + ['nan'])[0]):.2f} s",
+            f"{em['rss_gib']:.2f}",
+        )
+    )
     dry = timed([*pd, "tile", *map(str, folders), "--out", str(store.with_name("dry.zarr")), "--dry-run"])
     rows.append((f"`pathdino tile --dry-run` over {n:,} files", f"{dry['s']:.1f} s", f"{dry['rss_gib']:.2f}"))
     root_mb = (store / "zarr.json").stat().st_size / 1e6
@@ -217,7 +247,7 @@ def reuse_store_scale(work: Path, checkpoints: list[int]) -> Path:
     tiles = sample_tiles(TILES_PER_SLIDE)
     results = {}
     for k, (n, store) in enumerate(stores.items()):
-        rows = store_checkpoint(n, store, folders[:k + 1], [float("nan")], float("nan"))
+        rows = store_checkpoint(n, store, folders[: k + 1], [float("nan")], float("nan"))
         extra = work / f"extra-{n}"
         extra.mkdir(exist_ok=True)
         paths = []
@@ -232,16 +262,22 @@ def reuse_store_scale(work: Path, checkpoints: list[int]) -> Path:
         writer.fold_index()
         fold_s = time.perf_counter() - t0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        rows[0] = ("commit (mean of 100; slowest) / fold of the journal", f"{1e3 * np.mean(commit_s):.1f} ms; "
-                   f"{1e3 * max(commit_s):.0f} ms / {fold_s:.2f} s", f"{rss:.2f}")
+        rows[0] = (
+            "commit (mean of 100; slowest) / fold of the journal",
+            f"{1e3 * np.mean(commit_s):.1f} ms; {1e3 * max(commit_s):.0f} ms / {fold_s:.2f} s",
+            f"{rss:.2f}",
+        )
         results[n] = rows
     _print_store_table(results, checkpoints)
     return stores[checkpoints[0]]
 
 
 def _print_store_table(results: dict, checkpoints: list[int]) -> None:
-    print(f"\n| measure ({TILES_PER_SLIDE} tiles/slide) | " + " | ".join(f"{n:,} slides: time | peak RSS GiB"
-                                                                      for n in results) + " |")
+    print(
+        f"\n| measure ({TILES_PER_SLIDE} tiles/slide) | "
+        + " | ".join(f"{n:,} slides: time | peak RSS GiB" for n in results)
+        + " |"
+    )
     print("|---|" + "---|---|" * len(results))
     for i, row in enumerate(results[checkpoints[0]]):
         print(f"| {row[0]} | " + " | ".join(f"{results[n][i][1]} | {results[n][i][2]}" for n in results) + " |")
@@ -272,7 +308,7 @@ def run_store_scale(work: Path, n_slides: int, checkpoints: list[int]) -> Path:
         writer.fold_index()
         print(f"    committed up to {stop:,} slides ({time.perf_counter() - t0:.0f} s)")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        results[stop] = store_checkpoint(stop, store, folders[:k + 1], commit_s, rss)
+        results[stop] = store_checkpoint(stop, store, folders[: k + 1], commit_s, rss)
         if stop == 1000 or (k == 0 and stop < 1000):
             shutil.copytree(store, work / "archive-1000.zarr", dirs_exist_ok=True)
     _print_store_table(results, checkpoints)
@@ -310,8 +346,9 @@ def count_requests(store: Path) -> None:
 
     data = DataConfig(stores=("memory://bench/archive.zarr",), num_workers=0)
     aug = AugmentConfig(global_crop_px=112, local_crop_px=48, n_local_crops=2)
-    loader = build_train_loader(data, aug, MaskConfig(), patch_size=16, batch_size_per_process=64, rank=0,
-                                world_size=1, seed=0)
+    loader = build_train_loader(
+        data, aug, MaskConfig(), patch_size=16, batch_size_per_process=64, rank=0, world_size=1, seed=0
+    )
     it = iter(loader)
     next(it)
     start = dict(counts)
@@ -324,9 +361,11 @@ def count_requests(store: Path) -> None:
 
     n_slides = len(TileStore(str(store)).slide_ids)
     shards = -(-TILES_PER_SLIDE // 256)
-    print(f"\n(b) memory:// store of {n_slides} slides ({shards} shard each): loader start (catalog, plan, first "
-          f"batch): {sum(start.values())} calls {start}; one epoch ({n_batches} batches): "
-          f"{sum(counts.values())} calls {dict(counts)}; most frequent objects: {paths.most_common(6)}")
+    print(
+        f"\n(b) memory:// store of {n_slides} slides ({shards} shard each): loader start (catalog, plan, first "
+        f"batch): {sum(start.values())} calls {start}; one epoch ({n_batches} batches): "
+        f"{sum(counts.values())} calls {dict(counts)}; most frequent objects: {paths.most_common(6)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,8 +464,11 @@ def run_folder(work: Path, n_slides: int, scale: float, baseline: str | None) ->
         out = work / f"profile-{label.replace(' ', '')}.zarr"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(str(out) + ".pathdino", ignore_errors=True)
-        r = timed([sys.executable, "-c", PROFILE_CODE, str(folder), str(out)], stdout=subprocess.PIPE,
-                  env={"PYTHONPATH": tree})
+        r = timed(
+            [sys.executable, "-c", PROFILE_CODE, str(folder), str(out)],
+            stdout=subprocess.PIPE,
+            env={"PYTHONPATH": tree},
+        )
         try:
             prof = json.loads(r["stdout"].strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
@@ -434,8 +476,10 @@ def run_folder(work: Path, n_slides: int, scale: float, baseline: str | None) ->
             continue
         n = prof["n_slides"]
         per = {k: 1e3 * v / n for k, v in prof["groups"].items()}
-        print(f"\nper-slide cost, one worker, cProfile ({label}): {n} slides, {prof['tiles']:,} tiles in "
-              f"{prof['wall']:.1f} s (profiled); rerun with nothing to do {prof['rerun']:.2f} s")
+        print(
+            f"\nper-slide cost, one worker, cProfile ({label}): {n} slides, {prof['tiles']:,} tiles in "
+            f"{prof['wall']:.1f} s (profiled); rerun with nothing to do {prof['rerun']:.2f} s"
+        )
         print("| part | ms per slide |\n|---|---|")
         for k, v in per.items():
             print(f"| {k} | {v:.1f} |")
@@ -465,11 +509,30 @@ def _hs2p_folder(tb, folder: Path, out: Path, workers: int) -> dict | None:
         w.writerow(["sample_id", "image_path"])
         for p in sorted(folder.glob("*.svs")):
             w.writerow([p.stem, str(p)])
-    config = subprocess.run([str(tb.HS2P_PYTHON), "-c", "import hs2p, pathlib; print(pathlib.Path(hs2p.__file__)"
-                             ".parent / 'configs' / 'default.yaml')"], capture_output=True, text=True, check=True)
-    cmd = [str(tb.HS2P_PYTHON), "-m", "hs2p", config.stdout.strip(), "--skip-datetime", "--output-dir",
-           str(out / "run"), f"csv={out / 'slides.csv'}", "save_tiles=true", f"speed.num_workers={workers}",
-           "tiling.params.requested_tile_size_px=224", "tiling.params.requested_spacing_um=0.5"]
+    config = subprocess.run(
+        [
+            str(tb.HS2P_PYTHON),
+            "-c",
+            "import hs2p, pathlib; print(pathlib.Path(hs2p.__file__).parent / 'configs' / 'default.yaml')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    cmd = [
+        str(tb.HS2P_PYTHON),
+        "-m",
+        "hs2p",
+        config.stdout.strip(),
+        "--skip-datetime",
+        "--output-dir",
+        str(out / "run"),
+        f"csv={out / 'slides.csv'}",
+        "save_tiles=true",
+        f"speed.num_workers={workers}",
+        "tiling.params.requested_tile_size_px=224",
+        "tiling.params.requested_spacing_um=0.5",
+    ]
     r = timed(cmd)
     try:
         with open(out / "run" / "process_list.csv") as fh:

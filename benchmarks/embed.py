@@ -44,8 +44,7 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {cores} cores available, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"{gpu}")
+    return f"{cpu}, {cores} cores available, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
 
 
 def build_store(url: str, tile_px: int, n_tiles: int, tiles_per_slide: int) -> str:
@@ -72,8 +71,9 @@ def build_store(url: str, tile_px: int, n_tiles: int, tiles_per_slide: int) -> s
     return url
 
 
-def forward_only(encoder: Path, n_tiles: int, batch_size: int, device: torch.device, bf16: bool,
-                 tile_px: int, mean_patch: bool) -> float:
+def forward_only(
+    encoder: Path, n_tiles: int, batch_size: int, device: torch.device, bf16: bool, tile_px: int, mean_patch: bool
+) -> float:
     """tiles/s of normalise + forward on uint8 batches already on the device (no decoding, no transfer)."""
     from pathdino import load_encoder
     from pathdino.embed import encode_tokens
@@ -100,8 +100,18 @@ def forward_only(encoder: Path, n_tiles: int, batch_size: int, device: torch.dev
         return n_batches * batch_size / (time.perf_counter() - t0)
 
 
-def _forward_worker(encoder: str, n_tiles: int, batch_size: int, device: str, bf16: bool, tile_px: int,
-                    mean_patch: bool, threads: int, start, results) -> None:
+def _forward_worker(
+    encoder: str,
+    n_tiles: int,
+    batch_size: int,
+    device: str,
+    bf16: bool,
+    tile_px: int,
+    mean_patch: bool,
+    threads: int,
+    start,
+    results,
+) -> None:
     torch.set_num_threads(threads)
     start.wait()
     results.put(forward_only(Path(encoder), n_tiles, batch_size, torch.device(device), bf16, tile_px, mean_patch))
@@ -119,9 +129,24 @@ def multi(args, store: str, encoder: Path, work: Path, n_store: int, device: tor
     workers = max(0, args.workers // n)
     ctx = mp.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_forward_worker, args=(str(encoder), min(n_store, args.tiles) // n, args.batch_size,
-                                                       str(device), bf16, args.tile_px, args.mean_patch, threads,
-                                                       start, results)) for _ in range(n)]
+    procs = [
+        ctx.Process(
+            target=_forward_worker,
+            args=(
+                str(encoder),
+                min(n_store, args.tiles) // n,
+                args.batch_size,
+                str(device),
+                bf16,
+                args.tile_px,
+                args.mean_patch,
+                threads,
+                start,
+                results,
+            ),
+        )
+        for _ in range(n)
+    ]
     for proc in procs:
         proc.start()
     time.sleep(3.0)  # let every process import torch and build the model before the clock starts
@@ -129,15 +154,38 @@ def multi(args, store: str, encoder: Path, work: Path, n_store: int, device: tor
     fwd = sum(results.get(timeout=600) for _ in procs)
     for proc in procs:
         proc.join()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
-        [str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     out = work / f"emb-{n}"
-    cmd = [sys.executable, "-m", "pathdino.embed", store, "--encoder", str(encoder), "--out", str(out),
-           "--batch-size", str(args.batch_size), "-j", str(workers), "--precision", args.precision,
-           "--part-tiles", str(args.part_tiles), "--no-progress"] + (["--device", args.device] if args.device else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathdino.embed",
+        store,
+        "--encoder",
+        str(encoder),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+        "-j",
+        str(workers),
+        "--precision",
+        args.precision,
+        "--part-tiles",
+        str(args.part_tiles),
+        "--no-progress",
+    ] + (["--device", args.device] if args.device else [])
     t0 = time.perf_counter()
-    runs = [subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    runs = [
+        subprocess.Popen(
+            cmd + ["--shard", f"{i}/{n}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for i in range(n)
+    ]
     texts = [r.communicate()[0] for r in runs]
     wall = time.perf_counter() - t0
     loops = [re.search(r"embedded \d+ slide\(s\), (\d+) tiles in ([\d.]+) s", t) for t in texts]
@@ -147,9 +195,11 @@ def multi(args, store: str, encoder: Path, work: Path, n_store: int, device: tor
     tiles = sum(int(m[1]) for m in loops)
     slowest = max(float(m[2]) for m in loops)
     print(f"{n} processes, forward only : {fwd:10.1f} tiles/s (sum of {n}, {threads} thread(s) each)")
-    print(f"{n} processes, end to end   : {tiles / slowest:10.1f} tiles/s ({tiles} tiles, slowest loop "
-          f"{slowest:.1f} s, {workers} decoding worker(s) each); {tiles / wall:.1f} tiles/s by wall clock "
-          f"including process start ({wall:.1f} s)")
+    print(
+        f"{n} processes, end to end   : {tiles / slowest:10.1f} tiles/s ({tiles} tiles, slowest loop "
+        f"{slowest:.1f} s, {workers} decoding worker(s) each); {tiles / wall:.1f} tiles/s by wall clock "
+        f"including process start ({wall:.1f} s)"
+    )
     print(f"{n} processes, ratio e2e / fwd-only: {tiles / slowest / fwd:.2f}")
 
 
@@ -185,33 +235,52 @@ def main() -> None:
             encoder = Path(args.encoder)
         else:
             dim, depth, heads, _ = ARCHS[args.arch]
-            encoder = export_untrained_encoder(work / "encoder", tile_px=args.tile_px, embed_dim=dim, depth=depth,
-                                               num_heads=heads).out_dir
+            encoder = export_untrained_encoder(
+                work / "encoder", tile_px=args.tile_px, embed_dim=dim, depth=depth, num_heads=heads
+            ).out_dir
         from tiling.store import TileStore
 
         n_store = sum(e.n_tiles for e in TileStore(store).entries.values())
-        print(f"encoder: {encoder} ({args.arch if not args.encoder else 'given'}), store: {n_store} tiles of "
-              f"{args.tile_px} px, batch {args.batch_size}, {args.workers} decoding workers, {device}, "
-              f"{'bf16 autocast' if bf16 else 'fp32'}")
+        print(
+            f"encoder: {encoder} ({args.arch if not args.encoder else 'given'}), store: {n_store} tiles of "
+            f"{args.tile_px} px, batch {args.batch_size}, {args.workers} decoding workers, {device}, "
+            f"{'bf16 autocast' if bf16 else 'fp32'}"
+        )
+
         def fwd_only() -> float:
-            return forward_only(encoder, min(n_store, args.tiles), args.batch_size, device, bf16, args.tile_px,
-                                args.mean_patch)
+            return forward_only(
+                encoder, min(n_store, args.tiles), args.batch_size, device, bf16, args.tile_px, args.mean_patch
+            )
 
         # Forward-only before and after the end-to-end run: on a shared machine the load drifts; the mean of the
         # two brackets the end-to-end measurement.
         fwd_before = fwd_only()
-        report = embed_store(store, encoder, work / "emb", EmbedOptions(
-            batch_size=args.batch_size, num_workers=args.workers, device=str(device), precision=args.precision,
-            mean_patch=args.mean_patch, progress=False, part_tiles=args.part_tiles))
+        report = embed_store(
+            store,
+            encoder,
+            work / "emb",
+            EmbedOptions(
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                device=str(device),
+                precision=args.precision,
+                mean_patch=args.mean_patch,
+                progress=False,
+                part_tiles=args.part_tiles,
+            ),
+        )
         fwd_after = fwd_only()
         fwd = (fwd_before + fwd_after) / 2
         steady = (report.n_tiles - args.batch_size) / max(report.seconds - report.startup_s, 1e-9)
         print(f"forward only          : {fwd:10.1f} tiles/s (before {fwd_before:.1f}, after {fwd_after:.1f})")
-        print(f"end to end            : {report.tiles_per_s:10.1f} tiles/s ({report.n_tiles} tiles in "
-              f"{report.seconds:.1f} s, of which {report.startup_s:.1f} s before the first batch)")
+        print(
+            f"end to end            : {report.tiles_per_s:10.1f} tiles/s ({report.n_tiles} tiles in "
+            f"{report.seconds:.1f} s, of which {report.startup_s:.1f} s before the first batch)"
+        )
         print(f"end to end, steady    : {steady:10.1f} tiles/s (after the first batch)")
-        print(f"ratio e2e / fwd-only  : {report.tiles_per_s / fwd:.2f} overall, {steady / fwd:.2f} steady "
-              "(target >= 0.9)")
+        print(
+            f"ratio e2e / fwd-only  : {report.tiles_per_s / fwd:.2f} overall, {steady / fwd:.2f} steady (target >= 0.9)"
+        )
         if args.processes > 1:
             multi(args, store, encoder, work, n_store, device, bf16)
     finally:

@@ -30,24 +30,62 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "train" / "small.yaml"
 SLIDE = ROOT / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
-DYNAMICS = ("teacher_entropy", "embedding_rank", "embedding_std", "center_norm_dino", "dino_global", "uniformity",
-            "grad_norm_backbone", "grad_norm_dino_head", "lr", "weight_decay", "momentum", "teacher_temp")
+DYNAMICS = (
+    "teacher_entropy",
+    "embedding_rank",
+    "embedding_std",
+    "center_norm_dino",
+    "dino_global",
+    "uniformity",
+    "grad_norm_backbone",
+    "grad_norm_dino_head",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "teacher_temp",
+)
 
 
 def prepare(out: Path) -> tuple[Path, Path]:
     """The training store (221 tiles of 224 px, overlap 112) and the labelled probe set, made once."""
     store, probe = out / "tiles.zarr", out / "probe_cmu1"
     if not (probe / "labels.csv").is_file():
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "small_probe_set.py"), "--out", str(probe)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "small_probe_set.py"), "--out", str(probe)], check=True
+        )
     if not store.exists():
-        subprocess.run([sys.executable, "-m", "pathdino.cli", "tile", str(SLIDE), "--out", str(store),
-                        "--target-mpp", "0.5", "--tile-px", "224", "--overlap-px", "112"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pathdino.cli",
+                "tile",
+                str(SLIDE),
+                "--out",
+                str(store),
+                "--target-mpp",
+                "0.5",
+                "--tile-px",
+                "224",
+                "--overlap-px",
+                "112",
+            ],
+            check=True,
+        )
     return store, probe
 
 
-def run_one(out: Path, *, steps: int, seed: int, tag: str, overrides: list[str], warmup_fraction: float,
-            store: Path, probe: Path) -> Path:
+def run_one(
+    out: Path,
+    *,
+    steps: int,
+    seed: int,
+    tag: str,
+    overrides: list[str],
+    warmup_fraction: float,
+    store: Path,
+    probe: Path,
+) -> Path:
     run_dir = out / "runs" / f"{tag}_n{steps}_s{seed}"
     if (run_dir / "done.json").is_file():
         return run_dir
@@ -56,11 +94,27 @@ def run_one(out: Path, *, steps: int, seed: int, tag: str, overrides: list[str],
 
         shutil.rmtree(run_dir)
     every = max(1, steps // 10)
-    cmd = ["nice", "-n", "10", sys.executable, "-m", "pathdino.train", "--config", str(PRESET),
-           f"data.stores=[{store}]", f"train.output_dir={run_dir}", f"train.total_steps={steps}",
-           f"optim.warmup_steps={round(warmup_fraction * steps)}", f"train.seed={seed}", "log.every_steps=1",
-           "log.trackers=[]", f"train.checkpoint_every_steps={steps}", "train.keep_checkpoints=1",
-           f"eval.probe={{data: {probe / 'labels.csv'}, every_steps: {every}}}", *overrides]
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        "-m",
+        "pathdino.train",
+        "--config",
+        str(PRESET),
+        f"data.stores=[{store}]",
+        f"train.output_dir={run_dir}",
+        f"train.total_steps={steps}",
+        f"optim.warmup_steps={round(warmup_fraction * steps)}",
+        f"train.seed={seed}",
+        "log.every_steps=1",
+        "log.trackers=[]",
+        f"train.checkpoint_every_steps={steps}",
+        "train.keep_checkpoints=1",
+        f"eval.probe={{data: {probe / 'labels.csv'}, every_steps: {every}}}",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     print(" ".join(cmd), flush=True)
     with open(out / "runs" / f"{tag}_n{steps}_s{seed}.log", "w") as log:
@@ -138,34 +192,41 @@ def grad_shares(run_dir: Path, *, checkpoint: str | None, n_batches: int = 3) ->
             batch = next(data).to(ctx.device)
             mask_idx = batch.masks.flatten().nonzero().squeeze(1)
             weights = (1.0 / batch.masks.sum(dim=1).clamp_min(1).float()).index_select(
-                0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
+                0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor")
+            )
             with torch.no_grad():
                 t_out = parts.teacher(batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx)
-                dino_t = parts.losses["dino"].teacher_targets(t_out["global_cls_logits"], values.teacher_temp,
-                                                              update_center=False)
-                ibot_t = parts.losses["ibot"].teacher_targets(t_out["masked_patch_logits"], values.teacher_temp,
-                                                              update_center=False)
+                dino_t = parts.losses["dino"].teacher_targets(
+                    t_out["global_cls_logits"], values.teacher_temp, update_center=False
+                )
+                ibot_t = parts.losses["ibot"].teacher_targets(
+                    t_out["masked_patch_logits"], values.teacher_temp, update_center=False
+                )
             s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx)
-            g, loc = parts.losses["dino"].forward_terms(s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t,
-                                                        batch.n_global)
-            ibot = parts.losses["ibot"](s_out["masked_patch_logits"], ibot_t, batch.masks, batch.n_global,
-                                        token_weights=weights)
+            g, loc = parts.losses["dino"].forward_terms(
+                s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, batch.n_global
+            )
+            ibot = parts.losses["ibot"](
+                s_out["masked_patch_logits"], ibot_t, batch.masks, batch.n_global, token_weights=weights
+            )
             terms = {"dino": obj.dino_weight * (g + loc), "ibot": obj.ibot_weight * ibot}
             if parts.uniformity is not None:
                 terms["koleo"] = obj.uniformity_weight * parts.uniformity(s_out["global_cls"], n_chunks=batch.n_global)
             flat = {}
             for name, term in terms.items():
                 grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-                flat[name] = torch.cat([(gr if gr is not None else torch.zeros_like(q)).flatten()
-                                        for gr, q in zip(grads, params)])
+                flat[name] = torch.cat(
+                    [(gr if gr is not None else torch.zeros_like(q)).flatten() for gr, q in zip(grads, params)]
+                )
                 sums[f"grad_{name}"] = sums.get(f"grad_{name}", 0.0) + float(flat[name].norm()) / n_batches
             total = sum(flat.values())
             sums["grad_total"] = sums.get("grad_total", 0.0) + float(total.norm()) / n_batches
             if "koleo" in flat:
                 cos = float(torch.nn.functional.cosine_similarity(flat["koleo"], flat["dino"], dim=0))
                 sums["cos_koleo_dino"] = sums.get("cos_koleo_dino", 0.0) + cos / n_batches
-        sums["koleo_share"] = sums.get("grad_koleo", math.nan) / sum(sums[k] for k in sums if k.startswith("grad_")
-                                                                    and k != "grad_total")
+        sums["koleo_share"] = sums.get("grad_koleo", math.nan) / sum(
+            sums[k] for k in sums if k.startswith("grad_") and k != "grad_total"
+        )
         sums["step"] = progress.step
         return sums
 
@@ -176,13 +237,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 500])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tag", default="preset", help="name of this setting in the run folders and tables")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override on top of small.yaml (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override on top of small.yaml (repeatable)",
+    )
     parser.add_argument("--warmup-fraction", type=float, default=0.2)
     parser.add_argument("--report", action="store_true", help="only print the tables of the finished runs")
-    parser.add_argument("--grad-shares", type=Path, metavar="RUN_DIR",
-                        help="only print each loss term's backbone gradient norm at the run's initial weights and "
-                             "its last checkpoint (needs the run's config.yaml and checkpoints)")
+    parser.add_argument(
+        "--grad-shares",
+        type=Path,
+        metavar="RUN_DIR",
+        help="only print each loss term's backbone gradient norm at the run's initial weights and "
+        "its last checkpoint (needs the run's config.yaml and checkpoints)",
+    )
     args = parser.parse_args(argv)
     if args.grad_shares is not None:
         sys.path.insert(0, str(ROOT))  # ahead of benchmarks/, whose tiling.py would shadow the tiling package
@@ -201,8 +272,16 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "runs").mkdir(exist_ok=True)
         for seed in args.seeds:  # seeds outermost: a cut-short sweep still has every length for the first seeds
             for steps in args.steps:
-                run_one(args.out, steps=steps, seed=seed, tag=args.tag, overrides=args.overrides,
-                        warmup_fraction=args.warmup_fraction, store=store, probe=probe)
+                run_one(
+                    args.out,
+                    steps=steps,
+                    seed=seed,
+                    tag=args.tag,
+                    overrides=args.overrides,
+                    warmup_fraction=args.warmup_fraction,
+                    store=store,
+                    probe=probe,
+                )
     report(args.out)
 
 

@@ -109,8 +109,10 @@ def open_slide(path: Path):
 
         return tiffslide.TiffSlide(path)
     except ImportError:
-        sys.exit(f"reading {path} needs openslide-python (+ openslide-bin) or tiffslide in this environment; "
-                 "install one, or pass --images DIR with 224-px tiles")
+        sys.exit(
+            f"reading {path} needs openslide-python (+ openslide-bin) or tiffslide in this environment; "
+            "install one, or pass --images DIR with 224-px tiles"
+        )
 
 
 def cut_tiles(slide_path: Path, out_dir: Path, n_tiles: int, tile_px: int = 224) -> list[Path]:
@@ -128,11 +130,13 @@ def cut_tiles(slide_path: Path, out_dir: Path, n_tiles: int, tile_px: int = 224)
     stride = tile_px // 2
     windows = [(y, x) for y in range(0, h - tile_px + 1, stride) for x in range(0, w - tile_px + 1, stride)]
     # Tissue is darker and more saturated than glass; rank windows by the share of non-white pixels.
-    tissue = [float((region[y:y + tile_px, x:x + tile_px].min(axis=2) < 200).mean()) for y, x in windows]
+    tissue = [float((region[y : y + tile_px, x : x + tile_px].min(axis=2) < 200).mean()) for y, x in windows]
     order = sorted(range(len(windows)), key=lambda i: -tissue[i])
     if n_tiles > len(order):
-        sys.exit(f"{slide_path} yields {len(order)} tiles of {tile_px} px, fewer than the {n_tiles} needed; "
-                 "lower --steps/--batch-size or pass --images DIR")
+        sys.exit(
+            f"{slide_path} yields {len(order)} tiles of {tile_px} px, fewer than the {n_tiles} needed; "
+            "lower --steps/--batch-size or pass --images DIR"
+        )
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +144,7 @@ def cut_tiles(slide_path: Path, out_dir: Path, n_tiles: int, tile_px: int = 224)
     for rank, i in enumerate(order[:n_tiles]):
         y, x = windows[i]
         path = out_dir / f"tile_{rank:04d}_y{y}_x{x}.png"
-        Image.fromarray(np.ascontiguousarray(region[y:y + tile_px, x:x + tile_px])).save(path)
+        Image.fromarray(np.ascontiguousarray(region[y : y + tile_px, x : x + tile_px])).save(path)
         paths.append(path)
     return paths
 
@@ -197,8 +201,9 @@ def extra_callback(callback):
         train_helpers.get_trainer = inner
 
 
-def run_one(images: Path, out_dir: Path, precision: str, batch_size: int, steps: int, warmup: int,
-            drop_path: float = 0.3) -> dict:
+def run_one(
+    images: Path, out_dir: Path, precision: str, batch_size: int, steps: int, warmup: int, drop_path: float = 0.3
+) -> dict:
     """Train ``warmup + steps`` steps with lightly-train; figures over the last ``steps``."""
     import lightly_train
 
@@ -232,8 +237,10 @@ def run_one(images: Path, out_dir: Path, precision: str, batch_size: int, steps:
     total_s = time.perf_counter() - t0
     n = warmup + steps
     if len(timer.starts) != n or len(timer.ends) != n:
-        raise RuntimeError(f"expected {n} timed steps, got {len(timer.starts)} starts / {len(timer.ends)} ends "
-                           f"(does {images} hold at least {n * batch_size} images?)")
+        raise RuntimeError(
+            f"expected {n} timed steps, got {len(timer.starts)} starts / {len(timer.ends)} ends "
+            f"(does {images} hold at least {n * batch_size} images?)"
+        )
     step_s = [timer.ends[k] - timer.starts[k] for k in range(warmup, n)]
     load_s = [timer.starts[k] - timer.ends[k - 1] for k in range(warmup, n)]
     return {
@@ -253,8 +260,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=2, help="measured optimizer steps (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="discarded optimizer steps before them (default 1)")
-    p.add_argument("--images", type=Path, default=None,
-                   help="folder of 224-px images (default: tiles cut from --slide)")
+    p.add_argument(
+        "--images", type=Path, default=None, help="folder of 224-px images (default: tiles cut from --slide)"
+    )
     p.add_argument("--slide", type=Path, default=SAMPLE_SLIDE, help="slide to cut tiles from (default: bundled)")
     p.add_argument("--drop-path", type=float, default=0.3, help="student drop path, uniform (vits14 preset: 0.3)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
@@ -276,25 +284,36 @@ def main() -> None:
             p.error(f"--images {images} is not a folder")
         for precision in precisions:
             try:
-                r = run_one(images, Path(tmp) / f"run_{precision}", precision, args.batch_size, args.steps,
-                            args.warmup, args.drop_path)
+                r = run_one(
+                    images,
+                    Path(tmp) / f"run_{precision}",
+                    precision,
+                    args.batch_size,
+                    args.steps,
+                    args.warmup,
+                    args.drop_path,
+                )
                 r["ok"] = True
             except Exception as exc:  # noqa: BLE001 - a failed precision is a row, not the end of the table
                 r = {"precision": precision, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
             rows.append(r)
             print(r, flush=True)
 
-    print(f"\nlightly-train {lightly_train.__version__} method=dinov2 {MODEL}, batch {args.batch_size}, "
-          f"2x224 + 8x98 crops, {METHOD_ARGS['output_dim']:,} prototypes, torch {torch.__version__}")
+    print(
+        f"\nlightly-train {lightly_train.__version__} method=dinov2 {MODEL}, batch {args.batch_size}, "
+        f"2x224 + 8x98 crops, {METHOD_ARGS['output_dim']:,} prototypes, torch {torch.__version__}"
+    )
     print(f"device: {device}; {args.steps} measured steps after {args.warmup} warm-up")
     print(f"{'precision':<10}{'step img/s':>12}{'wall img/s':>12}{'s/step':>9}{'load s/step':>13}{'warm-up s':>11}")
     for r in rows:
         if not r["ok"]:
             print(f"{r['precision']:<10}  FAILED: {r['error']}")
             continue
-        print(f"{r['precision']:<10}{r['step_images_per_s']:>12.2f}{r['wall_images_per_s']:>12.2f}"
-              f"{statistics.mean(r['step_s']):>9.1f}{statistics.mean(r['load_s']):>13.2f}"
-              f"{r['warmup_step_s']:>11.1f}")
+        print(
+            f"{r['precision']:<10}{r['step_images_per_s']:>12.2f}{r['wall_images_per_s']:>12.2f}"
+            f"{statistics.mean(r['step_s']):>9.1f}{statistics.mean(r['load_s']):>13.2f}"
+            f"{r['warmup_step_s']:>11.1f}"
+        )
     print("step: forward+backward+optimizer+teacher update, loading excluded; wall: + main-process loading")
     if args.json:
         import json

@@ -52,7 +52,7 @@ def build_store(url: Path, tile_px: int = 224, stride: int = 56, n_slides: int =
     tiles, coords = [], []
     for y in range(0, img.shape[0] - tile_px + 1, stride):
         for x in range(0, img.shape[1] - tile_px + 1, stride):
-            t = img[y:y + tile_px, x:x + tile_px]
+            t = img[y : y + tile_px, x : x + tile_px]
             if (t.mean(axis=2) < 220).mean() > 0.5:
                 tiles.append(encode_tile(np.ascontiguousarray(t)))
                 coords.append((x, y))
@@ -60,7 +60,7 @@ def build_store(url: Path, tile_px: int = 224, stride: int = 56, n_slides: int =
     per = len(tiles) // n_slides
     for i in range(n_slides):
         w = writer.begin_slide(f"cmu1-part{i}", tile_px)
-        w.add(tiles[i * per:(i + 1) * per], np.array(coords[i * per:(i + 1) * per]), np.ones(per))
+        w.add(tiles[i * per : (i + 1) * per], np.array(coords[i * per : (i + 1) * per]), np.ones(per))
         w.commit({"source_path": str(SAMPLE)})
     return str(url)
 
@@ -75,15 +75,35 @@ def reference_pipeline(aug: AugmentConfig):
     def blur(p: float):
         return T.RandomApply([T.GaussianBlur(aug.blur_kernel_px, sigma=aug.blur_sigma)], p=p)
 
-    jitter = T.Compose([T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)],
-                                      p=aug.color_jitter_p), T.RandomGrayscale(p=aug.grayscale_p)])
+    jitter = T.Compose(
+        [
+            T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)], p=aug.color_jitter_p),
+            T.RandomGrayscale(p=aug.grayscale_p),
+        ]
+    )
     norm = T.Compose([T.ToTensor(), T.Normalize(aug.mean, aug.std)])
-    globals_ = [T.Compose([T.RandomResizedCrop(aug.global_crop_px, scale=aug.global_crop_scale, interpolation=bicubic),
-                           T.RandomHorizontalFlip(aug.hflip_p), jitter, blur(aug.blur_p_global[k]),
-                           T.RandomSolarize(128, p=aug.solarize_p_global[k]), norm])
-                for k in range(aug.n_global_crops)]
-    local = T.Compose([T.RandomResizedCrop(aug.local_crop_px, scale=aug.local_crop_scale, interpolation=bicubic),
-                       T.RandomHorizontalFlip(aug.hflip_p), jitter, blur(aug.blur_p_local), norm])
+    globals_ = [
+        T.Compose(
+            [
+                T.RandomResizedCrop(aug.global_crop_px, scale=aug.global_crop_scale, interpolation=bicubic),
+                T.RandomHorizontalFlip(aug.hflip_p),
+                jitter,
+                blur(aug.blur_p_global[k]),
+                T.RandomSolarize(128, p=aug.solarize_p_global[k]),
+                norm,
+            ]
+        )
+        for k in range(aug.n_global_crops)
+    ]
+    local = T.Compose(
+        [
+            T.RandomResizedCrop(aug.local_crop_px, scale=aug.local_crop_scale, interpolation=bicubic),
+            T.RandomHorizontalFlip(aug.hflip_p),
+            jitter,
+            blur(aug.blur_p_local),
+            norm,
+        ]
+    )
     masker = BlockMasker(MaskConfig(), aug.global_crop_px // PATCH)
 
     def batch(encoded: list[bytes]) -> None:
@@ -102,8 +122,9 @@ def cpu_per_core(store: str, aug: AugmentConfig, samples: int, batch: int) -> di
     torch.set_num_threads(1)
     tune_worker_allocator()
     data = DataConfig(stores=(store,), num_workers=0, shuffle_buffer_tiles=4 * batch)
-    ld = build_train_loader(data, aug, MaskConfig(), patch_size=PATCH, batch_size_per_process=batch, rank=0,
-                            world_size=1, seed=0)
+    ld = build_train_loader(
+        data, aug, MaskConfig(), patch_size=PATCH, batch_size_per_process=batch, rank=0, world_size=1, seed=0
+    )
     builder = BatchBuilder(ld.spec)
     sched = Schedule(ld.spec.epoch_size, ld.spec.layout, "drop", 0)
     encoded = [b for sid in TileStore(store).slide_ids for b in TileStore(store).slide(sid).read_encoded(0, 64)]
@@ -123,15 +144,35 @@ def cpu_per_core(store: str, aug: AugmentConfig, samples: int, batch: int) -> di
         ref(chunk)
         ref_s += time.perf_counter() - t
         n_ref += len(chunk)
-    return {"cpu_path_samples_per_s_per_core": n_ours / ours_s, "reference_samples_per_s_per_core": n_ref / ref_s,
-            "ratio": (n_ours / ours_s) / (n_ref / ref_s), "samples": n_ours, "reference_samples": n_ref}
+    return {
+        "cpu_path_samples_per_s_per_core": n_ours / ours_s,
+        "reference_samples_per_s_per_core": n_ref / ref_s,
+        "ratio": (n_ours / ours_s) / (n_ref / ref_s),
+        "samples": n_ours,
+        "reference_samples": n_ref,
+    }
 
 
 def gpu_path(store: str, aug: AugmentConfig, batch: int, workers: int, steps: int, decode_device: str) -> dict:
-    data = DataConfig(stores=(store,), num_workers=workers, path="gpu", decode_device=decode_device,
-                      shuffle_buffer_tiles=2 * batch, samples_per_epoch=max(10_000, 4 * batch * steps))
-    ld = build_train_loader(data, aug, MaskConfig(), patch_size=PATCH, batch_size_per_process=batch, rank=0,
-                            world_size=1, seed=0, device="cuda")
+    data = DataConfig(
+        stores=(store,),
+        num_workers=workers,
+        path="gpu",
+        decode_device=decode_device,
+        shuffle_buffer_tiles=2 * batch,
+        samples_per_epoch=max(10_000, 4 * batch * steps),
+    )
+    ld = build_train_loader(
+        data,
+        aug,
+        MaskConfig(),
+        patch_size=PATCH,
+        batch_size_per_process=batch,
+        rank=0,
+        world_size=1,
+        seed=0,
+        device="cuda",
+    )
     it = iter(ld)
     for _ in range(3):
         next(it)
@@ -153,9 +194,13 @@ def gpu_path(store: str, aug: AugmentConfig, batch: int, workers: int, steps: in
         augment_on_device(tiles, params, aug)
     torch.cuda.synchronize()
     dev = time.perf_counter() - t
-    return {f"gpu_path_{decode_device}_decode_samples_per_s": steps * batch / dt,
-            "gpu_augment_only_samples_per_s": steps * batch / dev, "gpu_batch": batch, "gpu_workers": workers,
-            "last_batch_shapes": [list(b.global_crops.shape), list(b.local_crops.shape)]}
+    return {
+        f"gpu_path_{decode_device}_decode_samples_per_s": steps * batch / dt,
+        "gpu_augment_only_samples_per_s": steps * batch / dev,
+        "gpu_batch": batch,
+        "gpu_workers": workers,
+        "last_batch_shapes": [list(b.global_crops.shape), list(b.local_crops.shape)],
+    }
 
 
 def main() -> None:
@@ -172,9 +217,11 @@ def main() -> None:
     args = ap.parse_args()
 
     aug = AugmentConfig.preset(args.preset, color_jitter_impl=args.jitter)
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                     "recipe": f"{args.preset} ({aug.n_global_crops}x{aug.global_crop_px} + "
-                               f"{aug.n_local_crops}x{aug.local_crop_px}, jitter {args.jitter})"}
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "recipe": f"{args.preset} ({aug.n_global_crops}x{aug.global_crop_px} + "
+        f"{aug.n_local_crops}x{aug.local_crop_px}, jitter {args.jitter})",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store or build_store(Path(tmp) / "bench.zarr")
         results["tiles"] = sum(TileStore(store).n_tiles(s) for s in TileStore(store).slide_ids)
@@ -188,10 +235,12 @@ def main() -> None:
             results["gpu"] = torch.cuda.get_device_name()
             for decode_device in ("cpu", "gpu"):
                 results.update(gpu_path(store, aug, args.gpu_batch, args.workers, args.gpu_steps, decode_device))
-            print(f"GPU path on {results['gpu']} (batch {args.gpu_batch}, {args.workers} workers): "
-                  f"{results['gpu_path_cpu_decode_samples_per_s']:.0f} samples/s (CPU decode), "
-                  f"{results['gpu_path_gpu_decode_samples_per_s']:.0f} samples/s (GPU decode); "
-                  f"augmentation alone {results['gpu_augment_only_samples_per_s']:.0f} samples/s")
+            print(
+                f"GPU path on {results['gpu']} (batch {args.gpu_batch}, {args.workers} workers): "
+                f"{results['gpu_path_cpu_decode_samples_per_s']:.0f} samples/s (CPU decode), "
+                f"{results['gpu_path_gpu_decode_samples_per_s']:.0f} samples/s (GPU decode); "
+                f"augmentation alone {results['gpu_augment_only_samples_per_s']:.0f} samples/s"
+            )
         else:
             print("GPU path: no CUDA device here (skipped)")
     if args.json:

@@ -21,9 +21,16 @@ from torch.profiler import ProfilerActivity, profile, schedule
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::convolution_backward",
-              "aten::mkldnn_convolution", "aten::baddbmm")
+MATMUL_OPS = (
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::convolution_backward",
+    "aten::mkldnn_convolution",
+    "aten::baddbmm",
+)
 
 
 def main() -> None:
@@ -44,14 +51,29 @@ def main() -> None:
     from pathdino.train.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="pathdino-profile-") as tmp:
-        cfg = load_config(ROOT / "configs" / "train" / f"{args.preset}.yaml", [
-            f"train.output_dir={tmp}/run", f"train.precision={args.precision}",
-            f"train.compile={str(args.compile).lower()}", f"train.total_steps={args.skip + args.steps}",
-            f"train.batch_size={args.batch_size}", "train.synthetic_data=true", "optim.warmup_steps=0",
-            "log.every_steps=1000000", "log.trackers=[]", "train.checkpoint_every_steps=1000000000",
-            "train.checkpoint_at_end=false", "log.collapse_after_steps=1000000000", *args.overrides])
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape,
-                     schedule=schedule(wait=args.skip, warmup=0, active=args.steps)) as prof:
+        cfg = load_config(
+            ROOT / "configs" / "train" / f"{args.preset}.yaml",
+            [
+                f"train.output_dir={tmp}/run",
+                f"train.precision={args.precision}",
+                f"train.compile={str(args.compile).lower()}",
+                f"train.total_steps={args.skip + args.steps}",
+                f"train.batch_size={args.batch_size}",
+                "train.synthetic_data=true",
+                "optim.warmup_steps=0",
+                "log.every_steps=1000000",
+                "log.trackers=[]",
+                "train.checkpoint_every_steps=1000000000",
+                "train.checkpoint_at_end=false",
+                "log.collapse_after_steps=1000000000",
+                *args.overrides,
+            ],
+        )
+        with profile(
+            activities=[ProfilerActivity.CPU],
+            record_shapes=args.by_shape,
+            schedule=schedule(wait=args.skip, warmup=0, active=args.steps),
+        ) as prof:
             original = loop.apply_update
 
             def apply_and_tick(*a, **k):
@@ -67,12 +89,17 @@ def main() -> None:
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
-    print(f"recorded {total / 1e6:.2f} s self CPU time over {args.steps} step(s); matrix products "
-          f"{matmul / max(total, 1):.1%}, everything else {1 - matmul / max(total, 1):.1%} "
-          f"({args.precision}, {torch.get_num_threads()} threads)")
+    print(
+        f"recorded {total / 1e6:.2f} s self CPU time over {args.steps} step(s); matrix products "
+        f"{matmul / max(total, 1):.1%}, everything else {1 - matmul / max(total, 1):.1%} "
+        f"({args.precision}, {torch.get_num_threads()} threads)"
+    )
     if args.by_shape:
-        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.rows,
-                                                                 max_name_column_width=28, max_shapes_column_width=90))
+        print(
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=28, max_shapes_column_width=90
+            )
+        )
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
 

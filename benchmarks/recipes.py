@@ -36,8 +36,16 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def train_cmd(out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pathdino.train", "--config", str(SMALL), f"train.output_dir={out}",
-            "log.trackers=[]", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "pathdino.train",
+        "--config",
+        str(SMALL),
+        f"train.output_dir={out}",
+        "log.trackers=[]",
+        *overrides,
+    ]
 
 
 def train(out: Path, *overrides: str) -> float:
@@ -52,8 +60,10 @@ def train_together(runs: dict[Path, list[str]]) -> dict[str, float]:
     for out, overrides in runs.items():
         if not (out / "done.json").is_file():
             log = open(out.parent / f"{out.name}.log", "w")
-            procs[out] = (subprocess.Popen(train_cmd(out, *overrides), stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=ROOT), log)
+            procs[out] = (
+                subprocess.Popen(train_cmd(out, *overrides), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT),
+                log,
+            )
     times = {}
     for out, (proc, log) in procs.items():
         if proc.wait() != 0:
@@ -65,8 +75,11 @@ def train_together(runs: dict[Path, list[str]]) -> dict[str, float]:
 
 def probes(out: Path) -> dict[int, tuple[float, float]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["probe_knn_accuracy"], r.get("probe_linear_accuracy", float("nan")))
-            for r in rows if "probe_knn_accuracy" in r}
+    return {
+        r["step"]: (r["probe_knn_accuracy"], r.get("probe_linear_accuracy", float("nan")))
+        for r in rows
+        if "probe_knn_accuracy" in r
+    }
 
 
 def table(title: str, runs: dict[str, Path]) -> str:
@@ -86,7 +99,7 @@ def backbone_file(checkpoint: Path, out: Path) -> Path:
 
     sd = load_file(checkpoint / "teacher.safetensors")
     prefix = "backbone.backbone."
-    save_file({k[len(prefix):]: v.contiguous() for k, v in sd.items() if k.startswith(prefix)}, str(out))
+    save_file({k[len(prefix) :]: v.contiguous() for k, v in sd.items() if k.startswith(prefix)}, str(out))
     return out
 
 
@@ -106,45 +119,91 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     store, probe_set = work / "tiles.zarr", work / "probe_cmu1"
     if not store.exists():
-        run(["pathdino", "tile", str(SLIDE), "--out", str(store), "--target-mpp", "0.5", "--tile-px", "224",
-             "--overlap-px", "112"], work / "tile.log")
+        run(
+            [
+                "pathdino",
+                "tile",
+                str(SLIDE),
+                "--out",
+                str(store),
+                "--target-mpp",
+                "0.5",
+                "--tile-px",
+                "224",
+                "--overlap-px",
+                "112",
+            ],
+            work / "tile.log",
+        )
     if not (probe_set / "labels.csv").exists():
         run([sys.executable, "benchmarks/small_probe_set.py", "--out", str(probe_set)], work / "probe.log")
     common = [f"data.stores=[{store}]", f"train.batch_size={a.batch}"]
-    probe = (f"eval.probe={{data: {probe_set / 'labels.csv'}, every_steps: {a.probe_every}, "
-             f"max_images: {a.probe_images}}}")
+    probe = (
+        f"eval.probe={{data: {probe_set / 'labels.csv'}, every_steps: {a.probe_every}, max_images: {a.probe_images}}}"
+    )
     timings = {}
 
     base = work / "base"
-    timings["base"] = train(base, *common, f"train.total_steps={a.base_steps}",
-                            f"train.checkpoint_every_steps={a.base_steps}",
-                            f"optim.warmup_steps={min(20, a.base_steps // 3)}")
+    timings["base"] = train(
+        base,
+        *common,
+        f"train.total_steps={a.base_steps}",
+        f"train.checkpoint_every_steps={a.base_steps}",
+        f"optim.warmup_steps={min(20, a.base_steps // 3)}",
+    )
     base_ckpt = base / "checkpoints" / f"step_{a.base_steps:09d}"
     init = backbone_file(base_ckpt, work / "base_backbone.safetensors")
 
     # Fresh heads on the pretrained backbone; a short lr warm-up (2 steps) so that the run without the freeze
     # meets random heads at full lr, as users who continue without a warm-up do.
-    cont = [*common, f"model.init_checkpoint={init}", f"train.total_steps={a.warm_steps}",
-            f"train.checkpoint_every_steps={a.warm_steps}", "optim.warmup_steps=2", "train.seed=1", probe]
+    cont = [
+        *common,
+        f"model.init_checkpoint={init}",
+        f"train.total_steps={a.warm_steps}",
+        f"train.checkpoint_every_steps={a.warm_steps}",
+        "optim.warmup_steps=2",
+        "train.seed=1",
+        probe,
+    ]
     warm, cold = work / "continue_warmup", work / "continue_no_warmup"
 
-    student = [*common, "model.backbone.embed_dim=96", "model.backbone.depth=2", "model.backbone.num_heads=3",
-               f"train.total_steps={a.distill_steps}", f"train.checkpoint_every_steps={a.distill_steps}",
-               "optim.warmup_steps=2", probe]
+    student = [
+        *common,
+        "model.backbone.embed_dim=96",
+        "model.backbone.depth=2",
+        "model.backbone.num_heads=3",
+        f"train.total_steps={a.distill_steps}",
+        f"train.checkpoint_every_steps={a.distill_steps}",
+        "optim.warmup_steps=2",
+        probe,
+    ]
     distilled, scratch = work / "student_distilled", work / "student_scratch"
     # The four runs are independent: run together (on a shared 2-core machine they finish sooner that way).
-    timings.update(train_together({
-        warm: [*cont, f"train.freeze_backbone_steps={a.freeze}", f"train.backbone_lr_ramp_steps={a.ramp}"],
-        cold: cont,
-        distilled: [*student, f"train.distill.teacher={base_ckpt}"],
-        scratch: student,
-    }))
+    timings.update(
+        train_together(
+            {
+                warm: [*cont, f"train.freeze_backbone_steps={a.freeze}", f"train.backbone_lr_ramp_steps={a.ramp}"],
+                cold: cont,
+                distilled: [*student, f"train.distill.teacher={base_ckpt}"],
+                scratch: student,
+            }
+        )
+    )
 
-    print(table(f"Continued pretraining from the {a.base_steps}-step small backbone (fresh heads; warm-up: "
-                f"frozen {a.freeze} steps, ramp {a.ramp})", {"warm-up": warm, "no warm-up": cold}))
+    print(
+        table(
+            f"Continued pretraining from the {a.base_steps}-step small backbone (fresh heads; warm-up: "
+            f"frozen {a.freeze} steps, ramp {a.ramp})",
+            {"warm-up": warm, "no warm-up": cold},
+        )
+    )
     print()
-    print(table(f"2 x 96 student, {a.distill_steps} steps: distilled from the 4 x 192 base vs from scratch",
-                {"distilled": distilled, "scratch": scratch}))
+    print(
+        table(
+            f"2 x 96 student, {a.distill_steps} steps: distilled from the 4 x 192 base vs from scratch",
+            {"distilled": distilled, "scratch": scratch},
+        )
+    )
     print()
     print("wall time (s, the last four run at once):", {k: round(v) for k, v in timings.items()})
 

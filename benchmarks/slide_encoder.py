@@ -44,8 +44,10 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
-            f"load average {load:.2f}")
+    return (
+        f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
+        f"load average {load:.2f}"
+    )
 
 
 def synthetic_slide(n_tiles: int, in_dim: int, *, seed: int = 0):
@@ -72,8 +74,13 @@ def run_case(args) -> dict:
     """One case in this process: build, one warm-up at 1/10 size, then the timed pass."""
     device = "cuda" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model, cfg = build(args.preset, mode=args.mode, blocks=args.blocks,
-                       grad_checkpointing=args.pass_ == "backward", backend=args.backend)
+    model, cfg = build(
+        args.preset,
+        mode=args.mode,
+        blocks=args.blocks,
+        grad_checkpointing=args.pass_ == "backward",
+        backend=args.backend,
+    )
     model = model.to(device)
     backward = args.pass_ == "backward"
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -94,16 +101,42 @@ def run_case(args) -> dict:
     start, start_cpu = time.perf_counter(), time.process_time()
     once(args.size)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {"preset": args.preset, "mode": args.mode, "pass": args.pass_, "size": args.size, "seconds": seconds,
-            "cpu_seconds": cpu_seconds, "load": os.getloadavg()[0], "peak_gib": peak, "base_gib": base_rss,
-            "depth": cfg.depth, "dtype": args.dtype, "device": device}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {
+        "preset": args.preset,
+        "mode": args.mode,
+        "pass": args.pass_,
+        "size": args.size,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "load": os.getloadavg()[0],
+        "peak_gib": peak,
+        "base_gib": base_rss,
+        "depth": cfg.depth,
+        "dtype": args.dtype,
+        "device": device,
+    }
 
 
 def _subprocess(case: dict, extra: list[str], timeout_s: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", "--preset", case["preset"], "--mode", case["mode"], "--pass",
-           case["pass"], "--size", str(case["size"]), *extra]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        "--preset",
+        case["preset"],
+        "--mode",
+        case["mode"],
+        "--pass",
+        case["pass"],
+        "--size",
+        str(case["size"]),
+        *extra,
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -130,8 +163,10 @@ def _row(r: dict, previous: dict | None) -> str:
     growth = ""
     if previous and "seconds" in previous and previous["size"] * 2 == r["size"]:
         growth = f"{r['cpu_seconds'] / previous['cpu_seconds']:.2f}x"
-    return (f"{what} {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {growth} | {r['peak_gib']:.2f} | "
-            f"blocks={r['depth']} {r['dtype']}, load {r['load']:.1f} |")
+    return (
+        f"{what} {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {growth} | {r['peak_gib']:.2f} | "
+        f"blocks={r['depth']} {r['dtype']}, load {r['load']:.1f} |"
+    )
 
 
 def main(argv=None) -> None:
@@ -167,9 +202,12 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         blocks = args.blocks or (1 if preset == "gigapath" and not gpu else None)
-        extra = [*(["--blocks", str(blocks)] if blocks else []),
-                 *(["--device", "cuda", "--dtype", "bf16"] if gpu else []),
-                 "--backend", "auto" if gpu and args.backend == "torch" else args.backend]
+        extra = [
+            *(["--blocks", str(blocks)] if blocks else []),
+            *(["--device", "cuda", "--dtype", "bf16"] if gpu else []),
+            "--backend",
+            "auto" if gpu and args.backend == "torch" else args.backend,
+        ]
         for mode in args.modes.split(","):
             for pass_ in args.passes.split(","):
                 previous = None
@@ -187,8 +225,9 @@ def check_correctness() -> None:
     from pathdino.slide import SlideEncoder, SlideEncoderConfig
     from pathdino.slide.attention_xformers import xformers_importable
 
-    cfg = SlideEncoderConfig(in_dim=64, embed_dim=128, depth=2, num_heads=8, segment_lengths=(256, 1024),
-                             dilation_ratios=(1, 4))
+    cfg = SlideEncoderConfig(
+        in_dim=64, embed_dim=128, depth=2, num_heads=8, segment_lengths=(256, 1024), dilation_ratios=(1, 4)
+    )
     lengths = [3000, 700, 1]
     emb = synthetic_slide(sum(lengths), 64)[0].cuda()
     grids = torch.cat([synthetic_slide(n, 64, seed=i)[1] for i, n in enumerate(lengths)]).cuda()
@@ -212,11 +251,14 @@ def check_correctness() -> None:
             (out.cls.float().square().sum() + out.tiles.float().mean()).backward()
         outs[backend] = (out.tiles.float(), [p.grad.float() for p in m.parameters()])
     diff = (outs["xformers"][0] - outs["torch"][0]).abs().max().item()
-    grad = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-               for a, b in zip(outs["xformers"][1], outs["torch"][1]))
+    grad = max(
+        ((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(outs["xformers"][1], outs["torch"][1])
+    )
     verdict = "OK" if diff < 0.1 and grad < 0.05 else "MISMATCH: keep attention_backend='torch'"
-    print(f"# check: xformers vs torch path (bf16): tiles max |diff| {diff:.3g}, worst relative gradient "
-          f"difference {grad:.3g}: {verdict}")
+    print(
+        f"# check: xformers vs torch path (bf16): tiles max |diff| {diff:.3g}, worst relative gradient "
+        f"difference {grad:.3g}: {verdict}"
+    )
 
 
 if __name__ == "__main__":

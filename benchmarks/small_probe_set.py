@@ -43,8 +43,9 @@ def _nuclei_count(rgb: np.ndarray, threshold: float, min_px: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--slide", type=Path, default=BUNDLED,
-                        help="a small single-region slide: level 0 is read into memory whole")
+    parser.add_argument(
+        "--slide", type=Path, default=BUNDLED, help="a small single-region slide: level 0 is read into memory whole"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--crop-px", type=int, default=112)
     parser.add_argument("--min-tissue", type=float, default=0.5)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         for x in range(0, width - c + 1, args.stride_px):
             if (y // b != (y + c - 1) // b) or (x // b != (x + c - 1) // b):
                 continue  # straddles a block border: would share pixels with the other split
-            rgb = region[y:y + c, x:x + c]
+            rgb = region[y : y + c, x : x + c]
             if _tissue_fraction(rgb) >= args.min_tissue:
                 crops.append((y, x, rgb, _nuclei_count(rgb, args.hema_threshold, args.min_nucleus_px)))
     counts = np.array([n for *_, n in crops])

@@ -62,10 +62,19 @@ def main() -> None:
             libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1 if reuse else _DEFAULT_TRIM_THRESHOLD)
 
     with tempfile.TemporaryDirectory(prefix="pathdino-variants-") as tmp, contextlib.ExitStack() as cleanup:
-        cfg = load_config(ROOT / "configs" / "train" / f"{args.preset}.yaml", [
-            f"train.output_dir={tmp}/run", f"train.precision={args.precision}", "train.total_steps=1000",
-            f"train.batch_size={args.batch_size}", "train.synthetic_data=true", "optim.warmup_steps=0",
-            "log.trackers=[]", "train.cpu_reuse_freed_memory=false"])
+        cfg = load_config(
+            ROOT / "configs" / "train" / f"{args.preset}.yaml",
+            [
+                f"train.output_dir={tmp}/run",
+                f"train.precision={args.precision}",
+                "train.total_steps=1000",
+                f"train.batch_size={args.batch_size}",
+                "train.synthetic_data=true",
+                "optim.warmup_steps=0",
+                "log.trackers=[]",
+                "train.cpu_reuse_freed_memory=false",
+            ],
+        )
         ctx = open_context(cfg.train, cfg.log.trackers, cleanup)  # its CPU settings are undone when the block ends
         phase, _ = start_phase(ctx, cfg, resume=None, loader=None)
         parts = phase.parts
@@ -95,8 +104,10 @@ def main() -> None:
                 seconds[v].append(step())
                 print(f"{v}: {args.batch_size / seconds[v][-1]:.3f} img/s", flush=True)
         set_malloc(False)
-    print(f"\n{args.preset}, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} threads; "
-          "img/s per round")
+    print(
+        f"\n{args.preset}, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} threads; "
+        "img/s per round"
+    )
     for v in variants:
         print(f"{v:<14} " + " ".join(f"{args.batch_size / t:.3f}" for t in seconds[v]))
 

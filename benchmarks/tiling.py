@@ -62,7 +62,8 @@ def _mirror_index(n: int, period: int) -> np.ndarray:
 def _ycbcr(tile: np.ndarray) -> np.ndarray:
     m = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
     return np.clip(np.rint(tile.astype(np.float32) @ m.T + np.array([0, 128, 128], np.float32)), 0, 255).astype(
-        np.uint8)
+        np.uint8
+    )
 
 
 def write_mosaic(path: Path, size: int, mpp: float, j2k: bool = False) -> None:
@@ -72,8 +73,14 @@ def write_mosaic(path: Path, size: int, mpp: float, j2k: bool = False) -> None:
         src = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for ds in (1, 4, 16, 64):
-            level_src = src if ds == 1 else src[: src.shape[0] // ds * ds, : src.shape[1] // ds * ds].reshape(
-                src.shape[0] // ds, ds, src.shape[1] // ds, ds, 3).mean(axis=(1, 3)).astype(np.uint8)
+            level_src = (
+                src
+                if ds == 1
+                else src[: src.shape[0] // ds * ds, : src.shape[1] // ds * ds]
+                .reshape(src.shape[0] // ds, ds, src.shape[1] // ds, ds, 3)
+                .mean(axis=(1, 3))
+                .astype(np.uint8)
+            )
             h = w = max(size // ds, 1)
             ys, xs = _mirror_index(h, level_src.shape[0]), _mirror_index(w, level_src.shape[1])
 
@@ -81,17 +88,31 @@ def write_mosaic(path: Path, size: int, mpp: float, j2k: bool = False) -> None:
                 for ty in range(0, h, SOURCE_TILE):
                     for tx in range(0, w, SOURCE_TILE):
                         tile = np.full((SOURCE_TILE, SOURCE_TILE, 3), 255, np.uint8)
-                        yy, xx = ys[ty:ty + SOURCE_TILE], xs[tx:tx + SOURCE_TILE]
+                        yy, xx = ys[ty : ty + SOURCE_TILE], xs[tx : tx + SOURCE_TILE]
                         tile[: len(yy), : len(xx)] = level_src[yy[:, None], xx[None, :]]
                         yield _ycbcr(tile) if j2k else tile
 
             codec = "J2K/YUV16 Q=70" if j2k else "JPEG Q=90"
-            desc = f"Aperio Image Library pathdino-benchmark\r\n{w}x{h} [0,0 {w}x{h}] ({SOURCE_TILE}x{SOURCE_TILE}) " \
-                   f"{codec}|AppMag = {40 if mpp < 0.4 else 20}|MPP = {mpp * ds}"
-            options = dict(compression=33003, compressionargs={"level": 80}) if j2k else dict(
-                compression="jpeg", compressionargs={"level": 90})
-            tw.write(tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(SOURCE_TILE, SOURCE_TILE), photometric="rgb",
-                     description=desc, metadata=None, subfiletype=0, **options)
+            desc = (
+                f"Aperio Image Library pathdino-benchmark\r\n{w}x{h} [0,0 {w}x{h}] ({SOURCE_TILE}x{SOURCE_TILE}) "
+                f"{codec}|AppMag = {40 if mpp < 0.4 else 20}|MPP = {mpp * ds}"
+            )
+            options = (
+                dict(compression=33003, compressionargs={"level": 80})
+                if j2k
+                else dict(compression="jpeg", compressionargs={"level": 90})
+            )
+            tw.write(
+                tiles(),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(SOURCE_TILE, SOURCE_TILE),
+                photometric="rgb",
+                description=desc,
+                metadata=None,
+                subfiletype=0,
+                **options,
+            )
 
 
 class PeakMemory:
@@ -143,9 +164,15 @@ def run_pathdino(slides: list[SlideInput], url: Path, workers: int) -> dict:
         outcomes = run_tiling(slides, str(url), cfg)
         elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0 - mem.cpu_s
     n_tiles = sum(o.n_tiles for o in outcomes)
-    return {"tiles": n_tiles, "seconds": elapsed, "rate": n_tiles / elapsed, "rss_gib": mem.peak_bytes / 2**30,
-            "busy": cpu / (elapsed * workers), "failed": sum(o.status == "failed" for o in outcomes),
-            "cpu_rate": n_tiles / cpu}
+    return {
+        "tiles": n_tiles,
+        "seconds": elapsed,
+        "rate": n_tiles / elapsed,
+        "rss_gib": mem.peak_bytes / 2**30,
+        "busy": cpu / (elapsed * workers),
+        "failed": sum(o.status == "failed" for o in outcomes),
+        "cpu_rate": n_tiles / cpu,
+    }
 
 
 def run_hs2p(slide: Path, mpp: float | None, out: Path) -> dict | None:
@@ -161,11 +188,30 @@ def run_hs2p(slide: Path, mpp: float | None, out: Path) -> dict | None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    config = subprocess.run([str(HS2P_PYTHON), "-c", "import hs2p, pathlib; print(pathlib.Path(hs2p.__file__)"
-                             ".parent / 'configs' / 'default.yaml')"], capture_output=True, text=True, check=True)
-    cmd = [str(HS2P_PYTHON), "-m", "hs2p", config.stdout.strip(), "--skip-datetime", "--output-dir",
-           str(out / "run"), f"csv={out / 'slides.csv'}", "save_tiles=true", "speed.num_workers=1",
-           "tiling.params.requested_tile_size_px=224", "tiling.params.requested_spacing_um=0.5"]
+    config = subprocess.run(
+        [
+            str(HS2P_PYTHON),
+            "-c",
+            "import hs2p, pathlib; print(pathlib.Path(hs2p.__file__).parent / 'configs' / 'default.yaml')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    cmd = [
+        str(HS2P_PYTHON),
+        "-m",
+        "hs2p",
+        config.stdout.strip(),
+        "--skip-datetime",
+        "--output-dir",
+        str(out / "run"),
+        f"csv={out / 'slides.csv'}",
+        "save_tiles=true",
+        "speed.num_workers=1",
+        "tiling.params.requested_tile_size_px=224",
+        "tiling.params.requested_spacing_um=0.5",
+    ]
     with PeakMemory() as mem:
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -175,8 +221,13 @@ def run_hs2p(slide: Path, mpp: float | None, out: Path) -> dict | None:
         return None
     with open(out / "run" / "process_list.csv") as fh:
         n_tiles = sum(int(r["num_tiles"] or 0) for r in csv.DictReader(fh))
-    return {"tiles": n_tiles, "seconds": elapsed, "rate": n_tiles / elapsed, "rss_gib": mem.peak_bytes / 2**30,
-            "cpu_rate": n_tiles / cpu}
+    return {
+        "tiles": n_tiles,
+        "seconds": elapsed,
+        "rate": n_tiles / elapsed,
+        "rss_gib": mem.peak_bytes / 2**30,
+        "cpu_rate": n_tiles / cpu,
+    }
 
 
 def _source_tiles(slide_path: Path, store_url: Path, slide_id: str):
@@ -222,8 +273,11 @@ def decode_encode_bound(slide_path: Path, store_url: Path, slide_id: str) -> dic
 
     reference_s = timed(lambda d, i: reference(d, tables=tables) if tables else reference(d))
     full_s = timed(decoder.decode)
-    reduced_s = timed(lambda d, i: decoder.decode_reduced(d, reduction)) if reduction > 1 and decoder.reduced_kind \
+    reduced_s = (
+        timed(lambda d, i: decoder.decode_reduced(d, reduction))
+        if reduction > 1 and decoder.reduced_kind
         else float("nan")
+    )
     tiles = slide.read_tiles(0, min(slide.n_tiles, 2000))
     t0 = time.process_time()
     for tile in tiles:
@@ -232,9 +286,16 @@ def decode_encode_bound(slide_path: Path, store_url: Path, slide_id: str) -> dic
     tif.close()
     decode_s = reduced_s if reduced else full_s
     n = slide.n_tiles
-    return {"n_source": len(raw), "full_decode_per_s": len(raw) / full_s, "reduced_decode_per_s": len(raw) / reduced_s,
-            "reference_decode_per_s": len(raw) / reference_s, "decoder": decoder.describe(reduction, reduced),
-            "encode_per_s": 1 / encode_per_tile, "bound": n / (decode_s + n * encode_per_tile), "reduced": reduced}
+    return {
+        "n_source": len(raw),
+        "full_decode_per_s": len(raw) / full_s,
+        "reduced_decode_per_s": len(raw) / reduced_s,
+        "reference_decode_per_s": len(raw) / reference_s,
+        "decoder": decoder.describe(reduction, reduced),
+        "encode_per_s": 1 / encode_per_tile,
+        "bound": n / (decode_s + n * encode_per_tile),
+        "reduced": reduced,
+    }
 
 
 def reduced_quality(slide_path: Path, reduction: int = 2, n: int = 64) -> tuple[float, float]:
@@ -254,7 +315,7 @@ def reduced_quality(slide_path: Path, reduction: int = 2, n: int = 64) -> tuple[
             reference = area_mean(decoder.decode(data, index), reduction).astype(np.float64)
             errors.append(((ours - reference) ** 2).mean())
             absdiff.append(np.abs(ours - reference).mean())
-    return 10 * np.log10(255 ** 2 / float(np.mean(errors))), float(np.mean(absdiff))
+    return 10 * np.log10(255**2 / float(np.mean(errors))), float(np.mean(absdiff))
 
 
 def make_folder(folder: Path, scale: float) -> list[SlideInput]:
@@ -292,24 +353,33 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cases = [c for c in args.cases.split(",") if c]
     jpeg_path, j2k_path = work / "mosaic.svs", work / "mosaic-j2k.svs"
-    for path, size, j2k, wanted in [(jpeg_path, args.size, False, {"20x", "40x"}),
-                                    (j2k_path, args.j2k_size, True, {"j2k-40x"})]:
+    for path, size, j2k, wanted in [
+        (jpeg_path, args.size, False, {"20x", "40x"}),
+        (j2k_path, args.j2k_size, True, {"j2k-40x"}),
+    ]:
         if wanted & set(cases) and not path.exists():
             t = time.perf_counter()
             write_mosaic(path, size, MPP_20X if not j2k else MPP_40X, j2k=j2k)
-            print(f"generated {path.name}: {size}x{size} ({path.stat().st_size / 1e9:.2f} GB) in "
-                  f"{time.perf_counter() - t:.0f} s", flush=True)
+            print(
+                f"generated {path.name}: {size}x{size} ({path.stat().st_size / 1e9:.2f} GB) in "
+                f"{time.perf_counter() - t:.0f} s",
+                flush=True,
+            )
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"machine: {cpu}, {len(os.sched_getaffinity(0))} cores available, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; python {platform.python_version()}; "
-          f"load average at start {os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {cpu}, {len(os.sched_getaffinity(0))} cores available, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; python {platform.python_version()}; "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
     if not HS2P_PYTHON.exists():
-        print(f"hs2p: skipped ({HS2P_PYTHON} not found; install with `python -m venv /work/.venv-hs2p && "
-              f"/work/.venv-hs2p/bin/pip install 'hs2p[openslide]==6.1.0'` or set PATHDINO_HS2P_PYTHON)")
+        print(
+            f"hs2p: skipped ({HS2P_PYTHON} not found; install with `python -m venv /work/.venv-hs2p && "
+            f"/work/.venv-hs2p/bin/pip install 'hs2p[openslide]==6.1.0'` or set PATHDINO_HS2P_PYTHON)"
+        )
 
     spec = {"20x": (jpeg_path, MPP_20X), "40x": (jpeg_path, MPP_40X), "j2k-40x": (j2k_path, None)}
     rows = []
@@ -331,17 +401,21 @@ def main() -> None:
         rows.append((case, ours, peer, bound, attrs))
         print(f"... {case} done", flush=True)
 
-    print("\n| case | pathdino tiles/s (1 core) | hs2p 6.1.0 tiles/s (1 worker) | ratio | tiles kept (pathdino / hs2p) "
-          "| decode+encode bound /s | pathdino / bound | peak RSS GiB (pathdino / hs2p) |")
+    print(
+        "\n| case | pathdino tiles/s (1 core) | hs2p 6.1.0 tiles/s (1 worker) | ratio | tiles kept (pathdino / hs2p) "
+        "| decode+encode bound /s | pathdino / bound | peak RSS GiB (pathdino / hs2p) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for case, ours, peer, bound, _ in rows:
         our_rate = np.mean([o["rate"] for o in ours])
         peer_rate = np.mean([p["rate"] for p in peer]) if peer else float("nan")
         peer_tiles = peer[0]["tiles"] if peer else "-"
         peer_rss = f"{max(p['rss_gib'] for p in peer):.2f}" if peer else "-"
-        print(f"| {case} | {our_rate:,.0f} | {peer_rate:,.0f} | {our_rate / peer_rate:.2f}x | {ours[0]['tiles']:,} / "
-              f"{peer_tiles} | {bound['bound']:,.0f} | {our_rate / bound['bound']:.2f} | "
-              f"{max(o['rss_gib'] for o in ours):.2f} / {peer_rss} |")
+        print(
+            f"| {case} | {our_rate:,.0f} | {peer_rate:,.0f} | {our_rate / peer_rate:.2f}x | {ours[0]['tiles']:,} / "
+            f"{peer_tiles} | {bound['bound']:,.0f} | {our_rate / bound['bound']:.2f} | "
+            f"{max(o['rss_gib'] for o in ours):.2f} / {peer_rss} |"
+        )
     # On a shared machine wall-clock rates move with other users' load; CPU-time rates (tiles per CPU-second of the
     # process tree) do not, and the bound is measured in CPU time too.
     print("\nper CPU-second (robust to other load on the machine):")
@@ -350,47 +424,63 @@ def main() -> None:
     for case, ours, peer, bound, _ in rows:
         our_cpu = np.mean([o["cpu_rate"] for o in ours])
         peer_cpu = np.mean([p["cpu_rate"] for p in peer]) if peer else float("nan")
-        print(f"| {case} | {our_cpu:,.0f} | {peer_cpu:,.0f} | {our_cpu / peer_cpu:.2f}x | "
-              f"{our_cpu / bound['bound']:.2f} |")
+        print(
+            f"| {case} | {our_cpu:,.0f} | {peer_cpu:,.0f} | {our_cpu / peer_cpu:.2f}x | "
+            f"{our_cpu / bound['bound']:.2f} |"
+        )
     if HS2P_PYTHON.exists():
         t0 = time.perf_counter()
         subprocess.run([str(HS2P_PYTHON), "-c", "import hs2p.__main__"], check=True)
-        print(f"hs2p's figures are whole commands and include its start-up (interpreter and imports: "
-              f"{time.perf_counter() - t0:.2f} s here); pathdino's are `run_tiling` in this process.")
+        print(
+            f"hs2p's figures are whole commands and include its start-up (interpreter and imports: "
+            f"{time.perf_counter() - t0:.2f} s here); pathdino's are `run_tiling` in this process."
+        )
     print()
     for case, ours, peer, bound, attrs in rows:
         runs = ", ".join(f"{o['rate']:,.0f}" for o in ours)
         peer_runs = ", ".join(f"{p['rate']:,.0f}" for p in peer) or "-"
-        print(f"{case}: read level {attrs['read_level']} at 1/{attrs.get('read_reduction', 1)}, scale "
-              f"{attrs['scale']:.4g}, effective {attrs['effective_mpp']:.4f} µm/px; decoder: {attrs.get('decoder')}")
-        print(f"    runs: pathdino {runs}; hs2p {peer_runs} tiles/s. {bound['n_source']:,} source tiles decoded by "
-              f"{bound['decoder']}: full {bound['full_decode_per_s']:,.0f}/s, reduced "
-              f"{bound['reduced_decode_per_s']:,.0f}/s (imagecodecs full: {bound['reference_decode_per_s']:,.0f}/s); "
-              f"encode {bound['encode_per_s']:,.0f} tiles/s; bound uses the "
-              f"{'reduced' if bound['reduced'] else 'full'} decode")
+        print(
+            f"{case}: read level {attrs['read_level']} at 1/{attrs.get('read_reduction', 1)}, scale "
+            f"{attrs['scale']:.4g}, effective {attrs['effective_mpp']:.4f} µm/px; decoder: {attrs.get('decoder')}"
+        )
+        print(
+            f"    runs: pathdino {runs}; hs2p {peer_runs} tiles/s. {bound['n_source']:,} source tiles decoded by "
+            f"{bound['decoder']}: full {bound['full_decode_per_s']:,.0f}/s, reduced "
+            f"{bound['reduced_decode_per_s']:,.0f}/s (imagecodecs full: {bound['reference_decode_per_s']:,.0f}/s); "
+            f"encode {bound['encode_per_s']:,.0f} tiles/s; bound uses the "
+            f"{'reduced' if bound['reduced'] else 'full'} decode"
+        )
 
     if "20x" in cases and args.workers > 1:
         slides = collect_slides([str(jpeg_path)], slide_mpp=MPP_20X)
         res = run_pathdino(slides, work / "20x-all.zarr", args.workers)
         one = np.mean([o["rate"] for o in rows[cases.index("20x")][1]])
-        print(f"\n20x, {args.workers} workers on one slide: {res['rate']:,.0f} tiles/s "
-              f"({res['rate'] / args.workers:,.0f} per core, {res['rate'] / one:.2f}x one worker), "
-              f"CPU busy {res['busy']:.0%}, peak RSS {res['rss_gib']:.2f} GiB")
+        print(
+            f"\n20x, {args.workers} workers on one slide: {res['rate']:,.0f} tiles/s "
+            f"({res['rate'] / args.workers:,.0f} per core, {res['rate'] / one:.2f}x one worker), "
+            f"CPU busy {res['busy']:.0%}, peak RSS {res['rss_gib']:.2f} GiB"
+        )
     if "40x" in cases or "20x" in cases:
-        print("reduced JPEG decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
-              % reduced_quality(jpeg_path))
+        print(
+            "reduced JPEG decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
+            % reduced_quality(jpeg_path)
+        )
     if "j2k-40x" in cases:
-        print("reduced JPEG 2000 decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
-              % reduced_quality(j2k_path))
+        print(
+            "reduced JPEG 2000 decoding (1/2) vs area mean of the same pixels: PSNR %.1f dB, mean |diff| %.2f"
+            % reduced_quality(j2k_path)
+        )
     if not args.no_folder:
         t = time.perf_counter()
         slides = make_folder(work / "folder", args.folder_scale)
         print(f"\nfolder: {len(slides)} slides generated in {time.perf_counter() - t:.0f} s")
         res = run_pathdino(slides, work / "folder.zarr", args.workers)
-        print(f"folder, {args.workers} workers: {res['tiles']:,} tiles in {res['seconds']:.1f} s = {res['rate']:,.0f} "
-              f"tiles/s ({res['rate'] / args.workers:,.0f} per core), CPU busy {res['busy']:.0%} of "
-              f"{args.workers} cores, {res['failed']} slides failed (as intended: 2), "
-              f"peak RSS {res['rss_gib']:.2f} GiB")
+        print(
+            f"folder, {args.workers} workers: {res['tiles']:,} tiles in {res['seconds']:.1f} s = {res['rate']:,.0f} "
+            f"tiles/s ({res['rate'] / args.workers:,.0f} per core), CPU busy {res['busy']:.0%} of "
+            f"{args.workers} cores, {res['failed']} slides failed (as intended: 2), "
+            f"peak RSS {res['rss_gib']:.2f} GiB"
+        )
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -66,15 +66,28 @@ def tiny_store(path: Path, tile_px: int) -> Path:
         region = np.asarray(slide.read_region((0, 0), 0, (side, side)).convert("RGB"))
     per = side // tile_px
     sw = TileStoreWriter(path).begin_slide("cmu1", tile_px, encoding="jpeg")
-    tiles = [encode_tile(np.ascontiguousarray(region[i * tile_px:(i + 1) * tile_px, j * tile_px:(j + 1) * tile_px]))
-             for i in range(per) for j in range(per)]
+    tiles = [
+        encode_tile(np.ascontiguousarray(region[i * tile_px : (i + 1) * tile_px, j * tile_px : (j + 1) * tile_px]))
+        for i in range(per)
+        for j in range(per)
+    ]
     sw.add(tiles, np.zeros((len(tiles), 2), np.int64), np.ones(len(tiles), np.float32))
     sw.commit({"source_path": "CMU-1-Small-Region.svs", "source_fingerprint": "benchmark"})
     return path
 
 
-def run_one(preset: str, precision: str, compile_: bool, batch_size: int | None, steps: int, warmup: int,
-            data: str, peak: float | None, extra: list[str], store_path: Path | None = None) -> dict:
+def run_one(
+    preset: str,
+    precision: str,
+    compile_: bool,
+    batch_size: int | None,
+    steps: int,
+    warmup: int,
+    data: str,
+    peak: float | None,
+    extra: list[str],
+    store_path: Path | None = None,
+) -> dict:
     """Train ``warmup + steps`` steps; figures from the loop's metric window over the last ``steps`` steps.
 
     ``warmup`` is rounded up to a multiple of ``steps`` so that a logging window ends exactly where it does.
@@ -85,11 +98,18 @@ def run_one(preset: str, precision: str, compile_: bool, batch_size: int | None,
     warmup = -(-warmup // steps) * steps
     cfg_path = ROOT / "configs" / "train" / f"{preset}.yaml"
     with tempfile.TemporaryDirectory(prefix="pathdino-bench-") as tmp:
-        overrides = [f"train.output_dir={tmp}/run", f"train.precision={precision}",
-                     f"train.compile={str(compile_).lower()}", f"train.total_steps={warmup + steps}",
-                     "optim.warmup_steps=0", f"log.every_steps={steps}", "log.trackers=[]",
-                     "train.checkpoint_every_steps=1000000000", "train.checkpoint_at_end=false",
-                     "log.collapse_after_steps=1000000000"]
+        overrides = [
+            f"train.output_dir={tmp}/run",
+            f"train.precision={precision}",
+            f"train.compile={str(compile_).lower()}",
+            f"train.total_steps={warmup + steps}",
+            "optim.warmup_steps=0",
+            f"log.every_steps={steps}",
+            "log.trackers=[]",
+            "train.checkpoint_every_steps=1000000000",
+            "train.checkpoint_at_end=false",
+            "log.collapse_after_steps=1000000000",
+        ]
         if batch_size:
             overrides.append(f"train.batch_size={batch_size}")
         if peak:
@@ -120,18 +140,41 @@ def _run_isolated(args: argparse.Namespace, precision: str, compile_: bool) -> d
     """One configuration's row, from this script run for it alone in a child process."""
     with tempfile.TemporaryDirectory(prefix="pathdino-bench-") as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--preset", args.preset, "--precision", precision,
-               "--compile", "yes" if compile_ else "no", "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--data", args.data, "--json", str(out)]
-        for flag, value in (("--batch-size", args.batch_size), ("--store", args.store),
-                            ("--peak-tflops", args.peak_tflops)):
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--preset",
+            args.preset,
+            "--precision",
+            precision,
+            "--compile",
+            "yes" if compile_ else "no",
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--data",
+            args.data,
+            "--json",
+            str(out),
+        ]
+        for flag, value in (
+            ("--batch-size", args.batch_size),
+            ("--store", args.store),
+            ("--peak-tflops", args.peak_tflops),
+        ):
             if value is not None:
                 cmd += [flag, str(value)]
         proc = subprocess.run(cmd + list(args.overrides), capture_output=True, text=True)
         rows = json.loads(out.read_text()) if out.is_file() else []
     if not rows:
-        return {"ok": False, "error": proc.stderr[-300:], "preset": args.preset, "precision": precision,
-                "compile": compile_}
+        return {
+            "ok": False,
+            "error": proc.stderr[-300:],
+            "preset": args.preset,
+            "precision": precision,
+            "compile": compile_,
+        }
     print(json.dumps(rows[0]), flush=True)
     return rows[0]
 
@@ -144,8 +187,12 @@ def main() -> None:
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no")
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="discarded optimizer steps before them")
-    p.add_argument("--data", choices=["synthetic", "store"], default="synthetic",
-                   help="synthetic pixels (model speed) or a tile store cut from the bundled slide (+ loading)")
+    p.add_argument(
+        "--data",
+        choices=["synthetic", "store"],
+        default="synthetic",
+        help="synthetic pixels (model speed) or a tile store cut from the bundled slide (+ loading)",
+    )
     p.add_argument("--store", type=Path, default=None, help="with --data store: this tile store instead")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / CPU matmul)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
@@ -178,20 +225,42 @@ def main() -> None:
         for compile_ in compiles:
             t0 = time.perf_counter()
             try:
-                r = run_one(args.preset, precision, compile_, args.batch_size, args.steps, args.warmup, args.data,
-                            peak, args.overrides, args.store)
+                r = run_one(
+                    args.preset,
+                    precision,
+                    compile_,
+                    args.batch_size,
+                    args.steps,
+                    args.warmup,
+                    args.data,
+                    peak,
+                    args.overrides,
+                    args.store,
+                )
                 r.update(ok=True)
             except Exception as exc:  # noqa: BLE001 - a failed configuration is a row, not the end of the table
                 r = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-            r.update(preset=args.preset, precision=precision, compile=compile_, peak_tflops=peak,
-                     peak_note=peak_note, wall_s=time.perf_counter() - t0, device=device, data=args.data)
+            r.update(
+                preset=args.preset,
+                precision=precision,
+                compile=compile_,
+                peak_tflops=peak,
+                peak_note=peak_note,
+                wall_s=time.perf_counter() - t0,
+                device=device,
+                data=args.data,
+            )
             rows.append(r)
             print(json.dumps(r), flush=True)
 
-    print(f"\npathdino.train step speed on {device} ({args.data} data; {args.warmup} warm-up + {args.steps} "
-          f"measured steps)")
-    header = f"{'preset':<10} {'precision':<9} {'compile':<7} {'batch':>5} {'img/s':>8} {'data wait':>9} " \
-             f"{'TFLOP/s':>8} {'MFU':>7} {'memory MiB':>10}  MFU reference"
+    print(
+        f"\npathdino.train step speed on {device} ({args.data} data; {args.warmup} warm-up + {args.steps} "
+        f"measured steps)"
+    )
+    header = (
+        f"{'preset':<10} {'precision':<9} {'compile':<7} {'batch':>5} {'img/s':>8} {'data wait':>9} "
+        f"{'TFLOP/s':>8} {'MFU':>7} {'memory MiB':>10}  MFU reference"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -199,20 +268,28 @@ def main() -> None:
             print(f"{r['preset']:<10} {r['precision']:<9} {str(r['compile']):<7} FAILED: {r['error']}")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
-        print(f"{r['preset']:<10} {r['precision']:<9} {str(r['compile']):<7} {r['batch_size']:>5} "
-              f"{r['images_per_s']:>8.2f} {r['data_wait_share']:>9.1%} {r['tflops_per_s']:>8.3f} {mfu:>7} "
-              f"{r['memory_mb']:>10.0f}  {r['peak_tflops'] or 0:.2f} TFLOP/s ({r['peak_note']})")
+        print(
+            f"{r['preset']:<10} {r['precision']:<9} {str(r['compile']):<7} {r['batch_size']:>5} "
+            f"{r['images_per_s']:>8.2f} {r['data_wait_share']:>9.1%} {r['tflops_per_s']:>8.3f} {mfu:>7} "
+            f"{r['memory_mb']:>10.0f}  {r['peak_tflops'] or 0:.2f} TFLOP/s ({r['peak_note']})"
+        )
     if args.preset == "vits14" and not cuda:
-        print("\nQuoted, not measured in this run (anchors, same 2-core CPU): lightly-train 0.18 DINOv2, ViT-S/14, "
-              "batch 16, 2x224 + 8x98 crops, 65,536 prototypes: "
-              f"{LIGHTLY_TRAIN_VITS14_CPU['fp32']} img/s fp32, {LIGHTLY_TRAIN_VITS14_CPU['bf16']} img/s bf16.")
+        print(
+            "\nQuoted, not measured in this run (anchors, same 2-core CPU): lightly-train 0.18 DINOv2, ViT-S/14, "
+            "batch 16, 2x224 + 8x98 crops, 65,536 prototypes: "
+            f"{LIGHTLY_TRAIN_VITS14_CPU['fp32']} img/s fp32, {LIGHTLY_TRAIN_VITS14_CPU['bf16']} img/s bf16."
+        )
         for r in rows:
             if r["ok"] and r["batch_size"] == 16:
                 ref = LIGHTLY_TRAIN_VITS14_CPU[r["precision"]]
-                print(f"  ours {r['precision']}: {r['images_per_s']:.2f} img/s = {r['images_per_s'] / ref:.2f}x "
-                      "the quoted figure (target >= 1.5x)")
-        print("Side by side on this machine: run benchmarks/lightly_compare.py in a venv with lightly-train "
-              "(see its docstring) right after this script.")
+                print(
+                    f"  ours {r['precision']}: {r['images_per_s']:.2f} img/s = {r['images_per_s'] / ref:.2f}x "
+                    "the quoted figure (target >= 1.5x)"
+                )
+        print(
+            "Side by side on this machine: run benchmarks/lightly_compare.py in a venv with lightly-train "
+            "(see its docstring) right after this script."
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

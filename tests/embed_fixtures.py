@@ -28,9 +28,20 @@ def make_store(url: Path, sizes: dict[str, int] = SLIDE_SIZES, mpp: float = 0.5)
     for k, (sid, n) in enumerate(sizes.items()):
         idx = (np.arange(n) * 7 + k) % len(pool)  # a different tile order per slide
         sw = writer.begin_slide(sid, TILE_PX, encoding="jpeg", tiles_per_shard=64)
-        sw.add([pool[i] for i in idx], np.asarray(xy, dtype=np.int64)[idx].reshape(-1, 2),
-               np.ones(n, np.float32))
-        sw.commit({"source_path": str(SAMPLE_SLIDE), "source_fingerprint": f"fp-{sid}", "slide_id": sid,
-                   "effective_mpp": mpp, "target_mpp": mpp, "slide_mpp": 0.499, "level0_tile_px": TILE_PX,
-                   "read_level": 0, "level0_width": 2220, "level0_height": 2967, "overlap_px": 0})
+        sw.add([pool[i] for i in idx], np.asarray(xy, dtype=np.int64)[idx].reshape(-1, 2), np.ones(n, np.float32))
+        sw.commit(
+            {
+                "source_path": str(SAMPLE_SLIDE),
+                "source_fingerprint": f"fp-{sid}",
+                "slide_id": sid,
+                "effective_mpp": mpp,
+                "target_mpp": mpp,
+                "slide_mpp": 0.499,
+                "level0_tile_px": TILE_PX,
+                "read_level": 0,
+                "level0_width": 2220,
+                "level0_height": 2967,
+                "overlap_px": 0,
+            }
+        )
     return str(url)

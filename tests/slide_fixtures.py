@@ -29,14 +29,17 @@ def write_store(path: Path, slides: dict[str, tuple[np.ndarray, np.ndarray]], en
     with mock.patch("os.fsync"):
         writer = EmbeddingWriter(path, encoder or ENCODER, tile_store="synthetic", features=("cls",))
         for sid, (features, coords) in slides.items():
-            attrs = {"slide": {"slide_id": sid, "level0_step_px": STRIDE_PX, "level0_tile_px": STRIDE_PX},
-                     "embedding": {"encoder": encoder or ENCODER}}
+            attrs = {
+                "slide": {"slide_id": sid, "level0_step_px": STRIDE_PX, "level0_tile_px": STRIDE_PX},
+                "embedding": {"encoder": encoder or ENCODER},
+            }
             writer.write_slide(sid, {"cls": np.asarray(features, np.float32)}, coords, attrs, {"features": ["cls"]})
     return path
 
 
-def random_store(path: Path, *, n_slides: int = 12, dim: int = 16, seed: int = 0,
-                 sizes: tuple[int, int] = (4, 14)) -> Path:
+def random_store(
+    path: Path, *, n_slides: int = 12, dim: int = 16, seed: int = 0, sizes: tuple[int, int] = (4, 14)
+) -> Path:
     """Slides of random sizes (grids of sizes[0]..sizes[1] on a side, ~70% tissue) with random features."""
     rng = np.random.default_rng(seed)
     slides = {}

@@ -57,10 +57,19 @@ def rgb_to_ycbcr(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(ycbcr), 0, 255).astype(np.uint8)
 
 
-def write_pyramid(path: str | Path, image: np.ndarray, downsamples=(1, 2, 4), mpp: float | None = 0.25,
-                  tile: int = 256, compression: str | None = "jpeg", description_style: str = "aperio",
-                  resolution_tags: bool = False, layout: str = "ifds", jpeg_quality: int = 90,
-                  j2k_level: int | None = 80) -> Path:
+def write_pyramid(
+    path: str | Path,
+    image: np.ndarray,
+    downsamples=(1, 2, 4),
+    mpp: float | None = 0.25,
+    tile: int = 256,
+    compression: str | None = "jpeg",
+    description_style: str = "aperio",
+    resolution_tags: bool = False,
+    layout: str = "ifds",
+    jpeg_quality: int = 90,
+    j2k_level: int | None = 80,
+) -> Path:
     """Write `image` (h, w, 3) uint8 and its box-downsampled levels as a tiled pyramid TIFF; returns the path."""
     path = Path(path)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -71,14 +80,17 @@ def write_pyramid(path: str | Path, image: np.ndarray, downsamples=(1, 2, 4), mp
         raise ValueError(f"layout must be 'ifds' or 'subifds', got {layout!r}")
     levels = [box_downsample(image, int(d)) for d in downsamples]
     if compression not in ("jpeg", None, *_J2K_COMPRESSIONS):
-        raise ValueError(f"compression must be 'jpeg', None or one of {sorted(_J2K_COMPRESSIONS)}, "
-                         f"got {compression!r}")
+        raise ValueError(f"compression must be 'jpeg', None or one of {sorted(_J2K_COMPRESSIONS)}, got {compression!r}")
     if compression == "aperio-j2k-ycbcr":
         levels = [rgb_to_ycbcr(array) for array in levels]
 
     def options(level: int, array: np.ndarray) -> dict:
-        opts = dict(tile=(tile, tile), photometric="rgb", compression=_J2K_COMPRESSIONS.get(compression, compression),
-                    metadata=None)
+        opts = dict(
+            tile=(tile, tile),
+            photometric="rgb",
+            compression=_J2K_COMPRESSIONS.get(compression, compression),
+            metadata=None,
+        )
         if compression == "jpeg":
             opts.update(compressionargs={"level": jpeg_quality}, subsampling=(1, 1))
         elif compression in _J2K_COMPRESSIONS:
@@ -101,8 +113,12 @@ def write_pyramid(path: str | Path, image: np.ndarray, downsamples=(1, 2, 4), mp
                 if level == 0 and description_style == "aperio":
                     # Aperio's second IFD is a stripped thumbnail; readers expect it there, not a level.
                     thumb = box_downsample(image, max(1, max(image.shape[:2]) // 64))
-                    tw.write(thumb, photometric="rgb", metadata=None,
-                             description=f"Aperio Image Library v12.0.0\r\n{thumb.shape[1]}x{thumb.shape[0]}")
+                    tw.write(
+                        thumb,
+                        photometric="rgb",
+                        metadata=None,
+                        description=f"Aperio Image Library v12.0.0\r\n{thumb.shape[1]}x{thumb.shape[0]}",
+                    )
         else:
             tw.write(levels[0], subifds=len(levels) - 1, **options(0, levels[0]))
             for level, array in enumerate(levels[1:], start=1):
@@ -124,8 +140,7 @@ def texture_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     coarse = rng.integers(0, 256, size=(height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
     from PIL import Image
 
-    big = Image.fromarray(coarse).resize(((width // 16 + 2) * 16, (height // 16 + 2) * 16),
-                                         Image.Resampling.BICUBIC)
+    big = Image.fromarray(coarse).resize(((width // 16 + 2) * 16, (height // 16 + 2) * 16), Image.Resampling.BICUBIC)
     noise = rng.integers(-12, 13, size=(height, width, 3))
     out = np.asarray(big)[:height, :width].astype(np.int16) + noise
     return np.clip(out, 0, 255).astype(np.uint8)

@@ -38,8 +38,15 @@ def _save(ds: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
-def write_dicom(path: Path, series_uid: str, *, image_type: str = "VOLUME", width_px: int = 64,
-                sop_class: str = WSI, modality: str = "SM") -> Path:
+def write_dicom(
+    path: Path,
+    series_uid: str,
+    *,
+    image_type: str = "VOLUME",
+    width_px: int = 64,
+    sop_class: str = WSI,
+    modality: str = "SM",
+) -> Path:
     """Write one DICOM file of `series_uid`: a WSI level (VOLUME), a LABEL or OVERVIEW image, or another modality."""
     ds = _dataset(series_uid, sop_class, modality, image_type)
     ds.Rows, ds.Columns = 8, 8
@@ -48,9 +55,17 @@ def write_dicom(path: Path, series_uid: str, *, image_type: str = "VOLUME", widt
     return _save(ds, path)
 
 
-def write_dicom_wsi(path: Path, image: np.ndarray, *, series_uid: str | None = None, mpp: float = 0.5,
-                    tile_px: int = 256, study_uid: str | None = None, frame_of_reference_uid: str | None = None,
-                    container: str | None = None) -> Path:
+def write_dicom_wsi(
+    path: Path,
+    image: np.ndarray,
+    *,
+    series_uid: str | None = None,
+    mpp: float = 0.5,
+    tile_px: int = 256,
+    study_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    container: str | None = None,
+) -> Path:
     """A one-level, uncompressed TILED_FULL whole-slide image of `image` (h, w, 3) that OpenSlide opens.
 
     Several levels of one slide: one file per level, all with the same ``series_uid``, ``study_uid``,

@@ -103,8 +103,9 @@ def test_train_without_split_column_draws_stratified_split(tmp_path):
     table = read_slide_labels(tmp_path / "labels.csv", val_fraction=0.2, test_fraction=0.2, seed=0)
     assert table.split_origin == "stratified"
     assert sorted(table.splits).count("test") == 4 and sorted(table.splits).count("val") == 4
-    result = train_abmil(table, bags.__getitem__, tmp_path / "out",
-                         config=MILConfig(hidden_dim=16, max_epochs=2, max_tiles_per_step=8))
+    result = train_abmil(
+        table, bags.__getitem__, tmp_path / "out", config=MILConfig(hidden_dim=16, max_epochs=2, max_tiles_per_step=8)
+    )
     assert set(result.metrics) == {"train", "val", "test"}
     assert 0.0 <= result.metrics["test"]["balanced_accuracy"] <= 1.0
 
@@ -116,8 +117,12 @@ def test_missing_slides_fail_up_front_or_are_skipped(tmp_path):
     partial = {k: v for k, v in bags.items() if k not in gone}
     with pytest.raises(FileNotFoundError, match=gone[0]):
         train_abmil(tmp_path / "labels.csv", partial, tmp_path / "out", config=MILConfig(hidden_dim=8, max_epochs=1))
-    result = train_abmil(tmp_path / "labels.csv", partial, tmp_path / "out",
-                         config=MILConfig(hidden_dim=8, max_epochs=1, skip_missing_slides=True))
+    result = train_abmil(
+        tmp_path / "labels.csv",
+        partial,
+        tmp_path / "out",
+        config=MILConfig(hidden_dim=8, max_epochs=1, skip_missing_slides=True),
+    )
     assert sum(m["n"] for m in result.metrics.values()) == 10
     assert set(load_attention(result.attention_path)) == set(partial)
 

@@ -22,8 +22,11 @@ def _project_imports(path: Path) -> list[tuple[int, str, str | None]]:
             if node.module.split(".")[0] in ("pathdino", "tiling"):
                 found += [(node.lineno, node.module, alias.name) for alias in node.names]
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name, None) for alias in node.names
-                      if alias.name.split(".")[0] in ("pathdino", "tiling")]
+            found += [
+                (node.lineno, alias.name, None)
+                for alias in node.names
+                if alias.name.split(".")[0] in ("pathdino", "tiling")
+            ]
     return found
 
 

@@ -26,8 +26,11 @@ def _help(command: str) -> str:
 def _options_without_default(text: str) -> tuple[list[str], list[str]]:
     """The options of a rendered help text, and those that show neither ``[default: ...]`` nor ``[required]``."""
     blocks = re.split(r"\n(?=\s*│\s*(?:\*\s*)?--)", text)
-    found = [(m.group(1), "[required]" in b or "[default:" in b) for b in blocks
-             if (m := re.match(r"\s*│\s*(?:\*\s*)?(--[\w-]+)", b))]
+    found = [
+        (m.group(1), "[required]" in b or "[default:" in b)
+        for b in blocks
+        if (m := re.match(r"\s*│\s*(?:\*\s*)?(--[\w-]+)", b))
+    ]
     names = [name for name, _ in found if name != "--help"]
     return names, [name for name, ok in found if not ok and name != "--help"]
 
@@ -67,10 +70,16 @@ def test_options_are_built_from_the_flags_in_one_call():
     assert EXPORT.build({"overwrite": False}, command="export") == ExportOptions()
     assert MIL.build({}, command="mil") == MILConfig()
     # flags land on their fields (renamed, negated, lists as tuples)
-    built = EMBED.build({"workers": 0, "no_progress": True, "formats": ["h5"], "slides": ["a*"], "shard": "1/2"},
-                        command="embed")
+    built = EMBED.build(
+        {"workers": 0, "no_progress": True, "formats": ["h5"], "slides": ["a*"], "shard": "1/2"}, command="embed"
+    )
     assert (built.num_workers, built.progress, built.formats, built.slides, built.shard) == (
-        0, False, ("zarr", "h5"), ("a*",), (1, 2))
+        0,
+        False,
+        ("zarr", "h5"),
+        ("a*",),
+        (1, 2),
+    )
     assert MIL.build({"skip_missing": True, "lr": 1e-3}, command="mil") == MILConfig(skip_missing_slides=True, lr=1e-3)
     with pytest.raises(ConfigError, match=r"pathdino embed: .*--format"):
         EMBED.build({"formats": ["tiff"]}, command="embed")
@@ -90,7 +99,8 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
         raise KeyError("some_internal_key")
 
     monkeypatch.setattr(use, "eval_command", broken)
-    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--arch", "vit_tiny_patch16_224", "--out",
-                                      str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        app, ["eval", str(tmp_path), "--arch", "vit_tiny_patch16_224", "--out", str(tmp_path / "r.json")]
+    )
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
     assert "error:" not in result.output

@@ -49,8 +49,16 @@ def _events(out: Path) -> list[dict]:
 
 def test_one_process_trains_in_process_then_resumes(store, tmp_path):
     out = tmp_path / "run"
-    common = ["--config", str(SMOKE), f"data.stores=[{store}]", f"train.output_dir={out}", "log.trackers=[]",
-              "train.total_steps=4", "optim.warmup_steps=1", "train.checkpoint_every_steps=2"]
+    common = [
+        "--config",
+        str(SMOKE),
+        f"data.stores=[{store}]",
+        f"train.output_dir={out}",
+        "log.trackers=[]",
+        "train.total_steps=4",
+        "optim.warmup_steps=1",
+        "train.checkpoint_every_steps=2",
+    ]
     first = _run(*common, "train.stop_at_step=2")
     assert first.exit_code == 0, first.output
     assert (out / "checkpoints" / "step_000000002").is_dir()
@@ -88,9 +96,16 @@ def test_several_processes_print_the_accelerate_line(tmp_path):
     argv = shlex.split(line)
     assert argv[:2] == ["accelerate", "launch"] and "--multi_gpu" in argv
     assert argv[argv.index("--num_processes") + 1] == "4"
-    tail = argv[argv.index("-m"):]
-    assert tail == ["-m", "pathdino.train", "--config", str(SMOKE), "data.stores=[a b]", "train.batch_size=16",
-                    "--resume"]
+    tail = argv[argv.index("-m") :]
+    assert tail == [
+        "-m",
+        "pathdino.train",
+        "--config",
+        str(SMOKE),
+        "data.stores=[a b]",
+        "train.batch_size=16",
+        "--resume",
+    ]
 
 
 def test_accelerate_config_sets_the_process_count():

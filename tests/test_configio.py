@@ -12,13 +12,16 @@ from tiling.config import TilingConfig
 from tiling.configio import ConfigError, apply_overrides, load_config
 
 
-@pytest.mark.parametrize("make", [
-    lambda: TilingConfig(tile_px=4),
-    lambda: DataConfig(stores=()),
-    lambda: AugmentConfig(hflip_p=2.0),
-    lambda: BackboneConfig(arch="nope"),
-    lambda: TrainConfig(total_steps=0),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TilingConfig(tile_px=4),
+        lambda: DataConfig(stores=()),
+        lambda: AugmentConfig(hflip_p=2.0),
+        lambda: BackboneConfig(arch="nope"),
+        lambda: TrainConfig(total_steps=0),
+    ],
+)
 def test_every_config_raises_the_one_config_error(make):
     with pytest.raises(ConfigError) as info:
         make()
@@ -45,8 +48,12 @@ def test_section_checks_say_where_they_came_from(tmp_path):
 def test_overrides_then_typed_flags_on_top_of_yaml(tmp_path):
     path = tmp_path / "tiling.yaml"
     path.write_text("tile_px: 512\ntarget_mpp: 1.0\ntissue: {min_tissue_fraction: 0.5}\n")
-    cfg = load_config(TilingConfig, path, ["tile_px=256", "tissue.min_tissue_fraction=0.2"],
-                      values={"tile_px": 128, "target_mpp": None, "tissue.min_tissue_fraction": 0.3})
+    cfg = load_config(
+        TilingConfig,
+        path,
+        ["tile_px=256", "tissue.min_tissue_fraction=0.2"],
+        values={"tile_px": 128, "target_mpp": None, "tissue.min_tissue_fraction": 0.3},
+    )
     assert (cfg.tile_px, cfg.target_mpp, cfg.tissue.min_tissue_fraction) == (128, 1.0, 0.3)
     with pytest.raises(ConfigError, match="'tile_px' is not a section"):
         apply_overrides({"tile_px": 224}, ["tile_px.x=1"])

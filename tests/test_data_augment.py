@@ -44,7 +44,7 @@ def tissue() -> np.ndarray:
 
 def crops_of(tissue: np.ndarray, n: int = 6, px: int = 48) -> torch.Tensor:
     t = torch.from_numpy(tissue).permute(2, 0, 1).float() / 255
-    return torch.stack([t[:, 20 * i:20 * i + px, 25 * i:25 * i + px] for i in range(n)]).contiguous()
+    return torch.stack([t[:, 20 * i : 20 * i + px, 25 * i : 25 * i + px] for i in range(n)]).contiguous()
 
 
 # -- crop geometry ---------------------------------------------------------------------------------------------
@@ -76,14 +76,22 @@ def test_parameters_depend_on_seed_epoch_and_position_only():
     a = sample_params(aug, 1, 2, 3, 224, 224)
     b = sample_params(aug, 1, 2, 3, 224, 224)
     assert all(np.array_equal(getattr(a[0], f), getattr(b[0], f)) for f in CropParams.__dataclass_fields__)
-    for other in (sample_params(aug, 1, 2, 4, 224, 224), sample_params(aug, 1, 3, 3, 224, 224),
-                  sample_params(aug, 2, 2, 3, 224, 224)):
+    for other in (
+        sample_params(aug, 1, 2, 4, 224, 224),
+        sample_params(aug, 1, 3, 3, 224, 224),
+        sample_params(aug, 2, 2, 3, 224, 224),
+    ):
         assert not np.array_equal(a[1].top, other[1].top)
 
 
-@pytest.mark.parametrize("preset,blur,solarize_p", [("dinov2", (1.0, 0.1, 0.5), (0.0, 0.2)),
-                                                    ("dinov2_upstream", (0.0, 0.9, 0.5), (0.0, 0.2)),
-                                                    ("pathology", (1.0, 0.1, 0.5), (0.0, 0.0))])
+@pytest.mark.parametrize(
+    "preset,blur,solarize_p",
+    [
+        ("dinov2", (1.0, 0.1, 0.5), (0.0, 0.2)),
+        ("dinov2_upstream", (0.0, 0.9, 0.5), (0.0, 0.2)),
+        ("pathology", (1.0, 0.1, 0.5), (0.0, 0.0)),
+    ],
+)
 def test_blur_and_solarize_probabilities_are_the_configured_ones(preset, blur, solarize_p):
     aug = AugmentConfig.preset(preset)
     params = [sample_params(aug, 0, 0, pos, 224, 224) for pos in range(1500)]
@@ -118,9 +126,11 @@ def test_exact_jitter_operations_match_torchvision(tissue):
     n = len(x)
     f = torch.linspace(0.6, 1.4, n)
     ones = torch.ones(n)
-    cases = [(lambda v: blend_step(v, f, None, None), TF.adjust_brightness),
-             (lambda v: blend_step(v, f, None, ones), TF.adjust_contrast),
-             (lambda v: blend_step(v, f, ones, None), TF.adjust_saturation)]
+    cases = [
+        (lambda v: blend_step(v, f, None, None), TF.adjust_brightness),
+        (lambda v: blend_step(v, f, None, ones), TF.adjust_contrast),
+        (lambda v: blend_step(v, f, ones, None), TF.adjust_saturation),
+    ]
     for ours, theirs in cases:
         expected = torch.stack([theirs(x[i], float(f[i])) for i in range(n)])
         assert torch.allclose(ours(x.clone()), expected, atol=1e-5)
@@ -185,8 +195,9 @@ def test_hed_jitter_keeps_shape_dtype_and_range_and_separates_stains_like_skimag
     same = hed_jitter(x.clone(), torch.ones(n, 3), torch.zeros(n, 3))
     assert same.shape == x.shape and same.dtype == x.dtype
     assert torch.allclose(same, x.clamp_min(1 / 255), atol=1e-4)  # neutral jitter: the identity (above black)
-    alpha = torch.tensor([[1.3, 1.0, 1.0], [0.7, 1.0, 1.0], [1.0, 1.3, 1.0], [1.0, 1.0, 1.0], [1.05, 0.95, 1.0],
-                          [0.9, 1.1, 1.2]])
+    alpha = torch.tensor(
+        [[1.3, 1.0, 1.0], [0.7, 1.0, 1.0], [1.0, 1.3, 1.0], [1.0, 1.0, 1.0], [1.05, 0.95, 1.0], [0.9, 1.1, 1.2]]
+    )
     beta = torch.tensor([[0.0, 0, 0], [0, 0, 0], [0, 0, 0], [0.2, 0, 0], [-0.05, 0.05, 0], [0.05, -0.05, 0.05]])
     out = hed_jitter(x.clone(), alpha, beta)
     assert out.shape == x.shape and out.dtype == torch.float32
@@ -206,13 +217,19 @@ def test_hed_jitter_keeps_shape_dtype_and_range_and_separates_stains_like_skimag
 # -- resizing and the two paths ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("box,out_px", [((10, 20, 60, 60), 98), ((0, 0, 200, 180), 96), ((5, 7, 31, 40), 64),
-                                        ((0, 0, 256, 256), 224)])
+@pytest.mark.parametrize(
+    "box,out_px", [((10, 20, 60, 60), 98), ((0, 0, 200, 180), 96), ((5, 7, 31, 40), 64), ((0, 0, 256, 256), 224)]
+)
 def test_batched_resize_matches_torch_antialiased_bicubic(tissue, box, out_px):
     tile = torch.from_numpy(tissue).permute(2, 0, 1).float().unsqueeze(0) / 255
     top, left, h, w = box
-    expected = F.interpolate(tile[:, :, top:top + h, left:left + w], size=(out_px, out_px), mode="bicubic",
-                             antialias=True, align_corners=False)
+    expected = F.interpolate(
+        tile[:, :, top : top + h, left : left + w],
+        size=(out_px, out_px),
+        mode="bicubic",
+        antialias=True,
+        align_corners=False,
+    )
     p = sample_params(AugmentConfig(), 0, 0, 0, 256, 256)[0]
     p = CropParams(**{k: getattr(p, k)[:1] for k in CropParams.__dataclass_fields__})
     p.top[:], p.left[:], p.height[:], p.width[:] = top, left, h, w
@@ -226,7 +243,7 @@ def test_batched_resize_matches_torch_antialiased_bicubic(tissue, box, out_px):
 @pytest.mark.parametrize("impl", ["fused", "torchvision"])
 def test_cpu_and_device_paths_give_the_same_crops(tissue, preset, impl):
     aug = AugmentConfig.preset(preset, global_crop_px=64, local_crop_px=32, n_local_crops=3, color_jitter_impl=impl)
-    tiles = [np.ascontiguousarray(tissue[i * 30:i * 30 + 128, i * 40:i * 40 + 128]) for i in range(4)]
+    tiles = [np.ascontiguousarray(tissue[i * 30 : i * 30 + 128, i * 40 : i * 40 + 128]) for i in range(4)]
     groups = [sample_params(aug, 9, 1, pos, 128, 128) for pos in range(len(tiles))]
     b = len(tiles)
     g_u8 = torch.empty(2 * b, 3, 64, 64, dtype=torch.uint8)
@@ -235,8 +252,9 @@ def test_cpu_and_device_paths_give_the_same_crops(tissue, preset, impl):
     for i, t in enumerate(tiles):
         cpu(t, groups[i], (g_u8.view(2, b, 3, 64, 64)[:, i], l_u8.view(3, b, 3, 32, 32)[:, i]))
     stacked = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float() / 255
-    dev_g, dev_l = augment_on_device(stacked, (CropParams.crop_major([g[0] for g in groups]),
-                                               CropParams.crop_major([g[1] for g in groups])), aug)
+    dev_g, dev_l = augment_on_device(
+        stacked, (CropParams.crop_major([g[0] for g in groups]), CropParams.crop_major([g[1] for g in groups])), aug
+    )
     std = torch.tensor(aug.std).view(1, 3, 1, 1) * 255
     for ours, theirs in ((uint8_to_normalised(g_u8, aug), dev_g), (uint8_to_normalised(l_u8, aug), dev_l)):
         diff = ((ours - theirs) * std).abs()  # in grey levels

@@ -25,20 +25,23 @@ def test_defaults_are_the_documented_recipe():
         data.num_workers = 2  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"stores": ()}, "stores"),
-    ({"sampling": "uniform"}, "sampling"),
-    ({"store_weights": (1.0,)}, "store_weights"),
-    ({"store_weights": (0.0, 0.0)}, "store_weights"),
-    ({"num_workers": -1}, "num_workers"),
-    ({"shuffle_buffer_tiles": 0}, "shuffle_buffer_tiles"),
-    ({"path": "tpu"}, "path"),
-    ({"decode_device": "gpu"}, "decode_device"),
-    ({"start_method": "fork"}, "start_method"),
-    ({"epoch_remainder": "pad"}, "epoch_remainder"),
-    ({"samples_per_epoch": 0}, "samples_per_epoch"),
-    ({"slides": ()}, "slides"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"stores": ()}, "stores"),
+        ({"sampling": "uniform"}, "sampling"),
+        ({"store_weights": (1.0,)}, "store_weights"),
+        ({"store_weights": (0.0, 0.0)}, "store_weights"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"shuffle_buffer_tiles": 0}, "shuffle_buffer_tiles"),
+        ({"path": "tpu"}, "path"),
+        ({"decode_device": "gpu"}, "decode_device"),
+        ({"start_method": "fork"}, "start_method"),
+        ({"epoch_remainder": "pad"}, "epoch_remainder"),
+        ({"samples_per_epoch": 0}, "samples_per_epoch"),
+        ({"slides": ()}, "slides"),
+    ],
+)
 def test_data_config_errors_name_the_field(kwargs, field):
     base = {"stores": ("a.zarr", "b.zarr")}
     with pytest.raises(DataConfigError, match=rf"DataConfig\.{field}="):
@@ -50,15 +53,18 @@ def test_fork_is_refused_with_the_reason():
         DataConfig(stores=("a.zarr",), start_method="fork")
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"global_crop_scale": (0.5, 0.2)}, "global_crop_scale"),
-    ({"n_global_crops": 0}, "n_global_crops"),
-    ({"hue": 0.7}, "hue"),
-    ({"blur_kernel_px": 8}, "blur_kernel_px"),
-    ({"std": (0.2, 0.0, 0.2)}, "std"),
-    ({"solarize_p_global": (0.1, 0.2, 0.3)}, "solarize_p_global"),
-    ({"hed_shift": 1.5}, "hed_shift"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"global_crop_scale": (0.5, 0.2)}, "global_crop_scale"),
+        ({"n_global_crops": 0}, "n_global_crops"),
+        ({"hue": 0.7}, "hue"),
+        ({"blur_kernel_px": 8}, "blur_kernel_px"),
+        ({"std": (0.2, 0.0, 0.2)}, "std"),
+        ({"solarize_p_global": (0.1, 0.2, 0.3)}, "solarize_p_global"),
+        ({"hed_shift": 1.5}, "hed_shift"),
+    ],
+)
 def test_augment_config_errors_name_the_field(kwargs, field):
     with pytest.raises(DataConfigError, match=rf"AugmentConfig\.{field}="):
         AugmentConfig(**kwargs)

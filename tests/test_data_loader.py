@@ -32,12 +32,16 @@ def tissue_tiles() -> list[np.ndarray]:
     path = importlib.resources.files("pathdino") / "sample_data" / "CMU-1-Small-Region.svs"
     with openslide.OpenSlide(str(path)) as slide:
         region = np.array(slide.read_region((600, 800), 0, (480, 576)).convert("RGB"))
-    return [np.ascontiguousarray(region[y:y + TILE_PX, x:x + TILE_PX])
-            for y in range(0, 576, TILE_PX) for x in range(0, 480, TILE_PX)]
+    return [
+        np.ascontiguousarray(region[y : y + TILE_PX, x : x + TILE_PX])
+        for y in range(0, 576, TILE_PX)
+        for x in range(0, 480, TILE_PX)
+    ]
 
 
-def write_store(url: Path | str, slides: dict[str, list[bytes]], tile_px: int = TILE_PX,
-                tiles_per_shard: int = 16) -> str:
+def write_store(
+    url: Path | str, slides: dict[str, list[bytes]], tile_px: int = TILE_PX, tiles_per_shard: int = 16
+) -> str:
     writer = TileStoreWriter(url)
     for slide_id, encoded in slides.items():
         w = writer.begin_slide(slide_id, tile_px, tiles_per_shard=tiles_per_shard, tiles_per_chunk=8)
@@ -50,15 +54,28 @@ def write_store(url: Path | str, slides: dict[str, list[bytes]], tile_px: int = 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tissue_tiles) -> str:
     enc = [encode_tile(t) for t in tissue_tiles]
-    return write_store(tmp_path_factory.mktemp("data") / "tiles.zarr",
-                       {"a": enc[:50], "b": enc[50:80], "c": enc[80:87]})  # 87 tiles in shards of 16
+    return write_store(
+        tmp_path_factory.mktemp("data") / "tiles.zarr", {"a": enc[:50], "b": enc[50:80], "c": enc[80:87]}
+    )  # 87 tiles in shards of 16
 
 
 def loader(store: str, rank: int = 0, world_size: int = 1, batch: int = 4, seed: int = 0, **data_kw):
-    data = DataConfig(stores=(store,), num_workers=data_kw.pop("num_workers", 0),
-                      shuffle_buffer_tiles=data_kw.pop("shuffle_buffer_tiles", 12), **data_kw)
-    return build_train_loader(data, data_kw.pop("aug", AUG), MaskConfig(), patch_size=PATCH,
-                              batch_size_per_process=batch, rank=rank, world_size=world_size, seed=seed)
+    data = DataConfig(
+        stores=(store,),
+        num_workers=data_kw.pop("num_workers", 0),
+        shuffle_buffer_tiles=data_kw.pop("shuffle_buffer_tiles", 12),
+        **data_kw,
+    )
+    return build_train_loader(
+        data,
+        data_kw.pop("aug", AUG),
+        MaskConfig(),
+        patch_size=PATCH,
+        batch_size_per_process=batch,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+    )
 
 
 def identities(batch: MultiCropBatch) -> list[tuple[int, str, int]]:
@@ -70,8 +87,12 @@ def take(it, n: int) -> list[MultiCropBatch]:
 
 
 def same(a: MultiCropBatch, b: MultiCropBatch) -> bool:
-    return (identities(a) == identities(b) and torch.equal(a.global_crops, b.global_crops)
-            and torch.equal(a.local_crops, b.local_crops) and torch.equal(a.masks, b.masks))
+    return (
+        identities(a) == identities(b)
+        and torch.equal(a.global_crops, b.global_crops)
+        and torch.equal(a.local_crops, b.local_crops)
+        and torch.equal(a.masks, b.masks)
+    )
 
 
 # -- validation ----------------------------------------------------------------------------------------------------
@@ -193,7 +214,7 @@ def test_workers_cover_every_tile_once_and_resume_exactly(store):
         batches = take(it, 3)
         state = ld.state_dict()  # taken mid-run, as a checkpoint would be
         batches += take(it, ld.batches_per_epoch - 1)
-        for b in batches[:ld.batches_per_epoch]:
+        for b in batches[: ld.batches_per_epoch]:
             counts.update(identities(b))
         if rank == 1:
             ld.close()
@@ -206,9 +227,10 @@ def test_workers_cover_every_tile_once_and_resume_exactly(store):
 
 
 def test_fsspec_url_stores_are_read_like_local_ones(tissue_tiles):
-    url = write_store("memory://pathdino-data-test/tiles.zarr",
-                      {"a": [encode_tile(t) for t in tissue_tiles[:20]],
-                       "b": [encode_tile(t) for t in tissue_tiles[20:33]]})
+    url = write_store(
+        "memory://pathdino-data-test/tiles.zarr",
+        {"a": [encode_tile(t) for t in tissue_tiles[:20]], "b": [encode_tile(t) for t in tissue_tiles[20:33]]},
+    )
     ld = loader(url, batch=4)
     seen = [i for b in take(iter(ld), ld.batches_per_epoch) for i in identities(b)]
     assert len(seen) == len(set(seen)) == 32

@@ -14,11 +14,16 @@ from pathdino.data.plan import EpochPlan, Layout, Schedule, round_start, slide_q
 
 def make_catalog(sizes: list[int], tiles_per_shard: int = 16, stores: list[int] | None = None) -> Catalog:
     stores = stores or [0] * len(sizes)
-    return Catalog(store_urls=tuple(f"store{i}" for i in range(max(stores) + 1)),
-                   store_index=np.array(stores, dtype=np.int64), slide_ids=tuple(f"s{i}" for i in range(len(sizes))),
-                   n_tiles=np.array(sizes, dtype=np.int64), tile_px=np.full(len(sizes), 64, dtype=np.int64),
-                   tiles_per_shard=np.full(len(sizes), tiles_per_shard, dtype=np.int64),
-                   encodings=("jpeg",) * len(sizes), fingerprint="test")
+    return Catalog(
+        store_urls=tuple(f"store{i}" for i in range(max(stores) + 1)),
+        store_index=np.array(stores, dtype=np.int64),
+        slide_ids=tuple(f"s{i}" for i in range(len(sizes))),
+        n_tiles=np.array(sizes, dtype=np.int64),
+        tile_px=np.full(len(sizes), 64, dtype=np.int64),
+        tiles_per_shard=np.full(len(sizes), tiles_per_shard, dtype=np.int64),
+        encodings=("jpeg",) * len(sizes),
+        fingerprint="test",
+    )
 
 
 def consumed(schedule_for_rank, world_size: int, epoch: int, n_batches: int) -> list[np.ndarray]:
@@ -30,8 +35,9 @@ def consumed(schedule_for_rank, world_size: int, epoch: int, n_batches: int) -> 
     return out
 
 
-@pytest.mark.parametrize("world_size,lanes,batch,window_batches", [(1, 1, 4, 2), (2, 3, 4, 1), (3, 2, 5, 3),
-                                                                   (4, 1, 3, 2)])
+@pytest.mark.parametrize(
+    "world_size,lanes,batch,window_batches", [(1, 1, 4, 2), (2, 3, 4, 1), (3, 2, 5, 3), (4, 1, 3, 2)]
+)
 def test_every_tile_once_per_epoch_across_ranks_and_workers(world_size, lanes, batch, window_batches):
     cat = make_catalog([37, 5, 64, 18], tiles_per_shard=8)
     plan = EpochPlan(cat, "tile", None, None, seed=7, epoch=2)
@@ -49,8 +55,9 @@ def test_every_tile_once_per_epoch_across_ranks_and_workers(world_size, lanes, b
     slides, tiles = plan.locate(positions)
     assert len(set(zip(slides.tolist(), tiles.tolist()))) == len(positions)
     all_slides, all_tiles = plan.locate(np.arange(plan.size))
-    assert sorted(zip(all_slides.tolist(), all_tiles.tolist())) == [(s, t) for s, n in enumerate(cat.n_tiles)
-                                                                    for t in range(n)]
+    assert sorted(zip(all_slides.tolist(), all_tiles.tolist())) == [
+        (s, t) for s, n in enumerate(cat.n_tiles) for t in range(n)
+    ]
 
 
 @pytest.mark.parametrize("lanes,start_batch", [(2, 0), (3, 1), (3, 5)])
@@ -148,21 +155,37 @@ def test_reads_cover_a_window_with_one_call_per_shard():
         assert (slides == r.slide).all() and np.array_equal(tiles, r.tiles)
 
 
-@pytest.mark.parametrize("old,new", [((2, 2, 4, 2), (1, 3, 4, 2)), ((3, 1, 5, 1), (2, 2, 3, 4)),
-                                     ((1, 2, 4, 3), (4, 1, 4, 1))])
+@pytest.mark.parametrize(
+    "old,new", [((2, 2, 4, 2), (1, 3, 4, 2)), ((3, 1, 5, 1), (2, 2, 3, 4)), ((1, 2, 4, 3), (4, 1, 4, 1))]
+)
 def test_resume_with_another_layout_skips_nothing_and_repeats_at_most_one_round(old, new):
     epoch_size = 301
     old_layout = Layout(old[0], 0, old[2], old[1], old[3])
     n_old = Schedule(epoch_size, old_layout, "drop", seed=5).n_batches(0)
     for stop in range(0, n_old, 3):  # the checkpoint is taken after `stop` batches of every rank
-        used = set(np.concatenate(consumed(
-            lambda r: Schedule(epoch_size, Layout(old[0], r, old[2], old[1], old[3]), "drop", seed=5),
-            old[0], 0, stop)).tolist()) if stop else set()
+        used = (
+            set(
+                np.concatenate(
+                    consumed(
+                        lambda r: Schedule(epoch_size, Layout(old[0], r, old[2], old[1], old[3]), "drop", seed=5),
+                        old[0],
+                        0,
+                        stop,
+                    )
+                ).tolist()
+            )
+            if stop
+            else set()
+        )
         restart = round_start(0, stop, epoch_size, old_layout, "drop")
         assert set(range(restart)) <= used  # everything before the restart point was consumed
         assert len(used - set(range(restart))) <= old_layout.round_tiles  # repeats: at most one round
-        new_scheds = [Schedule(epoch_size, Layout(new[0], r, new[2], new[1], new[3]), "drop", seed=5, epoch=0,
-                               start_position=restart) for r in range(new[0])]
+        new_scheds = [
+            Schedule(
+                epoch_size, Layout(new[0], r, new[2], new[1], new[3]), "drop", seed=5, epoch=0, start_position=restart
+            )
+            for r in range(new[0])
+        ]
         n_new = new_scheds[0].n_batches(0)
         rest = set(np.concatenate(consumed(new_scheds.__getitem__, new[0], 0, n_new)).tolist()) if n_new else set()
         covered = used | rest

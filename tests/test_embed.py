@@ -59,7 +59,7 @@ def _reference(store_url: str, encoder_dir: Path, slide_id: str) -> tuple[np.nda
     x = torch.stack([transform(t) for t in slide.read_tiles(0, slide.n_tiles)])
     with torch.no_grad():
         tokens = model.forward_features(x)
-    return tokens[:, 0].numpy(), tokens[:, model.num_prefix_tokens:].mean(1).numpy(), slide.coords
+    return tokens[:, 0].numpy(), tokens[:, model.num_prefix_tokens :].mean(1).numpy(), slide.coords
 
 
 def test_round_trip_zarr_and_h5(store, encoder, tmp_path):
@@ -97,11 +97,11 @@ def test_spawned_workers_give_the_same_embeddings(store, encoder, tmp_path):
     from pathdino.embed import EmbeddingStore, embed_store
 
     embed_store(store, encoder, tmp_path / "w0", _options(slides=("slide-a",)))
-    report = embed_store(store, encoder, tmp_path / "w1", _options(slides=("slide-a",), num_workers=1,
-                                                                     batch_size=64))
+    report = embed_store(store, encoder, tmp_path / "w1", _options(slides=("slide-a",), num_workers=1, batch_size=64))
     assert report.embedded == ("slide-a",)
-    np.testing.assert_array_equal(EmbeddingStore(tmp_path / "w1")["slide-a"][0],
-                                  EmbeddingStore(tmp_path / "w0")["slide-a"][0])
+    np.testing.assert_array_equal(
+        EmbeddingStore(tmp_path / "w1")["slide-a"][0], EmbeddingStore(tmp_path / "w0")["slide-a"][0]
+    )
 
 
 def test_interrupted_run_resumes_and_skips_complete_slides(store, encoder, tmp_path, monkeypatch):
@@ -130,8 +130,7 @@ def test_interrupted_run_resumes_and_skips_complete_slides(store, encoder, tmp_p
     assert report.skipped == ("slide-a",) and report.embedded == ("slide-b",)
     assert done_file.stat().st_mtime_ns == stamp  # the complete slide was not rewritten
     assert not (work_files(out).staging / "slide-b.999999999.deadbeef").exists()
-    np.testing.assert_allclose(EmbeddingStore(out)["slide-b"][0], _reference(store, encoder, "slide-b")[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(EmbeddingStore(out)["slide-b"][0], _reference(store, encoder, "slide-b")[0], atol=1e-5)
     # A complete slide whose h5 went missing gets it back from the store, without recomputing.
     (h5_dir(out) / "slide-a.h5").unlink()
     again = embed_store(store, encoder, out, _options(formats=("h5",)))
@@ -171,8 +170,23 @@ def _cli(args: list[str]):
 
 def test_cli_embed_then_mil_on_h5(store, encoder, tmp_path):
     out = tmp_path / "emb"
-    result = _cli(["embed", store, "--encoder", str(encoder), "--out", str(out), "--format", "h5", "-j", "0",
-                   "--no-progress", "--slides", "slide-a"])
+    result = _cli(
+        [
+            "embed",
+            store,
+            "--encoder",
+            str(encoder),
+            "--out",
+            str(out),
+            "--format",
+            "h5",
+            "-j",
+            "0",
+            "--no-progress",
+            "--slides",
+            "slide-a",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert "embedded 1 slide(s)" in result.output and (h5_dir(out) / "slide-a.h5").is_file()
     bad = _cli(["embed", store, "--encoder", str(tmp_path / "missing"), "--out", str(out)])
@@ -191,8 +205,22 @@ def test_cli_embed_then_mil_on_h5(store, encoder, tmp_path):
         split = "train" if i < 8 else "val" if i < 12 else "test"
         lines.append(f"s{i},{'tumour' if i % 2 else 'normal'},{split}")
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
-    result = _cli(["mil", str(tmp_path / "labels.csv"), "--embeddings", str(tmp_path / "bags"), "--out",
-                   str(tmp_path / "mil"), "--max-epochs", "25", "--hidden-dim", "32", "--lr", "2e-3"])
+    result = _cli(
+        [
+            "mil",
+            str(tmp_path / "labels.csv"),
+            "--embeddings",
+            str(tmp_path / "bags"),
+            "--out",
+            str(tmp_path / "mil"),
+            "--max-epochs",
+            "25",
+            "--hidden-dim",
+            "32",
+            "--lr",
+            "2e-3",
+        ]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "mil" / "metrics.json").read_text())["metrics"]
     assert metrics["test"]["balanced_accuracy"] == 1.0
@@ -208,15 +236,42 @@ def test_cli_eval_with_exported_encoder_and_random_baseline(encoder, tmp_path):
         for i in range(12):
             noise = rng.integers(-20, 20, (40, 40, 3))
             Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(
-                tmp_path / "tiles" / label / f"{i}.png")
-    result = _cli(["eval", str(tmp_path / "tiles"), "--encoder", str(encoder), "--out", str(tmp_path / "r.json"),
-                   "-m", "knn", "-m", "linear", "--no-progress"])
+                tmp_path / "tiles" / label / f"{i}.png"
+            )
+    result = _cli(
+        [
+            "eval",
+            str(tmp_path / "tiles"),
+            "--encoder",
+            str(encoder),
+            "--out",
+            str(tmp_path / "r.json"),
+            "-m",
+            "knn",
+            "-m",
+            "linear",
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["encoder"]["encoder_dir"] == str(encoder) and report["feature_dim"] == 64
     assert report["methods"]["knn"]["by_k"]["20"]["balanced_accuracy"] == 1.0
-    result = _cli(["eval", str(tmp_path / "tiles"), "--arch", "vit_tiny_patch16_224", "--img-size", "32", "--out",
-                   str(tmp_path / "b.json"), "-m", "knn", "--no-progress"])
+    result = _cli(
+        [
+            "eval",
+            str(tmp_path / "tiles"),
+            "--arch",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--out",
+            str(tmp_path / "b.json"),
+            "-m",
+            "knn",
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "b.json").read_text())["encoder"]["weights"] == "random"
     both = _cli(["eval", str(tmp_path / "tiles"), "--arch", "x", "--encoder", str(encoder), "--out", "r.json"])
@@ -241,8 +296,19 @@ def test_a_corrupt_slide_fails_alone(store, encoder, tmp_path):
     emb = EmbeddingStore(tmp_path / "emb")
     assert emb.slide_ids == ["good"] and "bad" in emb.meta["failures"]
     np.testing.assert_allclose(emb["good"][0], _reference(store, encoder, "slide-a")[0][:5], atol=1e-5)
-    result = _cli(["embed", str(tmp_path / "mixed.zarr"), "--encoder", str(encoder), "--out", str(tmp_path / "emb"),
-                   "-j", "0", "--no-progress"])
+    result = _cli(
+        [
+            "embed",
+            str(tmp_path / "mixed.zarr"),
+            "--encoder",
+            str(encoder),
+            "--out",
+            str(tmp_path / "emb"),
+            "-j",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 1 and "failed bad" in result.output
 
 
@@ -270,8 +336,28 @@ def test_mil_uses_the_encoders_tile_embedding_by_default(store, encoder, tmp_pat
 
     assert inspect.signature(mil).parameters["feature"].default.default == "features"
     out = tmp_path / "emb"
-    assert _cli(["embed", store, "--encoder", str(encoder), "--out", str(out), "--format", "zarr", "--format", "h5",
-                 "-j", "0", "--no-progress", "--slides", "slide-a"]).exit_code == 0
+    assert (
+        _cli(
+            [
+                "embed",
+                store,
+                "--encoder",
+                str(encoder),
+                "--out",
+                str(out),
+                "--format",
+                "zarr",
+                "--format",
+                "h5",
+                "-j",
+                "0",
+                "--no-progress",
+                "--slides",
+                "slide-a",
+            ]
+        ).exit_code
+        == 0
+    )
     source = _feature_source(out, "features")
     assert isinstance(source, EmbeddingStore) and source.feature == "features"
     assert isinstance(_feature_source(h5_dir(out), "features"), H5FeatureReader)

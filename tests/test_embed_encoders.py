@@ -30,8 +30,15 @@ def stores(tmp_path_factory) -> dict[float, str]:
     return {mpp: make_store(root / f"tiles-{mpp}.zarr", SIZES, mpp=mpp) for mpp in (0.5, 1.0)}
 
 
-def save_hub_folder(folder: Path, architecture: str, build_args: dict, config_args: dict,
-                    pretrained_cfg: dict | None = None, torch_bin: bool = False, seed: int = 0):
+def save_hub_folder(
+    folder: Path,
+    architecture: str,
+    build_args: dict,
+    config_args: dict,
+    pretrained_cfg: dict | None = None,
+    torch_bin: bool = False,
+    seed: int = 0,
+):
     """A random-weight timm model saved the way the hub keeps it; returns the model (for reference outputs)."""
     import timm
     from safetensors.torch import save_file
@@ -65,7 +72,7 @@ def _expected(model, store: str, sid: str, input_px: int, mean_std, recipe: str)
     x = TileTransform(input_px, *mean_std).batch(_tiles(store, sid))
     with torch.no_grad():
         tokens = model.forward_features(x)
-    cls, patch = tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)
+    cls, patch = tokens[:, 0], tokens[:, model.num_prefix_tokens :].mean(1)
     return {"cls": cls, "cls+mean_patch": torch.cat([cls, patch], 1), "mean_patch": patch}[recipe].numpy()
 
 
@@ -120,14 +127,31 @@ def test_virchow2_safetensors_folder_concatenates_cls_and_mean_patch(stores, tmp
 
     from pathdino.embed import EmbeddingStore, embed_store
 
-    build = {**SMALL, "mlp_ratio": 4.0, "reg_tokens": 4, "init_values": 1e-5, "img_size": 224,
-             "mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU, "global_pool": "",
-             "dynamic_img_size": True}
+    build = {
+        **SMALL,
+        "mlp_ratio": 4.0,
+        "reg_tokens": 4,
+        "init_values": 1e-5,
+        "img_size": 224,
+        "mlp_layer": timm.layers.SwiGLUPacked,
+        "act_layer": torch.nn.SiLU,
+        "global_pool": "",
+        "dynamic_img_size": True,
+    }
     config = {**build, "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
     folder = tmp_path / "virchow2"
-    model = save_hub_folder(folder, "vit_huge_patch14_224", build, config,
-                            pretrained_cfg={"input_size": [3, 224, 224], "mean": list(IMAGENET[0]),
-                                            "std": list(IMAGENET[1]), "hf_hub_id": "paige-ai/Virchow2"})
+    model = save_hub_folder(
+        folder,
+        "vit_huge_patch14_224",
+        build,
+        config,
+        pretrained_cfg={
+            "input_size": [3, 224, 224],
+            "mean": list(IMAGENET[0]),
+            "std": list(IMAGENET[1]),
+            "hf_hub_id": "paige-ai/Virchow2",
+        },
+    )
     assert model.num_prefix_tokens == 5
     for mpp in (0.5, 1.0):
         out = tmp_path / f"emb-{mpp}"
@@ -159,19 +183,27 @@ def test_hoptimus_and_unknown_folders_and_user_table(stores, tmp_path, caplog):
     info = read_encoder_config(tmp_path / "H-optimus-0")
     assert (info.mean, info.std, info.input_px) == (*HOPTIMUS, 224)
     embed_store(stores[0.5], tmp_path / "H-optimus-0", tmp_path / "emb-h", _opts(slides=("s2",)))
-    np.testing.assert_allclose(EmbeddingStore(tmp_path / "emb-h")["s2"][0],
-                               _expected(hopt, stores[0.5], "s2", 224, HOPTIMUS, "cls"), atol=1e-4)
+    np.testing.assert_allclose(
+        EmbeddingStore(tmp_path / "emb-h")["s2"][0], _expected(hopt, stores[0.5], "s2", 224, HOPTIMUS, "cls"), atol=1e-4
+    )
 
     mine = tmp_path / "my-encoder"
-    save_hub_folder(mine, "vit_small_patch16_224", {**SMALL, "img_size": 64}, {**SMALL, "img_size": 64},
-                    pretrained_cfg={"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3}, seed=1)
+    save_hub_folder(
+        mine,
+        "vit_small_patch16_224",
+        {**SMALL, "img_size": 64},
+        {**SMALL, "img_size": 64},
+        pretrained_cfg={"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3},
+        seed=1,
+    )
     with caplog.at_level(logging.WARNING):
         report = embed_store(stores[1.0], mine, tmp_path / "emb-u", _opts())
     assert report.embedded == ("s1", "s2") and "does not record the µm/px" in caplog.text
 
     table = tmp_path / "encoders.json"
-    table.write_text(json.dumps([{"name": "Mine", "patterns": ["my-encoder"], "target_mpp": 0.5,
-                                  "recipe": "mean_patch"}]))
+    table.write_text(
+        json.dumps([{"name": "Mine", "patterns": ["my-encoder"], "target_mpp": 0.5, "recipe": "mean_patch"}])
+    )
     with pytest.raises(EmbedError, match=r"the encoder's 0\.5 µm/px \(Mine"):
         embed_store(stores[1.0], mine, tmp_path / "emb-t", _opts(encoder_table=str(table)))
     embed_store(stores[0.5], mine, tmp_path / "emb-t", _opts(encoder_table=str(table)))
@@ -198,16 +230,26 @@ def test_folders_that_cannot_load_say_why(tmp_path):
 
     # Pickled objects are refused: weights_only=True.
     pickled = tmp_path / "pickled"
-    save_hub_folder(pickled, "vit_small_patch16_224", {**SMALL, "img_size": 32}, {**SMALL, "img_size": 32},
-                    pretrained_cfg={"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
-                    torch_bin=True)
+    save_hub_folder(
+        pickled,
+        "vit_small_patch16_224",
+        {**SMALL, "img_size": 32},
+        {**SMALL, "img_size": 32},
+        pretrained_cfg={"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
+        torch_bin=True,
+    )
     torch.save({"model": torch.nn.Linear(2, 2)}, pickled / "pytorch_model.bin")
     with pytest.raises(EncoderFormatError, match="weights_only=True"):
         load_encoder(pickled)
     # Weights that do not fit the config name the problem.
     wrong = tmp_path / "wrong"
-    save_hub_folder(wrong, "vit_small_patch16_224", {**SMALL, "img_size": 32}, {**SMALL, "depth": 3, "img_size": 32},
-                    pretrained_cfg={"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
+    save_hub_folder(
+        wrong,
+        "vit_small_patch16_224",
+        {**SMALL, "img_size": 32},
+        {**SMALL, "depth": 3, "img_size": 32},
+        pretrained_cfg={"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
+    )
     with pytest.raises(EncoderFormatError, match=r"does not fit.*missing \['blocks\.2"):
         load_encoder(wrong)
     lacking = tmp_path / "nameless"

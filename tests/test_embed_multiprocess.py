@@ -52,13 +52,33 @@ def reference(store, encoder, tmp_path_factory):
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def _embed_args(store: str, encoder: Path, out: Path, *extra: str) -> list[str]:
-    return [store, "--encoder", str(encoder), "--out", str(out), "--part-tiles", str(PART), "--batch-size", "16",
-            "-j", "0", "--no-progress", "--mean-patch", "--format", "h5", *extra]
+    return [
+        store,
+        "--encoder",
+        str(encoder),
+        "--out",
+        str(out),
+        "--part-tiles",
+        str(PART),
+        "--batch-size",
+        "16",
+        "-j",
+        "0",
+        "--no-progress",
+        "--mean-patch",
+        "--format",
+        "h5",
+        *extra,
+    ]
 
 
 def _check_complete(out: Path, reference) -> list[dict]:
@@ -84,10 +104,17 @@ def _check_complete(out: Path, reference) -> list[dict]:
 
 def test_two_shard_processes_at_once_commit_every_slide_once(store, encoder, reference, tmp_path):
     out = tmp_path / "emb"
-    procs = [subprocess.Popen([sys.executable, "-m", "pathdino.embed",
-                               *_embed_args(store, encoder, out, "--shard", f"{i}/2")],
-                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pathdino.embed", *_embed_args(store, encoder, out, "--shard", f"{i}/2")],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     commits = _check_complete(out, reference)
@@ -98,9 +125,14 @@ def test_two_shard_processes_at_once_commit_every_slide_once(store, encoder, ref
     assert sum(tiles) == sum(SLIDE_SIZES.values()) and min(tiles) > 0.3 * sum(tiles)
 
     # A rerun with any number of processes has nothing left to do.
-    again = subprocess.run([sys.executable, "-m", "pathdino.embed",
-                            *_embed_args(store, encoder, out, "--shard", "2/3")],
-                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "pathdino.embed", *_embed_args(store, encoder, out, "--shard", "2/3")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and "embedded 0 slide(s), 0 tiles" in again.stdout, again.stdout + again.stderr
 
 
@@ -112,9 +144,25 @@ def _free_port() -> int:
 
 def test_accelerate_launch_two_cpu_processes(store, encoder, reference, tmp_path):
     out = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "pathdino.embed", *_embed_args(store, encoder, out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "pathdino.embed",
+        *_embed_args(store, encoder, out),
+    ]
     for attempt in (1, 2):
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
         text = proc.stdout + proc.stderr
@@ -141,8 +189,9 @@ def _finished_tiles(out: Path, *, committed: set[str]) -> dict[str, list[tuple[i
     finished: dict[str, list[tuple[int, int]]] = {}
     for parts in work_files(out).assembly.glob("*.parts"):
         slide_id = parts.name.rsplit(".", 2)[0]
-        ranges = [tuple(int(v) for v in m.name.split("-")) for m in parts.iterdir()
-                  if re.fullmatch(r"\d{12}-\d{12}", m.name)]
+        ranges = [
+            tuple(int(v) for v in m.name.split("-")) for m in parts.iterdir() if re.fullmatch(r"\d{12}-\d{12}", m.name)
+        ]
         if slide_id not in committed and ranges:
             finished[slide_id] = sorted(ranges)
     return finished
@@ -153,9 +202,18 @@ def test_killed_process_resumes_with_another_number_of_processes(store, encoder,
     from pathdino.embed import EmbeddingStore, EmbedOptions, embed_store
 
     out = tmp_path / "emb"
-    proc = subprocess.Popen([sys.executable, "-m", "pathdino.embed",
-                             *_embed_args(store, encoder, out, "--shard", "0/2", "--batch-size", "2")],
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pathdino.embed",
+            *_embed_args(store, encoder, out, "--shard", "0/2", "--batch-size", "2"),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list(work_files(out).assembly.glob("*.parts/0*"))) >= 2:  # two tile ranges finished and marked
@@ -169,14 +227,28 @@ def test_killed_process_resumes_with_another_number_of_processes(store, encoder,
     finished = _finished_tiles(out, committed=set(done_before))
     assert finished or done_before  # the killed run left finished work that must not be recomputed
 
-    report = embed_store(store, encoder, out, EmbedOptions(num_workers=0, progress=False, batch_size=16,
-                                                           part_tiles=PART, mean_patch=True, formats=("h5",),
-                                                           shard=(0, 1)))
+    report = embed_store(
+        store,
+        encoder,
+        out,
+        EmbedOptions(
+            num_workers=0,
+            progress=False,
+            batch_size=16,
+            part_tiles=PART,
+            mean_patch=True,
+            formats=("h5",),
+            shard=(0, 1),
+        ),
+    )
     total = sum(SLIDE_SIZES.values())
     # exactly the tiles of what the killed process had not finished: no finished part is recomputed, nothing
     # unfinished is taken as done
-    recomputed = total - sum(SLIDE_SIZES[s] for s in done_before) - sum(
-        stop - start for sid, ranges in finished.items() if sid not in done_before for start, stop in ranges)
+    recomputed = (
+        total
+        - sum(SLIDE_SIZES[s] for s in done_before)
+        - sum(stop - start for sid, ranges in finished.items() if sid not in done_before for start, stop in ranges)
+    )
     assert report.n_tiles == recomputed, (report.n_tiles, recomputed, finished, done_before)
     assert set(report.embedded) | set(done_before) == set(SLIDE_SIZES) and not report.failed
     _check_complete(out, reference)
@@ -186,8 +258,14 @@ def test_plan_cuts_large_slides_and_balances_shards():
     from pathdino.embed.plan import assign, chunk_rows, parse_shard, plan_items
 
     items = plan_items([("a", 1000), ("b", 10), ("c", 0)], part_tiles=256)
-    assert [(i.slide_id, i.start, i.stop) for i in items] == [("a", 0, 256), ("a", 256, 512), ("a", 512, 768),
-                                                             ("a", 768, 1000), ("b", 0, 10), ("c", 0, 0)]
+    assert [(i.slide_id, i.start, i.stop) for i in items] == [
+        ("a", 0, 256),
+        ("a", 256, 512),
+        ("a", 512, 768),
+        ("a", 768, 1000),
+        ("b", 0, 10),
+        ("c", 0, 0),
+    ]
     shares = [assign(items, (i, 3)) for i in range(3)]
     key = lambda it: (it.slide_id, it.start)  # noqa: E731
     assert sorted((x for s in shares for x in s), key=key) == sorted(items, key=key)  # every item exactly once

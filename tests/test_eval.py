@@ -241,8 +241,9 @@ def test_extract_features_on_bundled_tiles(tiny_vit, tmp_path):
     (tmp_path / "nct.csv").write_text("\n".join(rows) + "\n")
     ds = load_tile_dataset(TileDatasetSpec(tmp_path / "nct.csv"))
     assert ds.class_names == NCT_CLASSES and len(ds.records("train")) == 9  # 1 per class stays in train
-    feats, labels, paths = extract_features(tiny_vit, eval_transform(32), ds.records("train"), batch_size=4,
-                                            device="cpu", num_workers=0, progress=False)
+    feats, labels, paths = extract_features(
+        tiny_vit, eval_transform(32), ds.records("train"), batch_size=4, device="cpu", num_workers=0, progress=False
+    )
     assert feats.shape == (9, 192) and feats.dtype == torch.float32 and torch.isfinite(feats).all()
     assert labels.tolist() == list(range(9)) and paths[0].endswith("ADI-AAQEFMRI.tif")
     assert tiny_vit.training is False
@@ -250,10 +251,12 @@ def test_extract_features_on_bundled_tiles(tiny_vit, tmp_path):
 
 def test_run_eval_end_to_end_with_random_vit(tiny_vit, nct_quadrants, tmp_path):
     out = tmp_path / "reports" / "eval.json"
-    opts = EvalOptions(batch_size=16, progress=False, knn_ks=(1, 20), fewshot_shots=(1, 2, 4), fewshot_seeds=2,
-                       alignment_max_tiles=9)
-    report = run_eval(tiny_vit, eval_transform(32), TileDatasetSpec(nct_quadrants, 0.25, 0.25), out_json=out,
-                      options=opts)
+    opts = EvalOptions(
+        batch_size=16, progress=False, knn_ks=(1, 20), fewshot_shots=(1, 2, 4), fewshot_seeds=2, alignment_max_tiles=9
+    )
+    report = run_eval(
+        tiny_vit, eval_transform(32), TileDatasetSpec(nct_quadrants, 0.25, 0.25), out_json=out, options=opts
+    )
     on_disk = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert on_disk == report
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temporary file left behind

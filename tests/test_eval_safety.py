@@ -25,8 +25,25 @@ def _dataset(root: Path, classes: tuple[str, ...], per_class: int = 12) -> Path:
 
 
 def _eval(data: Path, out: Path, *extra: str):
-    return CliRunner().invoke(app, ["eval", str(data), "--arch", "vit_tiny_patch16_224", "--img-size", "32", "-o",
-                                    str(out), "-m", "knn", "-m", "linear", "--no-progress", *extra])
+    return CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(data),
+            "--arch",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "-o",
+            str(out),
+            "-m",
+            "knn",
+            "-m",
+            "linear",
+            "--no-progress",
+            *extra,
+        ],
+    )
 
 
 def test_one_class_is_an_error_naming_the_dataset_and_the_count(tmp_path):
@@ -34,7 +51,8 @@ def test_one_class_is_an_error_naming_the_dataset_and_the_count(tmp_path):
     result = _eval(data, tmp_path / "r.json")
     assert result.exit_code == 2, result.output
     assert f"{data}: 1 class (tumour); kNN, linear and few-shot classification need at least 2 classes" in (
-        result.output)
+        result.output
+    )
     assert not (tmp_path / "r.json").exists()
 
 

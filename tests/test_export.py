@@ -23,8 +23,9 @@ def make_store(path: Path, tile_px: int = 56, slides: list[Path] | None = None) 
     from tiling.inputs import collect_slides
     from tiling.runner import run_tiling
 
-    outcomes = run_tiling(collect_slides([str(s) for s in slides or [SAMPLE_SLIDE]]), str(path),
-                          TilingConfig(workers=1, tile_px=tile_px))
+    outcomes = run_tiling(
+        collect_slides([str(s) for s in slides or [SAMPLE_SLIDE]]), str(path), TilingConfig(workers=1, tile_px=tile_px)
+    )
     assert all(o.status == "done" for o in outcomes), outcomes
     return str(path)
 
@@ -35,9 +36,19 @@ def smoke_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smoke")
     store = make_store(root / "tiles.zarr")
     run = root / "run"
-    cmd = [sys.executable, "-m", "pathdino.train", "--config", str(SMOKE_CONFIG), f"data.stores=[{store}]",
-           f"train.output_dir={run}", "train.total_steps=2", "train.checkpoint_every_steps=2", "log.every_steps=1",
-           "log.trackers=[]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathdino.train",
+        "--config",
+        str(SMOKE_CONFIG),
+        f"data.stores=[{store}]",
+        f"train.output_dir={run}",
+        "train.total_steps=2",
+        "train.checkpoint_every_steps=2",
+        "log.every_steps=1",
+        "log.trackers=[]",
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return run
@@ -62,7 +73,7 @@ def _teacher_backbone(ckpt: Path):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     cfg = BackboneConfig(**{**state["config"]["model"]["backbone"], "drop_path_rate": 0.0})
     prefix = "backbone.backbone."
-    weights = {k[len(prefix):]: v for k, v in load_file(ckpt / "teacher.safetensors").items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in load_file(ckpt / "teacher.safetensors").items() if k.startswith(prefix)}
     model = build_backbone(cfg)
     model.load_state_dict(weights, strict=True)
     return model.eval()
@@ -80,8 +91,9 @@ def test_export_reloads_in_plain_timm_with_identical_outputs(smoke_run, exported
     # Exactly what the model card tells users to do: no pathdino involved.
     overlay = dict(cfg["pretrained_cfg"], file=str(exported / "model.safetensors"), url="", hf_hub_id="")
     overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in overlay.items()}
-    plain = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
-                              **cfg["model_args"]).eval()
+    plain = timm.create_model(
+        cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **cfg["model_args"]
+    ).eval()
     local_dir = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
     teacher = _teacher_backbone(_latest_step(smoke_run))
     x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
@@ -123,8 +135,9 @@ def test_load_encoder_and_its_transform(exported):
     assert not model.training and model.pathdino_info["tile_px"] == 56
     rng = np.random.default_rng(0)
     tile = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
-    expected = (torch.from_numpy(tile).permute(2, 0, 1).float() / 255 - torch.tensor(transform.mean)[:, None, None]) \
-        / torch.tensor(transform.std)[:, None, None]
+    expected = (
+        torch.from_numpy(tile).permute(2, 0, 1).float() / 255 - torch.tensor(transform.mean)[:, None, None]
+    ) / torch.tensor(transform.std)[:, None, None]
     assert torch.allclose(transform(tile), expected, atol=1e-6)
     assert torch.allclose(transform(Image.fromarray(tile)), expected, atol=1e-6)
     # Larger or non-square images: shorter side resized, centre crop; a flat colour stays exactly that colour.

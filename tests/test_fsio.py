@@ -51,13 +51,17 @@ def test_failed_write_keeps_the_old_file(tmp_path):
 
 
 def test_strict_json_rejects_nan_unless_made_jsonable(tmp_path):
-    payload = {"auc": float("nan"), "n": np.int64(3), "v": np.array([1.5, np.inf]), "ok": np.bool_(True),
-               "p": tmp_path}
+    payload = {"auc": float("nan"), "n": np.int64(3), "v": np.array([1.5, np.inf]), "ok": np.bool_(True), "p": tmp_path}
     with pytest.raises(ValueError):
         atomic_write_json(tmp_path / "r.json", payload, allow_nan=False, default=str)
     atomic_write_json(tmp_path / "r.json", to_jsonable(payload), allow_nan=False)
-    assert json.loads((tmp_path / "r.json").read_text()) == {"auc": None, "n": 3, "v": [1.5, None], "ok": True,
-                                                             "p": str(tmp_path)}
+    assert json.loads((tmp_path / "r.json").read_text()) == {
+        "auc": None,
+        "n": 3,
+        "v": [1.5, None],
+        "ok": True,
+        "p": str(tmp_path),
+    }
 
 
 def test_publish_dir_replaces_a_folder_whole(tmp_path):
@@ -89,8 +93,15 @@ def test_pid_alive():
 
 
 def test_check_format_names_the_store_and_what_to_do():
-    kw = dict(where="/x/store", kind="pathdino widget store", format_name="widgets", format_version=2,
-              error=KeyError, not_this_format="Pick another folder.", other_version="Rebuild it.")
+    kw = dict(
+        where="/x/store",
+        kind="pathdino widget store",
+        format_name="widgets",
+        format_version=2,
+        error=KeyError,
+        not_this_format="Pick another folder.",
+        other_version="Rebuild it.",
+    )
     check_format({"format": "widgets", "format_version": 2}, **kw)
     with pytest.raises(KeyError, match="not a pathdino widget store.*Pick another folder"):
         check_format({"format": "other"}, **kw)
@@ -99,8 +110,10 @@ def test_check_format_names_the_store_and_what_to_do():
 
 
 def test_fsio_imports_neither_torch_nor_pathdino():
-    code = ("import sys, tiling.fsio; bad = [m for m in ('torch', 'pathdino') if m in sys.modules]; "
-            "assert not bad, bad; print('ok')")
+    code = (
+        "import sys, tiling.fsio; bad = [m for m in ('torch', 'pathdino') if m in sys.modules]; "
+        "assert not bad, bad; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
 

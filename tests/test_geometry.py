@@ -50,8 +50,7 @@ def test_coarsest_finer_level_is_chosen():
 
 
 def test_closest_level_within_tolerance_wins():
-    g = plan_geometry(((100, 100), (50, 50), (49, 49)), (1.0, 2.0, 2.04), slide_mpp=0.25, target_mpp=0.507,
-                      tile_px=16)
+    g = plan_geometry(((100, 100), (50, 50), (49, 49)), (1.0, 2.0, 2.04), slide_mpp=0.25, target_mpp=0.507, tile_px=16)
     assert g.read_level == 2  # 0.51 is closer to 0.507 than 0.50
 
 
@@ -72,13 +71,16 @@ def test_slightly_coarser_within_tolerance_is_accepted():
     assert (g.read_level, g.scale, g.within_tolerance) == (0, 1.0, True)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(tile_px=0), "tile_px"),
-    (dict(tile_px=224, overlap_px=224), "overlap_px"),
-    (dict(tile_px=224, overlap_px=-1), "overlap_px"),
-    (dict(tile_px=224, target_mpp=0.0), "target_mpp"),
-    (dict(tile_px=224, tolerance=-0.1), "tolerance"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tile_px=0), "tile_px"),
+        (dict(tile_px=224, overlap_px=224), "overlap_px"),
+        (dict(tile_px=224, overlap_px=-1), "overlap_px"),
+        (dict(tile_px=224, target_mpp=0.0), "target_mpp"),
+        (dict(tile_px=224, tolerance=-0.1), "tolerance"),
+    ],
+)
 def test_invalid_settings_are_value_errors(kwargs, match):
     args = dict(level_dimensions=PYRAMID_DIMS, level_downsamples=PYRAMID_DS, slide_mpp=0.25, target_mpp=0.5)
     args.update(kwargs)
@@ -101,8 +103,7 @@ def test_geometry_is_frozen():
 def test_grid_counts_only_whole_tiles():
     g = plan_geometry(PYRAMID_DIMS, PYRAMID_DS, slide_mpp=0.25, target_mpp=0.5, tile_px=224)
     assert grid_shape(g, (4000, 3000)) == (1500 // 224, 2000 // 224)
-    with_overlap = plan_geometry(PYRAMID_DIMS, PYRAMID_DS, slide_mpp=0.25, target_mpp=0.5, tile_px=224,
-                                 overlap_px=24)
+    with_overlap = plan_geometry(PYRAMID_DIMS, PYRAMID_DS, slide_mpp=0.25, target_mpp=0.5, tile_px=224, overlap_px=24)
     # columns: 224 + 200 * (n - 1) <= 2000 -> n = 9; rows: <= 1500 -> n = 7
     assert grid_shape(with_overlap, (4000, 3000)) == (7, 9)
     downsampled = plan_geometry(((4000, 3000),), (1.0,), slide_mpp=0.25, target_mpp=0.5, tile_px=224)
@@ -125,8 +126,9 @@ def test_tile_level0_coordinates():
     assert xy.dtype == np.int64 and xy.shape == (3, 2)
     np.testing.assert_array_equal(xy, [[0, 0], [3 * 400, 400], [400, 800]])  # level-0 step = 200 * 2
     odd = plan_geometry(((4000, 3000),), (1.0,), slide_mpp=0.2527, target_mpp=0.5, tile_px=224)
-    np.testing.assert_array_equal(tile_level0_xy(odd, [1], [2]),
-                                  [[round(2 * 224 * 0.5 / 0.2527), round(224 * 0.5 / 0.2527)]])
+    np.testing.assert_array_equal(
+        tile_level0_xy(odd, [1], [2]), [[round(2 * 224 * 0.5 / 0.2527), round(224 * 0.5 / 0.2527)]]
+    )
     with pytest.raises(ValueError):
         tile_level0_xy(g, [0, 1], [0])
 
@@ -138,8 +140,15 @@ APERIO_40X_DS = (1.0, 4.0, 16.0)
 
 
 def _virtual(dims=APERIO_40X_DIMS, ds=APERIO_40X_DS, slide_mpp=0.2527, target_mpp=0.5, **kwargs):
-    return plan_geometry(dims, ds, slide_mpp=slide_mpp, target_mpp=target_mpp, tile_px=224,
-                         virtual_reductions=VIRTUAL_REDUCTIONS, **kwargs)
+    return plan_geometry(
+        dims,
+        ds,
+        slide_mpp=slide_mpp,
+        target_mpp=target_mpp,
+        tile_px=224,
+        virtual_reductions=VIRTUAL_REDUCTIONS,
+        **kwargs,
+    )
 
 
 def test_virtual_level_within_tolerance_is_read_as_is():
@@ -191,5 +200,4 @@ def test_virtual_levels_never_upsample():
 
 def test_invalid_virtual_reductions_are_value_errors():
     with pytest.raises(ValueError, match="virtual_reductions"):
-        plan_geometry(PYRAMID_DIMS, PYRAMID_DS, slide_mpp=0.25, target_mpp=0.5, tile_px=224,
-                      virtual_reductions=(1,))
+        plan_geometry(PYRAMID_DIMS, PYRAMID_DS, slide_mpp=0.25, target_mpp=0.5, tile_px=224, virtual_reductions=(1,))

@@ -71,8 +71,9 @@ def test_shards_partition_deterministically(tmp_path):
     ids = sorted(s.slide_id for p in parts for s in p)
     assert ids == sorted(s.slide_id for s in slides)  # every slide once
     assert parse_shard("1/3") == (1, 3)
-    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4",
-                              "SLURM_ARRAY_TASK_MIN": "3"}) == (2, 4)
+    assert parse_shard(
+        None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}
+    ) == (2, 4)
     assert parse_shard(None, {}) == (0, 1)
     with pytest.raises(InputError):
         parse_shard("3/3")
@@ -108,8 +109,13 @@ def test_mixed_folder_yields_every_slide_and_says_what_it_skipped(tmp_path):
     scan = scan_inputs([str(tmp_path)])
     got = {s.slide_id: s.path.name for s in scan.slides}
     series_id = next(k for k in got if k.startswith(tmp_path.name + "-"))
-    assert got == {"he": "he.svs", "ihc": "ihc.tiff", "single-a": "single-a.dcm", "single-b": "single-b",
-                   series_id: "series-level0.dcm"}
+    assert got == {
+        "he": "he.svs",
+        "ihc": "ihc.tiff",
+        "single-a": "single-a.dcm",
+        "single-b": "single-b",
+        series_id: "series-level0.dcm",
+    }
     assert scan.format_counts() == {"dicom": 3, "svs": 1, "tiff": 1}
     assert {f.path.name: f.reason for f in scan.skipped} == {
         "broken.dcm": "not a readable DICOM file (InvalidDicomError)",

@@ -29,17 +29,33 @@ ALLOWED: dict[str, set[str]] = {
     "pathdino.data": {"tiling", "torch", "torchvision"},
     "pathdino.models": {"tiling", "torch", "timm"},
     "pathdino.losses": {"torch"},
-    "pathdino.train": {"tiling", "torch", "accelerate", "pathdino.data", "pathdino.models", "pathdino.losses",
-                       "pathdino.eval", "pathdino.export"},
+    "pathdino.train": {
+        "tiling",
+        "torch",
+        "accelerate",
+        "pathdino.data",
+        "pathdino.models",
+        "pathdino.losses",
+        "pathdino.eval",
+        "pathdino.export",
+    },
     "pathdino.export": {"tiling", "torch", "timm", "pathdino.data", "pathdino.models"},
     "pathdino.embed": {"tiling", "torch", "timm", "pathdino.export"},
-    "pathdino.eval": {"tiling", "torch", "torchvision", "timm", "pathdino.data", "pathdino.models",
-                      "pathdino.export"},
+    "pathdino.eval": {"tiling", "torch", "torchvision", "timm", "pathdino.data", "pathdino.models", "pathdino.export"},
     "pathdino.mil": {"tiling", "torch", "pathdino.eval", "pathdino.slide"},
-    "pathdino.slide": {"tiling", "torch", "timm", "accelerate", "pathdino.models", "pathdino.train",
-                       "pathdino.embed"},
-    "pathdino.cli": {"tiling", "torch", "pathdino.data", "pathdino.models", "pathdino.train", "pathdino.export",
-                     "pathdino.embed", "pathdino.eval", "pathdino.mil", "pathdino.slide"},
+    "pathdino.slide": {"tiling", "torch", "timm", "accelerate", "pathdino.models", "pathdino.train", "pathdino.embed"},
+    "pathdino.cli": {
+        "tiling",
+        "torch",
+        "pathdino.data",
+        "pathdino.models",
+        "pathdino.train",
+        "pathdino.export",
+        "pathdino.embed",
+        "pathdino.eval",
+        "pathdino.mil",
+        "pathdino.slide",
+    },
     # pathdino/__init__.py: load_encoder, load_slide_encoder, imported on first use
     "pathdino": {"tiling", "pathdino.export", "pathdino.slide"},
 }
@@ -56,8 +72,16 @@ TILING_MODULES: dict[str, set[str]] = {
     "pathdino.eval": {"tiling.configio", "tiling.errors", "tiling.fsio"},
     "pathdino.mil": {"tiling.configio", "tiling.errors", "tiling.fsio"},
     "pathdino.slide": {"tiling", "tiling.configio", "tiling.errors", "tiling.fsio"},
-    "pathdino.cli": {"tiling.config", "tiling.configio", "tiling.errors", "tiling.inputs", "tiling.outcome",
-                     "tiling.preflight", "tiling.runner", "tiling.store"},
+    "pathdino.cli": {
+        "tiling.config",
+        "tiling.configio",
+        "tiling.errors",
+        "tiling.inputs",
+        "tiling.outcome",
+        "tiling.preflight",
+        "tiling.runner",
+        "tiling.store",
+    },
 }
 # `python -m pathdino.<package>` entry points run the CLI's own command (the same arguments under a launcher)
 ENTRY_POINT_MAY_IMPORT = {"pathdino.cli"}
@@ -260,14 +284,18 @@ def _downward_problems() -> list[str]:
     for path in _sources():
         package = _package(path)
         if package not in ALLOWED:
-            bad.append(f"{_rel(path)}: package {package} has no line in ALLOWED (tests/test_layout.py) and none "
-                       "in DEVELOPERS.md's layout table: add both")
+            bad.append(
+                f"{_rel(path)}: package {package} has no line in ALLOWED (tests/test_layout.py) and none "
+                "in DEVELOPERS.md's layout table: add both"
+            )
             continue
         for imp in _imports(path):
             if imp.dynamic:
                 if _rel(path) not in DYNAMIC_IMPORTS:
-                    bad.append(f"{_rel(path)}:{imp.line} imports a module named at run time (import_module of a "
-                               "non-literal); import it by name, or list it in DYNAMIC_IMPORTS with the reason")
+                    bad.append(
+                        f"{_rel(path)}:{imp.line} imports a module named at run time (import_module of a "
+                        "non-literal); import it by name, or list it in DYNAMIC_IMPORTS with the reason"
+                    )
                 continue
             target = _target(imp.module)
             if target is None or target == package:
@@ -275,12 +303,15 @@ def _downward_problems() -> list[str]:
             if path.name == "__main__.py" and target in ENTRY_POINT_MAY_IMPORT:
                 continue
             if target not in ALLOWED[package]:
-                bad.append(f"{_rel(path)}:{imp.line} imports {imp.module} ({package} may import "
-                           f"{sorted(ALLOWED[package])})")
+                bad.append(
+                    f"{_rel(path)}:{imp.line} imports {imp.module} ({package} may import {sorted(ALLOWED[package])})"
+                )
             elif target == "tiling" and package != "tiling":
                 for used in sorted(_tiling_modules(imp) - TILING_MODULES.get(package, set())):
-                    bad.append(f"{_rel(path)}:{imp.line} uses {used} ({package} may use "
-                               f"{sorted(TILING_MODULES.get(package, set()))} of tiling)")
+                    bad.append(
+                        f"{_rel(path)}:{imp.line} uses {used} ({package} may use "
+                        f"{sorted(TILING_MODULES.get(package, set()))} of tiling)"
+                    )
     return bad
 
 
@@ -292,12 +323,16 @@ def test_imports_point_downward():
 @pytest.mark.parametrize("leaf", sorted(LEAF_MODULES))
 def test_leaf_modules_import_no_project_module(leaf):
     path = ROOT / leaf
-    project = [f"{leaf}:{imp.line} imports {imp.module}" for imp in _imports(path)
-               if _target(imp.module) is not None and imp.module not in LEAF_MODULES[leaf]]
+    project = [
+        f"{leaf}:{imp.line} imports {imp.module}"
+        for imp in _imports(path)
+        if _target(imp.module) is not None and imp.module not in LEAF_MODULES[leaf]
+    ]
     assert not project, project
 
 
 # ---- import circles ---------------------------------------------------------------------------------------------
+
 
 def _module_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports (anywhere in the file). ``from a.b import c`` is an edge to the
@@ -375,8 +410,10 @@ def test_known_circles_still_exist():
 
 # ---- function length and keyword-only options ----------------------------------------------------------------
 
+
 def _functions(path: Path):
     """(qualified name, node) of every function and method in a file, nested ones included."""
+
     def walk(node, prefix):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -386,6 +423,7 @@ def _functions(path: Path):
                 yield from walk(child, f"{prefix}{child.name}.")
             else:
                 yield from walk(child, prefix)
+
     yield from walk(ast.parse(path.read_text()), "")
 
 
@@ -416,8 +454,11 @@ def _keyword_only_breakers() -> dict[str, int]:
 
 
 def _keyword_only_problems() -> list[str]:
-    return [f"{where} takes {n} positional parameters: make the options keyword-only (def f(a, b, *, c, d))"
-            for where, n in sorted(_keyword_only_breakers().items()) if where not in KEYWORD_ONLY_NOT_YET]
+    return [
+        f"{where} takes {n} positional parameters: make the options keyword-only (def f(a, b, *, c, d))"
+        for where, n in sorted(_keyword_only_breakers().items())
+        if where not in KEYWORD_ONLY_NOT_YET
+    ]
 
 
 def test_options_are_keyword_only_past_three_parameters():
@@ -431,6 +472,7 @@ def test_keyword_only_list_only_shrinks():
 
 
 # ---- the rules can fail ----------------------------------------------------------------------------------------
+
 
 def test_the_rules_can_fail(tmp_path, monkeypatch):
     """Each check above sees what it should, in a small tree built here: a torch import inside a tiling function,
@@ -460,7 +502,8 @@ def test_the_rules_can_fail(tmp_path, monkeypatch):
     assert "pathdino/losses/dyn.py:2 imports pathdino.train.b " in downward
     assert "pathdino/models/uses.py:1 uses tiling.store" in downward
     assert _cycle_problems() == ["import circle: pathdino.train.a <-> pathdino.train.b"]
-    assert _keyword_only_problems() == ["pathdino/train/b.py:g takes 4 positional parameters: make the options "
-                                        "keyword-only (def f(a, b, *, c, d))"]
+    assert _keyword_only_problems() == [
+        "pathdino/train/b.py:g takes 4 positional parameters: make the options keyword-only (def f(a, b, *, c, d))"
+    ]
     with pytest.raises(AssertionError, match="f is 122 lines"):
         test_functions_are_short()

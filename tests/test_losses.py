@@ -29,8 +29,10 @@ K = 16
 
 # ---------------------------------------------------------------------------------------------------------- DINO
 
+
 def _reference_dinov2(student_global, student_local, teacher_probs, n_global, batch, student_temp=0.1):
     """DINOv2's formula written out term by term (ssl_meta_arch + DINOLoss), for 2 global crops."""
+
     def ce_mean(t, s):
         return -(t * F.log_softmax(s / student_temp, dim=-1)).sum(-1).mean()
 
@@ -101,6 +103,7 @@ def test_dino_loss_rejects_bad_shapes():
 
 # ---------------------------------------------------------------------------------------------------------- targets
 
+
 def test_centering_uses_previous_center_then_updates():
     torch.manual_seed(0)
     targets = PrototypeTargets(K, "centering", center_momentum=0.9)
@@ -134,6 +137,7 @@ def test_sinkhorn_balances_prototypes_where_centering_does_not():
 
 
 # ---------------------------------------------------------------------------------------------------------- iBOT
+
 
 def _ibot_case():
     torch.manual_seed(0)
@@ -186,6 +190,7 @@ def test_ibot_sinkhorn_targets_and_shape_checks():
 
 
 # ---------------------------------------------------------------------------------------------------------- KoLeo / KDE
+
 
 def _clustered_and_spread(n=16, d=8):
     torch.manual_seed(0)
@@ -245,7 +250,7 @@ SPLITS = {"dino": (6, 10), "ibot": (7, 0)}
 
 
 def _shard(x: torch.Tensor, split: tuple[int, int], rank: int) -> torch.Tensor:
-    return x[:split[0]] if rank == 0 else x[split[0]:split[0] + split[1]]
+    return x[: split[0]] if rank == 0 else x[split[0] : split[0] + split[1]]
 
 
 def _distributed_worker(rank: int, world: int, init_file: str, data: dict, out_dir: str) -> None:

@@ -43,6 +43,7 @@ def tiny_model(seed: int = 0, **overrides) -> MaskedViT:
 
 # ---------------------------------------------------------------------------------------------------------- config
 
+
 def test_config_validation_and_names():
     assert BackboneConfig().timm_arch == "vit_small_patch14_reg4_dinov2"
     assert BackboneConfig(arch="vit_large", num_register_tokens=0).timm_arch == "vit_large_patch14_dinov2"
@@ -99,6 +100,7 @@ def test_timm_recreate_is_identical(ffn, registers):
 
 # ---------------------------------------------------------------------------------------------------------- MaskedViT
 
+
 def test_masked_vit_outputs_global_and_local_crops():
     model = tiny_model()
     g, loc = torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28)
@@ -150,8 +152,11 @@ def test_gradients_reach_backbone_mask_token_and_heads():
     out = model(torch.randn(2, 3, 56, 56), masks)
     loss = head(out["cls"]).logsumexp(-1).sum() + head(out["patch"][masks]).logsumexp(-1).sum()
     loss.backward()
-    no_grad = [n for n, p in [*model.named_parameters(), *head.named_parameters()] if p.grad is None
-               or not p.grad.abs().sum() > 0]
+    no_grad = [
+        n
+        for n, p in [*model.named_parameters(), *head.named_parameters()]
+        if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert no_grad == []
 
 
@@ -170,6 +175,7 @@ def test_bf16_autocast_forward_with_masks_and_head():
 
 
 # ---------------------------------------------------------------------------------------------------------- init
+
 
 def _dinov2_style(src: MaskedViT, chunked: bool = True) -> dict[str, torch.Tensor]:
     """Rewrite a timm state dict the way facebookresearch/dinov2 names it (CLS pos slot, register_tokens, ...)."""
@@ -192,8 +198,13 @@ def _dinov2_style(src: MaskedViT, chunked: bool = True) -> dict[str, torch.Tenso
 def test_init_from_dinov2_checkpoint_same_grid_is_exact(tmp_path, ffn):
     src = tiny_model(seed=1, ffn=ffn)
     sd = _dinov2_style(src)
-    wrapped = {"model": {**{f"teacher.backbone.{k}": v for k, v in sd.items()},
-                         "teacher.dino_head.mlp.0.weight": torch.zeros(3, 3)}, "iteration": 5}
+    wrapped = {
+        "model": {
+            **{f"teacher.backbone.{k}": v for k, v in sd.items()},
+            "teacher.dino_head.mlp.0.weight": torch.zeros(3, 3),
+        },
+        "iteration": 5,
+    }
     path = tmp_path / "dinov2_train.pth"
     torch.save(wrapped, path)
     dst = tiny_model(seed=2, ffn=ffn)
@@ -211,8 +222,9 @@ def test_init_resizes_pos_embed_from_other_grid(tmp_path):
     dst = tiny_model(seed=2)  # 4 x 4 grid
     report = load_init_checkpoint(dst.backbone, path)
     assert report.pos_embed_resized == ((5, 5), (4, 4)) and report.missing_keys == ()
-    expected = resample_abs_pos_embed(src.backbone.pos_embed.detach(), new_size=[4, 4], old_size=[5, 5],
-                                      num_prefix_tokens=0)
+    expected = resample_abs_pos_embed(
+        src.backbone.pos_embed.detach(), new_size=[4, 4], old_size=[5, 5], num_prefix_tokens=0
+    )
     torch.testing.assert_close(dst.backbone.pos_embed.detach(), expected)
     torch.testing.assert_close(dst.backbone.cls_token, src.backbone.cls_token, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dst.backbone.blocks[1].attn.qkv.weight, src.backbone.blocks[1].attn.qkv.weight)
@@ -241,8 +253,9 @@ def test_init_reports_missing_and_rejects_wrong_shapes(tmp_path):
     report = load_init_checkpoint(with_registers, path)
     assert report.missing_keys == ("reg_token",) and "reg_token" in report.summary()
     # the CLS position slot was folded into the CLS token
-    torch.testing.assert_close(with_registers.backbone.cls_token,
-                               src.backbone.cls_token + src.backbone.pos_embed[:, :1])
+    torch.testing.assert_close(
+        with_registers.backbone.cls_token, src.backbone.cls_token + src.backbone.pos_embed[:, :1]
+    )
     with pytest.raises(ValueError, match="reg_token"):
         load_init_checkpoint(tiny_model(seed=3), path, strict=True)
     with pytest.raises(ValueError, match="does not fit this backbone"):
@@ -252,6 +265,7 @@ def test_init_reports_missing_and_rejects_wrong_shapes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- heads
+
 
 def test_head_is_l2_normalised_with_unit_gain():
     torch.manual_seed(0)
@@ -284,7 +298,9 @@ def test_trainable_gain_is_torch_weight_norm_as_dinov2():
     torch.manual_seed(0)
     head = DINOHead(64, n_prototypes=50, hidden_dim=48, bottleneck_dim=16)
     assert [n for n, _ in head.named_parameters() if n.startswith("last_layer")] == [
-        "last_layer.weight", "last_layer.weight_g"]
+        "last_layer.weight",
+        "last_layer.weight_g",
+    ]
     assert head.last_layer.weight_g.shape == (50, 1) and torch.equal(head.last_layer.weight_g, torch.ones(50, 1))
     with torch.no_grad():
         head.last_layer.weight_g.mul_(torch.rand(50, 1) + 0.5)
@@ -326,8 +342,11 @@ def test_normalize_rows_values_and_gradients_equal_autograd_through_f_normalize(
 
 # ---------------------------------------------------------------------------------------------------------- FLOPs
 
-@pytest.mark.parametrize("arch,fwd_gflops,train_gflops", [
-    ("vit_small", 12.3, 166), ("vit_base", 46.3, 593), ("vit_large", 162, 2067), ("vit_giant", 599, 7565)])
+
+@pytest.mark.parametrize(
+    "arch,fwd_gflops,train_gflops",
+    [("vit_small", 12.3, 166), ("vit_base", 46.3, 593), ("vit_large", 162, 2067), ("vit_giant", 599, 7565)],
+)
 def test_flops_match_published_dinov2_figures(arch, fwd_gflops, train_gflops):
     cfg = BackboneConfig(arch=arch, num_register_tokens=0)
     assert vit_forward_flops(cfg, 224) / 1e9 == pytest.approx(fwd_gflops, rel=0.01)

@@ -42,8 +42,12 @@ def _execute(name: str, work: Path, cwd: Path, monkeypatch) -> dict:
 
 
 def _images(book) -> int:
-    return sum("image/png" in out.get("data", {}) for cell in book.cells if cell.cell_type == "code"
-               for out in cell.get("outputs", []))
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
 
 
 @pytest.mark.parametrize("name", NAMES[1:])
@@ -72,7 +76,8 @@ def test_notebooks_are_committed_clean(name):
     """Outputs stripped (small diffs) and no machine paths baked in."""
     text = (NOTEBOOKS / f"{name}.ipynb").read_text()
     book = json.loads(text)
-    assert all(not c.get("outputs") and c.get("execution_count") is None
-               for c in book["cells"] if c["cell_type"] == "code")
+    assert all(
+        not c.get("outputs") and c.get("execution_count") is None for c in book["cells"] if c["cell_type"] == "code"
+    )
     for path in ("/work/", "/tmp/", "/home/", "C:\\\\"):
         assert path not in text

@@ -65,8 +65,9 @@ class _Numbers(Dataset):
 
 @pytest.mark.timeout(120)
 def test_dataloader_shutdown_workers_stops_persistent_workers():
-    loader = DataLoader(_Numbers(), batch_size=2, num_workers=1, persistent_workers=True,
-                        multiprocessing_context="fork")
+    loader = DataLoader(
+        _Numbers(), batch_size=2, num_workers=1, persistent_workers=True, multiprocessing_context="fork"
+    )
     assert sum(len(b) for b in loader) == 8
     iterator = loader._iterator
     assert iterator is not None and callable(iterator._shutdown_workers)

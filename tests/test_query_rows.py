@@ -23,8 +23,15 @@ HEAD = HeadConfig(n_prototypes=64, hidden_dim=32, bottleneck_dim=16)
 
 
 def _cfg(rate: float, registers: int = 2) -> BackboneConfig:
-    return BackboneConfig(arch="custom", embed_dim=48, depth=3, num_heads=3, img_size=56,
-                          num_register_tokens=registers, drop_path_rate=rate)
+    return BackboneConfig(
+        arch="custom",
+        embed_dim=48,
+        depth=3,
+        num_heads=3,
+        img_size=56,
+        num_register_tokens=registers,
+        drop_path_rate=rate,
+    )
 
 
 def _masks(n: int, n_patches: int, seed: int = 0) -> torch.Tensor:
@@ -40,8 +47,9 @@ def _masks(n: int, n_patches: int, seed: int = 0) -> torch.Tensor:
 def _close_grads(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
     """fp32 summation order differs between the paths: tolerance 1e-4 of the gradient's own scale (a wrong row,
     scale or norm gives errors of the order of the gradient itself)."""
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-12,
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-12, msg=lambda m: f"{name}: {m}"
+    )
 
 
 def test_rows_are_cls_then_masked_patches_in_the_given_order():
@@ -97,14 +105,30 @@ def test_objective_tokens_and_their_gradients_match_the_full_forward(rate, regis
 
 
 def _parts(student, teacher) -> StepParts:
-    losses = nn.ModuleDict({"dino": DINOLoss(64, 0.1, "centering", 0.9, 3),
-                            "ibot": IBOTPatchLoss(64, 0.1, "centering", 0.9, 3)})
-    objective = Objective(dino_weight=1.0, ibot_weight=1.0, uniformity_weight=0.1, student_temp=0.1,
-                          update_centers=True, grad_accum_steps=1, clip_grad=3.0, freeze_last_layer="zero_lr")
-    return StepParts(student=student, teacher=teacher, model=student, losses=losses,
-                     uniformity=build_uniformity_loss("koleo", duplicate_tol=1e-6),
-                     optimizer=torch.optim.SGD(student.parameters(), lr=0.0), clip_modules={},
-                     autocast=contextlib.nullcontext(), objective=objective)
+    losses = nn.ModuleDict(
+        {"dino": DINOLoss(64, 0.1, "centering", 0.9, 3), "ibot": IBOTPatchLoss(64, 0.1, "centering", 0.9, 3)}
+    )
+    objective = Objective(
+        dino_weight=1.0,
+        ibot_weight=1.0,
+        uniformity_weight=0.1,
+        student_temp=0.1,
+        update_centers=True,
+        grad_accum_steps=1,
+        clip_grad=3.0,
+        freeze_last_layer="zero_lr",
+    )
+    return StepParts(
+        student=student,
+        teacher=teacher,
+        model=student,
+        losses=losses,
+        uniformity=build_uniformity_loss("koleo", duplicate_tol=1e-6),
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.0),
+        clip_modules={},
+        autocast=contextlib.nullcontext(),
+        objective=objective,
+    )
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -120,8 +144,12 @@ def test_training_step_losses_and_gradients_equal_the_untrimmed_step(separate):
                 block.ls2.gamma.fill_(-0.5)
         teacher.load_state_dict(student.state_dict())
     gen = torch.Generator().manual_seed(3)
-    batch = SimpleNamespace(global_crops=torch.randn(6, 3, 56, 56, generator=gen),
-                            local_crops=torch.randn(6, 3, 28, 28, generator=gen), masks=_masks(6, 16), n_global=2)
+    batch = SimpleNamespace(
+        global_crops=torch.randn(6, 3, 56, 56, generator=gen),
+        local_crops=torch.randn(6, 3, 28, 28, generator=gen),
+        masks=_masks(6, 16),
+        n_global=2,
+    )
     values = ScheduleValues(lr=0.0, weight_decay=0.0, momentum=0.99, teacher_temp=0.05, last_layer_frozen=False)
     results = {}
     for trim in (False, True):
@@ -132,8 +160,11 @@ def test_training_step_losses_and_gradients_equal_the_untrimmed_step(separate):
         results[trim] = (out, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
     (full, full_grads), (trim, trim_grads) = results[False], results[True]
     torch.testing.assert_close(trim.terms, full.terms, rtol=1e-5, atol=1e-6)
-    for a, b in ((trim.teacher_patch_logits, full.teacher_patch_logits), (trim.teacher_cls, full.teacher_cls),
-                 (trim.student_cls_logits, full.student_cls_logits)):
+    for a, b in (
+        (trim.teacher_patch_logits, full.teacher_patch_logits),
+        (trim.teacher_cls, full.teacher_cls),
+        (trim.student_cls_logits, full.student_cls_logits),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert trim_grads.keys() == full_grads.keys() == {n for n, _ in student.named_parameters()}
     for name in full_grads:

@@ -23,14 +23,18 @@ def readme_quickstart() -> list[str]:
 
 def ci_commands() -> list[str]:
     lines = (REPO / ".ci" / "run").read_text().splitlines()
-    return [s for s in (line.split(" #", 1)[0].strip() for line in lines)
-            if s and not s.startswith("#") and not _SETUP.match(s)]
+    return [
+        s
+        for s in (line.split(" #", 1)[0].strip() for line in lines)
+        if s and not s.startswith("#") and not _SETUP.match(s)
+    ]
 
 
 def test_ci_runs_the_readme_quickstart_verbatim():
     assert readme_quickstart() == ['pip install -e ".[dev]"', "pathdino demo", "pytest"]
     assert ci_commands() == readme_quickstart(), (
-        ".ci/run and README.md's Quickstart block drifted apart: CI must run exactly the commands a new user types")
+        ".ci/run and README.md's Quickstart block drifted apart: CI must run exactly the commands a new user types"
+    )
 
 
 def test_plain_pytest_imports_test_helpers(tmp_path):
@@ -38,7 +42,24 @@ def test_plain_pytest_imports_test_helpers(tmp_path):
     test = tmp_path / "test_probe.py"
     test.write_text("from tests.synthetic import write_pyramid\n\ndef test_ok():\n    assert write_pyramid\n")
     env_free = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))",
-                          "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), "-c", str(REPO / "pyproject.toml"),
-                          str(test)], cwd=tmp_path, env=env_free, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(REPO),
+            "-c",
+            str(REPO / "pyproject.toml"),
+            str(test),
+        ],
+        cwd=tmp_path,
+        env=env_free,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr

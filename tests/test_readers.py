@@ -26,8 +26,7 @@ EDGE = REPO / "tests" / "data" / "slides"
 def raw_pyramid(tmp_path_factory) -> Path:
     """Uncompressed, levels as top-level IFDs, Aperio description with MPP: both backends see the same pixels."""
     path = tmp_path_factory.mktemp("slides") / "raw.tif"
-    return write_pyramid(path, texture_image(640, 480), downsamples=(1, 2, 4), mpp=0.25, tile=128,
-                         compression=None)
+    return write_pyramid(path, texture_image(640, 480), downsamples=(1, 2, 4), mpp=0.25, tile=128, compression=None)
 
 
 # --- backend choice -------------------------------------------------------------------------------------------
@@ -47,8 +46,13 @@ def test_svs_opens_with_openslide_and_reads_rgb():
 
 
 def test_subifd_pyramid_goes_to_tiffslide(tmp_path):
-    path = write_pyramid(tmp_path / "ome_like.tif", texture_image(512, 512), description_style="none",
-                         resolution_tags=True, layout="subifds")
+    path = write_pyramid(
+        tmp_path / "ome_like.tif",
+        texture_image(512, 512),
+        description_style="none",
+        resolution_tags=True,
+        layout="subifds",
+    )
     reader = open_slide(path)
     assert reader.backend == "tiffslide"
     assert len(reader.level_dimensions) == 3
@@ -135,8 +139,14 @@ def test_rgba_composites_on_white():
 
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
 def test_read_error_is_region_error_and_reader_keeps_working(tmp_path, backend):
-    path = write_pyramid(tmp_path / "bad.tif", texture_image(512, 512), downsamples=(1,), mpp=0.5,
-                         description_style="none", resolution_tags=True)
+    path = write_pyramid(
+        tmp_path / "bad.tif",
+        texture_image(512, 512),
+        downsamples=(1,),
+        mpp=0.5,
+        description_style="none",
+        resolution_tags=True,
+    )
     corrupt_source_tile(path, 0, 3)  # bottom-right 256-px tile
     reader = open_slide(path, backend)
     with pytest.raises(RegionReadError, match="bad.tif"):
@@ -169,24 +179,37 @@ class FakeReader:
     extra: dict = field(default_factory=dict)
 
 
-@pytest.mark.parametrize("props, expected", [
-    ({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "aperio.MPP": "0.5"},
-     MppResult(0.25, "openslide.mpp-x")),
-    ({"aperio.MPP": "0.4990", "tiffslide.mpp-x": "0.3"}, MppResult(0.499, "aperio.MPP")),
-    ({"openslide.mirax.MPP": "0.243"}, MppResult(0.243, "openslide.mirax.MPP")),
-    ({"hamamatsu.XResolution": "40000", "hamamatsu.ResolutionUnit": "centimeter"},
-     MppResult(0.25, "hamamatsu.XResolution")),
-    ({"hamamatsu.XResolution": "101600", "tiff.ResolutionUnit": "inch"}, MppResult(0.25, "hamamatsu.XResolution")),
-    ({"tiffslide.mpp-x": "0.5", "tiffslide.mpp-y": "0.5"}, MppResult(0.5, "tiffslide.mpp-x")),
-    ({"aperio.MPP": "n/a", "tiffslide.mpp-x": "0.5"}, MppResult(0.5, "tiffslide.mpp-x")),
-])
+@pytest.mark.parametrize(
+    "props, expected",
+    [
+        (
+            {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "aperio.MPP": "0.5"},
+            MppResult(0.25, "openslide.mpp-x"),
+        ),
+        ({"aperio.MPP": "0.4990", "tiffslide.mpp-x": "0.3"}, MppResult(0.499, "aperio.MPP")),
+        ({"openslide.mirax.MPP": "0.243"}, MppResult(0.243, "openslide.mirax.MPP")),
+        (
+            {"hamamatsu.XResolution": "40000", "hamamatsu.ResolutionUnit": "centimeter"},
+            MppResult(0.25, "hamamatsu.XResolution"),
+        ),
+        ({"hamamatsu.XResolution": "101600", "tiff.ResolutionUnit": "inch"}, MppResult(0.25, "hamamatsu.XResolution")),
+        ({"tiffslide.mpp-x": "0.5", "tiffslide.mpp-y": "0.5"}, MppResult(0.5, "tiffslide.mpp-x")),
+        ({"aperio.MPP": "n/a", "tiffslide.mpp-x": "0.5"}, MppResult(0.5, "tiffslide.mpp-x")),
+    ],
+)
 def test_mpp_chain_order(props, expected):
     assert resolve_mpp(FakeReader(props), None) == expected
 
 
 def test_mpp_from_tiff_resolution_tags(tmp_path):
-    path = write_pyramid(tmp_path / "res.tif", texture_image(256, 256), downsamples=(1,), mpp=0.5,
-                         description_style="none", resolution_tags=True)
+    path = write_pyramid(
+        tmp_path / "res.tif",
+        texture_image(256, 256),
+        downsamples=(1,),
+        mpp=0.5,
+        description_style="none",
+        resolution_tags=True,
+    )
     assert resolve_mpp(FakeReader({}, path=path), None) == MppResult(0.5, "tiff.XResolution")
 
 
@@ -207,8 +230,9 @@ def test_implausible_mpp_names_value_source_and_flag():
 
 
 def test_missing_mpp_is_an_error_not_a_default(tmp_path):
-    path = write_pyramid(tmp_path / "nompp.tif", texture_image(256, 256), downsamples=(1,), mpp=None,
-                         description_style="none")
+    path = write_pyramid(
+        tmp_path / "nompp.tif", texture_image(256, 256), downsamples=(1,), mpp=None, description_style="none"
+    )
     reader = open_slide(path)
     with pytest.raises(MppError, match="--slide-mpp") as info:
         resolve_mpp(reader, None)

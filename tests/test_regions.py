@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import (corrupt_source_tile, gradient_image, texture_image, write_pyramid,  # noqa: E402
-                       write_stripped)
+from synthetic import (
+    corrupt_source_tile,
+    gradient_image,
+    texture_image,
+    write_pyramid,  # noqa: E402
+    write_stripped,
+)
 
 from tiling.errors import RegionReadError  # noqa: E402
 from tiling.geometry import grid_shape, plan_geometry, tile_level0_xy  # noqa: E402
@@ -32,24 +37,40 @@ def jpeg_pyramid(tmp_path_factory) -> Path:
 def _open(path, backend="auto", target_mpp=0.5, tile_px=64, overlap_px=0, tolerance=0.05, fast=True):
     reader = open_slide(path, backend)
     mpp = resolve_mpp(reader, None).mpp
-    geometry = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=mpp, target_mpp=target_mpp,
-                             tile_px=tile_px, overlap_px=overlap_px, tolerance=tolerance)
+    geometry = plan_geometry(
+        reader.level_dimensions,
+        reader.level_downsamples,
+        slide_mpp=mpp,
+        target_mpp=target_mpp,
+        tile_px=tile_px,
+        overlap_px=overlap_px,
+        tolerance=tolerance,
+    )
     return reader, geometry, BlockReader(reader, geometry, use_tiff_fast_path=fast)
 
 
 # --- geometry, checked in pixels ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("downsamples, slide_mpp, expect_level, expect_scale", [
-    ((1,), 0.25, 0, 2.0),          # single level: read level 0, downsample 2x
-    ((1, 2), 0.25, 1, 1.0),        # pyramid level at the target: read as is
-    ((1,), 0.2527, 0, 0.5 / 0.2527),  # non-integer scale
-])
+@pytest.mark.parametrize(
+    "downsamples, slide_mpp, expect_level, expect_scale",
+    [
+        ((1,), 0.25, 0, 2.0),  # single level: read level 0, downsample 2x
+        ((1, 2), 0.25, 1, 1.0),  # pyramid level at the target: read as is
+        ((1,), 0.2527, 0, 0.5 / 0.2527),  # non-integer scale
+    ],
+)
 @pytest.mark.parametrize("fast", [True, False])
 def test_tiles_cover_the_right_level0_area(tmp_path, downsamples, slide_mpp, expect_level, expect_scale, fast):
     # R = level-0 x, G = level-0 y: each output pixel's value says where in level 0 it came from.
-    path = write_pyramid(tmp_path / "grad.tif", gradient_image(256, 256), downsamples=downsamples,
-                         mpp=slide_mpp, tile=64, compression=None)
+    path = write_pyramid(
+        tmp_path / "grad.tif",
+        gradient_image(256, 256),
+        downsamples=downsamples,
+        mpp=slide_mpp,
+        tile=64,
+        compression=None,
+    )
     reader, g, blocks = _open(path, target_mpp=0.5, tile_px=32, overlap_px=8, fast=fast)
     assert (g.read_level, g.scale) == (expect_level, pytest.approx(expect_scale))
     assert blocks.pixel_source == (TIFF_FAST_PATH if fast else reader.backend)
@@ -164,13 +185,16 @@ def test_ome_subifd_pyramid_uses_fast_path(shared_slides):
     reader.close()
 
 
-@pytest.mark.parametrize("target_mpp, level, scale", [
-    (0.25, 0, 1.0), (0.5, 0, 2.0), (0.75, 0, 3.0), (0.6, 0, 2.4), (1.0, 1, 1.0), (1.4, 1, 1.4)])
+@pytest.mark.parametrize(
+    "target_mpp, level, scale",
+    [(0.25, 0, 1.0), (0.5, 0, 2.0), (0.75, 0, 3.0), (0.6, 0, 2.4), (1.0, 1, 1.0), (1.4, 1, 1.4)],
+)
 def test_uncompressed_fast_path_is_exact(tmp_path, target_mpp, level, scale):
     # 96-px source tiles: integer factors 2 and 3 take the per-source-tile reduce path, which must give exactly
     # what reducing the backend's whole region gives.
-    path = write_pyramid(tmp_path / "raw.tif", texture_image(800, 640), downsamples=(1, 4), mpp=0.25, tile=96,
-                         compression=None)
+    path = write_pyramid(
+        tmp_path / "raw.tif", texture_image(800, 640), downsamples=(1, 4), mpp=0.25, tile=96, compression=None
+    )
     reader, g, fast = _open(path, "openslide", target_mpp=target_mpp, tile_px=40, overlap_px=4)
     assert (g.read_level, g.scale) == (level, pytest.approx(scale))
     slow = BlockReader(reader, g, use_tiff_fast_path=False)
@@ -191,8 +215,8 @@ def test_blocks_past_the_slide_edge_are_white(jpeg_pyramid):
     n_rows, n_cols = grid_shape(g, reader.level_dimensions[0])
     block = blocks.read_block(n_rows - 1, n_cols - 1, 3, 3)
     # 1024x768 level 0 at 0.5 µm/px is 512x384 output px; everything beyond is white.
-    assert (block[384 - (n_rows - 1) * 64:] == 255).all()
-    assert (block[:, 512 - (n_cols - 1) * 64:] == 255).all()
+    assert (block[384 - (n_rows - 1) * 64 :] == 255).all()
+    assert (block[:, 512 - (n_cols - 1) * 64 :] == 255).all()
     reader.close()
 
 
@@ -201,8 +225,15 @@ def test_blocks_past_the_slide_edge_are_white(jpeg_pyramid):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_corrupt_source_tile_fails_its_block_only(tmp_path, fast):
-    path = write_pyramid(tmp_path / "bad.tif", texture_image(512, 512), downsamples=(1,), mpp=0.5, tile=256,
-                         description_style="none", resolution_tags=True)
+    path = write_pyramid(
+        tmp_path / "bad.tif",
+        texture_image(512, 512),
+        downsamples=(1,),
+        mpp=0.5,
+        tile=256,
+        description_style="none",
+        resolution_tags=True,
+    )
     corrupt_source_tile(path, 0, 3)  # covers level-0 x, y in [256, 512)
     reader, g, blocks = _open(path, "openslide", target_mpp=0.5, tile_px=64, fast=fast)
     assert grid_shape(g, reader.level_dimensions[0]) == (8, 8)
@@ -248,8 +279,7 @@ def test_fast_path_disabled_when_it_disagrees_with_backend(jpeg_pyramid):
             self._inner.close()
 
     reader = Inverted(open_slide(jpeg_pyramid))
-    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=0.25, target_mpp=0.25,
-                      tile_px=64)
+    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=0.25, target_mpp=0.25, tile_px=64)
     blocks = BlockReader(reader, g)
     assert blocks.pixel_source == reader.backend and "differs" in blocks.fast_path_reason
     reader.close()
@@ -259,8 +289,7 @@ def test_fast_path_only_for_plain_tiff_vendors(jpeg_pyramid):
     reader = open_slide(jpeg_pyramid, "openslide")
     assert reader.properties["openslide.vendor"] == "aperio"
     reader.properties = {**reader.properties, "openslide.vendor": "ventana"}  # BIF: overlapping tiles
-    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=0.25, target_mpp=0.25,
-                      tile_px=64)
+    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=0.25, target_mpp=0.25, tile_px=64)
     blocks = BlockReader(reader, g)
     assert blocks.pixel_source == "openslide" and "ventana" in blocks.fast_path_reason
     reader.close()
@@ -309,8 +338,15 @@ def test_fast_level_reader_reads_like_the_backend(tmp_path, jpeg_pyramid):
     assert all(source is not None for source in fast._sources.values())  # both levels decoded directly
     fast.close()
     # A corrupt source tile: that read falls back to the backend, which raises as it always did.
-    path = write_pyramid(tmp_path / "bad.tif", texture_image(512, 512), downsamples=(1,), mpp=0.5, tile=256,
-                         description_style="none", resolution_tags=True)
+    path = write_pyramid(
+        tmp_path / "bad.tif",
+        texture_image(512, 512),
+        downsamples=(1,),
+        mpp=0.5,
+        tile=256,
+        description_style="none",
+        resolution_tags=True,
+    )
     corrupt_source_tile(path, 0, 3)
     bad_reader = open_slide(path, "openslide")
     bad = FastLevelReader(bad_reader)

@@ -27,11 +27,21 @@ def store(tmp_path_factory) -> Path:
     return random_store(tmp_path_factory.mktemp("emb") / "emb", n_slides=11, sizes=(3, 12))
 
 
-def _loader(store: Path, *, rank: int = 0, world: int = 1, workers: int = 0, max_tokens: int = 40,
-            budget: int = 100, packs_per_step: int = 4, seed: int = 0) -> SlidePackLoader:
+def _loader(
+    store: Path,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    max_tokens: int = 40,
+    budget: int = 100,
+    packs_per_step: int = 4,
+    seed: int = 0,
+) -> SlidePackLoader:
     source = SlideSource([str(store)])
-    plan = EpochPlan([s.n_tiles for s in source.slides], max_tokens_per_slide=max_tokens, tokens_per_pack=budget,
-                     seed=seed)
+    plan = EpochPlan(
+        [s.n_tiles for s in source.slides], max_tokens_per_slide=max_tokens, tokens_per_pack=budget, seed=seed
+    )
     dataset = PackDataset(source, plan, max_tokens_per_slide=max_tokens, mask_ratio=0.75, seed=seed)
     return SlidePackLoader(dataset, packs_per_step=packs_per_step, rank=rank, world=world, num_workers=workers)
 
@@ -67,7 +77,7 @@ def test_one_process_sees_what_two_processes_see_step_by_step(store):
     one = _take(_loader(store, world=1), 8)
     r0, r1 = (_take(_loader(store, rank=r, world=2, workers=1), 4) for r in range(2))
     for step in range(2):
-        ones = one[4 * step:4 * step + 4]
+        ones = one[4 * step : 4 * step + 4]
         twos = [r0[2 * step], r1[2 * step], r0[2 * step + 1], r1[2 * step + 1]]
         for a, b in zip(ones, twos):
             assert a.index == b.index and a.slides == b.slides
@@ -87,8 +97,7 @@ def test_loader_resumes_at_a_step_with_any_number_of_processes(store):
         got = _take(resumed, 4 // world)
         want = [p for p in full[8:12] if (p.index % world) == 0]
         assert [p.index for p in got] == [p.index for p in want]
-        assert all(torch.equal(a.features, b.features) and torch.equal(a.masked, b.masked)
-                   for a, b in zip(got, want))
+        assert all(torch.equal(a.features, b.features) and torch.equal(a.masked, b.masked) for a, b in zip(got, want))
 
 
 def test_crop_is_a_contiguous_square_region_and_deterministic():
@@ -128,14 +137,15 @@ def test_step_masked_tiles_counts_what_the_packs_mask(store):
     plan = loader.dataset.plan
     for step in range(2):
         assert step_masked_tiles(plan, step, packs_per_step=3, mask_ratio=0.75) == sum(
-            p.n_masked for p in packs[3 * step:3 * step + 3])
+            p.n_masked for p in packs[3 * step : 3 * step + 3]
+        )
 
 
 def test_tiles_come_in_row_major_grid_order(store):
     pack = _take(_loader(store, max_tokens=10_000, budget=10_000), 1)[0]
     start = 0
     for n in pack.lengths.tolist():
-        g = pack.grid_xy[start:start + n]
+        g = pack.grid_xy[start : start + n]
         key = g[:, 1] * 10_000 + g[:, 0]
         assert torch.all(key[1:] > key[:-1])
         start += n
@@ -163,8 +173,11 @@ def test_config_errors_name_the_key(tmp_path, store):
         load("objective.mask_ratios=0.5")
     with pytest.raises(ConfigError, match="embeddings"):
         SlideSource([str(tmp_path / "missing")])
-    other = write_store(tmp_path / "other", {"a": (np.zeros((3, 16)), np.zeros((3, 2), np.int64))},
-                        encoder={**ENCODER, "weights_sha256": "1" * 64, "dir": "another-encoder"})
+    other = write_store(
+        tmp_path / "other",
+        {"a": (np.zeros((3, 16)), np.zeros((3, 2), np.int64))},
+        encoder={**ENCODER, "weights_sha256": "1" * 64, "dir": "another-encoder"},
+    )
     with pytest.raises(ConfigError, match="another tile encoder"):
         SlideSource([str(store), str(other)])
     with pytest.raises(ConfigError, match="not divisible"):

@@ -11,10 +11,22 @@ from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SLIDE = ROOT / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=4", "objective.decoder_dim=16",
-        "objective.decoder_depth=1", "objective.decoder_heads=2", "data.max_tokens_per_slide=256",
-        "data.tokens_per_pack=256", "train.packs_per_step=1", "train.total_steps=4", "optim.warmup_steps=1",
-        "train.checkpoint_every_steps=2", "log.every_steps=2", "log.trackers=[]"]
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=4",
+    "objective.decoder_dim=16",
+    "objective.decoder_depth=1",
+    "objective.decoder_heads=2",
+    "data.max_tokens_per_slide=256",
+    "data.tokens_per_pack=256",
+    "train.packs_per_step=1",
+    "train.total_steps=4",
+    "optim.warmup_steps=1",
+    "train.checkpoint_every_steps=2",
+    "log.every_steps=2",
+    "log.trackers=[]",
+]
 
 
 def test_bundled_slide_from_tiles_to_slide_embeddings(tmp_path, one_thread):
@@ -31,8 +43,14 @@ def test_bundled_slide_from_tiles_to_slide_embeddings(tmp_path, one_thread):
     runner = CliRunner()
 
     run = tmp_path / "slide_run"
-    args = ["slide-train", "--config", str(ROOT / "configs" / "slide" / "small.yaml"),
-            f"data.embeddings=[{embeddings}]", f"train.output_dir={run}", *TINY]
+    args = [
+        "slide-train",
+        "--config",
+        str(ROOT / "configs" / "slide" / "small.yaml"),
+        f"data.embeddings=[{embeddings}]",
+        f"train.output_dir={run}",
+        *TINY,
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -46,8 +64,9 @@ def test_bundled_slide_from_tiles_to_slide_embeddings(tmp_path, one_thread):
     assert card["tile_encoder"]["weights_sha256"] == store.encoder["weights_sha256"]
 
     out = tmp_path / "slide_embeddings"
-    result = runner.invoke(app, ["slide-embed", str(embeddings), "--slide-encoder", str(encoder), "--out", str(out),
-                                 "--tiles"])
+    result = runner.invoke(
+        app, ["slide-embed", str(embeddings), "--slide-encoder", str(encoder), "--out", str(out), "--tiles"]
+    )
     assert result.exit_code == 0, result.output
     vectors = load_file(out / "slides" / f"{slide_id}.safetensors")
     assert vectors["cls"].shape == (32,) and vectors["mean"].shape == (32,)

@@ -16,16 +16,29 @@ from pathdino.slide.slide_embed import read_slide_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: OpenMP barriers cost more than the work
 
-ENCODER = {"dir": "/runs/tile/export", "architecture": "vit_small_patch14_reg4_dinov2", "embed_dim": 12,
-           "weights_sha256": "ab" * 32, "recipe": "cls", "tile_px": 224, "target_mpp": 0.5, "known_encoder": None}
+ENCODER = {
+    "dir": "/runs/tile/export",
+    "architecture": "vit_small_patch14_reg4_dinov2",
+    "embed_dim": 12,
+    "weights_sha256": "ab" * 32,
+    "recipe": "cls",
+    "tile_px": 224,
+    "target_mpp": 0.5,
+    "known_encoder": None,
+}
 STEP = 448
 
 
 def _store(path, encoder, slides):
     writer = EmbeddingWriter(path, encoder, "tiles.zarr", ("cls",))
     for sid, (features, coords) in slides.items():
-        writer.write_slide(sid, {"cls": features}, coords, {"slide": {"level0_step_px": STEP}},
-                           {"n_tiles": len(coords), "features": ["cls"]})
+        writer.write_slide(
+            sid,
+            {"cls": features},
+            coords,
+            {"slide": {"level0_step_px": STEP}},
+            {"n_tiles": len(coords), "features": ["cls"]},
+        )
     return path
 
 
@@ -39,11 +52,13 @@ def setup(tmp_path_factory):
         coords = np.stack([cells % 8, cells // 8], 1) * STEP + 1000
         slides[sid] = (rng.normal(size=(n, 12)).astype(np.float32), coords.astype(np.int64))
     emb = _store(tmp / "emb", ENCODER, slides)
-    cfg = SlideEncoderConfig(in_dim=12, embed_dim=32, depth=2, num_heads=4, segment_lengths=(8, 16),
-                             dilation_ratios=(1, 2))
+    cfg = SlideEncoderConfig(
+        in_dim=12, embed_dim=32, depth=2, num_heads=4, segment_lengths=(8, 16), dilation_ratios=(1, 2)
+    )
     torch.manual_seed(0)
-    enc = save_slide_encoder(SlideEncoder(cfg), cfg, tmp / "slide-enc",
-                             tile_encoder=tile_encoder_identity(ENCODER, feature_dim=12))
+    enc = save_slide_encoder(
+        SlideEncoder(cfg), cfg, tmp / "slide-enc", tile_encoder=tile_encoder_identity(ENCODER, feature_dim=12)
+    )
     return tmp, emb, enc, slides
 
 

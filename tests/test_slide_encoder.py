@@ -8,8 +8,15 @@ import math
 import pytest
 import torch
 
-from pathdino.slide import (SlideEncoder, SlideEncoderConfig, dilated_attention, grid_positions, pack_layout,
-                            row_major_order, slide_encoder_preset)
+from pathdino.slide import (
+    SlideEncoder,
+    SlideEncoderConfig,
+    dilated_attention,
+    grid_positions,
+    pack_layout,
+    row_major_order,
+    slide_encoder_preset,
+)
 from pathdino.slide import attention
 from pathdino.slide.attention import DilatedAttention
 from tiling.configio import ConfigError
@@ -28,7 +35,7 @@ def _dense(tiles, cls, lengths):
     """Plain softmax attention of each slide's [CLS, tiles] over themselves."""
     outs, outs_cls, start = [], [], 0
     for b, n in enumerate(lengths):
-        q, k, v = (torch.cat([c[b:b + 1], t[start:start + n]]).transpose(0, 1) for t, c in zip(tiles, cls))
+        q, k, v = (torch.cat([c[b : b + 1], t[start : start + n]]).transpose(0, 1) for t, c in zip(tiles, cls))
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1)
         outs_cls.append(o[0])
         outs.append(o[1:])
@@ -95,8 +102,14 @@ def test_mixed_branches_equal_brute_force_longnet(path, budget, monkeypatch):
 
 
 def _small_cfg(**kw):
-    return SlideEncoderConfig(**{**dict(in_dim=12, embed_dim=32, depth=2, num_heads=4, segment_lengths=(8, 16, 32),
-                                        dilation_ratios=(1, 2, 4)), **kw})
+    return SlideEncoderConfig(
+        **{
+            **dict(
+                in_dim=12, embed_dim=32, depth=2, num_heads=4, segment_lengths=(8, 16, 32), dilation_ratios=(1, 2, 4)
+            ),
+            **kw,
+        }
+    )
 
 
 def test_packed_slides_equal_one_slide_at_a_time_in_any_tile_order():
@@ -104,15 +117,17 @@ def test_packed_slides_equal_one_slide_at_a_time_in_any_tile_order():
     model = SlideEncoder(_small_cfg()).double().eval()
     lengths = [40, 7, 19]
     emb = torch.randn(sum(lengths), 12, dtype=torch.float64)
-    grids = [torch.stack(torch.meshgrid(torch.arange(8), torch.arange(5), indexing="xy"), -1).reshape(-1, 2)[:n]
-             for n in lengths]
+    grids = [
+        torch.stack(torch.meshgrid(torch.arange(8), torch.arange(5), indexing="xy"), -1).reshape(-1, 2)[:n]
+        for n in lengths
+    ]
     grids = [g[torch.randperm(len(g))] for g in grids]  # tiles in a scrambled order
     packed = model(emb, torch.cat(grids), lengths)
     start = 0
     for b, (n, grid) in enumerate(zip(lengths, grids)):
-        alone = model(emb[start:start + n], grid)
+        alone = model(emb[start : start + n], grid)
         torch.testing.assert_close(packed.cls[b], alone.cls[0])
-        torch.testing.assert_close(packed.tiles[start:start + n], alone.tiles)
+        torch.testing.assert_close(packed.tiles[start : start + n], alone.tiles)
         start += n
 
 
@@ -148,13 +163,18 @@ def test_heads_take_different_offsets():
     assert attn.num_heads == 2
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    (dict(segment_lengths=(1024, 2048)), "dilation_ratios"),  # one ratio per segment length
-    (dict(dilation_ratios=(2, 2, 4, 8)), "dilation_ratios"),  # no ratio of 1
-    (dict(segment_lengths=(1024, 4096, 2, 65536)), "segment_lengths"),  # segment 2 < ratio 4
-    (dict(segment_lengths=(1024, 0, 16384, 65536)), "segment_lengths"),
-    (dict(num_heads=3), "num_heads"), (dict(embed_dim=30), "embed_dim"), (dict(drop_path=1.5), "drop_path"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(segment_lengths=(1024, 2048)), "dilation_ratios"),  # one ratio per segment length
+        (dict(dilation_ratios=(2, 2, 4, 8)), "dilation_ratios"),  # no ratio of 1
+        (dict(segment_lengths=(1024, 4096, 2, 65536)), "segment_lengths"),  # segment 2 < ratio 4
+        (dict(segment_lengths=(1024, 0, 16384, 65536)), "segment_lengths"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(embed_dim=30), "embed_dim"),
+        (dict(drop_path=1.5), "drop_path"),
+    ],
+)
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=f"SlideEncoderConfig.{key}=") as err:
         SlideEncoderConfig(**kwargs)

@@ -59,12 +59,28 @@ def pretrained(tmp_path_factory, one_thread):
     slides, _ = slide_set(1, 32)  # unlabelled pretraining slides
     store = write_store(base / "emb", {f"s{i:03d}": s for i, s in enumerate(slides)})
     overrides = [
-        f"data.embeddings=[{store}]", f"train.output_dir={base / 'run'}", f"train.total_steps={STEPS}",
-        "model.embed_dim=64", "model.depth=2", "model.num_heads=4", "model.segment_lengths=[64]",
-        "model.dilation_ratios=[1]", *(f"objective.{k}={v}" for k, v in DECODER.items()), "objective.mask_ratio=0.5",
-        "data.max_tokens_per_slide=64", "data.tokens_per_pack=1024", "data.num_workers=0", "data.cache_slides=true",
-        "train.packs_per_step=1", f"train.checkpoint_every_steps={STEPS}", "train.precision=fp32",
-        "optim.warmup_steps=10", "optim.lr=0.005", "log.every_steps=50", "log.trackers=[]"]
+        f"data.embeddings=[{store}]",
+        f"train.output_dir={base / 'run'}",
+        f"train.total_steps={STEPS}",
+        "model.embed_dim=64",
+        "model.depth=2",
+        "model.num_heads=4",
+        "model.segment_lengths=[64]",
+        "model.dilation_ratios=[1]",
+        *(f"objective.{k}={v}" for k, v in DECODER.items()),
+        "objective.mask_ratio=0.5",
+        "data.max_tokens_per_slide=64",
+        "data.tokens_per_pack=1024",
+        "data.num_workers=0",
+        "data.cache_slides=true",
+        "train.packs_per_step=1",
+        f"train.checkpoint_every_steps={STEPS}",
+        "train.precision=fp32",
+        "optim.warmup_steps=10",
+        "optim.lr=0.005",
+        "log.every_steps=50",
+        "log.trackers=[]",
+    ]
     cfg = load_pretrain_config(ROOT / "configs" / "slide" / "small.yaml", overrides)
     train(cfg)
     return base / "run", dataclasses.replace(cfg.model, in_dim=DIM)
@@ -80,8 +96,9 @@ def _encoder(model_cfg, checkpoint: Path | None):
 
 @torch.no_grad()
 def _cls(encoder, slides) -> torch.Tensor:
-    return torch.stack([encoder(torch.from_numpy(f), grid_positions(torch.from_numpy(c), STRIDE_PX)).cls[0]
-                        for f, c in slides])
+    return torch.stack(
+        [encoder(torch.from_numpy(f), grid_positions(torch.from_numpy(c), STRIDE_PX)).cls[0] for f, c in slides]
+    )
 
 
 def _probe(train_x, train_y, test_x, test_y) -> float:
@@ -102,8 +119,12 @@ def test_pretrained_slide_embedding_reads_the_arrangement_mean_pooling_and_rando
     run, model_cfg = pretrained
     train_slides, train_y = slide_set(2, 100)
     test_slides, test_y = slide_set(3, 100)  # held out
-    mean_pool = _probe(torch.stack([torch.from_numpy(f).mean(0) for f, _ in train_slides]), train_y,
-                       torch.stack([torch.from_numpy(f).mean(0) for f, _ in test_slides]), test_y)
+    mean_pool = _probe(
+        torch.stack([torch.from_numpy(f).mean(0) for f, _ in train_slides]),
+        train_y,
+        torch.stack([torch.from_numpy(f).mean(0) for f, _ in test_slides]),
+        test_y,
+    )
     scores = {"mean_pool": mean_pool}
     for name, checkpoint in (("random_init", None), ("pretrained", run / "checkpoints" / f"step_{STEPS:09d}")):
         encoder = _encoder(model_cfg, checkpoint)

@@ -8,29 +8,49 @@ import pytest
 import torch
 
 import pathdino
-from pathdino.slide import (SlideEncoder, SlideEncoderConfig, SlideEncoderFormatError, TileEncoderMismatchError,
-                            check_tile_encoder, read_slide_encoder_config, save_slide_encoder, tile_encoder_identity)
+from pathdino.slide import (
+    SlideEncoder,
+    SlideEncoderConfig,
+    SlideEncoderFormatError,
+    TileEncoderMismatchError,
+    check_tile_encoder,
+    read_slide_encoder_config,
+    save_slide_encoder,
+    tile_encoder_identity,
+)
 from tiling.configio import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: OpenMP barriers cost more than the work
 
-STORE_ENCODER = {"dir": "/runs/tile/export", "architecture": "vit_small_patch14_reg4_dinov2", "embed_dim": 12,
-                 "weights_sha256": "ab" * 32, "recipe": "cls", "tile_px": 224, "target_mpp": 0.5,
-                 "known_encoder": None}
+STORE_ENCODER = {
+    "dir": "/runs/tile/export",
+    "architecture": "vit_small_patch14_reg4_dinov2",
+    "embed_dim": 12,
+    "weights_sha256": "ab" * 32,
+    "recipe": "cls",
+    "tile_px": 224,
+    "target_mpp": 0.5,
+    "known_encoder": None,
+}
 
 
 def _model():
-    cfg = SlideEncoderConfig(in_dim=12, embed_dim=32, depth=2, num_heads=4, segment_lengths=(8, 16),
-                             dilation_ratios=(1, 2))
+    cfg = SlideEncoderConfig(
+        in_dim=12, embed_dim=32, depth=2, num_heads=4, segment_lengths=(8, 16), dilation_ratios=(1, 2)
+    )
     torch.manual_seed(0)
     return SlideEncoder(cfg), cfg
 
 
 def test_round_trip_card_and_identity(tmp_path):
     model, cfg = _model()
-    out = save_slide_encoder(model, cfg, tmp_path / "slide-enc",
-                             tile_encoder=tile_encoder_identity(STORE_ENCODER, feature_dim=12),
-                             training={"step": 100, "objective": "masked autoencoding"})
+    out = save_slide_encoder(
+        model,
+        cfg,
+        tmp_path / "slide-enc",
+        tile_encoder=tile_encoder_identity(STORE_ENCODER, feature_dim=12),
+        training={"step": 100, "objective": "masked autoencoding"},
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slide-enc"]  # no staging folder left behind
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = pathdino.load_slide_encoder(out)
@@ -64,8 +84,9 @@ def test_save_refuses_bad_identity_and_foreign_folders(tmp_path):
 
 def test_tile_encoder_mismatch_is_an_error_unless_forced(tmp_path):
     model, cfg = _model()
-    out = save_slide_encoder(model, cfg, tmp_path / "enc", tile_encoder=tile_encoder_identity(STORE_ENCODER,
-                                                                                              feature_dim=12))
+    out = save_slide_encoder(
+        model, cfg, tmp_path / "enc", tile_encoder=tile_encoder_identity(STORE_ENCODER, feature_dim=12)
+    )
     info = read_slide_encoder_config(out)
     assert check_tile_encoder(info, STORE_ENCODER, feature_dim=12, where="emb") == []
     other = {**STORE_ENCODER, "weights_sha256": "cd" * 32, "target_mpp": 1.0}

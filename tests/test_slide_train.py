@@ -29,12 +29,28 @@ from test_train_launch import _free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "slide" / "small.yaml"
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=4", "model.segment_lengths=[16,64]",
-        "model.dilation_ratios=[1,2]", "objective.decoder_dim=16", "objective.decoder_depth=1",
-        "objective.decoder_heads=2", "data.max_tokens_per_slide=40", "data.tokens_per_pack=100",
-        "data.num_workers=0", "train.packs_per_step=4", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10",
-        "train.precision=fp32", "optim.warmup_steps=2", "optim.lr=0.002", "optim.ema_momentum=0.9",
-        "log.every_steps=1", "log.trackers=[]"]
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=4",
+    "model.segment_lengths=[16,64]",
+    "model.dilation_ratios=[1,2]",
+    "objective.decoder_dim=16",
+    "objective.decoder_depth=1",
+    "objective.decoder_heads=2",
+    "data.max_tokens_per_slide=40",
+    "data.tokens_per_pack=100",
+    "data.num_workers=0",
+    "train.packs_per_step=4",
+    "train.checkpoint_every_steps=2",
+    "train.keep_checkpoints=10",
+    "train.precision=fp32",
+    "optim.warmup_steps=2",
+    "optim.lr=0.002",
+    "optim.ema_momentum=0.9",
+    "log.every_steps=1",
+    "log.trackers=[]",
+]
 TOL = 1e-5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 
@@ -66,8 +82,14 @@ def reference(store, tmp_path_factory, one_thread) -> Path:
 
 
 def run_cli(*args: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pathdino.slide.train", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pathdino.slide.train", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -108,10 +130,28 @@ def test_sigkilled_run_resumes_bit_for_bit(reference, store, tmp_path):
 
 
 def launch_two(store: Path, out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), "-m", "pathdino.slide.train", "--config", str(SMALL), *overrides(store, out, steps),
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "pathdino.slide.train",
+        "--config",
+        str(SMALL),
+        *overrides(store, out, steps),
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc
@@ -136,7 +176,7 @@ def _comparable(name: str, value: torch.Tensor) -> torch.Tensor:
     the order of the lr: it is left out of the comparison."""
     if name.endswith("attn.qkv.bias"):
         d = value.shape[0] // 3
-        return torch.cat([value[:d], value[2 * d:]])
+        return torch.cat([value[:d], value[2 * d :]])
     return value
 
 
@@ -168,16 +208,25 @@ def test_cli_check_validates_config_and_stores(store, tmp_path):
 
     ok = CliRunner().invoke(app, ["slide-train", "--config", str(SMALL), f"data.embeddings=[{store}]", "--check"])
     assert ok.exit_code == 0 and "10 slides" in ok.output and "width 16" in ok.output, ok.output
-    bad = CliRunner().invoke(app, ["slide-train", "--config", str(SMALL), f"data.embeddings=[{tmp_path / 'nope'}]",
-                                   "--check"])
+    bad = CliRunner().invoke(
+        app, ["slide-train", "--config", str(SMALL), f"data.embeddings=[{tmp_path / 'nope'}]", "--check"]
+    )
     assert bad.exit_code == 2 and "data.embeddings" in bad.output
 
 
 def test_cli_prints_the_launch_line(store, tmp_path, capsys):
     from pathdino.cli.train import plan_launch, train_command
 
-    launch = plan_launch(config=SMALL, overrides=[f"data.embeddings=[{store}]"], resume=True, resume_from=None,
-                         check=False, num_processes=2, accelerate_config=None, module="pathdino.slide.train")
+    launch = plan_launch(
+        config=SMALL,
+        overrides=[f"data.embeddings=[{store}]"],
+        resume=True,
+        resume_from=None,
+        check=False,
+        num_processes=2,
+        accelerate_config=None,
+        module="pathdino.slide.train",
+    )
     assert train_command(launch) == 0
     line = capsys.readouterr().out.strip()
     assert "-m pathdino.slide.train --config" in line and line.endswith("--resume")

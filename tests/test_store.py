@@ -11,7 +11,13 @@ import pytest
 import zarr
 
 from tiling.store import (
-    FORMAT_VERSION, StoreError, TileStore, decode_tile, encode_tile, safe_slide_id, sidecar_url,
+    FORMAT_VERSION,
+    StoreError,
+    TileStore,
+    decode_tile,
+    encode_tile,
+    safe_slide_id,
+    sidecar_url,
 )
 from tiling.store_write import TileStoreWriter, shard_file_bytes
 
@@ -26,8 +32,9 @@ def _tiles(n: int, px: int = 32, seed: int = 0) -> list[np.ndarray]:
 
 def _write(url, slide_id="s1", n=300, px=32, encoding="jpeg", shard=256, chunk=16, max_tiles=0):
     w = TileStoreWriter(url)
-    sw = w.begin_slide(slide_id, px, encoding=encoding, tiles_per_shard=shard, tiles_per_chunk=chunk,
-                       max_tiles=max_tiles)
+    sw = w.begin_slide(
+        slide_id, px, encoding=encoding, tiles_per_shard=shard, tiles_per_chunk=chunk, max_tiles=max_tiles
+    )
     tiles = _tiles(n, px)
     xy = np.arange(2 * n).reshape(n, 2)
     # arrive in uneven batches, as blocks do
@@ -80,17 +87,25 @@ def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path, n_items):
     rng = np.random.default_rng(n_items)
     items = [rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes() for _ in range(n_items)]
     group = zarr.open_group(store=zarr.storage.LocalStore(tmp_path / "ref"), mode="w")
-    ref = group.create_array("tiles", shape=(512,), chunks=(16,), shards=(256,), dtype=VariableLengthBytes(),
-                             compressors=None, fill_value=b"")
+    ref = group.create_array(
+        "tiles",
+        shape=(512,),
+        chunks=(16,),
+        shards=(256,),
+        dtype=VariableLengthBytes(),
+        compressors=None,
+        fill_value=b"",
+    )
     values = np.empty(n_items, dtype=object)
     values[:] = items
-    ref[256:256 + n_items] = values
+    ref[256 : 256 + n_items] = values
     expected = (tmp_path / "ref" / "tiles" / "c" / "1").read_bytes()
     assert shard_file_bytes(items, tiles_per_chunk=16, tiles_per_shard=256) == expected
 
-    (tmp_path / "ref" / "tiles" / "c" / "1").write_bytes(shard_file_bytes(items[::-1], tiles_per_chunk=16,
-                                                                          tiles_per_shard=256))
-    assert list(zarr.open_array(tmp_path / "ref" / "tiles", mode="r")[256:256 + n_items]) == items[::-1]
+    (tmp_path / "ref" / "tiles" / "c" / "1").write_bytes(
+        shard_file_bytes(items[::-1], tiles_per_chunk=16, tiles_per_shard=256)
+    )
+    assert list(zarr.open_array(tmp_path / "ref" / "tiles", mode="r")[256 : 256 + n_items]) == items[::-1]
     with pytest.raises(ValueError, match="do not fit"):
         shard_file_bytes(items * 2 + [b"x"] * 256, tiles_per_chunk=16, tiles_per_shard=256)
 

@@ -157,8 +157,9 @@ def test_journal_records_are_one_small_file_per_commit(tmp_path):
     sizes = []
     for i in range(100, 105):  # 100 folded slides: the next 12 commits go to the journal only
         _commit(writer, f"s{i:03d}")
-        sizes.append(max((Path(sidecar_url(url)) / "journal" / store_index.record_name(q)).stat().st_size
-                         for q in _journal(url)))
+        sizes.append(
+            max((Path(sidecar_url(url)) / "journal" / store_index.record_name(q)).stat().st_size for q in _journal(url))
+        )
     assert (url / "zarr.json").stat().st_mtime_ns == mtime and max(sizes) < 4000 < root_bytes / 20
     assert len(_journal(url)) == 5
 
@@ -259,10 +260,14 @@ def test_summary_of_a_rerun_over_an_archive_counts_skipped_slides_instead_of_lis
     from pathdino.cli.tile import print_summary
     from tiling.outcome import SlideOutcome
 
-    outcomes = [SlideOutcome(f"old-{i:04d}", f"/a/old-{i}.svs", "skipped", n_tiles=4, already_complete=True)
-                for i in range(N_SLIDES)]
-    outcomes += [SlideOutcome("new-one", "/a/new.svs", "done", n_tiles=7),
-                 SlideOutcome("bad-one", "/a/bad.svs", "failed", reason="SlideOpenError: cannot open")]
+    outcomes = [
+        SlideOutcome(f"old-{i:04d}", f"/a/old-{i}.svs", "skipped", n_tiles=4, already_complete=True)
+        for i in range(N_SLIDES)
+    ]
+    outcomes += [
+        SlideOutcome("new-one", "/a/new.svs", "done", n_tiles=7),
+        SlideOutcome("bad-one", "/a/bad.svs", "failed", reason="SlideOpenError: cannot open"),
+    ]
     print_summary(outcomes, 12.0)
     err = capsys.readouterr().err
     assert "old-0001" not in err and "new-one" in err and "bad-one" in err and "SlideOpenError" in err

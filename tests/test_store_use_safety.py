@@ -23,8 +23,9 @@ AUG = AugmentConfig(global_crop_px=28, local_crop_px=14, n_local_crops=2)
 TILE = encode_tile(np.full((32, 32, 3), 180, np.uint8))
 
 
-def write_store(url: Path, *, slides: dict[str, int], mpp: float = 0.5, tile_px: int = 32,
-                failed: tuple[str, ...] = ()) -> str:
+def write_store(
+    url: Path, *, slides: dict[str, int], mpp: float = 0.5, tile_px: int = 32, failed: tuple[str, ...] = ()
+) -> str:
     """Slides of ``n`` flat 32-px tiles at ``mpp``, plus failure records for ``failed``."""
     writer = TileStoreWriter(url)
     tile = TILE if tile_px == 32 else encode_tile(np.full((tile_px, tile_px, 3), 180, np.uint8))
@@ -41,8 +42,10 @@ def test_the_catalog_says_what_a_run_uses_with_failures_skipped(tmp_path):
     a = write_store(tmp_path / "a.zarr", slides={"s1": 5, "s2": 3}, failed=("bad1", "bad2"))
     b = write_store(tmp_path / "b.zarr", slides={"t1": 4})
     uses = validate_stores(DataConfig(stores=(a, b)), AUG).uses
-    assert uses == (f"2 store(s) ({a}, {b}): 3 slide(s), 12 tiles, 0.5 µm/px, 32 px tiles; 2 failed slide(s) "
-                    "skipped (`pathdino info STORE` lists them)")
+    assert uses == (
+        f"2 store(s) ({a}, {b}): 3 slide(s), 12 tiles, 0.5 µm/px, 32 px tiles; 2 failed slide(s) "
+        "skipped (`pathdino info STORE` lists them)"
+    )
     only_s = validate_stores(DataConfig(stores=(a,), slides=("s*",)), AUG).uses
     assert "2 slide(s), 8 tiles" in only_s and "failed" not in only_s  # failures the selection would not take
 
@@ -69,8 +72,15 @@ def test_mixed_resolutions_are_an_error_unless_allowed(tmp_path, other):
 
 def test_train_check_and_train_print_what_they_use(tmp_path, caplog):
     a = write_store(tmp_path / "a.zarr", slides={"s1": 40}, failed=("bad",))
-    common = ["--config", str(SMOKE), f"data.stores=[{a}]", "augment.global_crop_px=28", "augment.local_crop_px=14",
-              "log.trackers=[]", f"train.output_dir={tmp_path / 'run'}"]
+    common = [
+        "--config",
+        str(SMOKE),
+        f"data.stores=[{a}]",
+        "augment.global_crop_px=28",
+        "augment.local_crop_px=14",
+        "log.trackers=[]",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
     check = CliRunner().invoke(app, ["train", *common, "--check"])
     assert check.exit_code == 0, check.output
     assert "1 slide(s), 40 tiles, 0.5 µm/px, 32 px tiles; 1 failed slide(s) skipped" in check.output
@@ -83,12 +93,14 @@ def test_embed_on_a_store_of_failures_is_an_error_and_a_good_one_says_what_it_us
 
     encoder = export_untrained_encoder(tmp_path / "enc", tile_px=32).out_dir
     dead = write_store(tmp_path / "dead.zarr", slides={}, failed=("x", "y"))
-    result = CliRunner().invoke(app, ["embed", dead, "-e", str(encoder), "-o", str(tmp_path / "e1"), "-j", "0",
-                                      "--no-progress"])
+    result = CliRunner().invoke(
+        app, ["embed", dead, "-e", str(encoder), "-o", str(tmp_path / "e1"), "-j", "0", "--no-progress"]
+    )
     assert result.exit_code == 2, result.output
     assert f"tile store {dead} holds no usable slide (2 failed slide(s), none complete)" in result.output
     good = write_store(tmp_path / "good.zarr", slides={"s1": 3}, failed=("x",))
-    result = CliRunner().invoke(app, ["embed", good, "-e", str(encoder), "-o", str(tmp_path / "e2"), "-j", "0",
-                                      "--no-progress"])
+    result = CliRunner().invoke(
+        app, ["embed", good, "-e", str(encoder), "-o", str(tmp_path / "e2"), "-j", "0", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     assert "1 slide(s), 3 tiles, 0.5 µm/px, 32 px tiles; 1 failed slide(s) skipped" in result.output

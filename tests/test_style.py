@@ -1,4 +1,5 @@
-"""The lint rules of pyproject.toml (``[tool.ruff]``) hold over the whole tree: ``ruff check .`` finds nothing.
+"""The lint and format rules of pyproject.toml (``[tool.ruff]``) hold over the whole tree: ``ruff check .`` finds
+nothing and ``ruff format --check .`` changes nothing.
 
 ruff comes with the dev extra (``pip install -e ".[dev]"``); without it these tests skip.
 """
@@ -25,12 +26,21 @@ def _ruff() -> list[str]:
 
 
 def _check(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([*_ruff(), "check", "--no-cache", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [*_ruff(), "check", "--no-cache", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_ruff_check_finds_nothing():
     proc = _check(".")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format_changes_nothing():
+    """The tree is written as ``ruff format`` writes it (``[tool.ruff.format]``): run ``ruff format .`` to fix."""
+    proc = subprocess.run(
+        [*_ruff(), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

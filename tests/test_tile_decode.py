@@ -31,9 +31,15 @@ def _ycbcr_420(tmp_path: Path) -> Path:
     path = tmp_path / "ycbcr420.svs"
     image = tissue_image(768, 512)
     with tifffile.TiffWriter(path) as tw:
-        tw.write(image, tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
-                 description="Aperio Image Library test\r\n768x512 [0,0 768x512] (256x256) JPEG Q=90|MPP = 0.25",
-                 metadata=None)
+        tw.write(
+            image,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": 90},
+            description="Aperio Image Library test\r\n768x512 [0,0 768x512] (256x256) JPEG Q=90|MPP = 0.25",
+            metadata=None,
+        )
     return path
 
 
@@ -82,8 +88,15 @@ def test_simplejpeg_gives_tifffiles_pixels(jpeg_slide, monkeypatch):
 def _blocks(path: Path, target_mpp: float) -> tuple[object, BlockReader]:
     reader = open_slide(path)
     mpp = resolve_mpp(reader, None).mpp
-    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=mpp, target_mpp=target_mpp,
-                      tile_px=96, overlap_px=8, virtual_reductions=VIRTUAL_REDUCTIONS)
+    g = plan_geometry(
+        reader.level_dimensions,
+        reader.level_downsamples,
+        slide_mpp=mpp,
+        target_mpp=target_mpp,
+        tile_px=96,
+        overlap_px=8,
+        virtual_reductions=VIRTUAL_REDUCTIONS,
+    )
     return reader, BlockReader(reader, g)
 
 

@@ -25,8 +25,9 @@ SAMPLE = Path(__file__).parents[1] / "pathdino" / "sample_data" / "CMU-1-Small-R
 
 def _pathdino(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pathdino.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "pathdino.cli", *args], capture_output=True, text=True, env=env, timeout=240
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,10 @@ def damaged(tmp_path_factory) -> dict[str, Path]:
     one level-0 source tile under tissue garbled, and the thumbnail level's first source tile garbled."""
     folder = tmp_path_factory.mktemp("damaged")
     image = tissue_image(1536, 1024)
-    paths = {name: write_pyramid(folder / f"{name}.tif", image, downsamples=(1, 4), mpp=0.5)
-             for name in ("clean", "level0", "thumb")}
+    paths = {
+        name: write_pyramid(folder / f"{name}.tif", image, downsamples=(1, 4), mpp=0.5)
+        for name in ("clean", "level0", "thumb")
+    }
     corrupt_source_tile(paths["level0"], 0, 5)  # level 0, top row, last column: under tissue
     corrupt_source_tile(paths["thumb"], 2, 0)  # page 1 is the Aperio thumbnail, page 2 is level 1 (2 µm/px)
     return paths
@@ -62,8 +65,9 @@ def test_a_replaced_slide_that_now_fails_keeps_no_old_tiles(tmp_path, overwrite)
 
 def test_decode_failures_are_counted_shown_and_capped(tmp_path, damaged):
     url = tmp_path / "tiles.zarr"
-    clean = run_tiling(collect_slides([str(damaged["clean"])]), str(tmp_path / "clean.zarr"),
-                       TilingConfig(workers=1, tile_px=64))[0]
+    clean = run_tiling(
+        collect_slides([str(damaged["clean"])]), str(tmp_path / "clean.zarr"), TilingConfig(workers=1, tile_px=64)
+    )[0]
     result = _pathdino("tile", str(damaged["level0"]), "--out", str(url), "--tile-px", "64", "-j", "1")
     assert result.returncode == 0, result.stderr
     attrs = TileStore(url).slide("level0").attrs
@@ -78,8 +82,18 @@ def test_decode_failures_are_counted_shown_and_capped(tmp_path, damaged):
     as_json = json.loads(_pathdino("info", str(url), "--json").stdout)
     assert as_json["slides"]["level0"]["n_decode_failures"] == lost == as_json["n_decode_failures"]
     # a stricter threshold re-checks the complete slide, fails it, and stops serving its tiles
-    strict = _pathdino("tile", str(damaged["level0"]), "--out", str(url), "--tile-px", "64", "-j", "1",
-                       "--max-decode-failure-fraction", "0")
+    strict = _pathdino(
+        "tile",
+        str(damaged["level0"]),
+        "--out",
+        str(url),
+        "--tile-px",
+        "64",
+        "-j",
+        "1",
+        "--max-decode-failure-fraction",
+        "0",
+    )
     assert strict.returncode == 1, strict.stderr
     store = TileStore(url)
     assert store.slide_ids == [] and store.failures["level0"]["error_type"] == "DecodeFailuresError"
@@ -89,8 +103,9 @@ def test_decode_failures_are_counted_shown_and_capped(tmp_path, damaged):
 
 def test_a_bad_tile_in_the_thumbnail_level_falls_back_instead_of_failing_the_slide(tmp_path, damaged):
     url = tmp_path / "tiles.zarr"
-    result = _pathdino("tile", str(damaged["clean"]), str(damaged["thumb"]), "--out", str(url), "--tile-px", "64",
-                       "-j", "1")
+    result = _pathdino(
+        "tile", str(damaged["clean"]), str(damaged["thumb"]), "--out", str(url), "--tile-px", "64", "-j", "1"
+    )
     assert result.returncode == 0, result.stderr
     store = TileStore(url)
     assert store.slide_ids == ["clean", "thumb"] and store.failures == {}
@@ -102,15 +117,17 @@ def test_a_bad_tile_in_the_thumbnail_level_falls_back_instead_of_failing_the_sli
 
 
 def test_a_slide_smaller_than_one_tile_says_so(tmp_path):
-    tiny = write_pyramid(tmp_path / "tiny.tif", tissue_image(1200, 1000)[400:416, 600:616], downsamples=(1,),
-                         mpp=0.5, tile=16)
+    tiny = write_pyramid(
+        tmp_path / "tiny.tif", tissue_image(1200, 1000)[400:416, 600:616], downsamples=(1,), mpp=0.5, tile=16
+    )
     outcomes = run_tiling(collect_slides([str(tiny)]), str(tmp_path / "a.zarr"), TilingConfig(workers=1))
     assert [o.status for o in outcomes] == ["empty"]
     assert outcomes[0].reason.startswith("slide smaller than one tile: 16 x 16 px")
     assert "224 px" in outcomes[0].reason and "no tissue" not in outcomes[0].reason
     # the same for a tile bigger than the slide (--tile-px 100000 from the issue, scaled down)
-    big_tile = run_tiling(collect_slides([str(SAMPLE)]), str(tmp_path / "b.zarr"),
-                          TilingConfig(workers=1, tile_px=4000))
+    big_tile = run_tiling(
+        collect_slides([str(SAMPLE)]), str(tmp_path / "b.zarr"), TilingConfig(workers=1, tile_px=4000)
+    )
     assert big_tile[0].status == "empty" and "smaller than one tile" in big_tile[0].reason
     assert TileStore(tmp_path / "b.zarr").slide("CMU-1-Small-Region").attrs["empty_reason"] == big_tile[0].reason
 
@@ -170,8 +187,12 @@ def test_values_that_would_fail_every_slide_are_refused_up_front(tmp_path, monke
     from pathdino.cli.main import app
 
     out = str(tmp_path / "t.zarr")
-    for flags, named in ((["--target-mpp", "inf"], "target_mpp"), (["--target-mpp", "nan"], "target_mpp"),
-                         (["--slide-mpp", "0"], "--slide-mpp"), (["--slide-mpp", "inf"], "--slide-mpp")):
+    for flags, named in (
+        (["--target-mpp", "inf"], "target_mpp"),
+        (["--target-mpp", "nan"], "target_mpp"),
+        (["--slide-mpp", "0"], "--slide-mpp"),
+        (["--slide-mpp", "inf"], "--slide-mpp"),
+    ):
         result = CliRunner().invoke(app, ["tile", str(SAMPLE), "--out", out, *flags])
         assert result.exit_code == 2 and named in result.stderr, (flags, result.stderr)
         assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback

@@ -88,8 +88,14 @@ def test_staging_names_carry_host_and_pid_and_policy_reclaims_only_the_provably_
     os.utime(expired, (old, old))
     now = staging.staging_clock(root)
     verdict = {key: staging.is_reclaimable(folder, now=now) for key, folder in folders.items()}
-    assert verdict == {"mine_alive": False, "mine_dead": True, "other_fresh": False, "other_dead_pid_fresh": False,
-                       "other_expired": True, "not_staging": False}
+    assert verdict == {
+        "mine_alive": False,
+        "mine_dead": True,
+        "other_fresh": False,
+        "other_dead_pid_fresh": False,
+        "other_expired": True,
+        "not_staging": False,
+    }
 
 
 def test_clean_stale_staging_removes_only_what_it_may(tmp_path):
@@ -142,9 +148,27 @@ def test_two_hosts_tiling_one_store_both_finish_complete_and_readable(tmp_path):
     url = tmp_path / "tiles.zarr"
     config = tmp_path / "c.yaml"
     config.write_text("tiles_per_shard: 16\ntiles_per_chunk: 16\nblock_tiles: 4\n")
-    other = subprocess.Popen([sys.executable, "-c", _OTHER_HOST, str(_dead_pid()), "tile", str(slides / "big.tif"),
-                              "--out", str(url), "--tile-px", "64", "-j", "1", "--config", str(config)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _OTHER_HOST,
+            str(_dead_pid()),
+            "tile",
+            str(slides / "big.tif"),
+            "--out",
+            str(url),
+            "--tile-px",
+            "64",
+            "-j",
+            "1",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     staging_root = tmp_path / "tiles.zarr.pathdino" / "staging"
     deadline = time.time() + 120
     while time.time() < deadline and other.poll() is None:  # wait until the other host is mid-slide
@@ -162,8 +186,9 @@ def test_two_hosts_tiling_one_store_both_finish_complete_and_readable(tmp_path):
     assert store.slide_ids == ["CMU-1-Small-Region", "big"] and store.failures == {}
     for sid in store.slide_ids:
         _check_readable(url, sid)
-    info = subprocess.run([sys.executable, "-m", "pathdino.cli", "info", str(url), "--json"], capture_output=True,
-                          text=True, timeout=120)
+    info = subprocess.run(
+        [sys.executable, "-m", "pathdino.cli", "info", str(url), "--json"], capture_output=True, text=True, timeout=120
+    )
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["n_slides"] == 2
     assert not any(staging_root.iterdir())  # both writers cleaned up after themselves
@@ -173,8 +198,12 @@ def test_a_pid_namespace_is_another_host():
     """Containers with their own PID namespace on one machine cannot judge each other's pids: distinct host ids."""
     probe = [sys.executable, "-c", "from tiling.staging import host_id; print(host_id())"]
     try:
-        inside = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", *probe],
-                                capture_output=True, text=True, timeout=60)
+        inside = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", *probe],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except FileNotFoundError:
         pytest.skip("unshare is not installed")
     if inside.returncode != 0:

@@ -39,15 +39,19 @@ def test_a_fifo_in_the_input_tree_is_skipped_never_opened(tmp_path):
     os.mkfifo(folder / "sub" / "also.dcm")
     scan = scan_inputs([str(folder)])
     assert [s.slide_id for s in scan.slides] == ["good"]
-    assert {k: v for k, v in _skips(scan).items()} == {"pipe": "not a regular file", "fake.svs": "not a regular file",
-                                                       "also.dcm": "not a regular file"}
+    assert {k: v for k, v in _skips(scan).items()} == {
+        "pipe": "not a regular file",
+        "fake.svs": "not a regular file",
+        "also.dcm": "not a regular file",
+    }
     assert all("FIFO" in f.describe() for f in scan.skipped)
     url = tmp_path / "tiles.zarr"
     env = {**os.environ, "COLUMNS": "200"}
     for extra in (["--dry-run"], ["-j", "1"], []):  # the run itself too, and a FIFO named on the command line
         args = [str(folder), *([str(folder / "fake.svs")] if not extra else []), "--out", str(url), *extra]
-        result = subprocess.run([sys.executable, "-m", "pathdino.cli", "tile", *args], capture_output=True,
-                                text=True, env=env, timeout=120)  # the old code blocked here forever
+        result = subprocess.run(
+            [sys.executable, "-m", "pathdino.cli", "tile", *args], capture_output=True, text=True, env=env, timeout=120
+        )  # the old code blocked here forever
         assert result.returncode == 0, result.stderr
         assert "not a regular file" in result.stderr and "fake.svs" in result.stderr
 

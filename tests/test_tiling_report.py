@@ -31,8 +31,9 @@ SHARED_TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiles"
 
 def _pathdino(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1", "TERM": "dumb"}
-    return subprocess.run([sys.executable, "-m", "pathdino.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "pathdino.cli", *args], capture_output=True, text=True, env=env, timeout=240
+    )
 
 
 def _sample_pixels() -> np.ndarray:
@@ -47,15 +48,16 @@ def _fluorescence_rgb(h: int = 1000, w: int = 1200) -> np.ndarray:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 12, (h, w, 3)).astype(np.uint8)
     for y, x in rng.integers(0, [h, w], (h * w // 4000, 2)):
-        img[max(0, y - 6):y + 6, max(0, x - 6):x + 6, 2] = 230
-        img[max(0, y - 12):y + 12, max(0, x - 12):x + 12, 1] = 90
+        img[max(0, y - 6) : y + 6, max(0, x - 6) : x + 6, 2] = 230
+        img[max(0, y - 12) : y + 12, max(0, x - 12) : x + 12, 1] = 90
     return img
 
 
 def test_white_slide_is_empty_with_a_reason_and_fail_on_empty(tmp_path):
     (tmp_path / "slides").mkdir()
-    blank = write_pyramid(tmp_path / "slides" / "blank.tif", np.full((900, 900, 3), 245, np.uint8),
-                          downsamples=(1,), mpp=0.5)
+    blank = write_pyramid(
+        tmp_path / "slides" / "blank.tif", np.full((900, 900, 3), 245, np.uint8), downsamples=(1,), mpp=0.5
+    )
     write_pyramid(tmp_path / "slides" / "tissue.tif", _sample_pixels(), downsamples=(1,), mpp=0.5)
     url = tmp_path / "tiles.zarr"
     result = _pathdino("tile", str(blank.parent), "--out", str(url), "-j", "1", "--tile-px", "64")
@@ -77,8 +79,10 @@ def test_all_candidates_rejected_names_the_rule(tmp_path):
     cfg = TilingConfig(workers=1, tile_px=64, pixel_qc=PixelQCConfig(blur_min_laplacian_var=1e9))
     [outcome] = run_tiling(collect_slides([str(path)]), str(tmp_path / "s.zarr"), cfg)
     assert outcome.status == "empty" and outcome.n_candidates > 0
-    assert outcome.reason == f"all {outcome.n_candidates} candidate tile(s) rejected: blur {outcome.rejected['blur']}" \
+    assert (
+        outcome.reason == f"all {outcome.n_candidates} candidate tile(s) rejected: blur {outcome.rejected['blur']}"
         or outcome.reason.startswith(f"all {outcome.n_candidates} candidate tile(s) rejected: ")
+    )
     assert "blur" in outcome.reason
 
 
@@ -88,14 +92,20 @@ def test_fluorescence_slides_fail_plainly_and_brightfield_passes(tmp_path):
     qptiff = tmp_path / "slides" / "vectra.qptiff"
     with tifffile.TiffWriter(qptiff) as tif:
         for name in ("DAPI", "Opal 520", "Opal 690"):
-            desc = ("<?xml version=\"1.0\" encoding=\"utf-16\"?><PerkinElmer-QPI-ImageDescription><ImageType>"
-                    f"FullResolution</ImageType><Name>{name}</Name></PerkinElmer-QPI-ImageDescription>")
+            desc = (
+                '<?xml version="1.0" encoding="utf-16"?><PerkinElmer-QPI-ImageDescription><ImageType>'
+                f"FullResolution</ImageType><Name>{name}</Name></PerkinElmer-QPI-ImageDescription>"
+            )
             tif.write(np.zeros((512, 512), np.uint8), tile=(256, 256), description=desc, metadata=None)
     ome = tmp_path / "slides" / "cycif.ome.tif"
     tifffile.imwrite(ome, np.zeros((5, 256, 256), np.uint8), ome=True, metadata={"axes": "CYX"})
     he = write_pyramid(tmp_path / "slides" / "he.tif", _sample_pixels(), downsamples=(1,), mpp=0.5)
-    outcomes = {o.slide_id: o for o in run_tiling(collect_slides([str(tmp_path / "slides")]),
-                                                  str(tmp_path / "s.zarr"), TilingConfig(workers=1, tile_px=64))}
+    outcomes = {
+        o.slide_id: o
+        for o in run_tiling(
+            collect_slides([str(tmp_path / "slides")]), str(tmp_path / "s.zarr"), TilingConfig(workers=1, tile_px=64)
+        )
+    }
     assert outcomes["he"].status == "done"
     for sid in ("if-composite", "vectra", "cycif"):
         assert outcomes[sid].status == "failed", outcomes[sid]
@@ -149,8 +159,11 @@ def test_found_and_skipped_summary_and_dry_run(tmp_path):
 def _options_without_default(command: str) -> tuple[int, list[str]]:
     text = _pathdino(command, "--help", columns=250).stdout
     blocks = re.split(r"\n(?=\s*│\s*(?:\*\s*)?--)", text)
-    names = [(m.group(1), "[required]" in b or "[default:" in b) for b in blocks
-             if (m := re.match(r"\s*│\s*(?:\*\s*)?(--[\w-]+)", b))]
+    names = [
+        (m.group(1), "[required]" in b or "[default:" in b)
+        for b in blocks
+        if (m := re.match(r"\s*│\s*(?:\*\s*)?(--[\w-]+)", b))
+    ]
     return len(names), [n for n, ok in names if not ok and n != "--help"]
 
 
@@ -171,11 +184,15 @@ def test_summary_fits_80_columns_and_info_failures_has_the_full_message(tmp_path
     buf = io.StringIO()
     monkeypatch.setattr(cli_tile, "console", Console(file=buf, width=80, color_system=None))
     long_path = "/data/" + "very-long-folder-name/" * 6 + "slide-with-a-long-name.svs"
-    reason = (f"SlideOpenError: {long_path}: no backend could open it; openslide: Unsupported or missing image "
-              "file; tiffslide: TiffFileError: not a TIFF file b'\\x00\\x00' [Errno 5] and more\ntraceback line")
-    outcomes = [SlideOutcome("a-slide-with-a-rather-long-identifier-indeed", long_path, "failed", reason=reason),
-                SlideOutcome("ok", "x.svs", "done", n_tiles=1234, n_candidates=2000, rejected={"white": 700}),
-                SlideOutcome("blank", "b.svs", "empty", reason="no tissue found: no grid cell reached ...")]
+    reason = (
+        f"SlideOpenError: {long_path}: no backend could open it; openslide: Unsupported or missing image "
+        "file; tiffslide: TiffFileError: not a TIFF file b'\\x00\\x00' [Errno 5] and more\ntraceback line"
+    )
+    outcomes = [
+        SlideOutcome("a-slide-with-a-rather-long-identifier-indeed", long_path, "failed", reason=reason),
+        SlideOutcome("ok", "x.svs", "done", n_tiles=1234, n_candidates=2000, rejected={"white": 700}),
+        SlideOutcome("blank", "b.svs", "empty", reason="no tissue found: no grid cell reached ..."),
+    ]
     cli_tile.print_summary(outcomes, 3.0)
     lines = buf.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80, "\n".join(lines)
@@ -210,9 +227,11 @@ def test_each_slide_file_is_fingerprinted_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(tiling.runner, "fingerprint", counting)
     path = write_pyramid(tmp_path / "t.tif", _sample_pixels(), downsamples=(1,), mpp=0.5)
     url = str(tmp_path / "s.zarr")
-    for cfg, expected in ((TilingConfig(workers=1, tile_px=64), "done"),  # fresh: the planner fingerprints
-                          (TilingConfig(workers=1, tile_px=64), "skipped"),  # resume check only
-                          (TilingConfig(workers=1, tile_px=96), "done")):  # resume check, handed to the planner
+    for cfg, expected in (
+        (TilingConfig(workers=1, tile_px=64), "done"),  # fresh: the planner fingerprints
+        (TilingConfig(workers=1, tile_px=64), "skipped"),  # resume check only
+        (TilingConfig(workers=1, tile_px=96), "done"),
+    ):  # resume check, handed to the planner
         calls.clear()
         [outcome] = run_tiling(collect_slides([str(path)]), url, cfg)
         assert outcome.status == expected and calls == ["t.tif"], (expected, calls)
@@ -259,8 +278,14 @@ class _NamedChannelsReader:
         return {**self._inner.properties, **self._names}
 
 
-@pytest.mark.parametrize("names", [{"vendor.channel.name": "DAPI"}, {"scan.Channel.1.Fluor": "Alexa Fluor 488"},
-                                   {"mplex.channel.2.Biomarker": "Opal 570"}])
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"vendor.channel.name": "DAPI"},
+        {"scan.Channel.1.Fluor": "Alexa Fluor 488"},
+        {"mplex.channel.2.Biomarker": "Opal 570"},
+    ],
+)
 def test_reader_properties_naming_fluorophores_are_refused(monkeypatch, names):
     """Pixels and TIFF headers look brightfield (the bundled H&E); only the reader's properties say fluorescence."""
     import tiling.worker as worker
@@ -290,8 +315,9 @@ def test_a_multi_file_dicom_series_tiles_like_its_tiff_twin(tmp_path):
 
     tissue = _sample_pixels()[:1024, :1024]
     folder = tmp_path / "in"
-    series = dict(series_uid=generate_uid(), study_uid=generate_uid(), frame_of_reference_uid=generate_uid(),
-                  container="case-7")
+    series = dict(
+        series_uid=generate_uid(), study_uid=generate_uid(), frame_of_reference_uid=generate_uid(), container="case-7"
+    )
     write_dicom_wsi(folder / "case-7" / "level-0.dcm", tissue, mpp=0.5, tile_px=128, **series)
     write_dicom_wsi(folder / "case-7" / "level-1.dcm", box_downsample(tissue, 2), mpp=1.0, tile_px=128, **series)
     write_pyramid(folder / "twin.tif", tissue, downsamples=(1, 2), mpp=0.5, tile=128, compression=None)

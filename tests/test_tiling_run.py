@@ -27,8 +27,9 @@ EDGE = Path(__file__).parent / "data" / "slides"
 
 def _pathdino(*args: str, check: bool = False, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "pathdino.cli", *args], capture_output=True, text=True,
-                          env=env, check=check, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "pathdino.cli", *args], capture_output=True, text=True, env=env, check=check, timeout=240
+    )
 
 
 def _tissue_image(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -36,10 +37,10 @@ def _tissue_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     with openslide.OpenSlide(str(SAMPLE)) as s:
         src = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
     reps_y, reps_x = -(-height // src.shape[0]), -(-width // src.shape[1]) + 1
-    rows = [np.concatenate([src[:, ::(-1) ** c] for c in range(reps_x)], axis=1) for _ in range(reps_y)]
-    mosaic = np.concatenate([r[::(-1) ** i] for i, r in enumerate(rows)], axis=0)
+    rows = [np.concatenate([src[:, :: (-1) ** c] for c in range(reps_x)], axis=1) for _ in range(reps_y)]
+    mosaic = np.concatenate([r[:: (-1) ** i] for i, r in enumerate(rows)], axis=0)
     offset = (seed * 397) % max(1, mosaic.shape[1] - width + 1)
-    return np.ascontiguousarray(mosaic[:height, offset:offset + width])
+    return np.ascontiguousarray(mosaic[:height, offset : offset + width])
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +108,20 @@ def test_bad_slides_are_recorded_and_others_go_on(tmp_path):
     summary = json.loads(info.stdout)
     assert summary["n_slides"] == 1 and summary["n_failures"] == 4
     # an override fixes the absurd mpp: only that slide is retried and it now succeeds
-    result = _pathdino("tile", str(folder / "boxes.tiff"), "--out", str(url), "--slide-mpp", "0.25",
-                       "--target-mpp", "0.5", "--tile-px", "32", "-j", "1")
+    result = _pathdino(
+        "tile",
+        str(folder / "boxes.tiff"),
+        "--out",
+        str(url),
+        "--slide-mpp",
+        "0.25",
+        "--target-mpp",
+        "0.5",
+        "--tile-px",
+        "32",
+        "-j",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "boxes" in TileStore(url).slide_ids and "boxes" not in TileStore(url).failures
 
@@ -124,7 +137,7 @@ def test_downsampled_slide_covers_right_area(tmp_path):
     tiles = slide.read_tiles(0, slide.n_tiles)
     for i in range(0, slide.n_tiles, max(1, slide.n_tiles // 5)):
         x, y = slide.coords[i]
-        expected = image[y:y + 128, x:x + 128].reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
+        expected = image[y : y + 128, x : x + 128].reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
         assert np.abs(tiles[i].astype(float) - expected).mean() < 1.0  # lossless store: only the filter differs
 
 
@@ -132,15 +145,19 @@ def test_killed_mid_slide_then_rerun_is_complete_and_consistent(tmp_path):
     image = _tissue_image(4000, 3000)
     path = write_pyramid(tmp_path / "big.tif", image, downsamples=(1, 4), mpp=0.5)
     reference = tmp_path / "ref.zarr"
-    run_tiling(collect_slides([str(path)]), str(reference), TilingConfig(workers=1, tile_px=64,
-                                                                          tiles_per_shard=32, tiles_per_chunk=16))
+    run_tiling(
+        collect_slides([str(path)]),
+        str(reference),
+        TilingConfig(workers=1, tile_px=64, tiles_per_shard=32, tiles_per_chunk=16),
+    )
     ref = TileStore(reference).slide("big")
 
     url = tmp_path / "tiles.zarr"
     args = ["tile", str(path), "--out", str(url), "--tile-px", "64", "-j", "1", "--config", str(tmp_path / "c.yaml")]
     (tmp_path / "c.yaml").write_text("tiles_per_shard: 32\ntiles_per_chunk: 16\n")
-    proc = subprocess.Popen([sys.executable, "-m", "pathdino.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pathdino.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     staging = tmp_path / "tiles.zarr.pathdino" / "staging"
     deadline = time.time() + 120
     # wait until at least one shard of the slide has been written, then kill the run hard
@@ -168,9 +185,29 @@ def test_two_concurrent_shard_runs_fill_one_store(tmp_path):
     for i in range(4):
         write_pyramid(folder / f"s{i}.tif", _tissue_image(700, 600, seed=i), downsamples=(1,), mpp=0.5)
     url = tmp_path / "tiles.zarr"
-    procs = [subprocess.Popen([sys.executable, "-m", "pathdino.cli", "tile", str(folder), "--out", str(url),
-                               "--tile-px", "64", "-j", "1", "--shard", f"{i}/2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pathdino.cli",
+                "tile",
+                str(folder),
+                "--out",
+                str(url),
+                "--tile-px",
+                "64",
+                "-j",
+                "1",
+                "--shard",
+                f"{i}/2",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err
@@ -201,8 +238,21 @@ def test_a_killed_worker_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path):
     image = _tissue_image(4000, 3000)
     path = write_pyramid(tmp_path / "big.tif", image, downsamples=(1, 4), mpp=0.5)
     url = tmp_path / "tiles.zarr"
-    args = [sys.executable, "-m", "pathdino.cli", "tile", str(path), "--out", str(url), "--tile-px", "64", "-j", "2",
-            "--config", str(tmp_path / "c.yaml")]
+    args = [
+        sys.executable,
+        "-m",
+        "pathdino.cli",
+        "tile",
+        str(path),
+        "--out",
+        str(url),
+        "--tile-px",
+        "64",
+        "-j",
+        "2",
+        "--config",
+        str(tmp_path / "c.yaml"),
+    ]
     (tmp_path / "c.yaml").write_text("tiles_per_shard: 32\ntiles_per_chunk: 16\n")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -211,8 +261,9 @@ def test_a_killed_worker_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "tiling finished before a worker could be killed"
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-               if "resource_tracker" not in " ".join(c.cmdline())]
+    workers = [
+        c for c in psutil.Process(proc.pid).children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())
+    ]
     assert workers, "no worker processes found"
     workers[0].kill()  # as the kernel's OOM killer would
     _, err = proc.communicate(timeout=120)

@@ -32,10 +32,28 @@ def big_slide(tmp_path_factory) -> tuple[Path, Path]:
 def _start(slide: Path, config: Path, url: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """Start a 2-worker run in its own process group (as a shell job is) and wait until it is mid-slide;
     returns the process and its descendants (workers, resource tracker)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pathdino.cli", "tile", str(slide), "--out", str(url), "-j", "2",
-                             "--tile-px", "64", "--config", str(config)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pathdino.cli",
+            "tile",
+            str(slide),
+            "--out",
+            str(url),
+            "-j",
+            "2",
+            "--tile-px",
+            "64",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     staging = Path(f"{url}.pathdino") / "staging"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -96,8 +114,25 @@ def test_ctrl_c_and_sigterm_say_what_was_kept_and_rerunning_resumes(tmp_path, bi
     assert not any(staging.iterdir())  # the slide in progress was discarded, lease included
     if signum != signal.SIGINT:
         return  # resuming is the same either way: checked once
-    rerun = subprocess.run([sys.executable, "-m", "pathdino.cli", "tile", str(big_slide[0]), "--out", str(url), "-j",
-                            "1", "--tile-px", "64", "--config", str(big_slide[1])], capture_output=True, text=True,
-                           timeout=240)
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pathdino.cli",
+            "tile",
+            str(big_slide[0]),
+            "--out",
+            str(url),
+            "-j",
+            "1",
+            "--tile-px",
+            "64",
+            "--config",
+            str(big_slide[1]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert TileStore(url).n_tiles("big") > 0

@@ -63,8 +63,9 @@ def test_small_preset_carries_the_measured_knobs():
 
 
 def test_overrides_apply_and_are_typed():
-    cfg = load_config(SMOKE, ["optim.base_lr=2.0e-4", "train.batch_size=16", "data.stores=[/a,/b]",
-                              "model.backbone.depth=3"])
+    cfg = load_config(
+        SMOKE, ["optim.base_lr=2.0e-4", "train.batch_size=16", "data.stores=[/a,/b]", "model.backbone.depth=3"]
+    )
     assert cfg.optim.base_lr == 2e-4 and cfg.train.batch_size == 16
     assert cfg.data.stores == ("/a", "/b") and cfg.model.backbone.depth == 3
     with pytest.raises(ConfigError, match="train.batch_size: expected an integer"):
@@ -101,8 +102,11 @@ def test_the_global_crop_size_has_one_key(tmp_path):
     old.write_text(SMOKE.read_text().replace("    patch_size: 14\n", "    patch_size: 14\n    img_size: 56\n"))
     assert "img_size: 56" in old.read_text()
     assert load_config(old) == load_config(SMOKE)
-    with pytest.raises(ConfigError, match=r"model.backbone.img_size=56 and augment.global_crop_px=70 disagree.*"
-                                          r"remove model.backbone.img_size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.backbone.img_size=56 and augment.global_crop_px=70 disagree.*"
+        r"remove model.backbone.img_size",
+    ):
         load_config(old, ["augment.global_crop_px=70"])
     with pytest.raises(ConfigError, match=r"img_size=84 and augment.global_crop_px=56 disagree"):
         load_config(SMOKE, ["model.backbone.img_size=84"])

@@ -39,20 +39,52 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "train" / "cpu_smoke.yaml"
 FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
 DRIVER = Path(__file__).parent / "train_driver.py"
-EXACT = ["train.synthetic_data=true", "model.backbone.drop_path_rate=0.0", "loss.uniformity=none",
-         "train.total_steps=4", "optim.warmup_steps=1", "train.checkpoint_every_steps=2", "train.keep_checkpoints=5",
-         "log.trackers=[]", "log.every_steps=1", "train.precision=fp32"]
+EXACT = [
+    "train.synthetic_data=true",
+    "model.backbone.drop_path_rate=0.0",
+    "loss.uniformity=none",
+    "train.total_steps=4",
+    "optim.warmup_steps=1",
+    "train.checkpoint_every_steps=2",
+    "train.keep_checkpoints=5",
+    "log.trackers=[]",
+    "log.every_steps=1",
+    "train.precision=fp32",
+]
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-5
 
 
-def launch(out: Path, dump: Path, *overrides: str, resume: bool = False, fsdp: bool = False,
-           poison: str | None = None, expect_code: int = 0, timeout_s: int = 240) -> subprocess.CompletedProcess:
+def launch(
+    out: Path,
+    dump: Path,
+    *overrides: str,
+    resume: bool = False,
+    fsdp: bool = False,
+    poison: str | None = None,
+    expect_code: int = 0,
+    timeout_s: int = 240,
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd += ["--config_file", str(FSDP2)] if fsdp else ["--multi_gpu"]
-    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), str(DRIVER), "--config", str(SMOKE),
-            f"train.output_dir={out}", *EXACT, *overrides]
+    cmd += [
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(DRIVER),
+        "--config",
+        str(SMOKE),
+        f"train.output_dir={out}",
+        *EXACT,
+        *overrides,
+    ]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATHDINO_TEST_DUMP": str(dump)}
@@ -190,8 +222,10 @@ def test_fsdp2_matches_one_process(reference, fsdp_run):
     assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
     assert_ranks_equal(dump, ("centers",))  # weights are sharded; the gathered checkpoint is compared above
     probed = [
-        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-        if "probe_knn_accuracy" in line]
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "probe_knn_accuracy" in line
+    ]
     assert probed == [0, 2, 4]
 
 
@@ -202,13 +236,15 @@ def test_ddp_on_a_tile_store_gives_each_rank_its_own_tiles_and_every_tile_once_a
     epoch = {("cmu1", i) for i in range(16)}
     out, dump = tmp_path / "run", tmp_path / "dump"
     launch(out, dump, "train.synthetic_data=false", f"data.stores=[{store}]")
-    per_rank = [[[tuple(t) for t in json.loads(line)] for line in (dump / f"batches_rank{r}.jsonl").read_text()
-                 .splitlines()] for r in (0, 1)]
+    per_rank = [
+        [[tuple(t) for t in json.loads(line)] for line in (dump / f"batches_rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
     assert len(per_rank[0]) == len(per_rank[1]) == 4  # 4 steps, one batch of 4 tiles per rank each
     for step, (a, b) in enumerate(zip(*per_rank), start=1):
         assert len(set(a)) == len(set(b)) == 4 and not set(a) & set(b), (step, a, b)
     for first in (0, 2):  # epochs 1 and 2
-        seen = [t for rank in per_rank for batch in rank[first:first + 2] for t in batch]
+        seen = [t for rank in per_rank for batch in rank[first : first + 2] for t in batch]
         assert sorted(seen) == sorted(epoch), first
 
 
@@ -275,8 +311,17 @@ def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(tmp_path):
     center all-reduce runs only on applied steps (one rank in it, the other in the next step's gradient
     all-reduce: a hang until the watchdog)."""
     out, dump = tmp_path / "run", tmp_path / "dump"
-    proc = launch(out, dump, "train.total_steps=6", "train.checkpoint_every_steps=1", "train.max_nonfinite_steps=2",
-                  "loss.targets=sinkhorn", poison="1:2,4,5;0:4,5", expect_code=3, timeout_s=150)
+    proc = launch(
+        out,
+        dump,
+        "train.total_steps=6",
+        "train.checkpoint_every_steps=1",
+        "train.max_nonfinite_steps=2",
+        "loss.targets=sinkhorn",
+        poison="1:2,4,5;0:4,5",
+        expect_code=3,
+        timeout_s=150,
+    )
     assert "exitcode  : 3" in proc.stdout + proc.stderr
     log = records(out)  # written by rank 0, whose own values were finite at step 2
     assert [log[s]["skipped"] for s in sorted(log)] == [False, True, False, True, True]
@@ -290,12 +335,25 @@ def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(tmp_path):
 def test_cli_exits_3_after_consecutive_nonfinite_steps(tmp_path):
     """End to end through `python -m pathdino.train` with no test hooks: an absurd lr blows the weights up."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pathdino.train", "--config", str(SMOKE), f"train.output_dir={out}",
-           "train.synthetic_data=true", "log.trackers=[]", "optim.base_lr=1e30", "optim.warmup_steps=1",
-           "optim.freeze_last_layer_steps=0", "optim.clip_grad=0", "train.total_steps=10",
-           "train.max_nonfinite_steps=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=120)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathdino.train",
+        "--config",
+        str(SMOKE),
+        f"train.output_dir={out}",
+        "train.synthetic_data=true",
+        "log.trackers=[]",
+        "optim.base_lr=1e30",
+        "optim.warmup_steps=1",
+        "optim.freeze_last_layer_steps=0",
+        "optim.clip_grad=0",
+        "train.total_steps=10",
+        "train.max_nonfinite_steps=2",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "consecutive steps had a non-finite loss" in proc.stderr
     assert not (out / "done.json").exists()
@@ -335,6 +393,7 @@ def test_accumulation_under_ddp_and_fsdp2_equals_one_batch(reference, tmp_path, 
 
 
 # ---- bf16 against fp32 over several steps with real updates -------------------------------------------------
+
 
 def _student_init() -> dict[str, torch.Tensor]:
     from pathdino.train.model import build_student_teacher

@@ -104,16 +104,45 @@ def test_tensorboard_tracker_and_jsonl_metrics(tmp_path):
     from pathdino.train.loop import train
 
     out = tmp_path / "tb"
-    cfg = load_config(SMOKE, ["train.synthetic_data=true", f"train.output_dir={out}", "train.total_steps=2",
-                              "optim.warmup_steps=1", "log.every_steps=1", "log.trackers=[tensorboard]"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "train.synthetic_data=true",
+            f"train.output_dir={out}",
+            "train.total_steps=2",
+            "optim.warmup_steps=1",
+            "log.every_steps=1",
+            "log.trackers=[tensorboard]",
+        ],
+    )
     train(cfg)
     assert list(out.glob("pathdino/**/events.out.tfevents.*")), "no TensorBoard event file"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in records if r.get("step") == 2 and "loss" in r)
-    for key in ("loss", "dino_global", "dino_local", "ibot", "uniformity", "lr", "weight_decay", "momentum",
-                "teacher_temp", "grad_norm", "teacher_entropy", "teacher_usage_entropy", "student_entropy",
-                "embedding_rank", "center_norm_dino", "center_norm_ibot", "images_per_s", "data_wait_share",
-                "tflops_per_s", "memory_mb", "nonfinite_total", "collapse_warning"):
+    for key in (
+        "loss",
+        "dino_global",
+        "dino_local",
+        "ibot",
+        "uniformity",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "teacher_temp",
+        "grad_norm",
+        "teacher_entropy",
+        "teacher_usage_entropy",
+        "student_entropy",
+        "embedding_rank",
+        "center_norm_dino",
+        "center_norm_ibot",
+        "images_per_s",
+        "data_wait_share",
+        "tflops_per_s",
+        "memory_mb",
+        "nonfinite_total",
+        "collapse_warning",
+    ):
         assert key in step, key
     assert "mfu" not in step  # no known peak on a CPU unless log.peak_tflops is set
 
@@ -122,8 +151,18 @@ def _collapse_flags(out: Path, *overrides: str) -> dict[int, bool]:
     from pathdino.train.config import load_config
     from pathdino.train.loop import train
 
-    train(load_config(SMOKE, ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]",
-                              "log.every_steps=1", *overrides]))
+    train(
+        load_config(
+            SMOKE,
+            [
+                "train.synthetic_data=true",
+                f"train.output_dir={out}",
+                "log.trackers=[]",
+                "log.every_steps=1",
+                *overrides,
+            ],
+        )
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["collapse_warning"] for r in records if "loss" in r}
 

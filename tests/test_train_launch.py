@@ -56,8 +56,9 @@ def _completed(out: Path) -> bool:
     return last.get("event") in ("done", "stopped") and Path(str(last.get("checkpoint"))).is_dir()
 
 
-def launch(n_procs: int, out: Path, store: Path, *overrides: str, resume: bool = False,
-           accelerate_config: Path | None = None) -> subprocess.CompletedProcess:
+def launch(
+    n_procs: int, out: Path, store: Path, *overrides: str, resume: bool = False, accelerate_config: Path | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config is not None:
         cmd += ["--config_file", str(accelerate_config), "--num_processes", str(n_procs)]
@@ -65,11 +66,27 @@ def launch(n_procs: int, out: Path, store: Path, *overrides: str, resume: bool =
         cmd += ["--multi_gpu", "--num_processes", str(n_procs)]
     else:
         cmd += ["--num_processes", "1"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()),
-            "-m", "pathdino.train", "--config", str(SMOKE), f"data.stores=[{store}]", f"train.output_dir={out}",
-            "log.trackers=[]", "train.total_steps=4", "optim.warmup_steps=1", "train.checkpoint_every_steps=2",
-            *overrides]
+    cmd += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "pathdino.train",
+        "--config",
+        str(SMOKE),
+        f"data.stores=[{store}]",
+        f"train.output_dir={out}",
+        "log.trackers=[]",
+        "train.total_steps=4",
+        "optim.warmup_steps=1",
+        "train.checkpoint_every_steps=2",
+        *overrides,
+    ]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -21,8 +21,10 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "cpu_smoke.y
 
 
 def smoke(out: Path, *overrides: str):
-    return load_config(SMOKE, ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]",
-                               "log.every_steps=1", *overrides])
+    return load_config(
+        SMOKE,
+        ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]", "log.every_steps=1", *overrides],
+    )
 
 
 def losses(out: Path) -> list[dict]:
@@ -41,9 +43,16 @@ def test_gradient_accumulation_runs_micro_steps(tmp_path):
 
 def test_separate_ibot_head_sinkhorn_and_kde(tmp_path):
     out = tmp_path / "variants"
-    cfg = smoke(out, "model.ibot_separate_head=true", "model.ibot_head={n_prototypes: 128, bottleneck_dim: 16}",
-                "loss.targets=sinkhorn", "loss.uniformity=kde", "loss.uniformity_weight=0.05", "train.total_steps=2",
-                "optim.warmup_steps=1")
+    cfg = smoke(
+        out,
+        "model.ibot_separate_head=true",
+        "model.ibot_head={n_prototypes: 128, bottleneck_dim: 16}",
+        "loss.targets=sinkhorn",
+        "loss.uniformity=kde",
+        "loss.uniformity_weight=0.05",
+        "train.total_steps=2",
+        "optim.warmup_steps=1",
+    )
     train(cfg)
     records = losses(out)
     assert all(math.isfinite(r[k]) for r in records for k in ("loss", "ibot", "uniformity", "grad_norm_ibot_head"))
@@ -84,8 +93,15 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     (autocast really engaged), finite steps, fp32 weights in the checkpoint."""
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     train(smoke(fp32, "train.total_steps=2", "optim.warmup_steps=1", "model.backbone.drop_path_rate=0.0"))
-    train(smoke(bf16, "train.total_steps=2", "optim.warmup_steps=1", "model.backbone.drop_path_rate=0.0",
-                "train.precision=bf16"))
+    train(
+        smoke(
+            bf16,
+            "train.total_steps=2",
+            "optim.warmup_steps=1",
+            "model.backbone.drop_path_rate=0.0",
+            "train.precision=bf16",
+        )
+    )
     a, b = losses(fp32), losses(bf16)
     assert not any(r["skipped"] for r in b)
     for key in ("dino_global", "ibot"):
@@ -129,9 +145,20 @@ def test_small_preset_runs_and_logs_teacher_entropy(tmp_path):
     teacher-entropy health metric that docs/training.md's small-budget curve is read from is logged."""
     small = SMOKE.parent / "small.yaml"
     out = tmp_path / "small"
-    train(load_config(small, ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]",
-                              "log.every_steps=1", "train.batch_size=4", "train.total_steps=2",
-                              "optim.warmup_steps=1"]))
+    train(
+        load_config(
+            small,
+            [
+                "train.synthetic_data=true",
+                f"train.output_dir={out}",
+                "log.trackers=[]",
+                "log.every_steps=1",
+                "train.batch_size=4",
+                "train.total_steps=2",
+                "optim.warmup_steps=1",
+            ],
+        )
+    )
     records = losses(out)
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     n_prototypes = load_config(small).model.dino_head.n_prototypes
@@ -161,6 +188,5 @@ def test_a_run_that_fails_to_start_leaves_the_cpu_settings_as_they_were(tmp_path
         return
     cfg = smoke(tmp_path / "bad", "train.total_steps=4", "train.phases=[{steps: 2, global_crop_px: 56}]")
     with pytest.raises(ConfigError, match="for_phase"):
-        train(cfg,
-              loader=SyntheticLoader.__new__(SyntheticLoader))  # a loader without for_phase: refused at the start
+        train(cfg, loader=SyntheticLoader.__new__(SyntheticLoader))  # a loader without for_phase: refused at the start
     assert float(tiny * 1.0) > 0.0

@@ -12,8 +12,9 @@ from pathdino.train.param_groups import apply_schedule, drop_frozen_grads, param
 from pathdino.train.schedules import ScheduleValues
 
 DEPTH = 3
-BACKBONE = BackboneConfig(arch="custom", embed_dim=32, depth=DEPTH, num_heads=2, img_size=28,
-                          num_register_tokens=2, drop_path_rate=0.2)
+BACKBONE = BackboneConfig(
+    arch="custom", embed_dim=32, depth=DEPTH, num_heads=2, img_size=28, num_register_tokens=2, drop_path_rate=0.2
+)
 HEAD = HeadConfig(n_prototypes=64, hidden_dim=32, bottleneck_dim=16)
 
 
@@ -86,17 +87,32 @@ def test_param_groups_decay_and_lr_multipliers():
     groups = param_groups(student.named_parameters(), DEPTH, layerwise_decay=0.9, patch_embed_lr_mult=0.2)
     names = [n for g in groups for n in g["names"]]
     assert sorted(names) == sorted(n for n, _ in student.named_parameters())  # each parameter exactly once
-    undecayed = ["backbone.backbone.blocks.0.attn.qkv.bias", "backbone.backbone.blocks.1.norm1.weight",
-                 "backbone.backbone.blocks.2.ls1.gamma", "backbone.backbone.norm.bias",
-                 "dino_head.mlp.0.bias", "backbone.backbone.patch_embed.proj.bias"]
-    tokens = ["backbone.backbone.cls_token", "backbone.backbone.reg_token", "backbone.backbone.pos_embed",
-              "backbone.mask_token"]
+    undecayed = [
+        "backbone.backbone.blocks.0.attn.qkv.bias",
+        "backbone.backbone.blocks.1.norm1.weight",
+        "backbone.backbone.blocks.2.ls1.gamma",
+        "backbone.backbone.norm.bias",
+        "dino_head.mlp.0.bias",
+        "backbone.backbone.patch_embed.proj.bias",
+    ]
+    tokens = [
+        "backbone.backbone.cls_token",
+        "backbone.backbone.reg_token",
+        "backbone.backbone.pos_embed",
+        "backbone.mask_token",
+    ]
     for name in undecayed:
         assert _group_of(groups, name)["wd_mult"] == 0.0, name
     # DINOv2 decays everything but biases, norms and LayerScale gammas: tokens and the weight-norm gain included
-    for name in ["backbone.backbone.blocks.0.attn.qkv.weight", "backbone.backbone.patch_embed.proj.weight",
-                 "dino_head.mlp.0.weight", "dino_head.last_layer.weight", "ibot_head.last_layer.weight",
-                 "dino_head.last_layer.weight_g", *tokens]:
+    for name in [
+        "backbone.backbone.blocks.0.attn.qkv.weight",
+        "backbone.backbone.patch_embed.proj.weight",
+        "dino_head.mlp.0.weight",
+        "dino_head.last_layer.weight",
+        "ibot_head.last_layer.weight",
+        "dino_head.last_layer.weight_g",
+        *tokens,
+    ]:
         assert _group_of(groups, name)["wd_mult"] == 1.0, name
     timm_style = param_groups(student.named_parameters(), DEPTH, decay_tokens=False)
     for name in tokens:
@@ -111,13 +127,18 @@ def test_param_groups_decay_and_lr_multipliers():
     assert lr["backbone.backbone.norm.weight"] == 1.0 and lr["dino_head.mlp.0.weight"] == 1.0
     assert lr["ibot_head.last_layer.weight"] == 1.0
     last = {n for g in groups if g["is_last_layer"] for n in g["names"]}
-    assert last == {"dino_head.last_layer.weight", "ibot_head.last_layer.weight", "dino_head.last_layer.weight_g",
-                    "ibot_head.last_layer.weight_g"}
+    assert last == {
+        "dino_head.last_layer.weight",
+        "ibot_head.last_layer.weight",
+        "dino_head.last_layer.weight_g",
+        "ibot_head.last_layer.weight_g",
+    }
     assert lr["dino_head.last_layer.weight_g"] == 1.0 and student.dino_head.last_layer.weight_g.requires_grad
 
     opt = torch.optim.AdamW(groups, lr=0.0)
-    apply_schedule(opt, ScheduleValues(lr=1e-3, weight_decay=0.04, momentum=0.99, teacher_temp=0.04,
-                                       last_layer_frozen=True))
+    apply_schedule(
+        opt, ScheduleValues(lr=1e-3, weight_decay=0.04, momentum=0.99, teacher_temp=0.04, last_layer_frozen=True)
+    )
     for g in opt.param_groups:
         assert g["lr"] == (0.0 if g["is_last_layer"] else pytest.approx(1e-3 * g["lr_mult"]))
         assert g["weight_decay"] == pytest.approx(0.04 * g["wd_mult"])
@@ -134,8 +155,7 @@ def test_frozen_last_layer_does_not_move(mode):
     g, loc, masks = _batch()
     for step in range(4):
         frozen = step < 2
-        values = ScheduleValues(lr=1e-2, weight_decay=0.04, momentum=0.99, teacher_temp=0.04,
-                                last_layer_frozen=frozen)
+        values = ScheduleValues(lr=1e-2, weight_decay=0.04, momentum=0.99, teacher_temp=0.04, last_layer_frozen=frozen)
         apply_schedule(opt, values)
         out = student(g, loc, masks)
         out["global_cls_logits"].logsumexp(-1).mean().backward()

@@ -32,16 +32,30 @@ def store(tmp_path_factory) -> Path:
 
 
 def smoke(out: Path, store: Path, *overrides: str):
-    return load_config(SMOKE, [f"data.stores=[{store}]", f"train.output_dir={out}", "log.trackers=[]",
-                               "train.checkpoint_every_steps=2", "train.keep_checkpoints=10", PHASE, *overrides])
+    return load_config(
+        SMOKE,
+        [
+            f"data.stores=[{store}]",
+            f"train.output_dir={out}",
+            "log.trackers=[]",
+            "train.checkpoint_every_steps=2",
+            "train.keep_checkpoints=10",
+            PHASE,
+            *overrides,
+        ],
+    )
 
 
 def test_phase_geometry_is_a_function_of_the_step(store):
     cfg = smoke(Path("unused"), store)
     assert [phase_at(cfg, s) for s in range(7)] == [0, 0, 0, 0, 1, 1, 1]
     high = phase_config(cfg, 1)
-    assert (high.augment.global_crop_px, high.augment.local_crop_px, high.model.backbone.img_size,
-            high.train.batch_size) == (112, 42, 112, 4)
+    assert (
+        high.augment.global_crop_px,
+        high.augment.local_crop_px,
+        high.model.backbone.img_size,
+        high.train.batch_size,
+    ) == (112, 42, 112, 4)
     assert phase_config(cfg, 0) is cfg
 
 
@@ -100,9 +114,10 @@ def test_position_embedding_resampling_keeps_prefix_slots():
     grid = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1).repeat(1, 1, 3)
     with_cls = torch.cat([torch.full((1, 1, 3), -5.0), grid], dim=1)
     state = {"a.pos_embed": with_cls.clone(), "b.pos_embed": grid.clone(), "c.weight": torch.zeros(2)}
-    changed = resample_position_embeddings(state, {"a.pos_embed": torch.Size([1, 65, 3]),
-                                                   "b.pos_embed": torch.Size([1, 64, 3]),
-                                                   "c.weight": torch.Size([3])})
+    changed = resample_position_embeddings(
+        state,
+        {"a.pos_embed": torch.Size([1, 65, 3]), "b.pos_embed": torch.Size([1, 64, 3]), "c.weight": torch.Size([3])},
+    )
     assert changed == ["a.pos_embed", "b.pos_embed"]
     assert state["a.pos_embed"].shape == (1, 65, 3) and torch.all(state["a.pos_embed"][:, 0] == -5.0)
     assert state["b.pos_embed"].shape == (1, 64, 3)

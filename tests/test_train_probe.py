@@ -17,8 +17,12 @@ from pathdino.train.loop import LOSS_TERMS, train
 from tiling.configio import ConfigError
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "cpu_smoke.yaml"
-PROBE_KEYS = ("probe_knn_accuracy", "probe_knn_balanced_accuracy", "probe_linear_accuracy",
-              "probe_linear_balanced_accuracy")
+PROBE_KEYS = (
+    "probe_knn_accuracy",
+    "probe_knn_balanced_accuracy",
+    "probe_linear_accuracy",
+    "probe_linear_balanced_accuracy",
+)
 
 
 def make_labelled_folder(root: Path) -> Path:
@@ -42,9 +46,18 @@ def labelled(tmp_path_factory) -> Path:
 
 
 def config(out: Path, *overrides: str):
-    return load_config(SMOKE, ["train.synthetic_data=true", f"train.output_dir={out}", "log.trackers=[]",
-                               "log.every_steps=1", "train.total_steps=4", "train.checkpoint_every_steps=2",
-                               *overrides])
+    return load_config(
+        SMOKE,
+        [
+            "train.synthetic_data=true",
+            f"train.output_dir={out}",
+            "log.trackers=[]",
+            "log.every_steps=1",
+            "train.total_steps=4",
+            "train.checkpoint_every_steps=2",
+            *overrides,
+        ],
+    )
 
 
 def lines(out: Path) -> list[dict]:
@@ -117,8 +130,7 @@ def test_keep_best_keeps_the_best_probe_step_resumably_and_export_picks_it(runs,
         best = runs[name] / "checkpoints" / "best"
         state = json.loads((best / "trainer_state.json").read_text())
         assert state["step"] == best_step, name
-        assert state["probe_best"] == {"metric": "probe_knn_balanced_accuracy", "value": max(scores),
-                                       "step": best_step}
+        assert state["probe_best"] == {"metric": "probe_knn_balanced_accuracy", "value": max(scores), "step": best_step}
         kept[name] = load_file(best / "teacher.safetensors")
         events = [r for r in lines(runs[name]) if r.get("kept") == "best"]
         assert events and events[-1]["step"] == best_step and events[-1]["value"] == max(scores)
@@ -156,17 +168,28 @@ def test_probe_embeds_exactly_as_pathdino_eval_does_on_the_exported_teacher(labe
     from pathdino.train.probe import ProbeConfig, TrainingProbe
 
     mean, std = (0.7, 0.5, 0.6), (0.2, 0.25, 0.15)
-    cfg = BackboneConfig(arch="custom", embed_dim=48, depth=2, num_heads=2, patch_size=14, img_size=56,
-                         num_register_tokens=4, layerscale_init=0.1, drop_path_rate=0.0)
+    cfg = BackboneConfig(
+        arch="custom",
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+        patch_size=14,
+        img_size=56,
+        num_register_tokens=4,
+        layerscale_init=0.1,
+        drop_path_rate=0.0,
+    )
     torch.manual_seed(0)
     _, teacher = build_student_teacher(cfg, HeadConfig(n_prototypes=32, hidden_dim=32, bottleneck_dim=16), None)
     assert teacher.trim_last_block  # the training forward reads CLS and masked rows only
-    probe = TrainingProbe(ProbeConfig(data=str(labelled), max_images=1_000), img_px=56, mean=mean, std=std,
-                          device=torch.device("cpu"))
+    probe = TrainingProbe(
+        ProbeConfig(data=str(labelled), max_images=1_000), img_px=56, mean=mean, std=std, device=torch.device("cpu")
+    )
     got = probe.embed(teacher)
 
-    geometry = TrainingGeometry(tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=mean, std=std,
-                                stores=(), notes=())
+    geometry = TrainingGeometry(
+        tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=mean, std=std, stores=(), notes=()
+    )
     export_backbone(teacher.backbone.backbone, cfg, tmp_path / "encoder", geometry=geometry, provenance={"step": 0})
     model, transform = load_encoder(tmp_path / "encoder")
     dataset = load_tile_dataset(labelled)
@@ -202,26 +225,49 @@ def test_probe_scores_equal_pathdino_eval_and_are_above_chance(tmp_path):
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     # LayerScale 1: at DINOv2's 1e-5 an untrained ViT's CLS is the same vector for every image (cosine 0.99999),
     # which a kNN cannot split; the blocks' full contribution makes the untrained features tell the colours apart.
-    cfg = BackboneConfig(arch="custom", embed_dim=48, depth=2, num_heads=2, patch_size=14, img_size=56,
-                         num_register_tokens=0, drop_path_rate=0.0, layerscale_init=1.0)
+    cfg = BackboneConfig(
+        arch="custom",
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+        patch_size=14,
+        img_size=56,
+        num_register_tokens=0,
+        drop_path_rate=0.0,
+        layerscale_init=1.0,
+    )
     torch.manual_seed(0)
     _, teacher = build_student_teacher(cfg, HeadConfig(n_prototypes=32, hidden_dim=32, bottleneck_dim=16), None)
     labelled = make_separable_folder(tmp_path / "tiles")
-    probe = TrainingProbe(ProbeConfig(data=str(labelled), knn_k=5, max_images=1_000), img_px=56, mean=mean,
-                          std=std, device=torch.device("cpu"))
+    probe = TrainingProbe(
+        ProbeConfig(data=str(labelled), knn_k=5, max_images=1_000),
+        img_px=56,
+        mean=mean,
+        std=std,
+        device=torch.device("cpu"),
+    )
     record = probe.maybe_run(0, teacher)
 
     dataset = load_tile_dataset(labelled)
-    rows = ["path,label,split"] + [f"{r.path},{dataset.class_names[r.label]},{split}"
-                                   for split, names in (("train", ("train",)), ("test", ("val", "test")))
-                                   for name in names for r in dataset.records(name)]
+    rows = ["path,label,split"] + [
+        f"{r.path},{dataset.class_names[r.label]},{split}"
+        for split, names in (("train", ("train",)), ("test", ("val", "test")))
+        for name in names
+        for r in dataset.records(name)
+    ]
     (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
-    geometry = TrainingGeometry(tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=mean, std=std,
-                                stores=(), notes=())
+    geometry = TrainingGeometry(
+        tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=mean, std=std, stores=(), notes=()
+    )
     export_backbone(teacher.backbone.backbone, cfg, tmp_path / "encoder", geometry=geometry, provenance={"step": 0})
     model, transform = load_encoder(tmp_path / "encoder")
-    report = run_eval(model, transform, tmp_path / "split.csv", methods=("knn",),
-                      options=EvalOptions(knn_ks=(5,), progress=False, device="cpu"))
+    report = run_eval(
+        model,
+        transform,
+        tmp_path / "split.csv",
+        methods=("knn",),
+        options=EvalOptions(knn_ks=(5,), progress=False, device="cpu"),
+    )
     knn = report["methods"]["knn"]["by_k"]["5"]
     assert record["probe_knn_accuracy"] == pytest.approx(knn["accuracy"], abs=1e-9)
     assert record["probe_knn_balanced_accuracy"] == pytest.approx(knn["balanced_accuracy"], abs=1e-9)

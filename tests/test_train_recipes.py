@@ -21,8 +21,16 @@ from tiling.configio import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "train" / "cpu_smoke.yaml"
-BASE = ["train.synthetic_data=true", "log.trackers=[]", "train.total_steps=4", "train.checkpoint_every_steps=1",
-        "train.keep_checkpoints=10", "log.every_steps=1", "optim.warmup_steps=1", "optim.freeze_last_layer_steps=0"]
+BASE = [
+    "train.synthetic_data=true",
+    "log.trackers=[]",
+    "train.total_steps=4",
+    "train.checkpoint_every_steps=1",
+    "train.keep_checkpoints=10",
+    "log.every_steps=1",
+    "optim.warmup_steps=1",
+    "optim.freeze_last_layer_steps=0",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,9 +86,17 @@ def assert_resumes_exactly(tmp_path: Path, *overrides: str, stop_at: int = 2) ->
 def smoke_backbone(tmp_path: Path, *, seed: int = 7, **changes) -> Path:
     """A timm-layout backbone checkpoint with the smoke preset's shape (or ``changes``), random weights."""
     cfg = load_config(SMOKE, ["train.synthetic_data=true"]).model.backbone
-    fields = {"arch": cfg.arch, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
-              "patch_size": cfg.patch_size, "img_size": cfg.img_size, "num_register_tokens": cfg.num_register_tokens,
-              "layerscale_init": 0.3, **changes}
+    fields = {
+        "arch": cfg.arch,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "patch_size": cfg.patch_size,
+        "img_size": cfg.img_size,
+        "num_register_tokens": cfg.num_register_tokens,
+        "layerscale_init": 0.3,
+        **changes,
+    }
     torch.manual_seed(seed)
     model = build_backbone(BackboneConfig(**fields))
     path = tmp_path / f"backbone_{seed}_{'_'.join(changes)}.safetensors"
@@ -90,17 +106,27 @@ def smoke_backbone(tmp_path: Path, *, seed: int = 7, **changes) -> Path:
 
 # ---- continued pretraining: freeze, ramp ----------------------------------------------------------------------
 
+
 def test_frozen_backbone_gets_no_update_then_ramps(tmp_path):
     init = smoke_backbone(tmp_path)
     start = load_file(init)
     out = tmp_path / "run"
-    train(config(out, f"model.init_checkpoint={init}", "train.freeze_backbone_steps=2",
-                 "train.backbone_lr_ramp_steps=2", "optim.weight_decay=0.5"))
+    train(
+        config(
+            out,
+            f"model.init_checkpoint={init}",
+            "train.freeze_backbone_steps=2",
+            "train.backbone_lr_ramp_steps=2",
+            "optim.weight_decay=0.5",
+        )
+    )
     log = records(out)
     assert [log[s]["backbone_lr_mult"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 0.5, 1.0]
     for step in (1, 2):
-        student, teacher = load_file(ckpt(out, step) / "student.safetensors"), load_file(
-            ckpt(out, step) / "teacher.safetensors")
+        student, teacher = (
+            load_file(ckpt(out, step) / "student.safetensors"),
+            load_file(ckpt(out, step) / "teacher.safetensors"),
+        )
         for name, value in start.items():  # weight decay 0.5 would have moved them: no AdamW step at all
             assert torch.equal(student[f"backbone.backbone.{name}"], value), (step, name)
             assert torch.equal(teacher[f"backbone.backbone.{name}"], value), (step, name)
@@ -114,14 +140,21 @@ def test_frozen_backbone_gets_no_update_then_ramps(tmp_path):
 
 def test_freeze_resumes_exactly_across_the_boundary(tmp_path):
     init = smoke_backbone(tmp_path)
-    assert_resumes_exactly(tmp_path, f"model.init_checkpoint={init}", "train.freeze_backbone_steps=2",
-                           "train.backbone_lr_ramp_steps=1", stop_at=2)
+    assert_resumes_exactly(
+        tmp_path,
+        f"model.init_checkpoint={init}",
+        "train.freeze_backbone_steps=2",
+        "train.backbone_lr_ramp_steps=1",
+        stop_at=2,
+    )
 
 
 def test_init_checkpoint_layout_must_match(tmp_path):
-    cases = {"model.backbone.num_register_tokens": {"num_register_tokens": 0},
-             "model.backbone.layerscale_init": {"layerscale_init": None},
-             "model.backbone.patch_size": {"patch_size": 16, "img_size": 64}}
+    cases = {
+        "model.backbone.num_register_tokens": {"num_register_tokens": 0},
+        "model.backbone.layerscale_init": {"layerscale_init": None},
+        "model.backbone.patch_size": {"patch_size": 16, "img_size": 64},
+    }
     for key, changes in cases.items():
         init = smoke_backbone(tmp_path, **changes)
         with pytest.raises(InitCheckpointError, match=key.replace(".", r"\.")):
@@ -153,6 +186,7 @@ def test_continue_preset_takes_a_dinov2_release_layout(tmp_path):
 
 
 # ---- Gram anchoring ---------------------------------------------------------------------------------------------
+
 
 def _gram_by_hand(student, teacher, remove_negative):
     """dinov3's Gram loss written out entry by entry in float64: per image, cosine similarity of every patch pair,
@@ -187,8 +221,12 @@ def test_gram_loss_matches_the_formula():
         gram_loss(student, teacher[:, :4])
 
 
-GRAM = ["loss.gram.weight=1.0", "loss.gram.start_step=1", "loss.gram.refresh_every_steps=2",
-        "loss.gram.input_scale=2.0"]
+GRAM = [
+    "loss.gram.weight=1.0",
+    "loss.gram.start_step=1",
+    "loss.gram.refresh_every_steps=2",
+    "loss.gram.input_scale=2.0",
+]
 
 
 def test_gram_teacher_is_copied_from_the_ema_teacher_on_schedule(tmp_path):
@@ -199,7 +237,7 @@ def test_gram_teacher_is_copied_from_the_ema_teacher_on_schedule(tmp_path):
 
     def part(step, name, prefix=""):
         sd = load_file(ckpt(out, step) / f"{name}.safetensors")
-        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
     # refreshed before optimizer steps 1 and 3 (0-based): checkpoint 2 holds teacher 1's backbone, 4 holds 3's
     for gram_step, teacher_step in ((2, 1), (3, 1), (4, 3)):
@@ -216,6 +254,7 @@ def test_gram_resumes_exactly_across_a_refresh(tmp_path):
 
 
 # ---- distillation -----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def wide_teacher_run(tmp_path_factory) -> Path:
@@ -234,14 +273,27 @@ def encoder_teacher(tmp_path_factory) -> Path:
     from pathdino.export.source import TrainingGeometry
 
     out = tmp_path_factory.mktemp("encoder") / "enc"
-    cfg = BackboneConfig(arch="custom", embed_dim=96, depth=1, num_heads=2, patch_size=16, img_size=64,
-                         drop_path_rate=0.0)
+    cfg = BackboneConfig(
+        arch="custom", embed_dim=96, depth=1, num_heads=2, patch_size=16, img_size=64, drop_path_rate=0.0
+    )
     torch.manual_seed(3)
-    geometry = TrainingGeometry(tile_px=64, target_mpp=0.5, effective_mpp_range=None, mean=IMAGENET_MEAN,
-                                std=IMAGENET_STD, stores=(), notes=("test teacher",))
-    export_backbone(build_backbone(cfg), cfg, out, geometry=geometry,
-                    provenance={"checkpoint": None, "step": 0, "weights": "random", "stores": []},
-                    options=ExportOptions(model_name="test teacher"))
+    geometry = TrainingGeometry(
+        tile_px=64,
+        target_mpp=0.5,
+        effective_mpp_range=None,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        stores=(),
+        notes=("test teacher",),
+    )
+    export_backbone(
+        build_backbone(cfg),
+        cfg,
+        out,
+        geometry=geometry,
+        provenance={"checkpoint": None, "step": 0, "weights": "random", "stores": []},
+        options=ExportOptions(model_name="test teacher"),
+    )
     return out
 
 
@@ -263,8 +315,11 @@ def test_distil_from_a_checkpoint_teacher(tmp_path, wide_teacher_run):
     assert records(plain)[1]["dino_global"] != records(ref)[1]["dino_global"]
     # resuming with other teacher weights is refused, naming the key
     other = tmp_path / "other_teacher"
-    train(config(other, "model.backbone.embed_dim=96", "model.backbone.num_heads=4", "train.total_steps=1",
-                 "train.seed=5"))
+    train(
+        config(
+            other, "model.backbone.embed_dim=96", "model.backbone.num_heads=4", "train.total_steps=1", "train.seed=5"
+        )
+    )
     with pytest.raises(Exception, match="train.distill.teacher"):
         train(config(tmp_path / "resumed", f"train.distill.teacher={other}"), resume=True)
     with pytest.raises(ConfigError, match="model.dino_head.n_prototypes"):
@@ -314,8 +369,14 @@ def test_init_checkpoint_from_a_pathdino_checkpoint_file(tmp_path):
 
     src = load_file(smoke_backbone(tmp_path))
     path = tmp_path / "teacher.safetensors"
-    save_file({**{f"backbone.backbone.{k}": v for k, v in src.items()}, "backbone.mask_token": torch.zeros(1, 64),
-               "dino_head.last_layer.weight": torch.zeros(4, 4)}, str(path))
+    save_file(
+        {
+            **{f"backbone.backbone.{k}": v for k, v in src.items()},
+            "backbone.mask_token": torch.zeros(1, 64),
+            "dino_head.last_layer.weight": torch.zeros(4, 4),
+        },
+        str(path),
+    )
     cfg = load_config(SMOKE, ["train.synthetic_data=true"]).model.backbone
     model = build_backbone(BackboneConfig(**{**cfg.__dict__, "layerscale_init": 0.3}))
     report = load_init_checkpoint(model, path, strict=True, layout=True)

@@ -45,11 +45,27 @@ def recipe(tmp_path_factory) -> tuple[list[str], Path]:
     """The overrides of the combined recipe, and its 1-process reference run (checkpoints at steps 2 and 4)."""
     base = tmp_path_factory.mktemp("recipe")
     teacher = base / "teacher"
-    train(load_config(SMOKE, [f"train.output_dir={teacher}", *EXACT, "train.total_steps=1",
-                              "model.backbone.embed_dim=96", "model.backbone.num_heads=4"]))
-    overrides = [f"model.init_checkpoint={smoke_backbone(base)}", "train.freeze_backbone_steps=2",
-                 "train.backbone_lr_ramp_steps=1", "loss.gram.weight=1.0", "loss.gram.start_step=1",
-                 "loss.gram.refresh_every_steps=2", f"train.distill.teacher={teacher}"]
+    train(
+        load_config(
+            SMOKE,
+            [
+                f"train.output_dir={teacher}",
+                *EXACT,
+                "train.total_steps=1",
+                "model.backbone.embed_dim=96",
+                "model.backbone.num_heads=4",
+            ],
+        )
+    )
+    overrides = [
+        f"model.init_checkpoint={smoke_backbone(base)}",
+        "train.freeze_backbone_steps=2",
+        "train.backbone_lr_ramp_steps=1",
+        "loss.gram.weight=1.0",
+        "loss.gram.start_step=1",
+        "loss.gram.refresh_every_steps=2",
+        f"train.distill.teacher={teacher}",
+    ]
     ref = base / "ref"
     train(load_config(SMOKE, [f"train.output_dir={ref}", *EXACT, *overrides]))
     return overrides, ref

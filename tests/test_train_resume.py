@@ -41,7 +41,7 @@ def make_tile_store(url: Path, n_side: int = 8, tile_px: int = 64) -> Path:
     tiles, xy = [], []
     for i in range(n_side):
         for j in range(n_side):
-            tile = region[i * tile_px:(i + 1) * tile_px, j * tile_px:(j + 1) * tile_px]
+            tile = region[i * tile_px : (i + 1) * tile_px, j * tile_px : (j + 1) * tile_px]
             tiles.append(encode_tile(np.ascontiguousarray(tile)))
             xy.append((600 + j * tile_px, 900 + i * tile_px))
     sw.add(tiles, np.array(xy, dtype=np.int64), np.ones(len(tiles), np.float32))
@@ -56,8 +56,17 @@ def store(tmp_path_factory) -> Path:
 
 def smoke(out: Path, store: Path | None, *overrides: str):
     data = [f"data.stores=[{store}]"] if store else ["train.synthetic_data=true"]
-    return load_config(SMOKE, [*data, f"train.output_dir={out}", "log.trackers=[]", "train.checkpoint_every_steps=2",
-                               "train.keep_checkpoints=5", *overrides])
+    return load_config(
+        SMOKE,
+        [
+            *data,
+            f"train.output_dir={out}",
+            "log.trackers=[]",
+            "train.checkpoint_every_steps=2",
+            "train.keep_checkpoints=5",
+            *overrides,
+        ],
+    )
 
 
 def steps(out: Path) -> dict[int, dict]:
@@ -119,8 +128,9 @@ def test_interrupted_and_resumed_runs_reproduce_the_uninterrupted_run(tmp_path, 
     # crash while fetching step 5's batch: checkpoints at 2 and 4 exist, resume picks 4
     run = tmp_path / "crash"
     cfg = smoke(run, store)
-    inner = build_train_loader(cfg.data, cfg.augment, cfg.masks, patch_size=14, batch_size_per_process=8, rank=0,
-                               world_size=1, seed=0)
+    inner = build_train_loader(
+        cfg.data, cfg.augment, cfg.masks, patch_size=14, batch_size_per_process=8, rank=0, world_size=1, seed=0
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg, loader=CrashingLoader(inner, crash_at=4))
     assert [s for s, _ in list_checkpoints(run)] == [2, 4] and not (run / "done.json").exists()
@@ -144,8 +154,13 @@ def test_checkpoint_layout_atomicity_and_pruning(tmp_path, store):
     assert [s for s, _ in list_checkpoints(out)] == [5, 6]  # only the newest 2 kept
     ckpt = latest_checkpoint(out)
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "losses.safetensors", "optimizer.pt", "rng_rank0.pt", "student.safetensors", "teacher.safetensors",
-        "trainer_state.json"]
+        "losses.safetensors",
+        "optimizer.pt",
+        "rng_rank0.pt",
+        "student.safetensors",
+        "teacher.safetensors",
+        "trainer_state.json",
+    ]
     # nothing pickled: every non-safetensors file loads with weights_only=True
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert "backbone.backbone.blocks.0.attn.qkv.weight" in optim["state"]  # keyed by parameter name

@@ -19,8 +19,14 @@ from pathdino.cli import app
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_resume import SMOKE, make_tile_store  # noqa: E402
 
-FAST = ["log.trackers=[]", "train.total_steps=4", "optim.warmup_steps=1", "train.checkpoint_every_steps=2",
-        "train.keep_checkpoints=5", "model.backbone.depth=1"]
+FAST = [
+    "log.trackers=[]",
+    "train.total_steps=4",
+    "optim.warmup_steps=1",
+    "train.checkpoint_every_steps=2",
+    "train.keep_checkpoints=5",
+    "model.backbone.depth=1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +64,17 @@ def _one_error_line(result, code: int = 2) -> str:
 def run(tmp_path_factory) -> Path:
     """A synthetic-data run stopped at step 4 with checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("run") / "run"
-    result = _invoke(["train", "--config", str(SMOKE), *FAST, "train.synthetic_data=true",
-                                      f"train.output_dir={out}", "train.stop_at_step=4"])
+    result = _invoke(
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            *FAST,
+            "train.synthetic_data=true",
+            f"train.output_dir={out}",
+            "train.stop_at_step=4",
+        ]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -102,16 +117,23 @@ def test_export_and_embed_of_damaged_weights_are_one_line_and_leave_nothing(run,
 
     _truncate(tmp_path / "enc" / "model.safetensors", 50_000)
     store = make_tile_store(tmp_path / "tiles.zarr", n_side=2, tile_px=56)
-    emb = _invoke(["embed", str(store), "-e", str(tmp_path / "enc"), "-o", str(tmp_path / "emb"),
-                                   "-j", "0", "--no-progress"])
+    emb = _invoke(
+        ["embed", str(store), "-e", str(tmp_path / "enc"), "-o", str(tmp_path / "emb"), "-j", "0", "--no-progress"]
+    )
     assert "model.safetensors is damaged (truncated: 50,000 of" in _one_error_line(emb)
     assert not (tmp_path / "emb").exists()
 
 
 def test_resume_with_another_model_names_the_keys(run, tmp_path):
     out = _copy(run, tmp_path)
-    result = _train("train.synthetic_data=true", f"train.output_dir={out}", "model.backbone.embed_dim=96",
-                    "model.backbone.num_heads=4", "train.total_steps=6", "--resume")
+    result = _train(
+        "train.synthetic_data=true",
+        f"train.output_dir={out}",
+        "model.backbone.embed_dim=96",
+        "model.backbone.num_heads=4",
+        "train.total_steps=6",
+        "--resume",
+    )
     line = _one_error_line(result)
     assert "the model config differs from the checkpoint's (model.backbone.embed_dim: 64 -> 96)" in line
 
@@ -159,6 +181,7 @@ def test_resume_of_a_finished_run_says_so_in_one_line(run, tmp_path):
     before = (out / "metrics.jsonl").read_text()
     result = _train("train.synthetic_data=true", f"train.output_dir={out}", "--resume")
     assert result.exit_code == 0, result.output
-    assert (f"nothing to do: the run in {out} already finished (checkpoint step_000000004, step 4 of "
-            "train.total_steps=4)") in result.output
+    assert (
+        f"nothing to do: the run in {out} already finished (checkpoint step_000000004, step 4 of train.total_steps=4)"
+    ) in result.output
     assert "Traceback" not in result.output and (out / "metrics.jsonl").read_text() == before

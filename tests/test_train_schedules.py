@@ -28,7 +28,7 @@ def test_warmup_then_cosine_lr():
     assert warmup_cosine(1000, peak, final, total_steps=total, warmup_steps=warm) == pytest.approx(final)
     values = [warmup_cosine(s, peak, final, total_steps=total, warmup_steps=warm) for s in range(total)]
     assert values.index(max(values)) == warm  # rises to the peak at the end of warm-up, then only falls
-    assert all(a >= b for a, b in zip(values[warm:], values[warm + 1:]))
+    assert all(a >= b for a, b in zip(values[warm:], values[warm + 1 :]))
 
 
 def test_lr_scaling_rules():
@@ -42,9 +42,20 @@ def test_lr_scaling_rules():
 
 
 def test_schedules_at_step():
-    s = Schedules(total_steps=1000, peak_lr=1e-3, min_lr=1e-6, warmup_steps=100, weight_decay=0.04,
-                  weight_decay_end=0.4, momentum_teacher=0.992, momentum_teacher_end=1.0, teacher_temp=0.07,
-                  teacher_temp_warmup_start=0.04, teacher_temp_warmup_steps=300, freeze_last_layer_steps=50)
+    s = Schedules(
+        total_steps=1000,
+        peak_lr=1e-3,
+        min_lr=1e-6,
+        warmup_steps=100,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        momentum_teacher=0.992,
+        momentum_teacher_end=1.0,
+        teacher_temp=0.07,
+        teacher_temp_warmup_start=0.04,
+        teacher_temp_warmup_steps=300,
+        freeze_last_layer_steps=50,
+    )
     first, last = s.at(0), s.at(999)
     assert first.lr == 0.0 and first.weight_decay == pytest.approx(0.04) and first.momentum == pytest.approx(0.992)
     assert first.teacher_temp == pytest.approx(0.04) and first.last_layer_frozen

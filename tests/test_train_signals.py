@@ -32,12 +32,24 @@ def _group_alive(pgid: int) -> list[str]:
 @pytest.mark.parametrize("signals, code", [(("SIGTERM",), 0), (("SIGINT", "SIGINT"), 130)])
 def test_a_signal_says_what_was_kept_and_how_to_resume(store, tmp_path, signals, code):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pathdino.train", "--config", str(SMOKE), f"data.stores=[{store}]",
-           f"train.output_dir={out}", "log.trackers=[]", "train.total_steps=1000", "train.checkpoint_every_steps=2",
-           "data.num_workers=1", "model.backbone.depth=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathdino.train",
+        "--config",
+        str(SMOKE),
+        f"data.stores=[{store}]",
+        f"train.output_dir={out}",
+        "log.trackers=[]",
+        "train.total_steps=1000",
+        "train.checkpoint_every_steps=2",
+        "data.num_workers=1",
+        "model.backbone.depth=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     lines = []
     try:
         for line in proc.stdout:

@@ -37,7 +37,7 @@ SUFFIX = {"jpeg2000": ".tif"}  # OpenSlide cannot read TIFF compression 34712: t
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +47,21 @@ def tissue() -> np.ndarray:
 
 def _slide(tmp_path: Path, image: np.ndarray, compression, mpp=0.25, downsamples=(1, 16), tile=256) -> Path:
     name = f"{compression or 'raw'}{SUFFIX.get(compression, '.svs')}"
-    return write_pyramid(tmp_path / name, image, downsamples=downsamples, mpp=mpp, tile=tile,
-                         compression=compression)
+    return write_pyramid(tmp_path / name, image, downsamples=downsamples, mpp=mpp, tile=tile, compression=compression)
 
 
 def _open(path: Path, target_mpp: float, tile_px: int = 224, overlap_px: int = 0, fast: bool = True):
     reader = open_slide(path)
     mpp = resolve_mpp(reader, None).mpp
-    g = plan_geometry(reader.level_dimensions, reader.level_downsamples, slide_mpp=mpp, target_mpp=target_mpp,
-                      tile_px=tile_px, overlap_px=overlap_px, virtual_reductions=VIRTUAL_REDUCTIONS)
+    g = plan_geometry(
+        reader.level_dimensions,
+        reader.level_downsamples,
+        slide_mpp=mpp,
+        target_mpp=target_mpp,
+        tile_px=tile_px,
+        overlap_px=overlap_px,
+        virtual_reductions=VIRTUAL_REDUCTIONS,
+    )
     return reader, g, BlockReader(reader, g, use_tiff_fast_path=fast)
 
 
@@ -103,8 +109,13 @@ def test_reduced_decoding_is_close_to_the_area_mean(tmp_path, tissue, compressio
     if compression != "jpeg" and target_mpp == 0.5:
         # Against the area mean of the same pixels half a stored pixel earlier, JPEG 2000 agrees closely too.
         full = reader.read_region(0, 0, 0, n_cols * 448 + 2, n_rows * 448 + 2)
-        shifted = np.asarray(Image.fromarray(full).resize((n_cols * 224, n_rows * 224), Image.Resampling.BOX,
-                                                          box=(0.5, 0.5, n_cols * 448 + 0.5, n_rows * 448 + 0.5)))
+        shifted = np.asarray(
+            Image.fromarray(full).resize(
+                (n_cols * 224, n_rows * 224),
+                Image.Resampling.BOX,
+                box=(0.5, 0.5, n_cols * 448 + 0.5, n_rows * 448 + 0.5),
+            )
+        )
         assert psnr(ours[1:, 1:], shifted[:-1, :-1]) >= 38.0  # box starts at +0.5: ours[1] ~ shifted[0]
     reader.close()
 
@@ -166,8 +177,9 @@ def test_run_records_level_reduction_decoder_and_mpp(tmp_path):
     image = tissue_image(2048, 2048)
     path = write_pyramid(tmp_path / "scan40x.svs", image, downsamples=(1, 4), mpp=0.2527)
     url = tmp_path / "tiles.zarr"
-    cfg = TilingConfig(workers=1, tile_px=128, tiles_per_shard=32, tiles_per_chunk=16,
-                       tissue=TissueConfig(thumbnail_mpp=2.0))
+    cfg = TilingConfig(
+        workers=1, tile_px=128, tiles_per_shard=32, tiles_per_chunk=16, tissue=TissueConfig(thumbnail_mpp=2.0)
+    )
     [outcome] = run_tiling(collect_slides([str(path)]), str(url), cfg)
     assert outcome.status == "done" and outcome.n_tiles > 0, outcome.reason
     slide = TileStore(url).slide("scan40x")
@@ -180,7 +192,7 @@ def test_run_records_level_reduction_decoder_and_mpp(tmp_path):
     tiles = slide.read_tiles(0, slide.n_tiles)
     assert tiles.shape[1:] == (128, 128, 3)
     x, y = slide.coords[0]
-    expected = image[y:y + 256, x:x + 256].reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
+    expected = image[y : y + 256, x : x + 256].reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
     assert psnr(tiles[0], expected) >= 30.0  # q90 source and q90 store, two JPEG generations
 
     # Stored levels only: a different params_key (the slide is redone) and the 1.98x resample to exactly 0.5.

@@ -117,8 +117,13 @@ def install(dump: Path, poison: str | None = None) -> None:
     def save_checkpoint(out_dir, step, parts, **kwargs):
         path = save(out_dir, step, parts, **kwargs)
         model, teacher, losses = parts.models["student"], parts.models["teacher"], parts.buffers["losses"]
-        record = {"step": step, "student": digest(unwrap(model).state_dict()), "teacher": digest(teacher.state_dict()),
-                  "centers": digest(losses.state_dict()), "skipped_syncs": dict(skipped_syncs)}
+        record = {
+            "step": step,
+            "student": digest(unwrap(model).state_dict()),
+            "teacher": digest(teacher.state_dict()),
+            "centers": digest(losses.state_dict()),
+            "skipped_syncs": dict(skipped_syncs),
+        }
         with open(dump / f"hashes_rank{_rank()}.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         return path
@@ -134,8 +139,10 @@ def install(dump: Path, poison: str | None = None) -> None:
             save_file({k: v.contiguous() for k, v in s.items()}, dump / "reloaded_student.safetensors")
             save_file({k: v.contiguous() for k, v in t.items()}, dump / "reloaded_teacher.safetensors")
             torch.save(o, dump / "reloaded_optimizer.pt")
-        save_file({k: v.contiguous() for k, v in losses.state_dict().items()},
-                  dump / f"reloaded_losses_rank{_rank()}.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in losses.state_dict().items()},
+            dump / f"reloaded_losses_rank{_rank()}.safetensors",
+        )
         return state
 
     def build_loader(*args, **kwargs):

@@ -18,7 +18,9 @@ from tiling.errors import NotBrightfieldError
 
 FLUOROPHORE = re.compile(
     r"\b(DAPI|Hoechst|FITC|TRITC|Cy[2357](?:\.5)?|Alexa\s?(?:Fluor\s?)?\d{3}|AF\d{3}|Opal\s?\d{3}|GFP|RFP|YFP|"
-    r"mCherry|Texas\s?Red|Autofluorescence|Sample\s?AF)\b", re.I)
+    r"mCherry|Texas\s?Red|Autofluorescence|Sample\s?AF)\b",
+    re.I,
+)
 _CHANNEL_NAME = re.compile(r"<(?:Name|Biomarker|Fluor|ChannelName)>([^<]+)</", re.I)
 _OME_CHANNEL = re.compile(r"<(?:\w+:)?Channel\b([^>]*)>", re.I)
 _TIFF_SUFFIXES = (".tif", ".tiff", ".qptiff", ".btf")
@@ -30,8 +32,10 @@ GLASS_MAX_FRACTION = 0.02
 
 
 def _not_brightfield(path: Path, why: str) -> NotBrightfieldError:
-    return NotBrightfieldError(f"{path.name}: not a brightfield RGB slide ({why}); pathdino tiles brightfield "
-                               "H&E/IHC slides. Leave this slide out (fluorescence needs a channel-aware tiler)")
+    return NotBrightfieldError(
+        f"{path.name}: not a brightfield RGB slide ({why}); pathdino tiles brightfield "
+        "H&E/IHC slides. Leave this slide out (fluorescence needs a channel-aware tiler)"
+    )
 
 
 def _ome_channels(xml: str) -> tuple[int, list[str]]:
@@ -100,8 +104,11 @@ def check_metadata(path: Path) -> None:
 
 def check_properties(path: Path, properties: Mapping[str, str]) -> None:
     """Raise NotBrightfieldError when the reader's slide properties name fluorophores as channels."""
-    names = [v for k, v in properties.items()
-             if k.lower().endswith(("channel.name", ".fluor", ".biomarker")) and FLUOROPHORE.search(v)]
+    names = [
+        v
+        for k, v in properties.items()
+        if k.lower().endswith(("channel.name", ".fluor", ".biomarker")) and FLUOROPHORE.search(v)
+    ]
     if names:
         raise _named(path, names)
 
@@ -118,5 +125,8 @@ def check_pixels(path: Path, thumbnail: np.ndarray) -> None:
     dark = float(np.mean(brightest < DARK_LEVEL))
     glass = float(np.mean(darkest > GLASS_LEVEL))
     if dark >= DARK_MIN_FRACTION and glass <= GLASS_MAX_FRACTION:
-        raise _not_brightfield(path, f"dark background: {dark:.0%} of the thumbnail is near black and "
-                                     f"{glass:.1%} bright glass, as in fluorescence")
+        raise _not_brightfield(
+            path,
+            f"dark background: {dark:.0%} of the thumbnail is near black and "
+            f"{glass:.1%} bright glass, as in fluorescence",
+        )

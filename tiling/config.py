@@ -76,8 +76,10 @@ class TilingConfig:
         if not 1 <= self.jpeg_quality <= 100:
             problems.append(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.tiles_per_chunk < 1 or self.tiles_per_shard % self.tiles_per_chunk:
-            problems.append(f"tiles_per_shard ({self.tiles_per_shard}) must be a positive multiple of "
-                            f"tiles_per_chunk ({self.tiles_per_chunk})")
+            problems.append(
+                f"tiles_per_shard ({self.tiles_per_shard}) must be a positive multiple of "
+                f"tiles_per_chunk ({self.tiles_per_chunk})"
+            )
         if self.block_tiles < 1:
             problems.append(f"block_tiles must be >= 1, got {self.block_tiles}")
         if self.workers < 0:
@@ -87,8 +89,9 @@ class TilingConfig:
 
     @property
     def n_workers(self) -> int:
-        return self.workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                   else os.cpu_count() or 1)
+        return self.workers or max(
+            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
 
     def params_key(self) -> str:
         """A hash of every parameter that changes the tiles written; resume compares it with the store's."""

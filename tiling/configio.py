@@ -101,8 +101,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. "
-                          f"'{key.strip()}=\"...\"', or close its brackets", key=key.strip()) from None
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+            f"'{key.strip()}=\"...\"', or close its brackets",
+            key=key.strip(),
+        ) from None
     return key.strip().split("."), parsed
 
 
@@ -116,8 +119,9 @@ def set_key(data: dict[str, Any], keys: list[str], value: Any, *, what: str) -> 
     node[keys[-1]] = value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None = None,
-                    values: dict[str, Any] | None = None) -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``key=value`` text override applied (nested keys with dots, values
     parsed as YAML), then each already-typed ``values[key]`` (command-line flags; ``None`` means "not given")."""
     import copy
@@ -132,8 +136,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None = None,
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None, *,
-                values: dict[str, Any] | None = None, where: str | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    values: dict[str, Any] | None = None,
+    where: str | None = None,
+) -> T:
     """YAML file (if any), then ``key=value`` overrides, then typed flag values -> dataclass ``cls``.
 
     The one way every command builds its config; ConfigError names the file and key on any problem.
@@ -156,9 +166,13 @@ def blame_override(exc: ConfigError, where: str, overrides: list[str] | None) ->
         parent, _, leaf = key.rpartition(".")
         head = f"{where}.{key}"
         unknown = msg.startswith(f"{where}.{parent}: unknown key" if parent else f"{where}: unknown key")
-        if (msg.startswith((head + ":", head + ".", head + "[")) or (unknown and repr(leaf) in msg.split(";")[0])
-                or (exc.key or "").endswith("." + leaf) and msg.startswith(f"{where}.{parent}:")):
-            detail = msg[len(where):].lstrip(".: ")
+        if (
+            msg.startswith((head + ":", head + ".", head + "["))
+            or (unknown and repr(leaf) in msg.split(";")[0])
+            or (exc.key or "").endswith("." + leaf)
+            and msg.startswith(f"{where}.{parent}:")
+        ):
+            detail = msg[len(where) :].lstrip(".: ")
             return ConfigError(f"override {text!r} (command line): {detail}", key=key)
     return exc
 

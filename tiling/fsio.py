@@ -103,8 +103,9 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Pat
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_json(path: str | Path, payload: Any, *, indent: int | None = 2, fsync: bool = True,
-                      **dumps_kwargs: Any) -> Path:
+def atomic_write_json(
+    path: str | Path, payload: Any, *, indent: int | None = 2, fsync: bool = True, **dumps_kwargs: Any
+) -> Path:
     """Write ``payload`` as JSON (plus a final newline) to ``path`` atomically; ``dumps_kwargs`` go to json.dumps."""
     return atomic_write_text(path, json.dumps(payload, indent=indent, **dumps_kwargs) + "\n", fsync=fsync)
 
@@ -145,8 +146,11 @@ def safetensors_problem(path: str | Path) -> str | None:
         return f"unreadable ({exc.strerror or exc})"
     except (UnicodeDecodeError, json.JSONDecodeError):
         return "its header is not valid (truncated or not a safetensors file)"
-    ends = [int(v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    ends = [
+        int(v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
     expected = 8 + n + max(ends, default=0)
     if size < expected:
         return f"truncated: {size:,} of {expected:,} bytes"
@@ -220,17 +224,30 @@ def publish_dir(staged: str | Path, final: str | Path, *, fsync: bool = True) ->
     return final
 
 
-def check_format(meta: Mapping[str, Any], *, where: str | Path, kind: str, format_name: str, format_version: int,
-                 error: type[Exception], not_this_format: str, other_version: str) -> None:
+def check_format(
+    meta: Mapping[str, Any],
+    *,
+    where: str | Path,
+    kind: str,
+    format_name: str,
+    format_version: int,
+    error: type[Exception],
+    not_this_format: str,
+    other_version: str,
+) -> None:
     """Raise ``error`` unless a store's ``attrs['pathdino']`` names ``format_name`` at ``format_version``.
 
     ``kind`` says what the store should be ("pathdino tile store"); ``not_this_format`` / ``other_version`` finish
     the message with what the user should do.
     """
     if meta.get("format") != format_name:
-        raise error(f"{where} is a Zarr group but not a {kind} (no attrs['pathdino']['format'] == "
-                    f"{format_name!r}). {not_this_format}")
+        raise error(
+            f"{where} is a Zarr group but not a {kind} (no attrs['pathdino']['format'] == "
+            f"{format_name!r}). {not_this_format}"
+        )
     version = meta.get("format_version")
     if version != format_version:
-        raise error(f"{where} has {kind} format version {version!r}; this pathdino reads version "
-                    f"{format_version}. {other_version}")
+        raise error(
+            f"{where} has {kind} format version {version!r}; this pathdino reads version "
+            f"{format_version}. {other_version}"
+        )

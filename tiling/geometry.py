@@ -95,13 +95,23 @@ def _validate(slide_mpp: float, target_mpp: float, tile_px: int, overlap_px: int
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be a relative distance in [0, 1), got {tolerance!r}")
     if not (math.isfinite(slide_mpp) and slide_mpp > 0):
-        raise MppError(f"slide mpp must be a positive number of µm per pixel, got {slide_mpp!r}; "
-                       f"pass --slide-mpp or an mpp column in the manifest CSV")
+        raise MppError(
+            f"slide mpp must be a positive number of µm per pixel, got {slide_mpp!r}; "
+            f"pass --slide-mpp or an mpp column in the manifest CSV"
+        )
 
 
-def plan_geometry(level_dimensions: Sequence[tuple[int, int]], level_downsamples: Sequence[float], *,
-                  slide_mpp: float, target_mpp: float, tile_px: int, overlap_px: int = 0,
-                  tolerance: float = 0.05, virtual_reductions: Sequence[int] = ()) -> TileGeometry:
+def plan_geometry(
+    level_dimensions: Sequence[tuple[int, int]],
+    level_downsamples: Sequence[float],
+    *,
+    slide_mpp: float,
+    target_mpp: float,
+    tile_px: int,
+    overlap_px: int = 0,
+    tolerance: float = 0.05,
+    virtual_reductions: Sequence[int] = (),
+) -> TileGeometry:
     """Choose the read level (real, or virtual: a level decoded at 1/r for r in `virtual_reductions`) and scale for
     tiles of `tile_px` output px at `target_mpp`.
 
@@ -109,19 +119,23 @@ def plan_geometry(level_dimensions: Sequence[tuple[int, int]], level_downsamples
     """
     _validate(slide_mpp, target_mpp, tile_px, overlap_px, tolerance)
     if not level_dimensions or len(level_dimensions) != len(level_downsamples):
-        raise SlideError(f"slide reports {len(level_dimensions)} level sizes and {len(level_downsamples)} "
-                         f"downsamples; cannot plan tiles")
+        raise SlideError(
+            f"slide reports {len(level_dimensions)} level sizes and {len(level_downsamples)} "
+            f"downsamples; cannot plan tiles"
+        )
     if any(int(r) != r or r < 2 for r in virtual_reductions):
         raise ValueError(f"virtual_reductions must be integers >= 2, got {tuple(virtual_reductions)!r}")
     level_mpps = [slide_mpp * float(ds) for ds in level_downsamples]
-    read_level, reduction, within = _choose_level(level_mpps, target_mpp, tolerance,
-                                                  sorted({int(r) for r in virtual_reductions}))
+    read_level, reduction, within = _choose_level(
+        level_mpps, target_mpp, tolerance, sorted({int(r) for r in virtual_reductions})
+    )
     if read_level < 0:
         raise ResolutionError(
             f"slide resolution {slide_mpp:.4g} µm/px is coarser than the target {target_mpp:.4g} µm/px "
             f"(beyond the {tolerance:.0%} tolerance) and pathdino never upsamples pixels; use a target of at "
             f"least {slide_mpp / (1 + tolerance):.4g} µm/px, or leave this slide out. If the slide's mpp "
-            f"metadata is wrong, pass --slide-mpp or an mpp column in the manifest CSV.")
+            f"metadata is wrong, pass --slide-mpp or an mpp column in the manifest CSV."
+        )
     if within:
         scale = float(reduction)
     else:
@@ -134,18 +148,31 @@ def plan_geometry(level_dimensions: Sequence[tuple[int, int]], level_downsamples
     step_px = int(tile_px - overlap_px)
     width, height = level_dimensions[read_level]
     return TileGeometry(
-        slide_mpp=float(slide_mpp), target_mpp=float(target_mpp), tile_px=int(tile_px),
-        overlap_px=int(overlap_px), tolerance=float(tolerance), read_level=read_level,
-        read_downsample=read_downsample, read_mpp=read_mpp, scale=scale, within_tolerance=within,
-        read_tile_px=tile_px * scale, step_px=step_px, level0_tile_px=tile_px * scale * read_downsample,
-        level0_step_px=step_px * scale * read_downsample, effective_mpp=read_mpp * scale,
-        read_level_size=(int(width), int(height)), read_reduction=int(reduction),
+        slide_mpp=float(slide_mpp),
+        target_mpp=float(target_mpp),
+        tile_px=int(tile_px),
+        overlap_px=int(overlap_px),
+        tolerance=float(tolerance),
+        read_level=read_level,
+        read_downsample=read_downsample,
+        read_mpp=read_mpp,
+        scale=scale,
+        within_tolerance=within,
+        read_tile_px=tile_px * scale,
+        step_px=step_px,
+        level0_tile_px=tile_px * scale * read_downsample,
+        level0_step_px=step_px * scale * read_downsample,
+        effective_mpp=read_mpp * scale,
+        read_level_size=(int(width), int(height)),
+        read_reduction=int(reduction),
     )
 
 
-def _choose_level(level_mpps: list[float], target_mpp: float, tolerance: float,
-                  reductions: list[int]) -> tuple[int, int, bool]:
+def _choose_level(
+    level_mpps: list[float], target_mpp: float, tolerance: float, reductions: list[int]
+) -> tuple[int, int, bool]:
     """(level, reduction, within tolerance) to read; level -1 when every level is coarser than the target."""
+
     def rel_dist(mpp: float) -> float:
         return abs(mpp - target_mpp) / target_mpp
 
@@ -190,11 +217,13 @@ def too_small_reason(geometry: TileGeometry, level0_size: tuple[int, int]) -> st
         return ""
     width_px, height_px = level0_size
     tile_um = geometry.tile_px * geometry.effective_mpp
-    return (f"slide smaller than one tile: {width_px} x {height_px} px at level 0 "
-            f"({width_px * geometry.slide_mpp:,.1f} x {height_px * geometry.slide_mpp:,.1f} µm at "
-            f"{geometry.slide_mpp:g} µm/px), a tile is {geometry.tile_px} px at {geometry.effective_mpp:g} µm/px "
-            f"({tile_um:,.1f} µm, {geometry.level0_tile_px:,.0f} level-0 px); lower --tile-px or --target-mpp "
-            "to tile it")
+    return (
+        f"slide smaller than one tile: {width_px} x {height_px} px at level 0 "
+        f"({width_px * geometry.slide_mpp:,.1f} x {height_px * geometry.slide_mpp:,.1f} µm at "
+        f"{geometry.slide_mpp:g} µm/px), a tile is {geometry.tile_px} px at {geometry.effective_mpp:g} µm/px "
+        f"({tile_um:,.1f} µm, {geometry.level0_tile_px:,.0f} level-0 px); lower --tile-px or --target-mpp "
+        "to tile it"
+    )
 
 
 def tile_level0_xy(geometry: TileGeometry, rows, cols) -> np.ndarray:

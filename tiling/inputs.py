@@ -20,8 +20,20 @@ from tiling.slide_ids import make_ids_unique
 from tiling.store import safe_slide_id
 
 # Extensions OpenSlide or tiffslide can open. `.mrxs` slides are a file plus a folder of the same name.
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".tif", ".tiff", ".svslide",
-                    ".dcm", ".qptiff")
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".tif",
+    ".tiff",
+    ".svslide",
+    ".dcm",
+    ".qptiff",
+)
 
 
 class InputError(PathdinoError):
@@ -125,8 +137,13 @@ class _Found:
             return False
         key = (st.st_dev, st.st_ino)
         if key in self.folders_seen:
-            self.skipped.append(SkippedFile(folder, "a folder already searched (a symlink to it, or a loop)",
-                                            f"first searched as {self.folders_seen[key]}"))
+            self.skipped.append(
+                SkippedFile(
+                    folder,
+                    "a folder already searched (a symlink to it, or a loop)",
+                    f"first searched as {self.folders_seen[key]}",
+                )
+            )
             return False
         self.folders_seen[key] = folder
         return True
@@ -140,8 +157,9 @@ def _walk_folder(folder: Path, found: _Found) -> None:
         for name in sorted(files):
             found.add_file(Path(root) / name)
         # a MIRAX slide's data folder sits next to its .mrxs file: don't look inside it
-        dirs[:] = [d for d in sorted(dirs) if not (Path(root) / f"{d}.mrxs").exists()
-                   and found.enter_folder(Path(root) / d)]
+        dirs[:] = [
+            d for d in sorted(dirs) if not (Path(root) / f"{d}.mrxs").exists() and found.enter_folder(Path(root) / d)
+        ]
 
 
 def _parse_mpp(value: str, where: str) -> float | None:
@@ -163,8 +181,7 @@ def read_manifest(path: Path) -> list[SlideInput]:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]
         if "path" not in fields:
-            raise InputError(f"manifest {path}: needs a 'path' column (columns: path[,slide_id][,mpp]); "
-                             f"found {fields}")
+            raise InputError(f"manifest {path}: needs a 'path' column (columns: path[,slide_id][,mpp]); found {fields}")
         slides = []
         for line_no, row in enumerate(reader, start=2):
             row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -181,8 +198,9 @@ def read_manifest(path: Path) -> list[SlideInput]:
 
 def _make_input(path: Path, raw_id: str, mpp: float | None, *, id_given: bool = False) -> SlideInput:
     safe = safe_slide_id(raw_id)
-    return SlideInput(path=path, slide_id=safe, mpp_override=mpp, source_id=None if safe == raw_id else raw_id,
-                      id_given=id_given)
+    return SlideInput(
+        path=path, slide_id=safe, mpp_override=mpp, source_id=None if safe == raw_id else raw_id, id_given=id_given
+    )
 
 
 @dataclass
@@ -208,8 +226,7 @@ class InputScan:
 def check_slide_mpp(slide_mpp: float | None) -> None:
     """`--slide-mpp` must be a positive, finite number of µm/px (0, inf or nan would fail every slide later)."""
     if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
-        raise InputError(f"--slide-mpp must be a positive number of µm per level-0 pixel (e.g. 0.25), "
-                         f"got {slide_mpp}")
+        raise InputError(f"--slide-mpp must be a positive number of µm per level-0 pixel (e.g. 0.25), got {slide_mpp}")
 
 
 def scan_inputs(inputs: list[str], slide_mpp: float | None = None) -> InputScan:
@@ -233,8 +250,9 @@ def scan_inputs(inputs: list[str], slide_mpp: float | None = None) -> InputScan:
             n_before = len(found.slides) + len(found.dicom)
             _walk_folder(path, found)
             if len(found.slides) + len(found.dicom) == n_before:
-                raise InputError(f"{path}: no slide files found (extensions: {', '.join(SLIDE_EXTENSIONS)}, "
-                                 "or DICOM files)")
+                raise InputError(
+                    f"{path}: no slide files found (extensions: {', '.join(SLIDE_EXTENSIONS)}, or DICOM files)"
+                )
         elif os.path.lexists(path):
             found.add_file(path, any_extension=True)  # a file named on the command line is a slide, any extension
         else:
@@ -258,8 +276,9 @@ def scan_inputs(inputs: list[str], slide_mpp: float | None = None) -> InputScan:
         unique, notes = make_ids_unique(slides)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    scan = InputScan(unique, sorted(set(skipped), key=lambda f: str(f.path)), notes,
-                     summarise_warnings(header_warnings))
+    scan = InputScan(
+        unique, sorted(set(skipped), key=lambda f: str(f.path)), notes, summarise_warnings(header_warnings)
+    )
     if not scan.slides:
         skips = ", ".join(f"{n} {why}" for why, n in scan.skip_counts().items())
         raise InputError(f"no slides found in {' '.join(inputs)}; skipped {len(scan.skipped)} file(s): {skips}")
@@ -292,8 +311,11 @@ def _distinct_files(found: _Found, paths: list[Path]) -> list[Path]:
     for group in by_target.values():
         first = min(group, key=lambda p: (p.is_symlink(), str(p)))
         kept.append(first)
-        found.skipped.extend(SkippedFile(p, "the same file as another input (a symlink)", f"tiled as {first}")
-                             for p in group if p != first)
+        found.skipped.extend(
+            SkippedFile(p, "the same file as another input (a symlink)", f"tiled as {first}")
+            for p in group
+            if p != first
+        )
     return kept
 
 
@@ -313,14 +335,19 @@ def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[in
             raise InputError(f"--shard {spec!r}: expected i/N, e.g. 0/4") from None
     elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         values = {}
-        for name, default in (("SLURM_ARRAY_TASK_ID", None), ("SLURM_ARRAY_TASK_COUNT", None),
-                              ("SLURM_ARRAY_TASK_MIN", "0")):
+        for name, default in (
+            ("SLURM_ARRAY_TASK_ID", None),
+            ("SLURM_ARRAY_TASK_COUNT", None),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+        ):
             text = env.get(name, default)
             try:
                 values[name] = int(str(text).strip())
             except ValueError:
-                raise InputError(f"environment variable {name}={text!r} is not an integer; SLURM sets it inside a "
-                                 "job array (--array); outside one, unset it or pass --shard i/N") from None
+                raise InputError(
+                    f"environment variable {name}={text!r} is not an integer; SLURM sets it inside a "
+                    "job array (--array); outside one, unset it or pass --shard i/N"
+                ) from None
         index = values["SLURM_ARRAY_TASK_ID"] - values["SLURM_ARRAY_TASK_MIN"]
         count = values["SLURM_ARRAY_TASK_COUNT"]
     else:

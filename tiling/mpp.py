@@ -22,12 +22,23 @@ MAX_PLAUSIBLE_MPP = 20.0
 ANISOTROPY_TOLERANCE = 0.01
 """x and y mpp may differ by this relative amount; beyond it pixels are not square and tiles would be distorted."""
 
-_HOW_TO_FIX = ("pass --slide-mpp <µm/px> or give this slide an `mpp` column value in the manifest CSV "
-               "(columns: path[,slide_id][,mpp])")
+_HOW_TO_FIX = (
+    "pass --slide-mpp <µm/px> or give this slide an `mpp` column value in the manifest CSV "
+    "(columns: path[,slide_id][,mpp])"
+)
 
 # Microns per resolution unit (TIFF ResolutionUnit codes and the names OpenSlide/tiffslide print for them).
-_UNIT_UM = {"2": 25400.0, "inch": 25400.0, "3": 10000.0, "centimeter": 10000.0, "cm": 10000.0,
-            "4": 1000.0, "millimeter": 1000.0, "5": 1.0, "micrometer": 1.0}
+_UNIT_UM = {
+    "2": 25400.0,
+    "inch": 25400.0,
+    "3": 10000.0,
+    "centimeter": 10000.0,
+    "cm": 10000.0,
+    "4": 1000.0,
+    "millimeter": 1000.0,
+    "5": 1.0,
+    "micrometer": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,7 @@ def _number(value: str | None) -> float | None:
 
 
 def _from_properties(props, skipped: list[str]) -> _Found | None:
-    for key_x, key_y in (("openslide.mpp-x", "openslide.mpp-y"), ("aperio.MPP", None),
-                         ("openslide.mirax.MPP", None)):
+    for key_x, key_y in (("openslide.mpp-x", "openslide.mpp-y"), ("aperio.MPP", None), ("openslide.mirax.MPP", None)):
         if key_x in props:
             mpp_x = _number(props[key_x])
             if mpp_x is None:
@@ -65,9 +75,13 @@ def _from_properties(props, skipped: list[str]) -> _Found | None:
                 continue
             return _Found(mpp_x, _number(props.get(key_y)) if key_y else None, key_x)
     if "hamamatsu.XResolution" in props:
-        found = _from_resolution(props.get("hamamatsu.XResolution"), props.get("hamamatsu.YResolution"),
-                                 props.get("hamamatsu.ResolutionUnit", props.get("tiff.ResolutionUnit")),
-                                 "hamamatsu.XResolution", skipped)
+        found = _from_resolution(
+            props.get("hamamatsu.XResolution"),
+            props.get("hamamatsu.YResolution"),
+            props.get("hamamatsu.ResolutionUnit", props.get("tiff.ResolutionUnit")),
+            "hamamatsu.XResolution",
+            skipped,
+        )
         if found is not None:
             return found
     if "tiffslide.mpp-x" in props:
@@ -122,8 +136,10 @@ def check_plausible_mpp(mpp: float, slide: str | Path, where: str) -> None:
     """Raise MppError unless `mpp` is a believable level-0 resolution (0.05-20 µm/px)."""
     if not MIN_PLAUSIBLE_MPP <= mpp <= MAX_PLAUSIBLE_MPP:
         hint = " (a 72/96-dpi default resolution tag, not a microscope resolution)" if mpp > 100 else ""
-        raise MppError(f"{slide}: implausible resolution {mpp:.6g} µm/px from {where}{hint}; plausible slides are "
-                       f"{MIN_PLAUSIBLE_MPP}-{MAX_PLAUSIBLE_MPP} µm/px. If you know the real value, {_HOW_TO_FIX}.")
+        raise MppError(
+            f"{slide}: implausible resolution {mpp:.6g} µm/px from {where}{hint}; plausible slides are "
+            f"{MIN_PLAUSIBLE_MPP}-{MAX_PLAUSIBLE_MPP} µm/px. If you know the real value, {_HOW_TO_FIX}."
+        )
 
 
 def resolve_mpp(reader: SlideReader, override_mpp: float | None = None) -> MppResult:
@@ -141,13 +157,17 @@ def resolve_mpp(reader: SlideReader, override_mpp: float | None = None) -> MppRe
     found = _from_properties(reader.properties, skipped) or _from_tiff_tags(slide, skipped)
     if found is None:
         notes = f" ({'; '.join(skipped)})" if skipped else ""
-        raise MppError(f"{slide}: no microns-per-pixel in the slide's metadata{notes}; tiling at a physical "
-                       f"resolution needs it: {_HOW_TO_FIX}.")
+        raise MppError(
+            f"{slide}: no microns-per-pixel in the slide's metadata{notes}; tiling at a physical "
+            f"resolution needs it: {_HOW_TO_FIX}."
+        )
     check_plausible_mpp(found.mpp_x, slide, found.source)
     if found.mpp_y is not None:
         check_plausible_mpp(found.mpp_y, slide, found.source.replace("-x", "-y").replace("XRes", "YRes"))
         if abs(found.mpp_x - found.mpp_y) > ANISOTROPY_TOLERANCE * min(found.mpp_x, found.mpp_y):
-            raise MppError(f"{slide}: anisotropic pixels, x {found.mpp_x:.6g} µm/px vs y {found.mpp_y:.6g} µm/px "
-                           f"(from {found.source}, more than {ANISOTROPY_TOLERANCE:.0%} apart); square tiles would "
-                           f"be distorted. If the metadata is wrong, {_HOW_TO_FIX}.")
+            raise MppError(
+                f"{slide}: anisotropic pixels, x {found.mpp_x:.6g} µm/px vs y {found.mpp_y:.6g} µm/px "
+                f"(from {found.source}, more than {ANISOTROPY_TOLERANCE:.0%} apart); square tiles would "
+                f"be distorted. If the metadata is wrong, {_HOW_TO_FIX}."
+            )
     return MppResult(found.mpp_x, found.source)

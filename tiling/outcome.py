@@ -75,8 +75,12 @@ class TilingInterrupted(KeyboardInterrupt):
 
 def failure_record(slide: SlideInput, exc: BaseException) -> dict[str, Any]:
     """The store's `failures` entry for a slide that failed with `exc`."""
-    record = {"source_path": str(slide.path), "error_type": type(exc).__name__, "reason": str(exc),
-              "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]}
+    record = {
+        "source_path": str(slide.path),
+        "error_type": type(exc).__name__,
+        "reason": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
+    }
     warnings = getattr(exc, "reader_warnings", None)
     if warnings:
         record["reader_warnings"] = list(warnings)
@@ -89,31 +93,56 @@ def provenance(plan: SlidePlan, cfg: TilingConfig, tally: SlideTally) -> dict[st
 
     g = plan.geometry
     return {
-        "slide_id": plan.slide.slide_id, "source_slide_id": plan.slide.source_id or plan.slide.slide_id,
-        "source_path": str(plan.slide.path.resolve()), "source_size_bytes": plan.size_bytes,
+        "slide_id": plan.slide.slide_id,
+        "source_slide_id": plan.slide.source_id or plan.slide.slide_id,
+        "source_path": str(plan.slide.path.resolve()),
+        "source_size_bytes": plan.size_bytes,
         "source_fingerprint": plan.fingerprint,
-        "reader": plan.backend, "reader_version": plan.backend_version, "pixel_source": tally.pixel_source,
+        "reader": plan.backend,
+        "reader_version": plan.backend_version,
+        "pixel_source": tally.pixel_source,
         "fast_path_reason": tally.fast_path_reason,
-        "slide_mpp": g.slide_mpp, "slide_mpp_source": plan.slide_mpp_source,
-        "level0_width": plan.level0_size[0], "level0_height": plan.level0_size[1],
-        "target_mpp": g.target_mpp, "effective_mpp": g.effective_mpp, "mpp_tolerance": g.tolerance,
-        "within_tolerance": g.within_tolerance, "read_level": g.read_level, "read_downsample": g.read_downsample,
-        "read_mpp": g.read_mpp, "read_tile_px": g.read_tile_px, "scale": g.scale,
-        "tile_px": g.tile_px, "overlap_px": g.overlap_px, "step_px": g.step_px,
-        "level0_tile_px": g.level0_tile_px, "level0_step_px": g.level0_step_px,
-        "grid_rows": plan.grid_rows, "grid_cols": plan.grid_cols, "tile_order": TILE_ORDER,
-        "block_tiles": cfg.block_tiles, "tissue": to_dict(cfg.tissue), "pixel_qc": to_dict(cfg.pixel_qc),
-        "thumbnail_mpp": plan.thumbnail_mpp, "encoding": cfg.encoding, "jpeg_quality": cfg.jpeg_quality,
+        "slide_mpp": g.slide_mpp,
+        "slide_mpp_source": plan.slide_mpp_source,
+        "level0_width": plan.level0_size[0],
+        "level0_height": plan.level0_size[1],
+        "target_mpp": g.target_mpp,
+        "effective_mpp": g.effective_mpp,
+        "mpp_tolerance": g.tolerance,
+        "within_tolerance": g.within_tolerance,
+        "read_level": g.read_level,
+        "read_downsample": g.read_downsample,
+        "read_mpp": g.read_mpp,
+        "read_tile_px": g.read_tile_px,
+        "scale": g.scale,
+        "tile_px": g.tile_px,
+        "overlap_px": g.overlap_px,
+        "step_px": g.step_px,
+        "level0_tile_px": g.level0_tile_px,
+        "level0_step_px": g.level0_step_px,
+        "grid_rows": plan.grid_rows,
+        "grid_cols": plan.grid_cols,
+        "tile_order": TILE_ORDER,
+        "block_tiles": cfg.block_tiles,
+        "tissue": to_dict(cfg.tissue),
+        "pixel_qc": to_dict(cfg.pixel_qc),
+        "thumbnail_mpp": plan.thumbnail_mpp,
+        "encoding": cfg.encoding,
+        "jpeg_quality": cfg.jpeg_quality,
         "jpeg_subsampling": cfg.jpeg_subsampling,
-        "params_key": cfg.params_key(), "n_candidates": int(len(plan.rows)),
+        "params_key": cfg.params_key(),
+        "n_candidates": int(len(plan.rows)),
         "n_rejected": tally.rejected_counts(),
-        "n_decode_failures": tally.n_decode_failures, "decode_error": tally.decode_error,
+        "n_decode_failures": tally.n_decode_failures,
+        "decode_error": tally.decode_error,
         "max_decode_failure_fraction": cfg.max_decode_failure_fraction,
         "thumbnail_fallbacks": list(plan.thumbnail_notes),
         "reader_warnings": list(dict.fromkeys(plan.reader_warnings + tally.reader_warnings))[:10],
         "qc_image": qc_image_key(plan.slide.slide_id),
-        "package_version": __version__, "created": now_iso(),
-        "read_reduction": g.read_reduction, "decoder": tally.decoder,
+        "package_version": __version__,
+        "created": now_iso(),
+        "read_reduction": g.read_reduction,
+        "decoder": tally.decoder,
     }
 
 
@@ -133,13 +162,17 @@ def qc_image_inputs(plan: SlidePlan, tally: SlideTally) -> dict[str, np.ndarray]
 
     rej_rows = [plan.rows[idx] for idxs in tally.rejected.values() for idx in idxs]
     rej_cols = [plan.cols[idx] for idxs in tally.rejected.values() for idx in idxs]
-    return {"thumbnail_rgb": plan.thumbnail, "mask": plan.mask,
-            "tile_boxes_thumb_px": boxes(tally.kept_rows, tally.kept_cols),
-            "rejected_boxes": boxes(rej_rows, rej_cols)}
+    return {
+        "thumbnail_rgb": plan.thumbnail,
+        "mask": plan.mask,
+        "tile_boxes_thumb_px": boxes(tally.kept_rows, tally.kept_cols),
+        "rejected_boxes": boxes(rej_rows, rej_cols),
+    }
 
 
-def why_empty(n_candidates: int, rejected: dict[str, int], n_decode_failures: int,
-              min_tissue_fraction: float, too_small: str = "") -> str:
+def why_empty(
+    n_candidates: int, rejected: dict[str, int], n_decode_failures: int, min_tissue_fraction: float, too_small: str = ""
+) -> str:
     """One line saying why a slide gave no tiles: smaller than one tile, no tissue, or which rules rejected every
     candidate."""
     if too_small:
@@ -156,7 +189,9 @@ def too_many_decode_failures(n_failures: int, n_candidates: int, max_fraction: f
     """The DecodeFailuresError message when more than `max_fraction` of the candidates were unreadable, else ""."""
     if n_failures == 0 or n_failures <= max_fraction * n_candidates:
         return ""
-    return (f"{n_failures} of {n_candidates} candidate tiles ({n_failures / max(n_candidates, 1):.0%}) could not be "
-            f"read: their source tiles fail to decode (a damaged file?), more than max_decode_failure_fraction "
-            f"{max_fraction:g}; re-export or re-copy the slide, or raise --max-decode-failure-fraction to keep the "
-            "tiles that decode")
+    return (
+        f"{n_failures} of {n_candidates} candidate tiles ({n_failures / max(n_candidates, 1):.0%}) could not be "
+        f"read: their source tiles fail to decode (a damaged file?), more than max_decode_failure_fraction "
+        f"{max_fraction:g}; re-export or re-copy the slide, or raise --max-decode-failure-fraction to keep the "
+        "tiles that decode"
+    )

@@ -65,9 +65,7 @@ class PixelQCConfig:
             if not (0.0 < v <= 1.0):
                 raise ValueError(f"PixelQCConfig.{name} must be in (0, 1], got {v!r}")
         if not (self.blur_min_laplacian_var >= 0):
-            raise ValueError(
-                f"PixelQCConfig.blur_min_laplacian_var must be >= 0, got {self.blur_min_laplacian_var!r}"
-            )
+            raise ValueError(f"PixelQCConfig.blur_min_laplacian_var must be >= 0, got {self.blur_min_laplacian_var!r}")
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,10 @@ def make_scratch_dirs() -> tuple[str, ...]:
         with contextlib.suppress(OSError):
             dirs.append(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
     if not dirs:
-        raise OSError(f"cannot create a scratch folder for worker results in any of "
-                      f"{', '.join(map(str, scratch_roots()))}: make one of them writable (or set TMPDIR)")
+        raise OSError(
+            f"cannot create a scratch folder for worker results in any of "
+            f"{', '.join(map(str, scratch_roots()))}: make one of them writable (or set TMPDIR)"
+        )
     return tuple(dirs)
 
 
@@ -77,7 +79,7 @@ def clean_dead_scratch() -> None:
     for root in scratch_roots():
         with contextlib.suppress(OSError):
             for path in root.glob(f"{SCRATCH_PREFIX}*-*"):
-                pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+                pid = path.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
                 if pid.isdigit() and not pid_alive(int(pid)):
                     shutil.rmtree(path, ignore_errors=True)
 
@@ -113,7 +115,7 @@ def _write_atomic(dirs: tuple[str, ...], data: bytes) -> str:
             fd, part = tempfile.mkstemp(dir=folder, suffix=".part")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            done = part[:-len(".part")] + ".pkl"
+            done = part[: -len(".part")] + ".pkl"
             os.replace(part, done)  # a worker killed before this leaves only a .part, never read as a result
             return done
         except OSError as exc:
@@ -236,8 +238,9 @@ class SpillingProcessPool(cf.Executor):
     def __init__(self, n_workers: int, mp_context: Any = None):
         clean_dead_scratch()
         self.scratch_dirs = make_scratch_dirs()
-        self.pool = cf.ProcessPoolExecutor(n_workers, mp_context=mp_context, initializer=init_worker,
-                                           initargs=(os.getpid(),))
+        self.pool = cf.ProcessPoolExecutor(
+            n_workers, mp_context=mp_context, initializer=init_worker, initargs=(os.getpid(),)
+        )
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> cf.Future:
         outer: cf.Future = cf.Future()
@@ -263,5 +266,13 @@ class SpillingProcessPool(cf.Executor):
                     shutil.rmtree(folder, ignore_errors=True)
 
 
-__all__ = ["SpillingProcessPool", "RemoteTraceback", "call_and_spill", "unspill", "clean_dead_scratch",
-           "make_scratch_dirs", "scratch_roots", "INLINE_MAX_BYTES"]
+__all__ = [
+    "SpillingProcessPool",
+    "RemoteTraceback",
+    "call_and_spill",
+    "unspill",
+    "clean_dead_scratch",
+    "make_scratch_dirs",
+    "scratch_roots",
+    "INLINE_MAX_BYTES",
+]

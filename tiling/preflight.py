@@ -39,22 +39,29 @@ def check_out_path(out: str, inputs: list[str], *, probe_write: bool = True) -> 
         folder = Path(item).expanduser()
         if folder.is_dir() and _inside(root, folder.resolve()):
             where = "is" if root == folder.resolve() else "is inside"
-            raise StoreError(f"--out {out} {where} the input folder {item}: the store's files would be read as slide "
-                             f"inputs by the next run; put the store beside it, e.g. --out "
-                             f"{folder.resolve().parent / (folder.resolve().name + '-tiles.zarr')}")
+            raise StoreError(
+                f"--out {out} {where} the input folder {item}: the store's files would be read as slide "
+                f"inputs by the next run; put the store beside it, e.g. --out "
+                f"{folder.resolve().parent / (folder.resolve().name + '-tiles.zarr')}"
+            )
     if root.is_dir() and any(root.iterdir()) and not (root / "zarr.json").exists():
-        raise StoreError(f"--out {out} is a folder with other files in it, not a tile store: choose a new folder "
-                         "(e.g. beside the slides: --out tiles.zarr)")
+        raise StoreError(
+            f"--out {out} is a folder with other files in it, not a tile store: choose a new folder "
+            "(e.g. beside the slides: --out tiles.zarr)"
+        )
     for target in (root, root.with_name(root.name + SIDECAR_SUFFIX)):
         base = _nearest_existing(target)
         if not base.is_dir():
             raise StoreError(f"--out {out}: {base} is a file, so {target} cannot be created; choose another path")
         if not os.access(base, os.W_OK | os.X_OK):
-            raise StoreError(f"--out {out}: cannot write in {base} (permission denied or read-only); "
-                             "choose a folder you can write to")
+            raise StoreError(
+                f"--out {out}: cannot write in {base} (permission denied or read-only); "
+                "choose a folder you can write to"
+            )
         if probe_write:
             try:
                 os.rmdir(tempfile.mkdtemp(prefix=".pathdino-write-check-", dir=base))
             except OSError as exc:
-                raise StoreError(f"--out {out}: cannot write in {base} ({exc.strerror or exc}); "
-                                 "choose a folder you can write to") from None
+                raise StoreError(
+                    f"--out {out}: cannot write in {base} ({exc.strerror or exc}); choose a folder you can write to"
+                ) from None

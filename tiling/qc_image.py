@@ -41,8 +41,13 @@ def draw_qc_image(
         Path(tmp).write_bytes(data)
 
 
-def qc_image_jpeg(thumbnail_rgb: np.ndarray, mask: np.ndarray, tile_boxes_thumb_px: np.ndarray, *,
-                  rejected_boxes: np.ndarray | None = None) -> bytes:
+def qc_image_jpeg(
+    thumbnail_rgb: np.ndarray,
+    mask: np.ndarray,
+    tile_boxes_thumb_px: np.ndarray,
+    *,
+    rejected_boxes: np.ndarray | None = None,
+) -> bytes:
     """The QC picture of `draw_qc_image` as JPEG bytes (the tiler draws it in a worker process, so that a small
     slide's picture overlaps other slides' tiles instead of holding up the process that schedules them)."""
     rgb = np.asarray(thumbnail_rgb)

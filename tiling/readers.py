@@ -47,8 +47,7 @@ class SlideReader(Protocol):
         """RGB uint8 (height, width, 3); x, y are pixels of `level`; outside the slide is white."""
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 def _check_request(reader: SlideReader, level: int, width: int, height: int) -> None:
@@ -94,8 +93,9 @@ class OpenSlideReader:
             # OpenSlide handles stay in an error state after a failed read: reopen so that reads of other
             # regions (the per-tile fallback) still work.
             self._reopen()
-            raise RegionReadError(f"{self.path}: OpenSlide could not read level {level} region x={x} y={y} "
-                                  f"{width}x{height}: {exc}") from exc
+            raise RegionReadError(
+                f"{self.path}: OpenSlide could not read level {level} region x={x} y={y} {width}x{height}: {exc}"
+            ) from exc
         alpha_min = image.getextrema()[3][0]
         if alpha_min == 255:  # the usual case: fully opaque, drop alpha in C
             return np.asarray(image.convert("RGB"))
@@ -153,13 +153,14 @@ class TiffSlideReader:
         try:
             arr = self._slide.read_region(loc, level, (cx1 - cx0, cy1 - cy0), as_array=True, padding=False)
         except Exception as exc:  # tifffile/imagecodecs decode errors have many types
-            raise RegionReadError(f"{self.path}: tiffslide could not read level {level} region x={x} y={y} "
-                                  f"{width}x{height}: {exc}") from exc
+            raise RegionReadError(
+                f"{self.path}: tiffslide could not read level {level} region x={x} y={y} {width}x{height}: {exc}"
+            ) from exc
         arr = _as_rgb_uint8(arr, self.path)
         if (cx0, cy0, cx1, cy1) == (x, y, x + width, y + height):
             return arr
         out = np.full((height, width, 3), 255, np.uint8)
-        out[cy0 - y: cy1 - y, cx0 - x: cx1 - x] = arr
+        out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = arr
         return out
 
     def close(self) -> None:
@@ -196,8 +197,9 @@ def _try_open(path: Path, backend: str) -> tuple[SlideReader | None, str]:
     # One pixel of the coarsest level, else of its centre, else of level 0's centre: a single damaged source tile
     # must not pass for "no pixels can be decoded" (it costs only the tiles it touches, see tiling/thumbnail.py).
     coarsest = len(reader.level_dimensions) - 1
-    probes = [(coarsest, 0, 0)] + [(level, w // 2, h // 2) for level in (coarsest, 0)
-                                   for w, h in [reader.level_dimensions[level]]]
+    probes = [(coarsest, 0, 0)] + [
+        (level, w // 2, h // 2) for level in (coarsest, 0) for w, h in [reader.level_dimensions[level]]
+    ]
     first_error = None
     for level, x, y in probes:
         try:
@@ -209,12 +211,16 @@ def _try_open(path: Path, backend: str) -> tuple[SlideReader | None, str]:
     return None, f"opened, but reading pixels failed: {first_error}"
 
 
-_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def special_file_kind(mode: int) -> str:
-    """"a named pipe (FIFO)", "a socket", ... for a st_mode that is neither a regular file nor a folder, else ""."""
+    """ "a named pipe (FIFO)", "a socket", ... for a st_mode that is neither a regular file nor a folder, else ""."""
     return next((what for test, what in _FILE_KINDS if test(mode)), "")
 
 
@@ -226,8 +232,12 @@ def _ifd_chain_end(fh, order: str, *, big: bool, first_ifd: int, size: int) -> t
         if offset == 0 or offset in seen:
             return 0, ""
         if offset + struct.calcsize(count_fmt) > size:
-            return offset, "its TIFF header points to its first directory at" if index == 0 else \
-                f"directory {index - 1} points to directory {index} at"
+            return (
+                offset,
+                "its TIFF header points to its first directory at"
+                if index == 0
+                else f"directory {index - 1} points to directory {index} at",
+            )
         seen.add(offset)
         fh.seek(offset)
         n_entries = struct.unpack(order + count_fmt, fh.read(struct.calcsize(count_fmt)))[0]
@@ -263,8 +273,11 @@ def _tiff_data_end(path: Path) -> tuple[int, str]:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            ends = [max(o + n for o, n in zip(page.dataoffsets, page.databytecounts))
-                    for page in tif.pages if getattr(page, "dataoffsets", None)]
+            ends = [
+                max(o + n for o, n in zip(page.dataoffsets, page.databytecounts))
+                for page in tif.pages
+                if getattr(page, "dataoffsets", None)
+            ]
     except Exception:  # noqa: BLE001 - anything odd is for the backends to report
         return 0, ""
     return (max(ends), "its image data run to") if ends else (0, "")
@@ -290,8 +303,10 @@ def check_slide_file(path: Path) -> None:
     except OSError as exc:
         raise SlideOpenError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     if end > size:
-        raise FileCheckError(f"{path}: the file is truncated: {what} byte {end:,} but the file has only {size:,} bytes "
-                             "(an interrupted copy or download?); copy it again")
+        raise FileCheckError(
+            f"{path}: the file is truncated: {what} byte {end:,} but the file has only {size:,} bytes "
+            "(an interrupted copy or download?); copy it again"
+        )
 
 
 def open_slide(path: str | Path, backend: Backend = "auto", *, check_file: bool = True) -> SlideReader:
@@ -312,8 +327,9 @@ def open_slide(path: str | Path, backend: Backend = "auto", *, check_file: bool 
     if backend != "auto":
         reader, why = _try_open(path, backend)
         if reader is None:
-            raise SlideOpenError(f"{path}: {backend} cannot open this slide ({why}); "
-                                 f"try --backend auto or the other backend")
+            raise SlideOpenError(
+                f"{path}: {backend} cannot open this slide ({why}); try --backend auto or the other backend"
+            )
         return reader
 
     reasons: dict[str, str] = {}

@@ -39,17 +39,20 @@ _EPS = 1e-6
 _FAST_PATH_OPENSLIDE_VENDORS = ("aperio", "generic-tiff")
 
 
-def open_fast_source(reader: SlideReader, level: int,
-                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[TiffLevelSource | None, str]:
+def open_fast_source(
+    reader: SlideReader, level: int, cache_bytes: int = DEFAULT_CACHE_BYTES
+) -> tuple[TiffLevelSource | None, str]:
     """The TIFF fast path for one pyramid level, if this slide allows it and its pixels agree with the backend's
     (self-check); returns (source, "") or (None, why not)."""
     vendor = reader.properties.get("openslide.vendor")
     if reader.backend == "openslide" and vendor not in _FAST_PATH_OPENSLIDE_VENDORS:
-        return None, (f"no TIFF fast path for OpenSlide vendor {vendor!r} "
-                      f"(only {', '.join(_FAST_PATH_OPENSLIDE_VENDORS)})")
+        return None, (
+            f"no TIFF fast path for OpenSlide vendor {vendor!r} (only {', '.join(_FAST_PATH_OPENSLIDE_VENDORS)})"
+        )
     try:
-        source = TiffLevelSource(Path(reader.path), level, reader.level_dimensions[level],
-                                 len(reader.level_dimensions), cache_bytes)
+        source = TiffLevelSource(
+            Path(reader.path), level, reader.level_dimensions[level], len(reader.level_dimensions), cache_bytes
+        )
     except Exception as exc:  # not a TIFF, untiled page, unsupported format: the backend reads instead
         return None, f"no TIFF fast path: {exc}"
     try:
@@ -104,11 +107,18 @@ class BlockReader:
     belong in provenance.
     """
 
-    def __init__(self, reader: SlideReader, geometry: TileGeometry, use_tiff_fast_path: bool = True,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        reader: SlideReader,
+        geometry: TileGeometry,
+        use_tiff_fast_path: bool = True,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
         if not 0 <= geometry.read_level < len(reader.level_dimensions):
-            raise ValueError(f"{reader.path}: geometry reads level {geometry.read_level}, "
-                             f"slide has {len(reader.level_dimensions)} levels")
+            raise ValueError(
+                f"{reader.path}: geometry reads level {geometry.read_level}, "
+                f"slide has {len(reader.level_dimensions)} levels"
+            )
         self.reader = reader
         self.geometry = geometry
         self._source: TiffLevelSource | None = None
@@ -167,8 +177,9 @@ class BlockReader:
                     raise
             except Exception:  # an unexpected fast-path failure: the backend is the reference reader
                 pass
-        region = self.reader.read_region(self.geometry.read_level, x * factor, y * factor, width * factor,
-                                         height * factor)
+        region = self.reader.read_region(
+            self.geometry.read_level, x * factor, y * factor, width * factor, height * factor
+        )
         return area_mean(region, factor)
 
     def _read_cells(self, row0: int, col0: int, n_rows: int, n_cols: int, strict: bool) -> np.ndarray:
@@ -219,8 +230,9 @@ class BlockReader:
         if out is None:
             out = np.empty((len(rows), g.tile_px, g.tile_px, 3), np.uint8)
         if out.shape != (len(rows), g.tile_px, g.tile_px, 3) or out.dtype != np.uint8:
-            raise ValueError(f"out must be ({len(rows)}, {g.tile_px}, {g.tile_px}, 3) uint8, "
-                             f"got {out.dtype} {out.shape}")
+            raise ValueError(
+                f"out must be ({len(rows)}, {g.tile_px}, {g.tile_px}, 3) uint8, got {out.dtype} {out.shape}"
+            )
         if self._source is not None and g.resample == 1.0:
             try:
                 for i, (row, col) in enumerate(zip(rows.tolist(), cols.tolist())):
@@ -247,8 +259,9 @@ class BlockReader:
             self._source = None
 
 
-def downsample(region: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int],
-               scale: float) -> np.ndarray:
+def downsample(
+    region: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int], scale: float
+) -> np.ndarray:
     """Resample `box` (float x0, y0, x1, y1 in `region` px) of an RGB uint8 region to `size` (w, h); scale >= 1."""
     if scale < 1.0:
         raise ValueError(f"refusing to upsample (scale {scale} < 1)")
@@ -282,6 +295,7 @@ def slice_tiles(block: np.ndarray, geometry: TileGeometry, rows_in_block, cols_i
     block = np.ascontiguousarray(block)
     s0, s1, s2 = block.strides
     # A (n_rows, n_cols, tile, tile, 3) view of every cell; fancy indexing then copies only the wanted ones.
-    cells = np.lib.stride_tricks.as_strided(block, shape=(n_rows, n_cols, tile, tile, 3),
-                                            strides=(s0 * step, s1 * step, s0, s1, s2), writeable=False)
+    cells = np.lib.stride_tricks.as_strided(
+        block, shape=(n_rows, n_cols, tile, tile, 3), strides=(s0 * step, s1 * step, s0, s1, s2), writeable=False
+    )
     return cells[rows, cols]

@@ -24,7 +24,13 @@ from tiling.errors import DecodeFailuresError, SlideError
 from tiling.inputs import SlideInput
 from tiling.interrupts import InterruptGuard, signals_ignored
 from tiling.outcome import (
-    SlideOutcome, SlideTally, TilingInterrupted, failure_record, provenance, qc_image_inputs, too_many_decode_failures,
+    SlideOutcome,
+    SlideTally,
+    TilingInterrupted,
+    failure_record,
+    provenance,
+    qc_image_inputs,
+    too_many_decode_failures,
     why_empty,
 )
 from tiling.pool import SpillingProcessPool
@@ -64,8 +70,13 @@ def _worker_ready() -> bool:
     return True
 
 
-def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwrite: bool = False,
-               on_event: Callable[[str, dict[str, Any]], None] | None = None) -> list[SlideOutcome]:
+def run_tiling(
+    slides: list[SlideInput],
+    out_url: str,
+    cfg: TilingConfig,
+    overwrite: bool = False,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> list[SlideOutcome]:
     """Tile `slides` into the store at `out_url`; returns one outcome per slide (in input order).
 
     `on_event(kind, info)` receives "slide_start", "slide_planned", "tiles" (info["n"] new tiles), "slide_end" and
@@ -80,8 +91,12 @@ def run_tiling(slides: list[SlideInput], out_url: str, cfg: TilingConfig, overwr
             done = [run.outcomes[s.slide_id] for s in slides if s.slide_id in run.outcomes]
             queued = {s.slide_id for s in run.queue}
             n_partial = sum(1 for sid in run.by_id if sid not in run.outcomes and sid not in queued)
-            raise TilingInterrupted(int(getattr(exc, "signum", signal.SIGINT)), done, n_partial=n_partial,
-                                    n_not_started=len(slides) - len(done) - n_partial) from None
+            raise TilingInterrupted(
+                int(getattr(exc, "signum", signal.SIGINT)),
+                done,
+                n_partial=n_partial,
+                n_not_started=len(slides) - len(done) - n_partial,
+            ) from None
     return [run.outcomes[s.slide_id] for s in slides if s.slide_id in run.outcomes]
 
 
@@ -123,8 +138,10 @@ class _TilingRun:
         except BrokenProcessPool as exc:
             # A worker died (killed, typically out of memory): nothing more can run in this pool. Committed slides
             # are kept; every other slide is recorded so that rerunning the same command resumes exactly there.
-            broken = RuntimeError(f"a tiling worker process died ({exc}); slides already committed are kept: rerun "
-                                  "the same command to resume (with fewer --workers if memory ran out)")
+            broken = RuntimeError(
+                f"a tiling worker process died ({exc}); slides already committed are kept: rerun "
+                "the same command to resume (with fewer --workers if memory ran out)"
+            )
             for sid in self.by_id:
                 if sid not in self.outcomes:
                     self._fail(sid, broken)
@@ -153,8 +170,14 @@ class _TilingRun:
         n_tiles = int(done.get("n_tiles", 0))
         status, reason = ("skipped", "") if n_tiles else ("empty", done.get("empty_reason", "no tiles"))
         self.outcomes[slide.slide_id] = SlideOutcome(
-            slide.slide_id, str(slide.path), status, n_tiles=n_tiles, reason=reason, already_complete=True,
-            n_decode_failures=int(done.get("n_decode_failures", 0) or 0))
+            slide.slide_id,
+            str(slide.path),
+            status,
+            n_tiles=n_tiles,
+            reason=reason,
+            already_complete=True,
+            n_decode_failures=int(done.get("n_decode_failures", 0) or 0),
+        )
         self.emit("slide_end", {"slide_id": slide.slide_id, "status": status})
 
     def _up_to_date(self, slide: SlideInput) -> dict[str, Any] | None:
@@ -166,13 +189,18 @@ class _TilingRun:
             source = self.sources[slide.slide_id] = fingerprint(slide.path)
         except OSError:
             return None  # planning opens the file and fails the slide with the reader's message
-        same = (done.get("source_fingerprint") == source[0] and done.get("source_size_bytes") == source[1]
-                and done.get("params_key") == self.cfg.params_key()
-                and (slide.mpp_override is None or abs(done.get("slide_mpp", 0) - slide.mpp_override) < 1e-9))
+        same = (
+            done.get("source_fingerprint") == source[0]
+            and done.get("source_size_bytes") == source[1]
+            and done.get("params_key") == self.cfg.params_key()
+            and (slide.mpp_override is None or abs(done.get("slide_mpp", 0) - slide.mpp_override) < 1e-9)
+        )
         # a slide kept under a looser --max-decode-failure-fraction is tried again (and fails) under a stricter one
-        acceptable = not too_many_decode_failures(int(done.get("n_decode_failures", 0) or 0),
-                                                  int(done.get("n_candidates", 0) or 0),
-                                                  self.cfg.max_decode_failure_fraction)
+        acceptable = not too_many_decode_failures(
+            int(done.get("n_decode_failures", 0) or 0),
+            int(done.get("n_candidates", 0) or 0),
+            self.cfg.max_decode_failure_fraction,
+        )
         return done if same and acceptable else None
 
     def _start_workers(self) -> None:
@@ -189,8 +217,12 @@ class _TilingRun:
     def _fill(self) -> None:
         max_in_flight = 2 * self.n_workers
         n_plans = sum(1 for kind, _, _ in self.futures.values() if kind == "plan")
-        while (self.queue and n_plans < max(1, self.n_workers // 2) and len(self.jobs) + n_plans <= self.n_workers
-               and len(self.futures) < max_in_flight):
+        while (
+            self.queue
+            and n_plans < max(1, self.n_workers // 2)
+            and len(self.jobs) + n_plans <= self.n_workers
+            and len(self.futures) < max_in_flight
+        ):
             slide = self.queue[0]
             self.emit("slide_start", {"slide_id": slide.slide_id})
             planner = _InlineExecutor() if self.plan_inline_next else self.executor
@@ -203,8 +235,15 @@ class _TilingRun:
             plan = job.plan
             while job.next_submit < len(plan.blocks) and len(self.futures) < max_in_flight:
                 start, stop = plan.blocks[job.next_submit]
-                fut = self.executor.submit(tile_block, plan.slide.path, backend=plan.backend, geometry=plan.geometry,
-                                           rows=plan.rows[start:stop], cols=plan.cols[start:stop], cfg=self.cfg)
+                fut = self.executor.submit(
+                    tile_block,
+                    plan.slide.path,
+                    backend=plan.backend,
+                    geometry=plan.geometry,
+                    rows=plan.rows[start:stop],
+                    cols=plan.cols[start:stop],
+                    cfg=self.cfg,
+                )
                 self.futures[fut] = ("block", plan.slide.slide_id, job.next_submit)
                 job.next_submit += 1
 
@@ -233,9 +272,14 @@ class _TilingRun:
         cfg, sid = self.cfg, plan.slide.slide_id
         with self.guard.critical():
             writer = self.store.begin_slide(
-                sid, cfg.tile_px, encoding=cfg.encoding, tiles_per_shard=cfg.tiles_per_shard,
-                tiles_per_chunk=cfg.tiles_per_chunk, max_tiles=len(plan.rows),
-                tile_attrs={"jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling})
+                sid,
+                cfg.tile_px,
+                encoding=cfg.encoding,
+                tiles_per_shard=cfg.tiles_per_shard,
+                tiles_per_chunk=cfg.tiles_per_chunk,
+                max_tiles=len(plan.rows),
+                tile_attrs={"jpeg_quality": cfg.jpeg_quality, "jpeg_subsampling": cfg.jpeg_subsampling},
+            )
             self.jobs[sid] = job = _SlideJob(plan=plan, writer=writer, started=time.perf_counter())
         self.emit("slide_planned", {"slide_id": sid, "n_candidates": len(plan.rows)})
         for note in plan.thumbnail_notes:
@@ -268,24 +312,38 @@ class _TilingRun:
 
     def _finish(self, job: _SlideJob) -> None:
         plan, tally, sid = job.plan, job.tally, job.plan.slide.slide_id
-        too_many = too_many_decode_failures(tally.n_decode_failures, len(plan.rows),
-                                            self.cfg.max_decode_failure_fraction)
+        too_many = too_many_decode_failures(
+            tally.n_decode_failures, len(plan.rows), self.cfg.max_decode_failure_fraction
+        )
         if too_many:
             raise DecodeFailuresError(f"{plan.slide.path}: {too_many} (first error: {tally.decode_error})")
         if not plan.blocks:
             tally.pixel_source = "none (no tissue)"
         rejected = tally.rejected_counts()
-        empty_reason = "" if tally.n_tiles else why_empty(len(plan.rows), rejected, tally.n_decode_failures,
-                                                          self.cfg.tissue.min_tissue_fraction, plan.too_small)
+        empty_reason = (
+            ""
+            if tally.n_tiles
+            else why_empty(
+                len(plan.rows), rejected, tally.n_decode_failures, self.cfg.tissue.min_tissue_fraction, plan.too_small
+            )
+        )
         record = {**provenance(plan, self.cfg, tally), "empty_reason": empty_reason}
         status = "done" if tally.n_tiles else "empty"
         with self.guard.critical():
             job.writer.commit(record)
             self.jobs.pop(sid)
             self.outcomes[sid] = SlideOutcome(
-                sid, str(plan.slide.path), status, n_tiles=tally.n_tiles, n_candidates=len(plan.rows),
-                rejected=rejected, n_decode_failures=tally.n_decode_failures,
-                seconds=time.perf_counter() - job.started, reason=empty_reason, warnings=list(plan.thumbnail_notes))
+                sid,
+                str(plan.slide.path),
+                status,
+                n_tiles=tally.n_tiles,
+                n_candidates=len(plan.rows),
+                rejected=rejected,
+                n_decode_failures=tally.n_decode_failures,
+                seconds=time.perf_counter() - job.started,
+                reason=empty_reason,
+                warnings=list(plan.thumbnail_notes),
+            )
         if self.cfg.qc_images:
             # Drawn by a worker, overlapping other slides' tiles (a small slide's picture costs as much as ~100 of
             # its tiles); written here when it comes back. workers=1 draws it inline, as before.
@@ -313,9 +371,13 @@ class _TilingRun:
             if job is not None:
                 job.writer.abort()
             self.store.record_failure(slide_id, failure_record(slide, exc))
-            self.outcomes[slide_id] = SlideOutcome(slide_id, str(slide.path), "failed",
-                                                   reason=f"{type(exc).__name__}: {exc}",
-                                                   n_decode_failures=job.tally.n_decode_failures if job else 0)
+            self.outcomes[slide_id] = SlideOutcome(
+                slide_id,
+                str(slide.path),
+                "failed",
+                reason=f"{type(exc).__name__}: {exc}",
+                n_decode_failures=job.tally.n_decode_failures if job else 0,
+            )
         self.emit("slide_end", {"slide_id": slide_id, "status": "failed"})
 
 

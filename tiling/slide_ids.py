@@ -46,8 +46,10 @@ def make_ids_unique(slides: Sequence[Any]) -> tuple[list[Any], list[str]]:
             continue
         given = [s for s in group.values() if s.id_given]
         if len(given) > 1:
-            raise ValueError(f"slide id {slide_id!r} is given to several files in a manifest: "
-                             f"{', '.join(str(s.path) for s in given)}; give each its own slide_id")
+            raise ValueError(
+                f"slide id {slide_id!r} is given to several files in a manifest: "
+                f"{', '.join(str(s.path) for s in given)}; give each its own slide_id"
+            )
         members = sorted(group.values(), key=lambda s: str(s.path))
         renamed = []
         for s, rel in zip(members, _relative_paths([s.path for s in members])):
@@ -57,11 +59,15 @@ def make_ids_unique(slides: Sequence[Any]) -> tuple[list[Any], list[str]]:
             new_id = safe_slide_id(f"{slide_id}-{_suffix(rel)}")
             out.append(dataclasses.replace(s, slide_id=new_id, source_id=s.source_id or slide_id))
             renamed.append(f"{s.path} -> {new_id}")
-        notes.append(f"slide id {slide_id!r} is shared by {len(members)} files; to keep them apart they are tiled "
-                     f"as: {'; '.join(renamed)} (a manifest CSV with a slide_id column sets ids of your choice)")
+        notes.append(
+            f"slide id {slide_id!r} is shared by {len(members)} files; to keep them apart they are tiled "
+            f"as: {'; '.join(renamed)} (a manifest CSV with a slide_id column sets ids of your choice)"
+        )
     ids = collections.Counter(s.slide_id for s in out)
     clash = sorted(i for i, n in ids.items() if n > 1)
     if clash:  # a suffixed id equal to another slide's id: vanishingly rare, but never two slides in one group
-        raise ValueError(f"slide id(s) {', '.join(clash)} still collide after adding suffixes; give unique ids with "
-                         "a manifest CSV (path,slide_id)")
+        raise ValueError(
+            f"slide id(s) {', '.join(clash)} still collide after adding suffixes; give unique ids with "
+            "a manifest CSV (path,slide_id)"
+        )
     return sorted(out, key=lambda s: s.slide_id), notes

@@ -134,9 +134,20 @@ def staging_clock(staging_root: Path) -> float:
 def write_lease(folder: Path, slide_id: str) -> Path:
     """Create the lease beside the staging folder `folder` (before the folder itself) and have it renewed."""
     lease = folder.with_name(folder.name + LEASE_SUFFIX)
-    lease.write_text(json.dumps({"slide_id": slide_id, "host_id": host_id(), "hostname": socket.gethostname(),
-                                 "pid": os.getpid(), "started": now_iso(), "lease_s": LEASE_S,
-                                 "renew_s": LEASE_RENEW_S}) + "\n")
+    lease.write_text(
+        json.dumps(
+            {
+                "slide_id": slide_id,
+                "host_id": host_id(),
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": now_iso(),
+                "lease_s": LEASE_S,
+                "renew_s": LEASE_RENEW_S,
+            }
+        )
+        + "\n"
+    )
     _heartbeat().add(lease)
     return lease
 

@@ -58,8 +58,9 @@ class StoreError(PathdinoError):
 # Tile encoding
 
 
-def encode_tile(tile: np.ndarray, encoding: str = "jpeg", *, jpeg_quality: int = 90,
-                jpeg_subsampling: str = "420") -> bytes:
+def encode_tile(
+    tile: np.ndarray, encoding: str = "jpeg", *, jpeg_quality: int = 90, jpeg_subsampling: str = "420"
+) -> bytes:
     """Encode one RGB uint8 tile (H, W, 3) as JPEG (lossy, default) or PNG (lossless).
 
     JPEG chroma subsampling "420" (the default, as PIL and most tile datasets) is ~1.5x faster to encode, ~1.3x
@@ -134,18 +135,26 @@ def zarr_store(url: str | Path, read_only: bool) -> zarr.abc.store.Store:
 def check_format(meta: dict[str, Any], url: str) -> None:
     """Raise StoreError unless `meta` (the root's attrs["pathdino"]) is a tile store of a version this code reads."""
     version = meta.get("format_version")
-    fsio.check_format(meta, where=url, kind="pathdino tile store", format_name=FORMAT_NAME,
-                      format_version=version if version in READ_VERSIONS else FORMAT_VERSION, error=StoreError,
-                      not_this_format="Point at the folder that `pathdino tile --out` created.",
-                      other_version="Re-tile the slides or install the pathdino release that wrote it.")
+    fsio.check_format(
+        meta,
+        where=url,
+        kind="pathdino tile store",
+        format_name=FORMAT_NAME,
+        format_version=version if version in READ_VERSIONS else FORMAT_VERSION,
+        error=StoreError,
+        not_this_format="Point at the folder that `pathdino tile --out` created.",
+        other_version="Re-tile the slides or install the pathdino release that wrote it.",
+    )
 
 
 def read_root_document(url: str) -> dict[str, Any]:
     """The root zarr.json of the store at `url`, parsed and checked to be a tile store of a readable version."""
     raw = store_index.Files(url, remote=is_remote_url(url)).read("zarr.json")
     if raw is None:
-        raise StoreError(f"no tile store at {url}: expected a folder with zarr.json "
-                         "(create one with `pathdino tile SLIDES --out STORE`)")
+        raise StoreError(
+            f"no tile store at {url}: expected a folder with zarr.json "
+            "(create one with `pathdino tile SLIDES --out STORE`)"
+        )
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -171,8 +180,12 @@ def read_index(url: str) -> tuple[dict[str, Any], store_index.IndexState | None]
 
 def _index_entry(attrs: dict[str, Any]) -> dict[str, Any]:
     """A format-1 style index entry (SlideEntry fields) from a slide's provenance."""
-    return {"n_tiles": int(attrs.get("n_tiles", 0)), "source_path": str(attrs.get("source_path", "")),
-            "fingerprint": str(attrs.get("source_fingerprint", "")), "committed": str(attrs.get("created", ""))}
+    return {
+        "n_tiles": int(attrs.get("n_tiles", 0)),
+        "source_path": str(attrs.get("source_path", "")),
+        "fingerprint": str(attrs.get("source_fingerprint", "")),
+        "committed": str(attrs.get("created", "")),
+    }
 
 
 def _group_from_nodes(store: zarr.abc.store.Store, slide_id: str, nodes: dict[str, dict[str, Any]]) -> zarr.Group:
@@ -226,8 +239,13 @@ class SlideEntry:
 class StoreSlide:
     """Read access to one slide's tiles, coordinates and provenance."""
 
-    def __init__(self, group: zarr.Group | Callable[[], zarr.Group], slide_id: str, *,
-                 nodes: dict[str, dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        group: zarr.Group | Callable[[], zarr.Group],
+        slide_id: str,
+        *,
+        nodes: dict[str, dict[str, Any]] | None = None,
+    ):
         """`group` is the slide's zarr group, or (format 2, with the slide's node metadata `nodes`) a function that
         builds it: a slide is then described from its metadata alone, and its zarr objects are only made when its
         arrays are read (a 10,000-slide catalog makes none)."""
@@ -309,8 +327,9 @@ class TileStore:
             self._v1_root = zarr.open_group(store=self._store, mode="r", use_consolidated=False)
             self._index: dict[str, dict[str, Any]] = dict(self.meta.get("slides", {}))
         else:
-            self._index = {sid: _index_entry(store_index.slide_group_attrs(nodes))
-                           for sid, nodes in self._state.slides.items()}
+            self._index = {
+                sid: _index_entry(store_index.slide_group_attrs(nodes)) for sid, nodes in self._state.slides.items()
+            }
             self.meta = {**self.meta, "slides": self._index, "failures": self._state.failures}
 
     @property
@@ -337,8 +356,10 @@ class TileStore:
         try:
             return self._index[slide_id]
         except KeyError:
-            raise StoreError(f"slide {slide_id!r} is not a complete slide of {self.url} "
-                             f"(run `pathdino info {self.url}` to list them)") from None
+            raise StoreError(
+                f"slide {slide_id!r} is not a complete slide of {self.url} "
+                f"(run `pathdino info {self.url}` to list them)"
+            ) from None
 
     def slide_attrs(self, slide_id: str) -> dict[str, Any]:
         """A slide's provenance (its group's attributes["pathdino"]); no request in format 2."""
@@ -370,14 +391,25 @@ class TileStore:
 def summarise(store: TileStore) -> dict[str, Any]:
     """A JSON-friendly summary of a store (used by `pathdino info` and the demo)."""
     entries = store.entries
-    return {"url": store.url, "format_version": store.meta.get("format_version"),
-            "n_slides": len(entries), "n_tiles": sum(e.n_tiles for e in entries.values()),
-            "n_empty": sum(e.n_tiles == 0 for e in entries.values()),
-            "n_failures": len(store.failures)}
+    return {
+        "url": store.url,
+        "format_version": store.meta.get("format_version"),
+        "n_slides": len(entries),
+        "n_tiles": sum(e.n_tiles for e in entries.values()),
+        "n_empty": sum(e.n_tiles == 0 for e in entries.values()),
+        "n_failures": len(store.failures),
+    }
 
 
-def describe_use(*, stores: tuple[str, ...], n_slides: int, n_tiles: int, n_failed: int,
-                 mpps: list[float | None], tile_pxs: list[int]) -> str:
+def describe_use(
+    *,
+    stores: tuple[str, ...],
+    n_slides: int,
+    n_tiles: int,
+    n_failed: int,
+    mpps: list[float | None],
+    tile_pxs: list[int],
+) -> str:
     """One line of what a run uses: stores, slides, tiles, failed slides skipped, µm/px and tile size."""
     known = sorted({round(m, 4) for m in mpps if m is not None})
     mpp = "/".join(f"{m:g}" for m in known) + " µm/px" if known else "unknown µm/px"
@@ -386,8 +418,7 @@ def describe_use(*, stores: tuple[str, ...], n_slides: int, n_tiles: int, n_fail
     px = "/".join(str(p) for p in sorted(set(tile_pxs)))
     names = ", ".join(stores[:3]) + (f" and {len(stores) - 3} more" if len(stores) > 3 else "")
     failed = f"; {n_failed} failed slide(s) skipped (`pathdino info STORE` lists them)" if n_failed else ""
-    return (f"{len(stores)} store(s) ({names}): {n_slides} slide(s), {n_tiles:,} tiles, {mpp}, {px} px tiles"
-            f"{failed}")
+    return f"{len(stores)} store(s) ({names}): {n_slides} slide(s), {n_tiles:,} tiles, {mpp}, {px} px tiles{failed}"
 
 
 def dumps(obj: Any) -> str:

@@ -140,38 +140,73 @@ class IndexState:
         self.last_seq = max(self.last_seq, int(record["seq"]))
 
 
-def _array(*, shape: list[int], dtype: str, chunk_shape: list[int], fill_value: Any, codecs: list[dict[str, Any]],
-           attributes: dict[str, Any] | None = None) -> dict[str, Any]:
+def _array(
+    *,
+    shape: list[int],
+    dtype: str,
+    chunk_shape: list[int],
+    fill_value: Any,
+    codecs: list[dict[str, Any]],
+    attributes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A Zarr v3 array's metadata, as zarr-python 3 writes it."""
-    return {"shape": shape, "data_type": dtype,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
-            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-            "fill_value": fill_value, "codecs": codecs, "attributes": attributes or {}, "zarr_format": 3,
-            "node_type": "array", "storage_transformers": []}
+    return {
+        "shape": shape,
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill_value,
+        "codecs": codecs,
+        "attributes": attributes or {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
 
 
 _LITTLE_ENDIAN = [{"name": "bytes", "configuration": {"endian": "little"}}]
 
 
-def slide_nodes(*, n_tiles: int, provenance: dict[str, Any], tile_attrs: dict[str, Any], tiles_per_shard: int,
-                tiles_per_chunk: int, coord_rows: int) -> dict[str, dict[str, Any]]:
+def slide_nodes(
+    *,
+    n_tiles: int,
+    provenance: dict[str, Any],
+    tile_attrs: dict[str, Any],
+    tiles_per_shard: int,
+    tiles_per_chunk: int,
+    coord_rows: int,
+) -> dict[str, dict[str, Any]]:
     """The metadata of a slide's group and arrays (docs/tile-store.md): what its zarr.json files and the index hold.
 
     `tiles`: variable-length bytes in `tiles_per_chunk` chunks inside `tiles_per_shard` shards (sharding_indexed,
     index at the end with its CRC32C); `coords` (N, 2) int64 and `tissue_fraction` (N,) float32 in chunks of
     `coord_rows` rows. tests/test_store.py checks that zarr reads them and would write the same.
     """
-    sharding = {"name": "sharding_indexed", "configuration": {
-        "chunk_shape": [tiles_per_chunk], "codecs": [{"name": "vlen-bytes", "configuration": {}}],
-        "index_codecs": [*_LITTLE_ENDIAN, {"name": "crc32c"}], "index_location": "end"}}
+    sharding = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": [tiles_per_chunk],
+            "codecs": [{"name": "vlen-bytes", "configuration": {}}],
+            "index_codecs": [*_LITTLE_ENDIAN, {"name": "crc32c"}],
+            "index_location": "end",
+        },
+    }
     return {
         "": {"attributes": {"pathdino": provenance}, "zarr_format": 3, "node_type": "group"},
-        "tiles": _array(shape=[n_tiles], dtype="variable_length_bytes", chunk_shape=[tiles_per_shard], fill_value="",
-                        codecs=[sharding], attributes=tile_attrs),
-        "coords": _array(shape=[n_tiles, 2], dtype="int64", chunk_shape=[coord_rows, 2], fill_value=0,
-                         codecs=_LITTLE_ENDIAN),
-        "tissue_fraction": _array(shape=[n_tiles], dtype="float32", chunk_shape=[coord_rows], fill_value=0.0,
-                                  codecs=_LITTLE_ENDIAN),
+        "tiles": _array(
+            shape=[n_tiles],
+            dtype="variable_length_bytes",
+            chunk_shape=[tiles_per_shard],
+            fill_value="",
+            codecs=[sharding],
+            attributes=tile_attrs,
+        ),
+        "coords": _array(
+            shape=[n_tiles, 2], dtype="int64", chunk_shape=[coord_rows, 2], fill_value=0, codecs=_LITTLE_ENDIAN
+        ),
+        "tissue_fraction": _array(
+            shape=[n_tiles], dtype="float32", chunk_shape=[coord_rows], fill_value=0.0, codecs=_LITTLE_ENDIAN
+        ),
     }
 
 
@@ -190,8 +225,12 @@ def _slide_lines(sid: str, nodes: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _document(attrs: dict[str, Any], slide_lines: dict[str, list[str]]) -> bytes:
-    lines = [f'"{SLIDES}": ' + json.dumps({"attributes": {}, "zarr_format": 3,
-                                          "consolidated_metadata": _GROUP_CONSOLIDATED, "node_type": "group"})]
+    lines = [
+        f'"{SLIDES}": '
+        + json.dumps(
+            {"attributes": {}, "zarr_format": 3, "consolidated_metadata": _GROUP_CONSOLIDATED, "node_type": "group"}
+        )
+    ]
     for sid in sorted(slide_lines):
         lines.extend(slide_lines[sid])
     head = json.dumps({"attributes": {"pathdino": attrs}, "zarr_format": 3, "node_type": "group"})
@@ -239,7 +278,7 @@ def fold_document(raw: bytes, records: list[dict[str, Any]]) -> tuple[bytes, dic
     prefix = f'"{SLIDES}/'
     for line in lines[2:-2]:
         if line.startswith(prefix):
-            sid = line[len(prefix):line.index('"', len(prefix))].split("/", 1)[0]
+            sid = line[len(prefix) : line.index('"', len(prefix))].split("/", 1)[0]
             slide_lines.setdefault(sid, []).append(line.removesuffix(","))
     for record in records:
         sid, op = record["slide_id"], record["op"]
@@ -264,7 +303,7 @@ def parse_root(doc: dict[str, Any]) -> IndexState:
     for key, meta in ((doc.get("consolidated_metadata") or {}).get("metadata") or {}).items():
         if not key.startswith(prefix):
             continue
-        sid, _, name = key[len(prefix):].partition("/")
+        sid, _, name = key[len(prefix) :].partition("/")
         if name == "":
             meta = {k: v for k, v in meta.items() if k != "consolidated_metadata"}
         slides.setdefault(sid, {})[name] = meta
@@ -279,8 +318,9 @@ def record_name(seq: int) -> str:
 
 def journal_seqs(sidecar: Files) -> list[int]:
     """The sequence numbers of the records in the journal, sorted."""
-    return sorted(int(n.split(".")[0]) for n in sidecar.names(JOURNAL_DIR) if n.endswith(".json")
-                  and n.split(".")[0].isdigit())
+    return sorted(
+        int(n.split(".")[0]) for n in sidecar.names(JOURNAL_DIR) if n.endswith(".json") and n.split(".")[0].isdigit()
+    )
 
 
 def apply_journal(state: IndexState, sidecar: Files) -> bool:

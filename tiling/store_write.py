@@ -19,7 +19,14 @@ import numpy as np
 from tiling import staging, store_index
 from tiling.fsio import atomic_write_bytes, now_iso, publish_dir
 from tiling.store import (
-    FORMAT_NAME, FORMAT_VERSION, TILE_ENCODINGS, StoreError, is_remote_url, local_root, read_index, safe_slide_id,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    TILE_ENCODINGS,
+    StoreError,
+    is_remote_url,
+    local_root,
+    read_index,
+    safe_slide_id,
     sidecar_url,
 )
 
@@ -52,7 +59,7 @@ def shard_file_bytes(items: list[bytes], *, tiles_per_chunk: int, tiles_per_shar
     parts: list[bytes] = []
     offset = 0
     for slot in range(n_slots):
-        chunk = items[slot * tiles_per_chunk:(slot + 1) * tiles_per_chunk]
+        chunk = items[slot * tiles_per_chunk : (slot + 1) * tiles_per_chunk]
         if not any(chunk):  # zarr stores no chunk that holds only the fill value
             continue
         chunk = chunk + [b""] * (tiles_per_chunk - len(chunk))
@@ -79,13 +86,23 @@ class SlideWriter:
     machine, more than a small slide's tiles).
     """
 
-    def __init__(self, writer: "TileStoreWriter", slide_id: str, *, tile_px: int, encoding: str,
-                 tiles_per_shard: int, tiles_per_chunk: int, tile_attrs: dict[str, Any]):
+    def __init__(
+        self,
+        writer: "TileStoreWriter",
+        slide_id: str,
+        *,
+        tile_px: int,
+        encoding: str,
+        tiles_per_shard: int,
+        tiles_per_chunk: int,
+        tile_attrs: dict[str, Any],
+    ):
         if encoding not in TILE_ENCODINGS:
             raise ValueError(f"unknown tile encoding {encoding!r}; expected one of {TILE_ENCODINGS}")
         if tiles_per_shard % tiles_per_chunk:
-            raise ValueError(f"tiles_per_shard ({tiles_per_shard}) must be a multiple of tiles_per_chunk "
-                             f"({tiles_per_chunk})")
+            raise ValueError(
+                f"tiles_per_shard ({tiles_per_shard}) must be a multiple of tiles_per_chunk ({tiles_per_chunk})"
+            )
         self.slide_id = slide_id
         self._writer = writer
         self._shard = tiles_per_shard
@@ -126,17 +143,23 @@ class SlideWriter:
         rows = max(min(n, 1 << 16), 1)
         for i, start in enumerate(range(0, n, rows)):  # regular chunks, the last padded with the fill value 0
             chunk_xy = np.zeros((rows, 2), "<i8")
-            chunk_xy[:min(rows, n - start)] = coords[start:start + rows]
+            chunk_xy[: min(rows, n - start)] = coords[start : start + rows]
             chunk_f = np.zeros(rows, "<f4")
-            chunk_f[:min(rows, n - start)] = fractions[start:start + rows]
+            chunk_f[: min(rows, n - start)] = fractions[start : start + rows]
             self._files.write(f"coords/c/{i}/0", chunk_xy.tobytes(), atomic=False)
             self._files.write(f"tissue_fraction/c/{i}", chunk_f.tobytes(), atomic=False)
         nodes = store_index.slide_nodes(
-            n_tiles=n, provenance={**provenance, "n_tiles": n, "complete": True}, tile_attrs=self._tile_attrs,
-            tiles_per_shard=self._shard, tiles_per_chunk=self._chunk, coord_rows=rows)
+            n_tiles=n,
+            provenance={**provenance, "n_tiles": n, "complete": True},
+            tile_attrs=self._tile_attrs,
+            tiles_per_shard=self._shard,
+            tiles_per_chunk=self._chunk,
+            coord_rows=rows,
+        )
         for name in (*store_index.SLIDE_ARRAYS, ""):  # the group last: a folder with it has everything
-            self._files.write(f"{name}/zarr.json" if name else "zarr.json", json.dumps(nodes[name]).encode(),
-                              atomic=False)
+            self._files.write(
+                f"{name}/zarr.json" if name else "zarr.json", json.dumps(nodes[name]).encode(), atomic=False
+            )
         self._check_staged(n)
         self._writer._publish(self.slide_id, self._final_key, nodes)
         if self._lease is not None:
@@ -154,13 +177,16 @@ class SlideWriter:
             found = len(self._files.names("tiles/c"))
             if found != n_shards:
                 problem = f"{found} of its {n_shards} shard file(s) are left"
-        if not problem and not all((Path(self._final_key) / name / "zarr.json").exists()
-                                   for name in ("tiles", "coords", "tissue_fraction")):
+        if not problem and not all(
+            (Path(self._final_key) / name / "zarr.json").exists() for name in ("tiles", "coords", "tissue_fraction")
+        ):
             problem = "arrays are missing"
         if problem:
-            raise StoreError(f"slide {self.slide_id!r}: staging folder {self._final_key} cannot be committed: "
-                             f"{problem} (this run stalled for over {staging.LEASE_S:.0f} s, or another run deleted "
-                             "it); nothing was published. Rerun the same command to tile the slide again")
+            raise StoreError(
+                f"slide {self.slide_id!r}: staging folder {self._final_key} cannot be committed: "
+                f"{problem} (this run stalled for over {staging.LEASE_S:.0f} s, or another run deleted "
+                "it); nothing was published. Rerun the same command to tile the slide again"
+            )
 
     def abort(self) -> None:
         """Drop everything written for this slide (used when the slide fails mid-way)."""
@@ -187,17 +213,26 @@ class TileStoreWriter:
                 local_root(self.url).mkdir(parents=True, exist_ok=True)
                 Path(self.sidecar).mkdir(exist_ok=True)
             except OSError as exc:
-                raise StoreError(f"cannot create the tile store {self.url}: {exc.strerror or exc} "
-                                 f"({exc.filename or self.url}); choose a folder you can write to") from None
+                raise StoreError(
+                    f"cannot create the tile store {self.url}: {exc.strerror or exc} "
+                    f"({exc.filename or self.url}); choose a folder you can write to"
+                ) from None
         self._files = store_index.Files(self.url, remote=self.remote)
         self._side = store_index.Files(self.sidecar, remote=self.remote)
         self._snapshot: store_index.IndexState | None = None
         with self._index_lock():
             if self._files.read("zarr.json") is None:
-                self._files.write(f"{store_index.SLIDES}/zarr.json", json.dumps(
-                    {"attributes": {}, "zarr_format": 3, "node_type": "group"}).encode())
-                attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": now_iso(),
-                         "failures": {}, "folded_seq": 0}
+                self._files.write(
+                    f"{store_index.SLIDES}/zarr.json",
+                    json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}).encode(),
+                )
+                attrs = {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "created": now_iso(),
+                    "failures": {},
+                    "folded_seq": 0,
+                }
                 self._write_root(store_index.IndexState(attrs=attrs, slides={}))
             else:
                 meta, state = read_index(self.url)
@@ -225,14 +260,21 @@ class TileStoreWriter:
         self._write_fold_mark(state.last_seq, len(state.slides))
 
     def _write_fold_mark(self, folded_seq: int, n_slides: int) -> None:
-        self._side.write(_FOLD_MARK, json.dumps({"folded_seq": folded_seq, "n_slides": n_slides,
-                                                 "unix_time": time.time()}).encode())
+        self._side.write(
+            _FOLD_MARK, json.dumps({"folded_seq": folded_seq, "n_slides": n_slides, "unix_time": time.time()}).encode()
+        )
 
     def _migrate_v1(self, meta: dict[str, Any]) -> None:
         """Turn a format-1 store into format 2 (once, under the lock): read each listed slide's metadata."""
         slides = {sid: self._read_nodes(f"{store_index.SLIDES}/{sid}") for sid in meta.get("slides", {})}
-        attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": meta.get("created", now_iso()),
-                 "failures": dict(meta.get("failures", {})), "folded_seq": 0, "migrated_from_version": 1}
+        attrs = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": meta.get("created", now_iso()),
+            "failures": dict(meta.get("failures", {})),
+            "folded_seq": 0,
+            "migrated_from_version": 1,
+        }
         self._write_root(store_index.IndexState(attrs=attrs, slides=slides))
 
     def _read_nodes(self, prefix: str, files: store_index.Files | None = None) -> dict[str, dict[str, Any]]:
@@ -242,8 +284,10 @@ class TileStoreWriter:
         for name in ("", *store_index.SLIDE_ARRAYS):
             raw = files.read(f"{prefix}/{name}/zarr.json" if name else f"{prefix}/zarr.json")
             if raw is None:
-                raise StoreError(f"{self.url}: {prefix}/{name or '.'} has no zarr.json; the slide is incomplete. "
-                                 "Rerun `pathdino tile` on it")
+                raise StoreError(
+                    f"{self.url}: {prefix}/{name or '.'} has no zarr.json; the slide is incomplete. "
+                    "Rerun `pathdino tile` on it"
+                )
             nodes[name] = json.loads(raw)
         return nodes
 
@@ -262,8 +306,10 @@ class TileStoreWriter:
         seq = max([int(mark["folded_seq"]), *seqs]) + 1
         now = time.time()
         record = {"seq": seq, **record, "unix_time": now}
-        self._side.write(f"{store_index.JOURNAL_DIR}/{store_index.record_name(seq)}",
-                         json.dumps(record, separators=(",", ":")).encode())
+        self._side.write(
+            f"{store_index.JOURNAL_DIR}/{store_index.record_name(seq)}",
+            json.dumps(record, separators=(",", ":")).encode(),
+        )
         if self._snapshot is not None:
             self._snapshot.apply(record)
         due = len(seqs) + 1 >= max(1.0, store_index.FOLD_FRACTION * mark["n_slides"])
@@ -286,8 +332,11 @@ class TileStoreWriter:
         folded = None
         if head is not None:
             start = int(head.get("folded_seq", 0))
-            records = [json.loads(self._side.read(f"{store_index.JOURNAL_DIR}/{store_index.record_name(q)}"))
-                       for q in store_index.journal_seqs(self._side) if q > start]
+            records = [
+                json.loads(self._side.read(f"{store_index.JOURNAL_DIR}/{store_index.record_name(q)}"))
+                for q in store_index.journal_seqs(self._side)
+                if q > start
+            ]
             folded = store_index.fold_document(raw, records)
         if folded is None:  # not one node per line (another tool rewrote it): parse it whole, once
             _, state = read_index(self.url)
@@ -342,17 +391,32 @@ class TileStoreWriter:
 
     # -- slides --------------------------------------------------------------------------------------------------
 
-    def begin_slide(self, slide_id: str, tile_px: int, *, encoding: str = "jpeg", tiles_per_shard: int = 256,
-                    tiles_per_chunk: int = 16, tile_attrs: dict[str, Any] | None = None,
-                    max_tiles: int = 0) -> SlideWriter:
+    def begin_slide(
+        self,
+        slide_id: str,
+        tile_px: int,
+        *,
+        encoding: str = "jpeg",
+        tiles_per_shard: int = 256,
+        tiles_per_chunk: int = 16,
+        tile_attrs: dict[str, Any] | None = None,
+        max_tiles: int = 0,
+    ) -> SlideWriter:
         """Stage a slide (an earlier version of it is removed first). `max_tiles` is accepted and ignored (earlier
         versions sized their arrays with it; the metadata is now written once, at commit)."""
         if slide_id != safe_slide_id(slide_id):
             raise StoreError(f"slide id {slide_id!r} is not a safe group name; pass it through safe_slide_id()")
         del max_tiles  # accepted for callers of earlier versions: the metadata is written once, at commit
         self.remove_slide(slide_id)
-        return SlideWriter(self, slide_id, tile_px=tile_px, encoding=encoding, tiles_per_shard=tiles_per_shard,
-                           tiles_per_chunk=tiles_per_chunk, tile_attrs=tile_attrs or {})
+        return SlideWriter(
+            self,
+            slide_id,
+            tile_px=tile_px,
+            encoding=encoding,
+            tiles_per_shard=tiles_per_shard,
+            tiles_per_chunk=tiles_per_chunk,
+            tile_attrs=tile_attrs or {},
+        )
 
     def _staging_area(self, slide_id: str) -> tuple[store_index.Files, str, Path | None]:
         """(the files of the staged slide, its folder or key, its lease file): see tiling/staging.py for names and
@@ -405,8 +469,10 @@ class TileStoreWriter:
             for path in sorted(staging_root.iterdir()):
                 if not path.exists():
                     continue  # a lease removed with its folder just before
-                if path.name.endswith(staging.LEASE_SUFFIX) and path.with_name(
-                        path.name.removesuffix(staging.LEASE_SUFFIX)).exists():
+                if (
+                    path.name.endswith(staging.LEASE_SUFFIX)
+                    and path.with_name(path.name.removesuffix(staging.LEASE_SUFFIX)).exists()
+                ):
                     continue  # a folder's lease goes with its folder, below
                 if staging.is_reclaimable(path, now=now):
                     if path.is_dir():

@@ -99,8 +99,9 @@ def _checked(region: np.ndarray, level: int, box: tuple[int, int, int, int]) -> 
     return region[..., :3]
 
 
-def _region_reader(reader: ThumbnailReader, level: int,
-                   on_unreadable: Callable[[str], None] | None) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
+def _region_reader(
+    reader: ThumbnailReader, level: int, on_unreadable: Callable[[str], None] | None
+) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
     """read((x, y, w, h)) of `level`: strict without `on_unreadable`, else with the module docstring's fallbacks."""
 
     def read(box: tuple[int, int, int, int]) -> np.ndarray:
@@ -117,7 +118,7 @@ def _region_reader(reader: ThumbnailReader, level: int,
             for px in range(x, x + w, _PIECE_PX):
                 pw, ph = min(_PIECE_PX, x + w - px), min(_PIECE_PX, y + h - py)
                 piece, note = _read_piece(reader, level, (px, py, pw, ph))
-                out[py - y:py - y + ph, px - x:px - x + pw] = piece
+                out[py - y : py - y + ph, px - x : px - x + pw] = piece
                 if note:
                     on_unreadable(note)
         return out
@@ -137,8 +138,11 @@ def _read_piece(reader: ThumbnailReader, level: int, box: tuple[int, int, int, i
 
     downs = [float(d) for d in reader.level_downsamples]
     dims = list(reader.level_dimensions)
-    finer = [k for k in sorted(range(len(downs)), key=lambda k: -downs[k]) if downs[k] < downs[level]
-             and (downs[level] / downs[k]) ** 2 <= _MAX_FINER_AREA_RATIO]
+    finer = [
+        k
+        for k in sorted(range(len(downs)), key=lambda k: -downs[k])
+        if downs[k] < downs[level] and (downs[level] / downs[k]) ** 2 <= _MAX_FINER_AREA_RATIO
+    ]
     coarser = [k for k in sorted(range(len(downs)), key=lambda k: downs[k]) if downs[k] > downs[level]]
     where = f"level {level} x={x} y={y} {w}x{h}"
     for other in finer + coarser:
@@ -152,12 +156,20 @@ def _read_piece(reader: ThumbnailReader, level: int, box: tuple[int, int, int, i
             continue
         piece = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((w, h), Image.BOX))
         return piece, f"thumbnail {where} unreadable ({first_error}); read from level {other} instead"
-    return (np.full((h, w, 3), 255, np.uint8),
-            f"thumbnail {where} unreadable at every level ({first_error}); left as background")
+    return (
+        np.full((h, w, 3), 255, np.uint8),
+        f"thumbnail {where} unreadable at every level ({first_error}); left as background",
+    )
 
 
-def _block_mean_strips(read: Callable[[tuple[int, int, int, int]], np.ndarray], level: int, width: int, height: int,
-                       factor: int, max_strip_bytes: int) -> np.ndarray:
+def _block_mean_strips(
+    read: Callable[[tuple[int, int, int, int]], np.ndarray],
+    level: int,
+    width: int,
+    height: int,
+    factor: int,
+    max_strip_bytes: int,
+) -> np.ndarray:
     if width <= 0 or height <= 0:
         raise ValueError(f"read_thumbnail: level {level} has empty dimensions {width}x{height}")
     block_row_bytes = 3 * factor * width

@@ -33,8 +33,7 @@ WHILE_DECODING = "while-decoding"
 class TiffLevelSource:
     """Decodes the source tiles of one tiled TIFF page and assembles level-pixel regions from them."""
 
-    def __init__(self, path: Path, level: int, level_size: tuple[int, int], n_levels: int,
-                 cache_bytes: int) -> None:
+    def __init__(self, path: Path, level: int, level_size: tuple[int, int], n_levels: int, cache_bytes: int) -> None:
         import tifffile
 
         self._tif = tifffile.TiffFile(path)
@@ -90,8 +89,10 @@ class TiffLevelSource:
                 tile = area_mean(self.decoder.decode(data, index), factor)
         except Exception as exc:  # imagecodecs and Pillow raise one exception type per codec
             ty, tx = divmod(index, self.tiles_across)
-            raise RegionReadError(f"{self.path}: source tile {index} (level {self.level}, tile column {tx}, "
-                                  f"row {ty}) cannot be decoded: {exc}") from exc
+            raise RegionReadError(
+                f"{self.path}: source tile {index} (level {self.level}, tile column {tx}, "
+                f"row {ty}) cannot be decoded: {exc}"
+            ) from exc
         return self._remember(key, tile)
 
     def _remember(self, key: tuple[int, int, str], tile: np.ndarray) -> np.ndarray:
@@ -105,9 +106,18 @@ class TiffLevelSource:
     def can_reduce(self, x: int, y: int, width: int, height: int, factor: int) -> bool:
         """Whether level region [x, x+width) x [y, y+height) can be read area-reduced by `factor` tile by tile:
         source tiles and the region align to the factor, and the region lies inside the level."""
-        return (self.tile_w % factor == 0 and self.tile_h % factor == 0 and x % factor == 0 and y % factor == 0
-                and width % factor == 0 and height % factor == 0 and x >= 0 and y >= 0
-                and x + width <= self.width and y + height <= self.height)
+        return (
+            self.tile_w % factor == 0
+            and self.tile_h % factor == 0
+            and x % factor == 0
+            and y % factor == 0
+            and width % factor == 0
+            and height % factor == 0
+            and x >= 0
+            and y >= 0
+            and x + width <= self.width
+            and y + height <= self.height
+        )
 
     def read(self, x: int, y: int, width: int, height: int, factor: int = 1, how: str = AREA_MEAN) -> np.ndarray:
         """RGB uint8 (height, width, 3) of level pixels [x, x+width) x [y, y+height); white outside the level.
@@ -141,11 +151,11 @@ class TiffLevelSource:
                 tx0 = tx * tile_w
                 sx0, sx1 = max(cx0, tx0), min(cx1, tx0 + tile_w)
                 tile = self._tile(ty * self.tiles_across + tx, factor, how)
-                dst = out[sy0 - y: sy1 - y, sx0 - x: sx1 - x]
+                dst = out[sy0 - y : sy1 - y, sx0 - x : sx1 - x]
                 if tile is None:
                     dst[...] = 255
                 else:
-                    dst[...] = tile[sy0 - ty0: sy1 - ty0, sx0 - tx0: sx1 - tx0]
+                    dst[...] = tile[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
 
     def self_check(self, reader: SlideReader, factor: int = 1, how: str = AREA_MEAN, attempts: int = 5) -> str:
         """Compare one source tile, decoded (at 1/factor, reduced `how`), with the backend's pixels (area-reduced
@@ -173,9 +183,11 @@ class TiffLevelSource:
             abs_diff = float(np.abs(ours - theirs).mean())
             if channel_diff > SELF_CHECK_MAX_CHANNEL_MEAN_DIFF or abs_diff > SELF_CHECK_MAX_MEAN_ABS_DIFF:
                 what = "decoded source tile" if factor == 1 else f"source tile decoded at 1/{factor}"
-                return (f"{what} {index} differs from {reader.backend} (channel means up to "
-                        f"{channel_diff:.1f}, pixels {abs_diff:.1f} grey levels apart on average): colour space or "
-                        f"format not handled by the fast path")
+                return (
+                    f"{what} {index} differs from {reader.backend} (channel means up to "
+                    f"{channel_diff:.1f}, pixels {abs_diff:.1f} grey levels apart on average): colour space or "
+                    f"format not handled by the fast path"
+                )
             return ""
         if not failures:
             return ""  # no stored tiles at all: everything is white either way
@@ -218,9 +230,18 @@ def check_page(page) -> None:
     # Non-JPEG YCbCr is stored subsampled; only the JPEG decoder converts it.
     if not (page.photometric == PHOTOMETRIC.RGB or (page.photometric == PHOTOMETRIC.YCBCR and jpeg)):
         raise ValueError(f"photometric {page.photometric.name} with {page.compression.name} is not supported")
-    supported = {COMPRESSION.NONE, COMPRESSION.JPEG, COMPRESSION.LZW, COMPRESSION.ADOBE_DEFLATE,
-                 COMPRESSION.DEFLATE, COMPRESSION.ZSTD, COMPRESSION.WEBP, COMPRESSION.PACKBITS,
-                 COMPRESSION.APERIO_JP2000_RGB, COMPRESSION.APERIO_JP2000_YCBC,
-                 COMPRESSION.JPEG2000}  # colour handling of each is verified by BlockReader's self-check
+    supported = {
+        COMPRESSION.NONE,
+        COMPRESSION.JPEG,
+        COMPRESSION.LZW,
+        COMPRESSION.ADOBE_DEFLATE,
+        COMPRESSION.DEFLATE,
+        COMPRESSION.ZSTD,
+        COMPRESSION.WEBP,
+        COMPRESSION.PACKBITS,
+        COMPRESSION.APERIO_JP2000_RGB,
+        COMPRESSION.APERIO_JP2000_YCBC,
+        COMPRESSION.JPEG2000,
+    }  # colour handling of each is verified by BlockReader's self-check
     if page.compression not in supported:
         raise ValueError(f"compression {page.compression.name} is not supported")

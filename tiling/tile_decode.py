@@ -90,8 +90,12 @@ class TileDecoder:
 
     def can_reduce_while_decoding(self, reduction: int) -> bool:
         """Whether tiles decode straight to 1/reduction with whole-pixel tile sides."""
-        return (bool(self.reduced_kind) and reduction in (2, 4, 8)
-                and self.tile_w % reduction == 0 and self.tile_h % reduction == 0)
+        return (
+            bool(self.reduced_kind)
+            and reduction in (2, 4, 8)
+            and self.tile_w % reduction == 0
+            and self.tile_h % reduction == 0
+        )
 
     def describe(self, reduction: int, while_decoding: bool) -> str:
         """The `decoder` recorded in provenance for tiles read at this reduction."""
@@ -189,8 +193,13 @@ class TileDecoder:
     def _jpeg_reduced(self, data: bytes, reduction: int) -> np.ndarray:
         if self._jpeg_prefix is not None and data[:2] == _SOI:
             side_h, side_w = self.tile_h // reduction, self.tile_w // reduction
-            tile = _simplejpeg.decode_jpeg(self._jpeg_prefix + data[2:], colorspace="RGB", min_height=side_h,
-                                           min_width=side_w, min_factor=reduction)
+            tile = _simplejpeg.decode_jpeg(
+                self._jpeg_prefix + data[2:],
+                colorspace="RGB",
+                min_height=side_h,
+                min_width=side_w,
+                min_factor=reduction,
+            )
             if tile.shape == (side_h, side_w, 3):
                 return tile
         tables = self._jpegtables

@@ -22,8 +22,16 @@ from skimage.filters import rank
 # The thumbnail reader lives in tiling/thumbnail.py; re-exported here, where earlier versions defined it.
 from tiling.thumbnail import ThumbnailReader, read_thumbnail  # noqa: F401
 
-__all__ = ["TissueConfig", "ThumbnailReader", "read_thumbnail", "tissue_mask", "pen_mask", "saturation",
-           "square_closing", "tissue_fractions"]
+__all__ = [
+    "TissueConfig",
+    "ThumbnailReader",
+    "read_thumbnail",
+    "tissue_mask",
+    "pen_mask",
+    "saturation",
+    "square_closing",
+    "tissue_fractions",
+]
 
 
 @dataclass(frozen=True)
@@ -65,23 +73,26 @@ class TissueConfig:
         if self.method not in ("saturation", "otsu"):
             raise ValueError(f"TissueConfig.method must be 'saturation' or 'otsu', got {self.method!r}")
         if not (math.isfinite(self.thumbnail_mpp) and self.thumbnail_mpp > 0):
-            raise ValueError(f"TissueConfig.thumbnail_mpp must be a positive number of µm/px, "
-                             f"got {self.thumbnail_mpp!r}")
+            raise ValueError(
+                f"TissueConfig.thumbnail_mpp must be a positive number of µm/px, got {self.thumbnail_mpp!r}"
+            )
         if not (0 <= self.saturation_threshold <= 254) or int(self.saturation_threshold) != self.saturation_threshold:
             raise ValueError(
                 f"TissueConfig.saturation_threshold is on the 0-255 scale and must be an integer in 0-254, "
                 f"got {self.saturation_threshold!r}"
             )
         if self.median_blur_px < 1 or self.median_blur_px % 2 == 0:
-            raise ValueError(f"TissueConfig.median_blur_px must be an odd width >= 1 (1 disables), "
-                             f"got {self.median_blur_px!r}")
+            raise ValueError(
+                f"TissueConfig.median_blur_px must be an odd width >= 1 (1 disables), got {self.median_blur_px!r}"
+            )
         if self.closing_px < 0:
             raise ValueError(f"TissueConfig.closing_px must be >= 0 (0 disables), got {self.closing_px!r}")
         if not (self.min_object_um2 >= 0):
             raise ValueError(f"TissueConfig.min_object_um2 must be >= 0 µm², got {self.min_object_um2!r}")
         if self.max_hole_um2 is not None and not (self.max_hole_um2 > 0):
-            raise ValueError(f"TissueConfig.max_hole_um2 must be > 0 µm² or None (fill all holes), "
-                             f"got {self.max_hole_um2!r}")
+            raise ValueError(
+                f"TissueConfig.max_hole_um2 must be > 0 µm² or None (fill all holes), got {self.max_hole_um2!r}"
+            )
         if not (0.0 <= self.min_tissue_fraction <= 1.0):
             raise ValueError(f"TissueConfig.min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction!r}")
 
@@ -155,8 +166,9 @@ def median_above(values: np.ndarray, threshold: float, width: int) -> np.ndarray
     ones = np.ones(width, dtype)
     above = (values > threshold).astype(dtype)
     # separable box sum of the 0/1 image: the number of values above the threshold in each window
-    count = ndimage.correlate1d(ndimage.correlate1d(above, ones, axis=0, mode="constant"), ones, axis=1,
-                                mode="constant")
+    count = ndimage.correlate1d(
+        ndimage.correlate1d(above, ones, axis=0, mode="constant"), ones, axis=1, mode="constant"
+    )
 
     def inside(n: int) -> np.ndarray:  # window length inside the image along one axis
         i = np.arange(n)
@@ -278,8 +290,10 @@ def tissue_fractions(
     x0, y0 = xy[:, 0] * scale, xy[:, 1] * scale
     x1, y1 = x0 + side, y0 + side
     total = (
-        _integral_at(integral, x1, y1) - _integral_at(integral, x0, y1)
-        - _integral_at(integral, x1, y0) + _integral_at(integral, x0, y0)
+        _integral_at(integral, x1, y1)
+        - _integral_at(integral, x0, y1)
+        - _integral_at(integral, x1, y0)
+        + _integral_at(integral, x0, y0)
     )
     return np.clip(total / (side * side), 0.0, 1.0).astype(np.float32)
 

@@ -98,52 +98,116 @@ def _mil_config() -> type:
 
 EMBED = Flags(
     _embed_options,
-    {"formats": "formats", "mean_patch": "mean_patch", "patch_tokens": "patch_tokens", "shard": "shard",
-     "part_tiles": "part_tiles", "encoder_table": "encoder_table", "batch_size": "batch_size",
-     "workers": "num_workers", "device": "device", "precision": "precision", "slides": "slides", "force": "force",
-     "overwrite": "overwrite", "no_progress": "progress"},
+    {
+        "formats": "formats",
+        "mean_patch": "mean_patch",
+        "patch_tokens": "patch_tokens",
+        "shard": "shard",
+        "part_tiles": "part_tiles",
+        "encoder_table": "encoder_table",
+        "batch_size": "batch_size",
+        "workers": "num_workers",
+        "device": "device",
+        "precision": "precision",
+        "slides": "slides",
+        "force": "force",
+        "overwrite": "overwrite",
+        "no_progress": "progress",
+    },
     negated=frozenset({"no_progress"}),
-    shown={"mean_patch": "off: CLS only", "patch_tokens": "off: no patch tokens",
-           "shard": "RANK/WORLD_SIZE under a launcher, else all slides",
-           "encoder_table": "built-in table (+ $PATHDINO_ENCODER_TABLE)",
-           "workers": "4, at most one per CPU core", "device": "cuda when available, else cpu",
-           "slides": "every complete slide", "no_progress": "off: a bar on terminals"})
+    shown={
+        "mean_patch": "off: CLS only",
+        "patch_tokens": "off: no patch tokens",
+        "shard": "RANK/WORLD_SIZE under a launcher, else all slides",
+        "encoder_table": "built-in table (+ $PATHDINO_ENCODER_TABLE)",
+        "workers": "4, at most one per CPU core",
+        "device": "cuda when available, else cpu",
+        "slides": "every complete slide",
+        "no_progress": "off: a bar on terminals",
+    },
+)
 
 EXPORT = Flags(
     _export_options,
-    {"tile_px": "tile_px", "target_mpp": "target_mpp", "name": "model_name", "license_": "license",
-     "overwrite": "overwrite", "pick": "pick"},
-    shown={"tile_px": "read from the training stores", "target_mpp": "read from the training stores",
-           "name": "the output folder's name"})
+    {
+        "tile_px": "tile_px",
+        "target_mpp": "target_mpp",
+        "name": "model_name",
+        "license_": "license",
+        "overwrite": "overwrite",
+        "pick": "pick",
+    },
+    shown={
+        "tile_px": "read from the training stores",
+        "target_mpp": "read from the training stores",
+        "name": "the output folder's name",
+    },
+)
 
 EVAL = Flags(
     _eval_options,
-    {"batch_size": "batch_size", "workers": "num_workers", "device": "device", "no_progress": "progress",
-     "max_unreadable": "max_unreadable_fraction"},
+    {
+        "batch_size": "batch_size",
+        "workers": "num_workers",
+        "device": "device",
+        "no_progress": "progress",
+        "max_unreadable": "max_unreadable_fraction",
+    },
     negated=frozenset({"no_progress"}),
-    shown={"device": "cuda when available, else cpu", "no_progress": "off: bars on terminals"})
+    shown={"device": "cuda when available, else cpu", "no_progress": "off: bars on terminals"},
+)
 
 MIL = Flags(
     _mil_config,
-    {"max_epochs": "max_epochs", "hidden_dim": "hidden_dim", "lr": "lr", "device": "device",
-     "skip_missing": "skip_missing_slides", "seed": "seed"})
+    {
+        "max_epochs": "max_epochs",
+        "hidden_dim": "hidden_dim",
+        "lr": "lr",
+        "device": "device",
+        "skip_missing": "skip_missing_slides",
+        "seed": "seed",
+    },
+)
 
 SLIDE_EMBED = Flags(
     _slide_embed_options,
-    {"tiles": "tiles", "shard": "shard", "slides": "slides", "device": "device", "precision": "precision",
-     "force": "force", "overwrite": "overwrite", "no_progress": "progress"},
+    {
+        "tiles": "tiles",
+        "shard": "shard",
+        "slides": "slides",
+        "device": "device",
+        "precision": "precision",
+        "force": "force",
+        "overwrite": "overwrite",
+        "no_progress": "progress",
+    },
     negated=frozenset({"no_progress"}),
-    shown={"tiles": "off: slide vectors only", "shard": "RANK/WORLD_SIZE under a launcher, else all slides",
-           "slides": "every complete slide", "device": "cuda when available, else cpu",
-           "no_progress": "off: a bar on terminals"})
+    shown={
+        "tiles": "off: slide vectors only",
+        "shard": "RANK/WORLD_SIZE under a launcher, else all slides",
+        "slides": "every complete slide",
+        "device": "cuda when available, else cpu",
+        "no_progress": "off: a bar on terminals",
+    },
+)
 
 # `pathdino mil --slide-encoder DIR`: the shared flags (--max-epochs, --lr, ...) fill SlideMILConfig instead
 SLIDE_MIL = Flags(
     _slide_mil_config,
-    {"max_epochs": "max_epochs", "lr": "lr", "device": "device", "skip_missing": "skip_missing_slides",
-     "seed": "seed", "linear_probe": "linear_probe", "layer_decay": "layer_decay",
-     "accumulate_slides": "accumulate_slides", "max_tiles": "max_tiles", "slide_vector": "vector"},
-    shown={"max_tiles": "none: every tile"})
+    {
+        "max_epochs": "max_epochs",
+        "lr": "lr",
+        "device": "device",
+        "skip_missing": "skip_missing_slides",
+        "seed": "seed",
+        "linear_probe": "linear_probe",
+        "layer_decay": "layer_decay",
+        "accumulate_slides": "accumulate_slides",
+        "max_tiles": "max_tiles",
+        "slide_vector": "vector",
+    },
+    shown={"max_tiles": "none: every tile"},
+)
 SLIDE_ONLY_FLAGS = ("linear_probe", "layer_decay", "accumulate_slides", "max_tiles", "slide_vector")
 
 

@@ -32,8 +32,17 @@ def build_config(config_path: Path | None, flags: dict[str, Any]) -> TilingConfi
     return load_config(TilingConfig, config_path, values=flags, where=str(config_path or "tiling config"))
 
 
-def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp: float | None, shard: str | None,
-                 overwrite: bool, dry_run: bool = False, fail_on_empty: bool = False) -> int:
+def tile_command(
+    inputs: list[str],
+    out: str,
+    config: TilingConfig,
+    *,
+    slide_mpp: float | None,
+    shard: str | None,
+    overwrite: bool,
+    dry_run: bool = False,
+    fail_on_empty: bool = False,
+) -> int:
     """`pathdino tile`: say what was found, tile it with progress bars, summarise; returns the exit status.
 
     Ctrl-C (SIGINT) and SIGTERM stop the run after the workers: what was committed is kept, the summary says so,
@@ -52,12 +61,21 @@ def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp
         print_slide_list(mine)
         return 0
     shard_note = f" (shard {index}/{count}: {len(mine)} of {len(scan.slides)})" if count > 1 else ""
-    console.print(f"Tiling {len(mine)} slide(s){shard_note} into [bold]{escape(out)}[/] at {config.target_mpp} µm/px, "
-                  f"{config.tile_px} px, {config.n_workers} worker(s)", soft_wrap=True)
+    console.print(
+        f"Tiling {len(mine)} slide(s){shard_note} into [bold]{escape(out)}[/] at {config.target_mpp} µm/px, "
+        f"{config.tile_px} px, {config.n_workers} worker(s)",
+        soft_wrap=True,
+    )
     started = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
-                  disable=not console.is_terminal and not _force_progress()) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal and not _force_progress(),
+    ) as progress:
         slides_task = progress.add_task("slides", total=len(mine), rate="")
         tiles_task = progress.add_task("tiles", total=None, rate="")
         counts = {"tiles": 0}
@@ -70,8 +88,9 @@ def tile_command(inputs: list[str], out: str, config: TilingConfig, *, slide_mpp
                 rate = counts["tiles"] / max(time.perf_counter() - started, 1e-9)
                 progress.update(tiles_task, completed=counts["tiles"], rate=f"{rate:,.0f} tiles/s")
             elif kind == "warning":
-                console.print(f"[yellow]warning[/] {escape(info['slide_id'])}: {escape(info['message'])}",
-                              soft_wrap=True)
+                console.print(
+                    f"[yellow]warning[/] {escape(info['slide_id'])}: {escape(info['message'])}", soft_wrap=True
+                )
 
         try:
             outcomes = run_tiling(mine, out, config, overwrite=overwrite, on_event=on_event)
@@ -100,15 +119,19 @@ def print_found(scan: InputScan, *, list_all: bool, max_listed: int = 10) -> Non
         for message in scan.reader_warnings:
             console.print(f"  [dim]DICOM header warning[/] {escape(message)}", highlight=False, soft_wrap=True)
     elif scan.reader_warnings:
-        console.print(f"[dim]{len(scan.reader_warnings)} warning(s) while reading DICOM headers (odd values; the "
-                      "files are used as usual): --dry-run lists them[/]", highlight=False)
+        console.print(
+            f"[dim]{len(scan.reader_warnings)} warning(s) while reading DICOM headers (odd values; the "
+            "files are used as usual): --dry-run lists them[/]",
+            highlight=False,
+        )
     if not scan.skipped:
         return
     console.print(f"Skipped {len(scan.skipped)} file(s): {_counts(scan.skip_counts())}")
     shown = scan.skipped if list_all else scan.skipped[:max_listed]
     for f in shown:
-        console.print(f"  [dim]skipped[/] {escape(str(f.path))}: {escape(f.describe())}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"  [dim]skipped[/] {escape(str(f.path))}: {escape(f.describe())}", highlight=False, soft_wrap=True
+        )
     if len(shown) < len(scan.skipped):
         console.print(f"  ... and {len(scan.skipped) - len(shown)} more (--dry-run lists them all)")
 
@@ -125,8 +148,9 @@ def print_slide_list(slides: list[SlideInput]) -> None:
     """`--dry-run`: every slide that would be tiled, to stdout (one per line: id, format, path)."""
     if len(slides) > PLAIN_TABLE_ROWS:
         print(f"{len(slides)} slide(s) would be tiled (--dry-run: nothing written)")
-        _plain_rows(("slide", "format", "path"), [(s.slide_id, slide_format(s.path), str(s.path)) for s in slides],
-                    sys.stdout)
+        _plain_rows(
+            ("slide", "format", "path"), [(s.slide_id, slide_format(s.path), str(s.path)) for s in slides], sys.stdout
+        )
         return
     table = Table(title=f"{len(slides)} slide(s) would be tiled (--dry-run: nothing written)")
     for col in ("slide", "format", "path"):
@@ -165,7 +189,7 @@ def _middle_cut(text: str, width: int) -> str:
     if len(text) <= width:
         return text
     head = (width - 1) // 2
-    return f"{text[:head]}…{text[len(text) - (width - 1 - head):]}"
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head) :]}"
 
 
 def _outcome_note(o: SlideOutcome) -> str:
@@ -187,16 +211,20 @@ def print_summary(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     if len(outcomes) > PLAIN_TABLE_ROWS:
         listed = [o for o in outcomes if not o.already_complete]
         if listed:
-            _plain_rows(("slide", "status", "tiles", "reason / note"),
-                        [(o.slide_id, o.status, f"{o.n_tiles:,}", _outcome_note(o)) for o in listed], console.file)
+            _plain_rows(
+                ("slide", "status", "tiles", "reason / note"),
+                [(o.slide_id, o.status, f"{o.n_tiles:,}", _outcome_note(o)) for o in listed],
+                console.file,
+            )
     else:
         _summary_table(outcomes)
     _summary_totals(outcomes, elapsed_s)
 
 
 def _summary_table(outcomes: list[SlideOutcome]) -> None:
-    table = Table(title="pathdino tile: summary", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
-                  collapse_padding=True)
+    table = Table(
+        title="pathdino tile: summary", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
     # Every cell stays on one line: the slide id and the reason are cut with "…" to fit the terminal (80 columns).
     id_width = min(22, max([len(o.slide_id) for o in outcomes] + [5]))
     tiles_width = max([len(f"{o.n_tiles:,}") for o in outcomes] + [5])
@@ -207,8 +235,12 @@ def _summary_table(outcomes: list[SlideOutcome]) -> None:
     table.add_column("reason / note", no_wrap=True, overflow="ellipsis", max_width=reason_width)
     for o in outcomes:
         style = STATUS_STYLE[o.status]
-        table.add_row(escape(_middle_cut(o.slide_id, id_width)), f"[{style}]{o.status}[/]", f"{o.n_tiles:,}",
-                      escape(_outcome_note(o)))
+        table.add_row(
+            escape(_middle_cut(o.slide_id, id_width)),
+            f"[{style}]{o.status}[/]",
+            f"{o.n_tiles:,}",
+            escape(_outcome_note(o)),
+        )
     console.print(table, highlight=False)
 
 
@@ -216,19 +248,24 @@ def _summary_totals(outcomes: list[SlideOutcome], elapsed_s: float) -> None:
     n = collections.Counter(o.status for o in outcomes)
     n_empty_old = sum(o.status == "empty" and o.already_complete for o in outcomes)
     total = sum(o.n_tiles for o in outcomes if o.status == "done")
-    console.print(f"{n['done']} done, [yellow]{n['empty']} empty[/], {n['skipped'] + n_empty_old} skipped (already "
-                  f"complete), [red]{n['failed']} failed[/]; {total:,} new tiles in {elapsed_s:.1f} s "
-                  f"({total / max(elapsed_s, 1e-9):,.0f} tiles/s)")
+    console.print(
+        f"{n['done']} done, [yellow]{n['empty']} empty[/], {n['skipped'] + n_empty_old} skipped (already "
+        f"complete), [red]{n['failed']} failed[/]; {total:,} new tiles in {elapsed_s:.1f} s "
+        f"({total / max(elapsed_s, 1e-9):,.0f} tiles/s)"
+    )
     if n["failed"]:
         console.print("[red]full failure messages and tracebacks[/]: pathdino info STORE --failures")
     if n["empty"]:
-        console.print(f"[yellow]{n['empty']} slide(s) gave no tiles[/] (reasons above; --fail-on-empty makes this "
-                      "an error)")
+        console.print(
+            f"[yellow]{n['empty']} slide(s) gave no tiles[/] (reasons above; --fail-on-empty makes this an error)"
+        )
     damaged = [o for o in outcomes if o.n_decode_failures and o.status != "failed"]
     if damaged:
-        console.print(f"[yellow]{sum(o.n_decode_failures for o in damaged):,} tile(s) of {len(damaged)} slide(s) "
-                      "could not be read[/] (source tiles that fail to decode; kept below "
-                      "--max-decode-failure-fraction; `pathdino info STORE` lists them)")
+        console.print(
+            f"[yellow]{sum(o.n_decode_failures for o in damaged):,} tile(s) of {len(damaged)} slide(s) "
+            "could not be read[/] (source tiles that fail to decode; kept below "
+            "--max-decode-failure-fraction; `pathdino info STORE` lists them)"
+        )
 
 
 def print_interrupted(stop: TilingInterrupted, elapsed_s: float) -> int:
@@ -243,9 +280,11 @@ def print_interrupted(stop: TilingInterrupted, elapsed_s: float) -> int:
         name = signal.Signals(stop.signum).name
     except ValueError:
         name = f"signal {stop.signum}"
-    console.print(f"[red]interrupted ({name})[/]: {committed} slide(s) committed by this run, {stop.n_partial} "
-                  f"partial (discarded: they start over), {stop.n_not_started} not started; everything committed is "
-                  "kept: rerun the same command to resume")
+    console.print(
+        f"[red]interrupted ({name})[/]: {committed} slide(s) committed by this run, {stop.n_partial} "
+        f"partial (discarded: they start over), {stop.n_not_started} not started; everything committed is "
+        "kept: rerun the same command to resume"
+    )
     return 128 + int(stop.signum)
 
 
@@ -261,27 +300,49 @@ def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
     summary["n_decode_failures"] = sum(decode_failures.values())
     summary["n_slides_with_decode_failures"] = sum(n > 0 for n in decode_failures.values())
     if as_json:
-        slides = {k: {**dataclasses.asdict(v), "n_decode_failures": decode_failures[k],
-                      "n_candidates": int(attrs_of[k].get("n_candidates", 0) or 0),
-                      "thumbnail_fallbacks": len(attrs_of[k].get("thumbnail_fallbacks", []) or [])}
-                  for k, v in store.entries.items()}
+        slides = {
+            k: {
+                **dataclasses.asdict(v),
+                "n_decode_failures": decode_failures[k],
+                "n_candidates": int(attrs_of[k].get("n_candidates", 0) or 0),
+                "thumbnail_fallbacks": len(attrs_of[k].get("thumbnail_fallbacks", []) or []),
+            }
+            for k, v in store.entries.items()
+        }
         print(dumps({**summary, "slides": slides, "failures": store.failures}))
         return 0
     out = Console()
-    out.print(f"[bold]{escape(store.url)}[/]: pathdino tile store v{summary['format_version']}, "
-              f"{summary['n_slides'] - summary['n_empty']} slide(s) with {summary['n_tiles']:,} tiles, "
-              f"[yellow]{summary['n_empty']} empty[/] (no tiles), [red]{summary['n_failures']} failed[/]")
+    out.print(
+        f"[bold]{escape(store.url)}[/]: pathdino tile store v{summary['format_version']}, "
+        f"{summary['n_slides'] - summary['n_empty']} slide(s) with {summary['n_tiles']:,} tiles, "
+        f"[yellow]{summary['n_empty']} empty[/] (no tiles), [red]{summary['n_failures']} failed[/]"
+    )
     damaged = summary["n_decode_failures"] > 0  # the column only where there is something to show
-    columns = ("slide", "tiles", *(["unreadable"] if damaged else []), "µm/px", "tile px", "read level", "reader",
-               "source")
+    columns = (
+        "slide",
+        "tiles",
+        *(["unreadable"] if damaged else []),
+        "µm/px",
+        "tile px",
+        "read level",
+        "reader",
+        "source",
+    )
     rows = []
     for sid, entry in entries.items():
         attrs = attrs_of[sid]
-        rows.append((sid, f"{entry.n_tiles:,}" if entry.n_tiles else "0 (empty)",
-                     *([f"{decode_failures[sid]:,}"] if damaged else []),
-                     f"{attrs.get('effective_mpp', float('nan')):.4f}", str(attrs.get("tile_px")),
-                     str(attrs.get("read_level")), f"{attrs.get('reader')} ({attrs.get('pixel_source')})",
-                     entry.source_path))
+        rows.append(
+            (
+                sid,
+                f"{entry.n_tiles:,}" if entry.n_tiles else "0 (empty)",
+                *([f"{decode_failures[sid]:,}"] if damaged else []),
+                f"{attrs.get('effective_mpp', float('nan')):.4f}",
+                str(attrs.get("tile_px")),
+                str(attrs.get("read_level")),
+                f"{attrs.get('reader')} ({attrs.get('pixel_source')})",
+                entry.source_path,
+            )
+        )
     if len(rows) > PLAIN_TABLE_ROWS:
         _plain_rows(columns, rows, sys.stdout)
     else:
@@ -293,9 +354,11 @@ def info_command(store_url: str, show_failures: bool, as_json: bool) -> int:
             table.add_row(escape(row[0]), tiles, *(escape(v) for v in row[2:]))
         out.print(table)
     if summary["n_decode_failures"]:
-        out.print(f"[yellow]{summary['n_decode_failures']:,} candidate tile(s) of "
-                  f"{summary['n_slides_with_decode_failures']} slide(s) could not be read[/] (source tiles that fail "
-                  "to decode: the column 'unreadable'; each slide's first error is in its provenance, decode_error)")
+        out.print(
+            f"[yellow]{summary['n_decode_failures']:,} candidate tile(s) of "
+            f"{summary['n_slides_with_decode_failures']} slide(s) could not be read[/] (source tiles that fail "
+            "to decode: the column 'unreadable'; each slide's first error is in its provenance, decode_error)"
+        )
     empty = {sid: attrs_of[sid].get("empty_reason", "") for sid, e in entries.items() if not e.n_tiles}
     if empty:
         etable = Table(title="empty slides (committed, no tiles)")
@@ -320,8 +383,11 @@ def _print_failures(out: Console, failures: dict[str, dict[str, Any]], *, full: 
         return
     for sid, f in sorted(failures.items()):
         out.rule(escape(sid))
-        out.print(f"{f.get('source_path', '')}\n{f.get('error_type', '')}: {f.get('reason', '')}\n",
-                  markup=False, highlight=False)
+        out.print(
+            f"{f.get('source_path', '')}\n{f.get('error_type', '')}: {f.get('reason', '')}\n",
+            markup=False,
+            highlight=False,
+        )
         out.print(f.get("traceback", ""), markup=False, highlight=False)
         if f.get("reader_warnings"):
             out.print("reader warnings:\n  " + "\n  ".join(f["reader_warnings"]), markup=False, highlight=False)

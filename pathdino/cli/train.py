@@ -47,9 +47,17 @@ class TrainLaunch:
         return cmd
 
 
-def plan_launch(*, config: Path, overrides: list[str], resume: bool, resume_from: str | None, check: bool,
-                num_processes: int | None, accelerate_config: Path | None,
-                module: str = "pathdino.train") -> TrainLaunch:
+def plan_launch(
+    *,
+    config: Path,
+    overrides: list[str],
+    resume: bool,
+    resume_from: str | None,
+    check: bool,
+    num_processes: int | None,
+    accelerate_config: Path | None,
+    module: str = "pathdino.train",
+) -> TrainLaunch:
     """Turn the command's flags into a :class:`TrainLaunch`; ConfigError names the flag at fault."""
     if resume and resume_from:
         raise ConfigError("give either --resume (newest checkpoint in train.output_dir) or --resume-from CHECKPOINT")
@@ -65,8 +73,7 @@ def plan_launch(*, config: Path, overrides: list[str], resume: bool, resume_from
     n = num_processes
     if n is None and accelerate_config is not None:
         n = _accelerate_processes(accelerate_config)
-    return TrainLaunch(train_argv=tuple(argv), num_processes=n or 1, accelerate_config=accelerate_config,
-                       module=module)
+    return TrainLaunch(train_argv=tuple(argv), num_processes=n or 1, accelerate_config=accelerate_config, module=module)
 
 
 def _accelerate_processes(path: Path) -> int:
@@ -87,9 +94,15 @@ def train_command(launch: TrainLaunch) -> int:
 
         return main(list(launch.train_argv))
     line = shlex.join(launch.accelerate_command())
-    note = (f"{launch.num_processes} processes" if launch.accelerate_config is None
-            else f"the accelerate config {launch.accelerate_config}")
-    print(f"# {note}: start the processes with accelerate (on several machines: on each, adding --machine_rank, "
-          "--main_process_ip and --main_process_port; see docs/training.md):", file=sys.stderr)
+    note = (
+        f"{launch.num_processes} processes"
+        if launch.accelerate_config is None
+        else f"the accelerate config {launch.accelerate_config}"
+    )
+    print(
+        f"# {note}: start the processes with accelerate (on several machines: on each, adding --machine_rank, "
+        "--main_process_ip and --main_process_port; see docs/training.md):",
+        file=sys.stderr,
+    )
     print(line)
     return 0

@@ -37,12 +37,16 @@ def export_command(checkpoint: str, out: str, options: ExportOptions) -> int:
         return _export_slide(resolve_checkpoint_dir(checkpoint), out, options)
     result = export_checkpoint(checkpoint, out, options)
     console.print(f"exported {result.architecture} (step {result.step}) to {result.out_dir}")
-    console.print(f"  trained on {result.tile_px} px tiles at {result.target_mpp} µm/px; reload check: max "
-                  f"|difference| {result.max_abs_diff:.3g}")
+    console.print(
+        f"  trained on {result.tile_px} px tiles at {result.target_mpp} µm/px; reload check: max "
+        f"|difference| {result.max_abs_diff:.3g}"
+    )
     for note in result.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
-    console.print(f"  load it: pathdino.load_encoder({str(result.out_dir)!r}) or "
-                  f"timm.create_model('local-dir:{result.out_dir}', pretrained=True)")
+    console.print(
+        f"  load it: pathdino.load_encoder({str(result.out_dir)!r}) or "
+        f"timm.create_model('local-dir:{result.out_dir}', pretrained=True)"
+    )
     return 0
 
 
@@ -52,8 +56,10 @@ def _export_slide(checkpoint: Path, out: str, options: ExportOptions) -> int:
 
     result = export_slide_checkpoint(checkpoint, out, overwrite=options.overwrite)
     console.print(f"exported the slide encoder ({result.weights} weights, step {result.step}) to {result.out_dir}")
-    console.print(f"  reads embeddings of the tile encoder {result.tile_encoder!r}; reload check: max |difference| "
-                  f"{result.max_abs_diff:.3g}")
+    console.print(
+        f"  reads embeddings of the tile encoder {result.tile_encoder!r}; reload check: max |difference| "
+        f"{result.max_abs_diff:.3g}"
+    )
     console.print(f"  load it: pathdino.load_slide_encoder({str(result.out_dir)!r})")
     return 0
 
@@ -69,27 +75,42 @@ def embed_command(store: str, encoder: str, out: str, *, options: EmbedOptions) 
     report = embed_store(store, encoder, out, options)
     where = f"shard {report.shard[0]}/{report.shard[1]}: " if report.shard[1] > 1 else ""
     console.print(f"{where}uses {report.uses}")
-    console.print(f"{where}embedded {len(report.embedded)} slide(s), {report.n_tiles} tiles in {report.seconds:.1f} s "
-                  f"({report.tiles_per_s:.0f} tiles/s); {len(report.skipped)} already complete")
+    console.print(
+        f"{where}embedded {len(report.embedded)} slide(s), {report.n_tiles} tiles in {report.seconds:.1f} s "
+        f"({report.tiles_per_s:.0f} tiles/s); {len(report.skipped)} already complete"
+    )
     if report.waiting:
-        console.print(f"  {len(report.waiting)} slide(s) wait for parts other processes embed; whichever finishes "
-                      "a slide's last part commits it (rerun to finish if those processes died)")
+        console.print(
+            f"  {len(report.waiting)} slide(s) wait for parts other processes embed; whichever finishes "
+            "a slide's last part commits it (rerun to finish if those processes died)"
+        )
     console.print(f"  embeddings: {report.out}" + (f"  (h5: {h5_dir(report.out)})" if "h5" in options.formats else ""))
     if report.forced:
-        console.print(f"  [yellow]--force:[/yellow] {len(report.forced)} slide(s) embedded despite a tile-size or "
-                      "µm/px mismatch (recorded in their attributes)")
+        console.print(
+            f"  [yellow]--force:[/yellow] {len(report.forced)} slide(s) embedded despite a tile-size or "
+            "µm/px mismatch (recorded in their attributes)"
+        )
     for sid, reason in report.failed.items():
         console.print(f"  [red]failed[/red] {sid}: {reason}")
     return 1 if report.failed else 0
 
 
-def eval_command(dataset: str, options: EvalOptions, *, encoder: str | None, arch: str | None, out: str,
-                 methods: list[str], img_size: int) -> int:
+def eval_command(
+    dataset: str,
+    options: EvalOptions,
+    *,
+    encoder: str | None,
+    arch: str | None,
+    out: str,
+    methods: list[str],
+    img_size: int,
+) -> int:
     from pathdino.eval import eval_transform, random_baseline_encoder, run_eval
 
     if (encoder is None) == (arch is None):
-        raise ConfigError("give exactly one of --encoder DIR (an exported encoder) or --arch TIMM_ARCH "
-                          "(random-weight baseline)")
+        raise ConfigError(
+            "give exactly one of --encoder DIR (an exported encoder) or --arch TIMM_ARCH (random-weight baseline)"
+        )
     if encoder is not None:
         from pathdino.export import load_encoder
 
@@ -99,8 +120,10 @@ def eval_command(dataset: str, options: EvalOptions, *, encoder: str | None, arc
     report = run_eval(model, transform, dataset, methods=tuple(methods), out_json=out, options=options)
     console.print(f"evaluated on {report['eval_split']} split ({report['feature_dim']}-d features); report: {out}")
     if report["unreadable"]["n"]:
-        console.print(f"  [yellow]skipped {report['unreadable']['n']} unreadable image(s)[/yellow] (listed in the "
-                      "report's 'unreadable')")
+        console.print(
+            f"  [yellow]skipped {report['unreadable']['n']} unreadable image(s)[/yellow] (listed in the "
+            "report's 'unreadable')"
+        )
     for method, result in report["methods"].items():
         console.print(f"  {method}: {_headline(result)}")
     return 0
@@ -117,6 +140,7 @@ def _headline(result: object) -> str:
                     found.append(f"{path}{key}={value:.3f}")
                 elif isinstance(value, dict) and len(found) < 8:
                     walk(value, f"{path}{key}.")
+
     walk(result, "")
     return ", ".join(found[:8]) or json.dumps(result)[:200]
 
@@ -144,8 +168,12 @@ def _feature_source(path: Path, feature: str):
         return EmbeddingStore(path, feature=feature)
     if path.is_dir() and any(path.glob("*.h5")):
         if feature != "features":
-            raise ConfigError(f"--feature {feature}: h5 folders hold one 'features' array (the encoder's tile "
-                             "embedding); leave --feature out, or point --embeddings at the embeddings store")
+            raise ConfigError(
+                f"--feature {feature}: h5 folders hold one 'features' array (the encoder's tile "
+                "embedding); leave --feature out, or point --embeddings at the embeddings store"
+            )
         return H5FeatureReader(path)
-    raise MissingFileError(f"--embeddings {path}: neither an embeddings store (zarr.json) nor a folder of "
-                            "<slide_id>.h5 files; create one with `pathdino embed`")
+    raise MissingFileError(
+        f"--embeddings {path}: neither an embeddings store (zarr.json) nor a folder of "
+        "<slide_id>.h5 files; create one with `pathdino embed`"
+    )

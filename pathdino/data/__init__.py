@@ -18,8 +18,17 @@ from typing import Any
 from pathdino.data.catalog import Catalog, validate_stores
 from pathdino.data.config import AugmentConfig, DataConfig, DataConfigError, MaskConfig
 
-__all__ = ["AugmentConfig", "Catalog", "DataConfig", "DataConfigError", "MaskConfig", "MultiCropBatch",
-           "TrainLoader", "build_train_loader", "validate_stores"]
+__all__ = [
+    "AugmentConfig",
+    "Catalog",
+    "DataConfig",
+    "DataConfigError",
+    "MaskConfig",
+    "MultiCropBatch",
+    "TrainLoader",
+    "build_train_loader",
+    "validate_stores",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -38,8 +38,9 @@ class CpuAugmenter:
             self._buffers[key] = torch.empty(n, 3, px, px)
         return self._buffers[key]
 
-    def __call__(self, tile_hwc: np.ndarray, groups: tuple[CropParams, CropParams],
-                 outs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __call__(
+        self, tile_hwc: np.ndarray, groups: tuple[CropParams, CropParams], outs: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         """Write the crops of ``tile_hwc`` (H, W, 3 uint8) into ``outs`` (uint8 [n, 3, S, S] views)."""
         tile = as_channels_last(tile_hwc)
         sizes = (self.aug.global_crop_px, self.aug.local_crop_px)
@@ -47,14 +48,16 @@ class CpuAugmenter:
             if len(p) == 0:
                 continue
             x = crop_resize_cpu(tile, p, px, self._buffer(len(p), px))  # flips and turns included
-            colour_augment(x, p, p.floats("cpu"), _strengths(self.aug), self.aug.blur_kernel_px,
-                           self.aug.color_jitter_impl)
+            colour_augment(
+                x, p, p.floats("cpu"), _strengths(self.aug), self.aug.blur_kernel_px, self.aug.color_jitter_impl
+            )
             # Adding 0.5 before the truncating float->uint8 copy rounds to nearest.
             out.copy_(x.clamp_(0, 1).mul_(255).add_(0.5))
 
 
-def augment_on_device(tiles: torch.Tensor, groups: tuple[CropParams, CropParams],
-                      aug: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_on_device(
+    tiles: torch.Tensor, groups: tuple[CropParams, CropParams], aug: AugmentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Global and local crops of ``tiles`` [B, 3, H, W] (float in [0, 1], any device), normalised.
 
     ``groups`` hold each group's crop parameters crop-major (crop k of tile i at k * B + i); every operation

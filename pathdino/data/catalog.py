@@ -100,14 +100,17 @@ def _check_distinct(urls: tuple[str, ...]) -> None:
     for url in urls:
         key = str(local_root(url).resolve()) if not is_remote_url(url) else url.rstrip("/")
         if key in seen:
-            raise StoreError(f"tile store {url} is listed twice in data.stores (as {seen[key]!r} and {url!r}): every "
-                             "tile would be drawn twice; list it once (data.store_weights gives a store a larger "
-                             "share)")
+            raise StoreError(
+                f"tile store {url} is listed twice in data.stores (as {seen[key]!r} and {url!r}): every "
+                "tile would be drawn twice; list it once (data.store_weights gives a store a larger "
+                "share)"
+            )
         seen[key] = url
 
 
-def _check_one_resolution(rows: list[tuple[int, str, int]], metas: list[tuple[int, int, str, float | None]],
-                          data: DataConfig) -> None:
+def _check_one_resolution(
+    rows: list[tuple[int, str, int]], metas: list[tuple[int, int, str, float | None]], data: DataConfig
+) -> None:
     """Slides at other µm/px or tile sizes than the first one are an error unless data.allow_mixed_resolutions."""
     if data.allow_mixed_resolutions:
         return
@@ -119,8 +122,10 @@ def _check_one_resolution(rows: list[tuple[int, str, int]], metas: list[tuple[in
             continue
         _, px0, mpp0 = first
         if tile_px != px0 or (mpp is not None and mpp0 is not None and abs(mpp - mpp0) > MIXED_MPP_TOLERANCE * mpp0):
-            raise StoreError(f"data.stores mix resolutions: {first[0]} but {where}; train on stores tiled at one "
-                             "µm/px and tile size, or set data.allow_mixed_resolutions=true to mix them on purpose")
+            raise StoreError(
+                f"data.stores mix resolutions: {first[0]} but {where}; train on stores tiled at one "
+                "µm/px and tile size, or set data.allow_mixed_resolutions=true to mix them on purpose"
+            )
 
 
 def _mpp_text(mpp: float | None) -> str:
@@ -130,7 +135,6 @@ def _mpp_text(mpp: float | None) -> str:
 def _failed_selected(store: TileStore, patterns: tuple[str, ...] | None) -> int:
     """Failed slides of ``store`` that the selection would have taken (skipped: they have no tiles to serve)."""
     return len(_select(sorted(store.failures), patterns)[0])
-
 
 
 def validate_stores(data: DataConfig, aug: AugmentConfig) -> Catalog:
@@ -146,8 +150,10 @@ def validate_stores(data: DataConfig, aug: AugmentConfig) -> Catalog:
     for url in data.stores:
         store = TileStore(url)  # raises StoreError for missing stores and unknown format versions
         if not store.slide_ids:
-            raise StoreError(f"tile store {url} holds no complete slides: tile slides into it with "
-                             f"`pathdino tile SLIDES --out {url}`, or remove it from data.stores")
+            raise StoreError(
+                f"tile store {url} holds no complete slides: tile slides into it with "
+                f"`pathdino tile SLIDES --out {url}`, or remove it from data.stores"
+            )
         stores.append(store)
 
     rows: list[tuple[int, str, int]] = []
@@ -161,15 +167,19 @@ def validate_stores(data: DataConfig, aug: AugmentConfig) -> Catalog:
                 if data.skip_empty_slides:
                     log.warning("skipping slide %r of %s: it has no tiles", sid, store.url)
                     continue
-                raise StoreError(f"slide {sid!r} in tile store {store.url} has no tiles (no tissue found?): "
-                                 "exclude it with data.slides, or set data.skip_empty_slides=True")
+                raise StoreError(
+                    f"slide {sid!r} in tile store {store.url} has no tiles (no tissue found?): "
+                    "exclude it with data.slides, or set data.skip_empty_slides=True"
+                )
             rows.append((si, sid, n))
     if data.slides is not None:
         unmatched = [p for p in data.slides if p not in used]
         if unmatched:
             example = ", ".join(repr(s) for s in stores[0].slide_ids[:3])
-            raise StoreError(f"data.slides entries {unmatched} match no complete slide in stores "
-                             f"{list(data.stores)} (slides look like {example}); `pathdino info STORE` lists them")
+            raise StoreError(
+                f"data.slides entries {unmatched} match no complete slide in stores "
+                f"{list(data.stores)} (slides look like {example}); `pathdino info STORE` lists them"
+            )
     if not rows:
         raise StoreError(f"no slides with tiles selected from stores {list(data.stores)}")
 
@@ -186,12 +196,14 @@ def validate_stores(data: DataConfig, aug: AugmentConfig) -> Catalog:
             if name == "local_crop_px" and aug.n_local_crops == 0:
                 continue
             if px > tile_px:
-                raise StoreError(f"AugmentConfig.{name}={px} is larger than the {tile_px}-px tiles of {where}: "
-                                 f"use crops of at most {tile_px} px or re-tile with --tile-px {px}")
+                raise StoreError(
+                    f"AugmentConfig.{name}={px} is larger than the {tile_px}-px tiles of {where}: "
+                    f"use crops of at most {tile_px} px or re-tile with --tile-px {px}"
+                )
 
     _check_one_resolution(rows, metas, data)
     digest = hashlib.sha1()
-    for (si, sid, n) in rows:
+    for si, sid, n in rows:
         digest.update(f"{data.stores[si]}\0{sid}\0{n}\n".encode())
     return Catalog(
         store_urls=tuple(data.stores),
@@ -202,7 +214,12 @@ def validate_stores(data: DataConfig, aug: AugmentConfig) -> Catalog:
         tiles_per_shard=np.array([m[1] for m in metas], dtype=np.int64),
         encodings=tuple(m[2] for m in metas),
         fingerprint=digest.hexdigest()[:16],
-        uses=describe_use(stores=tuple(data.stores), n_slides=len(rows), n_tiles=sum(r[2] for r in rows),
-                          n_failed=sum(_failed_selected(s, data.slides) for s in stores),
-                          mpps=[m[3] for m in metas], tile_pxs=[m[0] for m in metas]),
+        uses=describe_use(
+            stores=tuple(data.stores),
+            n_slides=len(rows),
+            n_tiles=sum(r[2] for r in rows),
+            n_failed=sum(_failed_selected(s, data.slides) for s in stores),
+            mpps=[m[3] for m in metas],
+            tile_pxs=[m[0] for m in metas],
+        ),
     )

@@ -26,8 +26,12 @@ HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 _OD_FLOOR = 1 / 255
 
 
-def apply_to(x: torch.Tensor, switch: np.ndarray, fn: Callable[[torch.Tensor, slice | torch.Tensor], torch.Tensor],
-             hull: bool = False) -> None:
+def apply_to(
+    x: torch.Tensor,
+    switch: np.ndarray,
+    fn: Callable[[torch.Tensor, slice | torch.Tensor], torch.Tensor],
+    hull: bool = False,
+) -> None:
     """Run ``fn(sub, index)`` on the crops where ``switch`` is True and write the result back into ``x``.
 
     A contiguous run of crops is a view (no copy), which is the common case for small per-sample groups. With
@@ -67,8 +71,9 @@ def _step(d: torch.Tensor) -> torch.Tensor:
     return d.mul_(_BIG).add_(1).clamp_(0, 1)
 
 
-def blend_step(x: torch.Tensor, f: torch.Tensor, to_gray: torch.Tensor | None, to_mean: torch.Tensor | None
-               ) -> torch.Tensor:
+def blend_step(
+    x: torch.Tensor, f: torch.Tensor, to_gray: torch.Tensor | None, to_mean: torch.Tensor | None
+) -> torch.Tensor:
     """Brightness, contrast or saturation, each crop its own, in one pass: clamp(f * x + (1 - f) * target).
 
     The target is 0 (brightness), the crop's mean luma (contrast: ``to_mean`` = 1) or each pixel's luma
@@ -133,8 +138,14 @@ def colour_jitter(x: torch.Tensor, p: CropParams, factors: torch.Tensor, strengt
             f = factors.gather(1, col).squeeze(1).sub_(1).mul_(on).add_(1)  # 1 where the crop does not blend
             to_gray = to_device(op == 2, dev, np.float32) if (op == 2).any() else None
             to_mean = to_device(op == 1, dev, np.float32) if (op == 1).any() else None
-            apply_to(x, blend, lambda v, i, f=f, g=to_gray, m=to_mean: blend_step(
-                v, f[i], None if g is None else g[i], None if m is None else m[i]), hull=True)
+            apply_to(
+                x,
+                blend,
+                lambda v, i, f=f, g=to_gray, m=to_mean: blend_step(
+                    v, f[i], None if g is None else g[i], None if m is None else m[i]
+                ),
+                hull=True,
+            )
         apply_to(x, op == 3, lambda v, i: adjust_hue(v, factors[i, 3]))
 
 
@@ -144,8 +155,9 @@ _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263],
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
-def jitter_affine(p: CropParams, factors: torch.Tensor | np.ndarray, mean_rgb: torch.Tensor | np.ndarray,
-                  strengths: tuple[float, ...]) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
+def jitter_affine(
+    p: CropParams, factors: torch.Tensor | np.ndarray, mean_rgb: torch.Tensor | np.ndarray, strengths: tuple[float, ...]
+) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
     """Colour jitter (in each crop's order) and grayscale as one affine map per crop: x -> M x + t.
 
     Brightness, contrast and saturation are torchvision's blends without the clamp between them; contrast blends
@@ -178,8 +190,11 @@ def jitter_affine(p: CropParams, factors: torch.Tensor | np.ndarray, mean_rgb: t
             continue
         sel = [const((op == k).astype(np.float64)).reshape(n, 1, 1) for k in range(4)]
         blend = sel[0] + sel[1] + sel[2]
-        f = factors[rows, op.clip(0, 2)] if xp is np else factors[to_device(rows, factors.device),
-                                                                   to_device(op.clip(0, 2), factors.device)]
+        f = (
+            factors[rows, op.clip(0, 2)]
+            if xp is np
+            else factors[to_device(rows, factors.device), to_device(op.clip(0, 2), factors.device)]
+        )
         f = f.reshape(n, 1, 1) * blend + (1 - blend)  # 1 for crops that do not blend at this step
         a = (f * eye + sel[2] * (1 - f) * ones_w) * (1 - sel[3]) + sel[3] * hue  # saturation pulls to luma
         luma = ((m_acc @ mean).reshape(n, 3) + t_acc) @ w  # mean luma of the crop so far
@@ -226,11 +241,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_px: int) -> torch
     padded = F.pad(x, (radius, radius, 0, 0), mode="reflect")
     out = padded[..., 0:width] * taps[0]
     for i in range(1, kernel_px):
-        out.addcmul_(padded[..., i:i + width], taps[i])
+        out.addcmul_(padded[..., i : i + width], taps[i])
     padded = F.pad(out, (0, 0, radius, radius), mode="reflect")
     out = padded[..., 0:height, :] * taps[0]
     for i in range(1, kernel_px):
-        out.addcmul_(padded[..., i:i + height, :], taps[i])
+        out.addcmul_(padded[..., i : i + height, :], taps[i])
     return out
 
 
@@ -255,8 +270,14 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return x.add_(_step(x - SOLARIZE_THRESHOLD).mul_(1 - 2 * x))
 
 
-def colour_augment(x: torch.Tensor, p: CropParams, floats: dict[str, torch.Tensor], strengths: tuple[float, ...],
-                   blur_kernel_px: int, jitter_impl: str = "fused") -> None:
+def colour_augment(
+    x: torch.Tensor,
+    p: CropParams,
+    floats: dict[str, torch.Tensor],
+    strengths: tuple[float, ...],
+    blur_kernel_px: int,
+    jitter_impl: str = "fused",
+) -> None:
     """The colour part of the recipe, in place: HED jitter, colour jitter, grayscale, blur, solarisation."""
     apply_to(x, p.hed, lambda v, i: hed_jitter(v, floats["hed_alpha"][i], floats["hed_beta"][i]))
     if jitter_impl == "fused":

@@ -99,10 +99,17 @@ class DataConfig:
         check_choice(c, "sampling", self.sampling, SAMPLING_MODES)
         if self.store_weights is not None:
             w = self.store_weights
-            if (len(w) != len(self.stores) or not all(isinstance(x, (int, float)) and x >= 0 for x in w)
-                    or not sum(w) > 0):
-                fail(c, "store_weights", w, f"expected {len(self.stores)} non-negative weights (one per store), "
-                      "not all zero")
+            if (
+                len(w) != len(self.stores)
+                or not all(isinstance(x, (int, float)) and x >= 0 for x in w)
+                or not sum(w) > 0
+            ):
+                fail(
+                    c,
+                    "store_weights",
+                    w,
+                    f"expected {len(self.stores)} non-negative weights (one per store), not all zero",
+                )
         if self.samples_per_epoch is not None:
             check_int(c, "samples_per_epoch", self.samples_per_epoch, 1)
         check_int(c, "shuffle_buffer_tiles", self.shuffle_buffer_tiles, 1)
@@ -199,8 +206,15 @@ class AugmentConfig:
         check_range(c, "global_crop_scale", self.global_crop_scale, 1e-4, 1.0)
         check_range(c, "local_crop_scale", self.local_crop_scale, 1e-4, 1.0)
         check_range(c, "crop_aspect", self.crop_aspect, 1e-2, 1e2)
-        for name in ("hflip_p", "vflip_p", "color_jitter_p", "grayscale_p", "blur_p_local", "solarize_p_local",
-                     "hed_p"):
+        for name in (
+            "hflip_p",
+            "vflip_p",
+            "color_jitter_p",
+            "grayscale_p",
+            "blur_p_local",
+            "solarize_p_local",
+            "hed_p",
+        ):
             check_prob(c, name, getattr(self, name))
         for name in ("blur_p_global", "solarize_p_global"):
             value = getattr(self, name)
@@ -216,8 +230,12 @@ class AugmentConfig:
             fail(c, "hue", self.hue, "expected a value in [0, 0.5]")
         check_choice(c, "color_jitter_impl", self.color_jitter_impl, JITTER_IMPLS)
         check_range(c, "blur_sigma", self.blur_sigma, 1e-3, 100.0)
-        if (isinstance(self.blur_kernel_px, bool) or not isinstance(self.blur_kernel_px, int)
-                or self.blur_kernel_px < 1 or self.blur_kernel_px % 2 == 0):
+        if (
+            isinstance(self.blur_kernel_px, bool)
+            or not isinstance(self.blur_kernel_px, int)
+            or self.blur_kernel_px < 1
+            or self.blur_kernel_px % 2 == 0
+        ):
             fail(c, "blur_kernel_px", self.blur_kernel_px, "expected an odd integer >= 1")
         if self.blur_kernel_px // 2 >= min(self.global_crop_px, self.local_crop_px):
             fail(c, "blur_kernel_px", self.blur_kernel_px, "the kernel radius must be smaller than every crop")
@@ -248,8 +266,16 @@ class AugmentConfig:
         presets: dict[str, dict[str, Any]] = {
             "dinov2": {},
             "dinov2_upstream": {"blur_p_global": (0.0, 0.9)},
-            "pathology": {"vflip_p": 0.5, "rot90": True, "brightness": 0.2, "contrast": 0.2, "saturation": 0.1,
-                          "hue": 0.05, "solarize_p_global": (0.0, 0.0), "hed_p": 0.5},
+            "pathology": {
+                "vflip_p": 0.5,
+                "rot90": True,
+                "brightness": 0.2,
+                "contrast": 0.2,
+                "saturation": 0.1,
+                "hue": 0.05,
+                "solarize_p_global": (0.0, 0.0),
+                "hed_p": 0.5,
+            },
         }
         if name not in presets:
             raise ConfigError(f"unknown augmentation preset {name!r}; expected one of {sorted(presets)}")
@@ -297,8 +323,10 @@ def check_patch_grid(aug: AugmentConfig, patch_size: int) -> int:
         px = getattr(aug, name)
         if px % patch_size:
             lower = max(patch_size, px // patch_size * patch_size)
-            raise ConfigError(f"AugmentConfig.{name}={px} is not a multiple of the model's patch size "
-                                  f"{patch_size}: use {lower} or {lower + patch_size}")
+            raise ConfigError(
+                f"AugmentConfig.{name}={px} is not a multiple of the model's patch size "
+                f"{patch_size}: use {lower} or {lower + patch_size}"
+            )
     return aug.global_crop_px // patch_size
 
 

@@ -48,8 +48,14 @@ def device_tiles(raw: RawBatch, device: torch.device, store_urls: tuple[str, ...
             t = raw.predecoded[i].to(device, non_blocking=True).permute(2, 0, 1)
         if isinstance(t, Exception) or t.shape[0] != 3 or t.shape[1] < size[0] or t.shape[2] < size[1]:
             reason = t if isinstance(t, Exception) else f"decoded shape {tuple(t.shape)}"
-            raw.failures.append({"store": store_urls[int(raw.store_indices[i])], "slide": raw.slide_ids[i],
-                                 "tile": int(raw.tile_indices[i]), "error": f"decode failed on {device}: {reason}"})
+            raw.failures.append(
+                {
+                    "store": store_urls[int(raw.store_indices[i])],
+                    "slide": raw.slide_ids[i],
+                    "tile": int(raw.tile_indices[i]),
+                    "error": f"decode failed on {device}: {reason}",
+                }
+            )
             t = None
         chw.append(t)
     good = [i for i, t in enumerate(chw) if t is not None]
@@ -67,5 +73,5 @@ def device_tiles(raw: RawBatch, device: torch.device, store_urls: tuple[str, ...
     h, w = max(t.shape[1] for t in chw), max(t.shape[2] for t in chw)
     out = torch.zeros(len(chw), 3, h, w, device=device, dtype=torch.float32)
     for i, t in enumerate(chw):
-        out[i, :, :t.shape[1], :t.shape[2]] = t
+        out[i, :, : t.shape[1], : t.shape[2]] = t
     return out.div_(255)

@@ -34,7 +34,7 @@ class BlockMasker:
             w = round(math.sqrt(area / aspect))
             if w < self.grid and h < self.grid:
                 top, left = rng.randint(0, self.grid - h), rng.randint(0, self.grid - w)
-                block = mask[top:top + h, left:left + w]
+                block = mask[top : top + h, left : left + w]
                 new = h * w - int(block.sum())
                 if 0 < new <= max_new:
                     block[...] = True

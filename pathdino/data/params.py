@@ -67,8 +67,10 @@ class CropParams:
 
     def floats(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """The continuous parameters as float32 tensors on ``device`` (the switches stay numpy, on the host)."""
-        return {name: to_device(getattr(self, name), device, np.float32)
-                for name in ("factors", "sigma", "hed_alpha", "hed_beta")}
+        return {
+            name: to_device(getattr(self, name), device, np.float32)
+            for name in ("factors", "sigma", "hed_alpha", "hed_beta")
+        }
 
 
 def to_device(a: np.ndarray | list | tuple, device: torch.device | str, dtype: type | None = None) -> torch.Tensor:
@@ -83,16 +85,17 @@ def _uniform(u: np.ndarray, low: float, high: float) -> np.ndarray:
     return low + (high - low) * u
 
 
-def random_resized_crop(u: np.ndarray, tile_h: int, tile_w: int, scale: tuple[float, float],
-                        ratio: tuple[float, float]) -> tuple[np.ndarray, ...]:
+def random_resized_crop(
+    u: np.ndarray, tile_h: int, tile_w: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[np.ndarray, ...]:
     """torchvision's RandomResizedCrop.get_params, vectorised over crops; u is [N, 22] uniforms.
 
     Ten attempts at (area fraction in ``scale``, log-uniform aspect in ``ratio``); the first box that fits wins,
     else the centre crop clipped to ``ratio``. Returns (top, left, height, width).
     """
     area = tile_h * tile_w
-    target = area * _uniform(u[:, 0:2 * _RRC_ATTEMPTS:2], *scale)
-    aspect = np.exp(_uniform(u[:, 1:2 * _RRC_ATTEMPTS:2], math.log(ratio[0]), math.log(ratio[1])))
+    target = area * _uniform(u[:, 0 : 2 * _RRC_ATTEMPTS : 2], *scale)
+    aspect = np.exp(_uniform(u[:, 1 : 2 * _RRC_ATTEMPTS : 2], math.log(ratio[0]), math.log(ratio[1])))
     w = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # rint rounds half to even, like Python's round
     h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
     fits = (w > 0) & (w <= tile_w) & (h > 0) & (h <= tile_h)
@@ -116,17 +119,34 @@ def random_resized_crop(u: np.ndarray, tile_h: int, tile_w: int, scale: tuple[fl
     return top, left, h, w
 
 
-def crop_params(u: np.ndarray, tile_h: int, tile_w: int, scale: tuple[float, float], aug: AugmentConfig,
-                blur_p: np.ndarray, solarize_p: np.ndarray) -> CropParams:
+def crop_params(
+    u: np.ndarray,
+    tile_h: int,
+    tile_w: int,
+    scale: tuple[float, float],
+    aug: AugmentConfig,
+    blur_p: np.ndarray,
+    solarize_p: np.ndarray,
+) -> CropParams:
     """Parameters of N crops of one group from uniforms u [N, SLOTS]; blur_p/solarize_p are per crop."""
     top, left, h, w = random_resized_crop(u[:, 0:22], tile_h, tile_w, scale, aug.crop_aspect)
     n = len(u)
     b, c, s = aug.brightness, aug.contrast, aug.saturation
-    factors = np.stack([_uniform(u[:, 26], max(0.0, 1 - b), 1 + b), _uniform(u[:, 27], max(0.0, 1 - c), 1 + c),
-                        _uniform(u[:, 28], max(0.0, 1 - s), 1 + s), _uniform(u[:, 29], -aug.hue, aug.hue)], axis=1)
+    factors = np.stack(
+        [
+            _uniform(u[:, 26], max(0.0, 1 - b), 1 + b),
+            _uniform(u[:, 27], max(0.0, 1 - c), 1 + c),
+            _uniform(u[:, 28], max(0.0, 1 - s), 1 + s),
+            _uniform(u[:, 29], -aug.hue, aug.hue),
+        ],
+        axis=1,
+    )
     hed_u = u[:, 36:42]
     return CropParams(
-        top=top, left=left, height=h, width=w,
+        top=top,
+        left=left,
+        height=h,
+        width=w,
         hflip=u[:, 22] < aug.hflip_p,
         vflip=u[:, 23] < aug.vflip_p,
         rot=np.floor(u[:, 24] * 4).astype(np.int64) if aug.rot90 else np.zeros(n, dtype=np.int64),
@@ -143,13 +163,28 @@ def crop_params(u: np.ndarray, tile_h: int, tile_w: int, scale: tuple[float, flo
     )
 
 
-def sample_params(aug: AugmentConfig, seed: int, epoch: int, position: int, tile_h: int,
-                  tile_w: int) -> tuple[CropParams, CropParams]:
+def sample_params(
+    aug: AugmentConfig, seed: int, epoch: int, position: int, tile_h: int, tile_w: int
+) -> tuple[CropParams, CropParams]:
     """(global, local) crop parameters of the sample at virtual ``position`` of ``epoch``."""
     u = counter_rng(seed, TAG_SAMPLE, epoch, position).random((aug.n_crops, SLOTS))
     ng = aug.n_global_crops
-    g = crop_params(u[:ng], tile_h, tile_w, aug.global_crop_scale, aug, np.asarray(aug.blur_p_global),
-                    np.asarray(aug.solarize_p_global))
-    loc = crop_params(u[ng:], tile_h, tile_w, aug.local_crop_scale, aug, np.full(aug.n_local_crops, aug.blur_p_local),
-                      np.full(aug.n_local_crops, aug.solarize_p_local))
+    g = crop_params(
+        u[:ng],
+        tile_h,
+        tile_w,
+        aug.global_crop_scale,
+        aug,
+        np.asarray(aug.blur_p_global),
+        np.asarray(aug.solarize_p_global),
+    )
+    loc = crop_params(
+        u[ng:],
+        tile_h,
+        tile_w,
+        aug.local_crop_scale,
+        aug,
+        np.full(aug.n_local_crops, aug.blur_p_local),
+        np.full(aug.n_local_crops, aug.solarize_p_local),
+    )
     return g, loc

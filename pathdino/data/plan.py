@@ -48,8 +48,14 @@ def apportion(total: int, weights: np.ndarray, rng: np.random.Generator) -> np.n
     return base
 
 
-def slide_quotas(catalog: Catalog, sampling: str, store_weights: tuple[float, ...] | None,
-                 samples_per_epoch: int | None, seed: int, epoch: int) -> np.ndarray | None:
+def slide_quotas(
+    catalog: Catalog,
+    sampling: str,
+    store_weights: tuple[float, ...] | None,
+    samples_per_epoch: int | None,
+    seed: int,
+    epoch: int,
+) -> np.ndarray | None:
     """Draws per slide this epoch, or None when every tile is drawn exactly once (plain tile sampling)."""
     if sampling == "tile" and store_weights is None and samples_per_epoch is None:
         return None
@@ -83,8 +89,15 @@ class Read:
 class EpochPlan:
     """The epoch order of one epoch: where each position's draw comes from."""
 
-    def __init__(self, catalog: Catalog, sampling: str, store_weights: tuple[float, ...] | None,
-                 samples_per_epoch: int | None, seed: int, epoch: int):
+    def __init__(
+        self,
+        catalog: Catalog,
+        sampling: str,
+        store_weights: tuple[float, ...] | None,
+        samples_per_epoch: int | None,
+        seed: int,
+        epoch: int,
+    ):
         self.catalog, self.seed, self.epoch = catalog, seed, epoch
         self._draw_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.quotas = slide_quotas(catalog, sampling, store_weights, samples_per_epoch, seed, epoch)
@@ -101,8 +114,9 @@ class EpochPlan:
             unit_count = np.zeros(len(unit_slide), dtype=np.int64)
             for s in np.flatnonzero(self.quotas):
                 draws = self.slide_draws(int(s))
-                unit_count[first_unit[s]:first_unit[s] + n_shards[s]] = np.bincount(draws // tps[s],
-                                                                                   minlength=n_shards[s])
+                unit_count[first_unit[s] : first_unit[s] + n_shards[s]] = np.bincount(
+                    draws // tps[s], minlength=n_shards[s]
+                )
             # Offset of each unit's first draw within its slide's sorted draws.
             within = np.cumsum(unit_count) - unit_count
             self._draw_offset = within - np.repeat(within[first_unit], n_shards)
@@ -205,14 +219,24 @@ class Schedule:
     [start_position, epoch_size) only.
     """
 
-    def __init__(self, epoch_size: int, layout: Layout, remainder: str, seed: int, epoch: int = 0, batch: int = 0,
-                 start_position: int = 0):
+    def __init__(
+        self,
+        epoch_size: int,
+        layout: Layout,
+        remainder: str,
+        seed: int,
+        epoch: int = 0,
+        batch: int = 0,
+        start_position: int = 0,
+    ):
         self.epoch_size, self.layout, self.remainder, self.seed = epoch_size, layout, remainder, seed
         self.first_epoch, self.first_batch, self.first_start = epoch, batch, start_position
         if self.n_batches(epoch + 1) == 0:
-            raise ConfigError(f"an epoch has {epoch_size} draws, fewer than one global batch "
-                             f"({layout.world_size} processes x {layout.batch_size}): lower the batch size or "
-                             "select more tiles")
+            raise ConfigError(
+                f"an epoch has {epoch_size} draws, fewer than one global batch "
+                f"({layout.world_size} processes x {layout.batch_size}): lower the batch size or "
+                "select more tiles"
+            )
 
     def epoch_start(self, epoch: int) -> int:
         return self.first_start if epoch == self.first_epoch else 0
@@ -248,8 +272,12 @@ class Schedule:
         t = j - full_rounds * per_round
         lane, chunk = t % lay.lanes, t // lay.lanes
         lane_batches = [(last - k + lay.lanes - 1) // lay.lanes for k in range(lay.lanes)]
-        origin = (start + full_rounds * lay.round_tiles + lay.rank * last * lay.batch_size
-                  + sum(lane_batches[:lane]) * lay.batch_size)
+        origin = (
+            start
+            + full_rounds * lay.round_tiles
+            + lay.rank * last * lay.batch_size
+            + sum(lane_batches[:lane]) * lay.batch_size
+        )
         return Window(origin, lane_batches[lane] * lay.batch_size, chunk)
 
     def positions(self, epoch: int, j: int) -> tuple[Window, np.ndarray]:
@@ -257,7 +285,7 @@ class Schedule:
         w = self.window(epoch, j)
         perm = counter_rng(self.seed, TAG_WINDOW, epoch, w.start).permutation(w.length)
         b = self.layout.batch_size
-        return w, w.start + perm[w.chunk * b:(w.chunk + 1) * b]
+        return w, w.start + perm[w.chunk * b : (w.chunk + 1) * b]
 
     def actual(self, virtual: np.ndarray) -> np.ndarray:
         """Epoch-order positions of virtual positions (``wrap`` maps the overflow to the order's start)."""

@@ -24,7 +24,7 @@ def crop_resize_cpu(tile: torch.Tensor, p: CropParams, out_px: int, out: torch.T
     """
     for i in range(len(p)):
         top, left, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
-        crop = tile[:, :, top:top + h, left:left + w]
+        crop = tile[:, :, top : top + h, left : left + w]
         if h != out_px or w != out_px:
             crop = F.interpolate(crop, size=(out_px, out_px), mode="bicubic", antialias=True, align_corners=False)
         crop = crop[0]

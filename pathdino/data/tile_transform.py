@@ -54,7 +54,7 @@ class TileTransform:
             size = (max(self.input_px, round(h * scale)), max(self.input_px, round(w * scale)))
             x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
             top, left = (size[0] - self.input_px) // 2, (size[1] - self.input_px) // 2
-            x = x[..., top:top + self.input_px, left:left + self.input_px]
+            x = x[..., top : top + self.input_px, left : left + self.input_px]
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std).contiguous()

@@ -101,8 +101,9 @@ class BatchBuilder:
         if epoch not in self._plans:
             d = self.spec.data
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = EpochPlan(self.cat, d.sampling, d.store_weights, d.samples_per_epoch,
-                                           self.spec.seed, epoch)
+            self._plans[epoch] = EpochPlan(
+                self.cat, d.sampling, d.store_weights, d.samples_per_epoch, self.spec.seed, epoch
+            )
         return self._plans[epoch]
 
     def _fetch(self, schedule: Schedule, epoch: int, j: int) -> tuple[int, int]:
@@ -146,8 +147,14 @@ class BatchBuilder:
                 except Exception as exc:  # noqa: BLE001 - a corrupt tile is skipped, never fatal
                     error = f"decode failed: {type(exc).__name__}: {exc}"
             if error is not None:
-                failures.append({"store": cat.store_urls[int(cat.store_index[s])], "slide": cat.slide_ids[s],
-                                 "tile": t, "error": error})
+                failures.append(
+                    {
+                        "store": cat.store_urls[int(cat.store_index[s])],
+                        "slide": cat.slide_ids[s],
+                        "tile": t,
+                        "error": error,
+                    }
+                )
             tiles.append(tile)
             encoded.append(None)
         self._substitute(tiles, encoded, slides, tile_idx, failures)
@@ -163,18 +170,23 @@ class BatchBuilder:
         mask_rng = random.Random(int(counter_rng(spec.seed, TAG_MASK, epoch, int(virtual[0])).integers(2**63)))
         masks = torch.from_numpy(self.masker.batch(spec.aug.n_global_crops * b, mask_rng))
         raw = RawBatch(
-            epoch=epoch, batch=j, slide_ids=[cat.slide_ids[s] for s in slides],
+            epoch=epoch,
+            batch=j,
+            slide_ids=[cat.slide_ids[s] for s in slides],
             tile_indices=torch.tensor(tile_idx, dtype=torch.int64),
             store_indices=torch.tensor([int(cat.store_index[s]) for s in slides], dtype=torch.int64),
-            masks=masks, failures=failures)
+            masks=masks,
+            failures=failures,
+        )
         if spec.data.path == "cpu":
             self._augment_cpu(raw, tiles, groups)
         else:
             self._pack_tiles(raw, tiles, encoded, groups)
         return raw
 
-    def _substitute(self, tiles: list, encoded: list, slides: list[int], tile_idx: list[int],
-                    failures: list[dict]) -> None:
+    def _substitute(
+        self, tiles: list, encoded: list, slides: list[int], tile_idx: list[int], failures: list[dict]
+    ) -> None:
         """Fill failed slots with another tile of the batch (or this worker's last good tile): shapes stay fixed."""
         good = [i for i in range(len(tiles)) if tiles[i] is not None or encoded[i] is not None]
         if not failures:
@@ -191,8 +203,10 @@ class BatchBuilder:
             elif self._last_good is not None:
                 tiles[i], slides[i], tile_idx[i] = self._last_good
             else:
-                raise RuntimeError(f"every tile of this worker's first batch failed to read or decode: "
-                                   f"{failures[:3]} ... The stores look broken; check them with `pathdino info`.")
+                raise RuntimeError(
+                    f"every tile of this worker's first batch failed to read or decode: "
+                    f"{failures[:3]} ... The stores look broken; check them with `pathdino info`."
+                )
 
     def _augment_cpu(self, raw: RawBatch, tiles: list[np.ndarray], groups: list) -> None:
         aug, b = self.spec.aug, self.spec.layout.batch_size
@@ -210,8 +224,11 @@ class BatchBuilder:
             # Device decoding: the bytes travel as one tensor (one shared-memory segment, not one per tile).
             raw.encoded_lengths = [len(e) if e is not None else 0 for e in encoded]
             raw.encoded = torch.frombuffer(bytearray(b"".join(e for e in encoded if e is not None)), dtype=torch.uint8)
-            raw.predecoded = {i: torch.from_numpy(np.ascontiguousarray(t)) for i, (e, t) in
-                              enumerate(zip(encoded, tiles)) if e is None}
+            raw.predecoded = {
+                i: torch.from_numpy(np.ascontiguousarray(t))
+                for i, (e, t) in enumerate(zip(encoded, tiles))
+                if e is None
+            }
             return
         h = max(t.shape[0] for t in tiles)
         w = max(t.shape[1] for t in tiles)
@@ -219,7 +236,7 @@ class BatchBuilder:
         if any(t.shape[:2] != (h, w) for t in tiles):
             out.zero_()
         for i, t in enumerate(tiles):
-            out[i, :t.shape[0], :t.shape[1]] = torch.from_numpy(t)
+            out[i, : t.shape[0], : t.shape[1]] = torch.from_numpy(t)
         raw.tiles_u8 = out
 
 
@@ -256,8 +273,9 @@ class RankStream(IterableDataset):
             raise RuntimeError(f"the stream was planned for {self.spec.layout.lanes} workers but runs on {lanes}")
         epoch, batch, start_position = (int(v) for v in self.start.tolist())
         spec = self.spec
-        schedule = Schedule(spec.epoch_size, spec.layout, spec.data.epoch_remainder, spec.seed, epoch, batch,
-                            start_position)
+        schedule = Schedule(
+            spec.epoch_size, spec.layout, spec.data.epoch_remainder, spec.seed, epoch, batch, start_position
+        )
         builder = BatchBuilder(spec)
         n = worker
         try:

@@ -6,13 +6,24 @@ pathdino.embed`` under a launcher); read the result with :class:`pathdino.embed.
 """
 
 from pathdino.embed.runner import (
-           EmbedOptions,
-           EmbedReport,
-           check_compatibility,
-           embed_store,
-           encode_tokens,
+    EmbedOptions,
+    EmbedReport,
+    check_compatibility,
+    embed_store,
+    encode_tokens,
 )
 from pathdino.embed.store import EmbeddingStore, EmbedError, h5_dir, read_commits, work_files, write_h5
 
-__all__ = ["EmbedError", "EmbedOptions", "EmbedReport", "EmbeddingStore", "check_compatibility", "embed_store",
-           "encode_tokens", "h5_dir", "read_commits", "work_files", "write_h5"]
+__all__ = [
+    "EmbedError",
+    "EmbedOptions",
+    "EmbedReport",
+    "EmbeddingStore",
+    "check_compatibility",
+    "embed_store",
+    "encode_tokens",
+    "h5_dir",
+    "read_commits",
+    "work_files",
+    "write_h5",
+]

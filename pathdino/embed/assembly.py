@@ -73,8 +73,7 @@ class SlideAssembly:
             tmp = root / f".tmp.{self.slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             group = zarr.open_group(store=zarr.storage.LocalStore(tmp), mode="w")
             for name, (shape, dtype, rows) in arrays.items():
-                group.create_array(name, shape=shape, dtype=dtype, chunks=(rows, *shape[1:]),
-                                   fill_value=0)
+                group.create_array(name, shape=shape, dtype=dtype, chunks=(rows, *shape[1:]), fill_value=0)
             self.parts_dir.mkdir(exist_ok=True)
             os.replace(tmp, self.path)
 
@@ -143,7 +142,7 @@ class RowWriter:
 
     def _write(self, n: int) -> None:
         block = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        self.array[self.next:self.next + n] = block[:n]
+        self.array[self.next : self.next + n] = block[:n]
         rest = block[n:]
         self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
         self.next += n

@@ -25,7 +25,7 @@ def token_outputs(model, x: torch.Tensor, arrays: tuple[str, ...]) -> dict[str, 
     """The per-tile arrays asked for, from one forward pass: ``cls`` [B, D], ``mean_patch`` [B, D] (patch tokens
     only: registers and CLS excluded), ``patch_tokens`` [B, T, D] (float16)."""
     tokens = model.forward_features(x)
-    patch = tokens[:, model.num_prefix_tokens:]
+    patch = tokens[:, model.num_prefix_tokens :]
     out = {"cls": tokens[:, 0].float()}
     if "mean_patch" in arrays:
         out["mean_patch"] = patch.float().mean(1)
@@ -34,8 +34,9 @@ def token_outputs(model, x: torch.Tensor, arrays: tuple[str, ...]) -> dict[str, 
     return out
 
 
-def array_specs(n_tiles: int, dim: int, n_patch: int, arrays: tuple[str, ...],
-                part_tiles: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
+def array_specs(
+    n_tiles: int, dim: int, n_patch: int, arrays: tuple[str, ...], part_tiles: int
+) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """``name -> (shape, dtype, chunk rows)`` of a slide's assembly arrays."""
     specs = {}
     for name in arrays:
@@ -74,9 +75,18 @@ class _ItemSink:
         self.assembly.mark_done(self.item)
 
 
-def run_loop(ctx: Any, items: list[WorkItem], try_commit: Callable[[str], bool],
-             on_failure: Callable[[str, str], None], options: Any, device: torch.device, bf16: bool,
-             model, transform, n_patch: int) -> LoopResult:
+def run_loop(
+    ctx: Any,
+    items: list[WorkItem],
+    try_commit: Callable[[str], bool],
+    on_failure: Callable[[str, str], None],
+    options: Any,
+    device: torch.device,
+    bf16: bool,
+    model,
+    transform,
+    n_patch: int,
+) -> LoopResult:
     """Embed ``items`` (tile ranges not done yet); commit each slide whose last part finishes here."""
     result = LoopResult()
     if not items:
@@ -84,8 +94,13 @@ def run_loop(ctx: Any, items: list[WorkItem], try_commit: Callable[[str], bool],
     arrays = ctx.arrays
     units = plan_units([(it.slide_id, it.start, it.stop) for it in items], options.batch_size)
     cuda = device.type == "cuda"
-    loader = make_loader(ctx.store.url, units, {it.slide_id: ctx.slides[it.slide_id].tile_px for it in items},
-                         options.num_workers, pin_memory=cuda)
+    loader = make_loader(
+        ctx.store.url,
+        units,
+        {it.slide_id: ctx.slides[it.slide_id].tile_px for it in items},
+        options.num_workers,
+        pin_memory=cuda,
+    )
     sinks: dict[int, _ItemSink] = {}
     pinned = _PinnedPair(cuda)
     pending: list[tuple[Any, dict[str, torch.Tensor], Any]] = []
@@ -160,7 +175,7 @@ class _PinnedPair:
             buf = slot.get(name)
             if buf is None or buf.shape[0] < value.shape[0] or buf.shape[1:] != value.shape[1:]:
                 buf = slot[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            host[name] = buf[:value.shape[0]]
+            host[name] = buf[: value.shape[0]]
             host[name].copy_(value, non_blocking=True)
         return host
 
@@ -175,8 +190,14 @@ def progress_bar(enabled: bool, total: int):
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} tiles/s"), TimeRemainingColumn(), disable=not enabled)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} tiles/s"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
     return bar, bar.add_task("embedding", total=total, rate="-")
 
 

@@ -82,11 +82,31 @@ def _limit_threads(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(store_url: str, units: list[WorkUnit], tile_px: dict[str, int], num_workers: int,
-                pin_memory: bool, prefetch_units: int = 4) -> DataLoader:
+def make_loader(
+    store_url: str,
+    units: list[WorkUnit],
+    tile_px: dict[str, int],
+    num_workers: int,
+    pin_memory: bool,
+    prefetch_units: int = 4,
+) -> DataLoader:
     """A DataLoader yielding units in order; ``num_workers=0`` decodes in the calling process."""
     workers = max(0, min(num_workers, len(units)))
-    extra = {"multiprocessing_context": "spawn", "prefetch_factor": prefetch_units, "persistent_workers": False,
-             "worker_init_fn": _limit_threads} if workers else {}
-    return DataLoader(TileBatches(store_url, units, tile_px), batch_size=None, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, **extra)
+    extra = (
+        {
+            "multiprocessing_context": "spawn",
+            "prefetch_factor": prefetch_units,
+            "persistent_workers": False,
+            "worker_init_fn": _limit_threads,
+        }
+        if workers
+        else {}
+    )
+    return DataLoader(
+        TileBatches(store_url, units, tile_px),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        **extra,
+    )

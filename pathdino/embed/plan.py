@@ -41,8 +41,10 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``"i/N"`` -> ``(i, N)`` with 0 <= i < N (``--shard``)."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
     if not match or not 0 <= int(match[1]) < int(match[2]):
-        raise ValueError(f"--shard {text!r}: expected i/N with 0 <= i < N, e.g. --shard 0/4 "
-                         "(SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+        raise ValueError(
+            f"--shard {text!r}: expected i/N with 0 <= i < N, e.g. --shard 0/4 "
+            "(SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"
+        )
     return int(match[1]), int(match[2])
 
 
@@ -62,8 +64,15 @@ def plan_items(slides: list[tuple[str, int]], part_tiles: int) -> list[WorkItem]
     for slide_id, n in slides:
         parts = max(1, math.ceil(n / part_tiles))
         for k in range(parts):
-            items.append(WorkItem(slide_id, k * part_tiles if parts > 1 else 0,
-                                  min(n, (k + 1) * part_tiles) if parts > 1 else n, n, parts))
+            items.append(
+                WorkItem(
+                    slide_id,
+                    k * part_tiles if parts > 1 else 0,
+                    min(n, (k + 1) * part_tiles) if parts > 1 else n,
+                    n,
+                    parts,
+                )
+            )
     return items
 
 

@@ -83,8 +83,10 @@ class EmbedOptions:
         if self.precision not in PRECISIONS:
             raise EmbedError(f"unknown precision {self.precision!r}; choose from {PRECISIONS}")
         if self.batch_size < 1 or self.num_workers < 0 or self.part_tiles < 1:
-            raise EmbedError(f"batch_size and part_tiles must be >= 1 and num_workers >= 0 (got {self.batch_size}, "
-                             f"{self.part_tiles}, {self.num_workers})")
+            raise EmbedError(
+                f"batch_size and part_tiles must be >= 1 and num_workers >= 0 (got {self.batch_size}, "
+                f"{self.part_tiles}, {self.num_workers})"
+            )
         if isinstance(self.slides, str):
             object.__setattr__(self, "slides", (self.slides,))
         if isinstance(self.shard, str):
@@ -92,8 +94,11 @@ class EmbedOptions:
 
     def arrays(self, recipe: str = "cls") -> tuple[str, ...]:
         """The per-tile arrays stored: CLS always, what the recipe needs, and what was asked for."""
-        names = {"cls", *recipe_arrays(recipe)} | ({"mean_patch"} if self.mean_patch else set()) | (
-            {"patch_tokens"} if self.patch_tokens else set())
+        names = (
+            {"cls", *recipe_arrays(recipe)}
+            | ({"mean_patch"} if self.mean_patch else set())
+            | ({"patch_tokens"} if self.patch_tokens else set())
+        )
         return tuple(n for n in FEATURE_NAMES if n in names)
 
     @property
@@ -128,8 +133,9 @@ def check_compatibility(info: EncoderInfo, slides: dict[str, StoreSlide], mpp_to
     """
     problems = {}
     trained = info.trained_mpps
-    source = f" ({info.pathdino['known_encoder']}, pathdino's encoder table)" if info.pathdino.get(
-        "known_encoder") else ""
+    source = (
+        f" ({info.pathdino['known_encoder']}, pathdino's encoder table)" if info.pathdino.get("known_encoder") else ""
+    )
     for sid, slide in slides.items():
         issues = []
         if info.tile_px is not None and slide.tile_px != info.tile_px:
@@ -139,8 +145,10 @@ def check_compatibility(info: EncoderInfo, slides: dict[str, StoreSlide], mpp_to
             rels = [abs(float(mpp) - m) / m for m in trained]
             if min(rels) > mpp_tolerance:
                 shown = " / ".join(f"{m:.4g}" for m in trained)
-                issues.append(f"tiles are {float(mpp):.4g} µm/px, the encoder's {shown} µm/px{source} "
-                              f"({min(rels):.0%} off, tolerance {mpp_tolerance:.0%})")
+                issues.append(
+                    f"tiles are {float(mpp):.4g} µm/px, the encoder's {shown} µm/px{source} "
+                    f"({min(rels):.0%} off, tolerance {mpp_tolerance:.0%})"
+                )
         if issues:
             problems[sid] = "; ".join(issues)
     return problems
@@ -156,44 +164,68 @@ def _select(store: TileStore, patterns: tuple[str, ...] | None) -> list[str]:
     ids = store.slide_ids
     if not ids:  # nothing to embed is a mistake to report, not an "embedded 0 slide(s)" success
         failed = len(store.failures)
-        raise EmbedError(f"tile store {store.url} holds no usable slide ({failed} failed slide(s), none complete): "
-                         f"`pathdino info {store.url} --failures` says why; tile the slides again")
+        raise EmbedError(
+            f"tile store {store.url} holds no usable slide ({failed} failed slide(s), none complete): "
+            f"`pathdino info {store.url} --failures` says why; tile the slides again"
+        )
     if patterns is None:
         return ids
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s, p) for s in ids)]
     if unmatched:
-        raise EmbedError(f"--slides {unmatched} match no complete slide of {store.url} "
-                         f"(run `pathdino info {store.url}`)")
+        raise EmbedError(
+            f"--slides {unmatched} match no complete slide of {store.url} (run `pathdino info {store.url}`)"
+        )
     return [s for s in ids if any(fnmatch.fnmatchcase(s, p) for p in patterns)]
 
 
 def _uses(store: TileStore, slides: dict[str, StoreSlide], patterns: tuple[str, ...] | None) -> str:
     failed = [s for s in store.failures if patterns is None or any(fnmatch.fnmatchcase(s, p) for p in patterns)]
-    return describe_use(stores=(store.url,), n_slides=len(slides), n_tiles=sum(s.n_tiles for s in slides.values()),
-                        n_failed=len(failed), mpps=[slide_mpp(s) for s in slides.values()],
-                        tile_pxs=[s.tile_px for s in slides.values()])
+    return describe_use(
+        stores=(store.url,),
+        n_slides=len(slides),
+        n_tiles=sum(s.n_tiles for s in slides.values()),
+        n_failed=len(failed),
+        mpps=[slide_mpp(s) for s in slides.values()],
+        tile_pxs=[s.tile_px for s in slides.values()],
+    )
 
 
 def _encoder_meta(info: EncoderInfo) -> dict[str, Any]:
     sha = info.weights_sha256 or file_sha256(info.weights_path)
-    return {"dir": str(info.path.resolve()), "architecture": info.architecture, "weights_sha256": sha,
-            "embed_dim": info.embed_dim, "tile_px": info.tile_px, "target_mpp": info.target_mpp,
-            "trained_mpps": list(info.trained_mpps), "input_px": info.input_px, "mean": list(info.mean),
-            "std": list(info.std), "recipe": info.recipe, "known_encoder": info.pathdino.get("known_encoder"),
-            "training_step": info.pathdino.get("training", {}).get("step")}
+    return {
+        "dir": str(info.path.resolve()),
+        "architecture": info.architecture,
+        "weights_sha256": sha,
+        "embed_dim": info.embed_dim,
+        "tile_px": info.tile_px,
+        "target_mpp": info.target_mpp,
+        "trained_mpps": list(info.trained_mpps),
+        "input_px": info.input_px,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "recipe": info.recipe,
+        "known_encoder": info.pathdino.get("known_encoder"),
+        "training_step": info.pathdino.get("training", {}).get("step"),
+    }
 
 
 def _index_entry(store: TileStore, slide: StoreSlide, features: tuple[str, ...]) -> dict[str, Any]:
     entry = store.entries[slide.slide_id]
-    return {"source_fingerprint": entry.fingerprint, "tile_params_key": slide.attrs.get("params_key"),
-            "tiles_committed": entry.committed, "n_tiles": slide.n_tiles, "features": list(features)}
+    return {
+        "source_fingerprint": entry.fingerprint,
+        "tile_params_key": slide.attrs.get("params_key"),
+        "tiles_committed": entry.committed,
+        "n_tiles": slide.n_tiles,
+        "features": list(features),
+    }
 
 
 def _up_to_date(done: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
     if done is None:
         return False
-    same = all(done.get(k) == wanted[k] for k in ("source_fingerprint", "tile_params_key", "tiles_committed",
-                                                  "n_tiles"))
+    same = all(
+        done.get(k) == wanted[k] for k in ("source_fingerprint", "tile_params_key", "tiles_committed", "n_tiles")
+    )
     return same and set(wanted["features"]) <= set(done.get("features", []))
 
 
@@ -209,15 +241,24 @@ def _h5_attrs(slide: StoreSlide, encoder: dict[str, Any]) -> tuple[dict[str, Any
         "patch_size_level0": round(float(a.get("level0_tile_px", slide.tile_px))),
         "level0_magnification": _magnification(a.get("slide_mpp")),
         "target_magnification": _magnification(a.get("effective_mpp", a.get("target_mpp"))),
-        "overlap": a.get("overlap_px"), "name": slide.slide_id,
-        "level0_width": a.get("level0_width"), "level0_height": a.get("level0_height"),
-        "patch_level": a.get("read_level"), "mpp": a.get("effective_mpp"), "target_mpp": a.get("target_mpp"),
+        "overlap": a.get("overlap_px"),
+        "name": slide.slide_id,
+        "level0_width": a.get("level0_width"),
+        "level0_height": a.get("level0_height"),
+        "patch_level": a.get("read_level"),
+        "mpp": a.get("effective_mpp"),
+        "target_mpp": a.get("target_mpp"),
         "slide_mpp": a.get("slide_mpp"),
     }
-    file_attrs = {"slide_id": slide.slide_id, "source_path": a.get("source_path"),
-                  "features": encoder.get("recipe", "cls"), "encoder": encoder["dir"],
-                  "encoder_name": encoder.get("known_encoder"), "architecture": encoder["architecture"],
-                  "weights_sha256": encoder["weights_sha256"]}
+    file_attrs = {
+        "slide_id": slide.slide_id,
+        "source_path": a.get("source_path"),
+        "features": encoder.get("recipe", "cls"),
+        "encoder": encoder["dir"],
+        "encoder_name": encoder.get("known_encoder"),
+        "architecture": encoder["architecture"],
+        "weights_sha256": encoder["weights_sha256"],
+    }
     return coords_attrs, file_attrs
 
 
@@ -232,8 +273,17 @@ def _write_h5(path: Path, slide: StoreSlide, encoder: dict[str, Any], group, coo
 class _Run:
     """What every step of one process's run shares: store, encoder, output, plan, and how to commit a slide."""
 
-    def __init__(self, store: TileStore, slides: dict[str, StoreSlide], info: EncoderInfo, encoder: dict[str, Any],
-                 writer: EmbeddingWriter, options: EmbedOptions, forced: set[str], items: list[WorkItem]):
+    def __init__(
+        self,
+        store: TileStore,
+        slides: dict[str, StoreSlide],
+        info: EncoderInfo,
+        encoder: dict[str, Any],
+        writer: EmbeddingWriter,
+        options: EmbedOptions,
+        forced: set[str],
+        items: list[WorkItem],
+    ):
         self.store, self.slides, self.info, self.encoder = store, slides, info, encoder
         self.writer, self.options, self.forced = writer, options, forced
         self.arrays = options.arrays(info.recipe)
@@ -248,20 +298,37 @@ class _Run:
         """The slide's assembly, created on first use (by whichever process gets there first)."""
         asm = SlideAssembly(self.writer, slide_id, assembly_key(self.wanted[slide_id], self.options.part_tiles))
         if not asm.path.is_dir():
-            asm.create(array_specs(self.slides[slide_id].n_tiles, self.info.embed_dim, self.n_patch, self.arrays,
-                                   self.options.part_tiles))
+            asm.create(
+                array_specs(
+                    self.slides[slide_id].n_tiles,
+                    self.info.embed_dim,
+                    self.n_patch,
+                    self.arrays,
+                    self.options.part_tiles,
+                )
+            )
         return asm
 
     def peek_assembly(self, slide_id: str) -> SlideAssembly:
         return SlideAssembly(self.writer, slide_id, assembly_key(self.wanted[slide_id], self.options.part_tiles))
 
     def attrs(self, slide: StoreSlide) -> dict[str, Any]:
-        return {"slide": slide.attrs,
-                "embedding": {"encoder": self.encoder, "features": list(self.arrays), "recipe": self.info.recipe,
-                              "dim": self.info.embed_dim, "tile_store": self.store.url,
-                              "forced": slide.slide_id in self.forced, "created": now_iso(),
-                              "parts": len(self.items_of[slide.slide_id]), "part_tiles": self.options.part_tiles,
-                              "pathdino_version": __version__, **self.provenance}}
+        return {
+            "slide": slide.attrs,
+            "embedding": {
+                "encoder": self.encoder,
+                "features": list(self.arrays),
+                "recipe": self.info.recipe,
+                "dim": self.info.embed_dim,
+                "tile_store": self.store.url,
+                "forced": slide.slide_id in self.forced,
+                "created": now_iso(),
+                "parts": len(self.items_of[slide.slide_id]),
+                "part_tiles": self.options.part_tiles,
+                "pathdino_version": __version__,
+                **self.provenance,
+            },
+        }
 
     def try_commit(self, slide_id: str) -> bool:
         """Commit the slide if all its parts are done and no other process is committing it. True if committed."""
@@ -272,8 +339,7 @@ class _Run:
         try:
             group = asm.group()
             coords = np.asarray(slide.coords, dtype=np.int64)
-            group.create_array("coords", data=coords, chunks=(max(1, len(coords)), 2), compressors=None,
-                               overwrite=True)
+            group.create_array("coords", data=coords, chunks=(max(1, len(coords)), 2), compressors=None, overwrite=True)
             group.attrs["pathdino"] = self.attrs(slide)
             if "h5" in self.options.formats:  # before the index entry: a listed slide always has its h5
                 _write_h5(self.writer.h5_path(slide_id), slide, self.encoder, group, coords)
@@ -290,12 +356,16 @@ class _Run:
         arrays = {k: np.zeros((0, dim), np.float32) for k in self.arrays if k != "patch_tokens"}
         if "h5" in self.options.formats:
             coords_attrs, file_attrs = _h5_attrs(slide, self.encoder)
-            write_h5(self.writer.h5_path(slide_id), apply_recipe(self.info.recipe, arrays),
-                     np.zeros((0, 2), np.int64), coords_attrs, file_attrs)
+            write_h5(
+                self.writer.h5_path(slide_id),
+                apply_recipe(self.info.recipe, arrays),
+                np.zeros((0, 2), np.int64),
+                coords_attrs,
+                file_attrs,
+            )
         if "patch_tokens" in self.arrays:
             arrays["patch_tokens"] = np.zeros((0, max(self.n_patch, 1), dim), np.float16)
-        self.writer.write_slide(slide_id, arrays, np.zeros((0, 2), np.int64), self.attrs(slide),
-                                self.wanted[slide_id])
+        self.writer.write_slide(slide_id, arrays, np.zeros((0, 2), np.int64), self.attrs(slide), self.wanted[slide_id])
 
 
 def _device(options: EmbedOptions) -> torch.device:
@@ -310,27 +380,35 @@ def _device(options: EmbedOptions) -> torch.device:
 def _check(store: TileStore, info: EncoderInfo, slides: dict[str, StoreSlide], options: EmbedOptions) -> set[str]:
     """Refuse (or, with force, warn about) slides the encoder was not trained for; returns the forced ones."""
     if info.tile_px is None and not info.trained_mpps:
-        hint = ("add it to an encoder table (--encoder-table) with target_mpp" if info.third_party else
-                "re-export with --tile-px and --mpp")
-        log.warning("encoder %s does not record the µm/px it was trained at: the store is not checked against it "
-                    "(%s)", info.path, hint)
+        hint = (
+            "add it to an encoder table (--encoder-table) with target_mpp"
+            if info.third_party
+            else "re-export with --tile-px and --mpp"
+        )
+        log.warning(
+            "encoder %s does not record the µm/px it was trained at: the store is not checked against it (%s)",
+            info.path,
+            hint,
+        )
     elif not info.trained_mpps:
-        log.warning("encoder %s does not record the µm/px it was trained at: only the tile size is checked",
-                    info.path)
+        log.warning("encoder %s does not record the µm/px it was trained at: only the tile size is checked", info.path)
     problems = check_compatibility(info, slides, options.mpp_tolerance)
     lines = [f"slide {sid!r}: {why}" for sid, why in problems.items()]
     if problems and not options.force:
         shown = "\n  ".join(lines[:10]) + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
-        raise EmbedError(f"tile store {store.url} does not match encoder {info.path}:\n  {shown}\n"
-                         "embed a store tiled at the encoder's tile size and µm/px (`pathdino tile --tile-px ... "
-                         "--target-mpp ...`), or pass --force to embed anyway")
+        raise EmbedError(
+            f"tile store {store.url} does not match encoder {info.path}:\n  {shown}\n"
+            "embed a store tiled at the encoder's tile size and µm/px (`pathdino tile --tile-px ... "
+            "--target-mpp ...`), or pass --force to embed anyway"
+        )
     for line in lines:
         log.warning("--force: %s", line)
     return set(problems)
 
 
-def embed_store(store_url: str | Path, encoder_dir: str | Path, out: str | Path,
-                options: EmbedOptions = EmbedOptions()) -> EmbedReport:
+def embed_store(
+    store_url: str | Path, encoder_dir: str | Path, out: str | Path, options: EmbedOptions = EmbedOptions()
+) -> EmbedReport:
     """Embed every (selected) slide of a tile store; this process's share when sharded; resumable.
 
     Any number of processes may run this at once on one ``out`` (each with its own ``shard``); together they
@@ -374,13 +452,23 @@ def embed_store(store_url: str | Path, encoder_dir: str | Path, out: str | Path,
     for sid in dict.fromkeys(it.slide_id for it in mine if it.size):  # parts finished by a killed run, or here
         if sid not in committed and sid not in result.failed and sid not in skipped and run.try_commit(sid):
             committed.append(sid)
-    waiting = tuple(s for s in dict.fromkeys(it.slide_id for it in todo)
-                    if s not in committed and s not in result.failed)
-    return EmbedReport(out=writer.path, embedded=tuple(s for s in slide_ids if s in committed),
-                       skipped=tuple(skipped), failed=result.failed, n_tiles=result.n_tiles,
-                       seconds=result.seconds, forced=tuple(s for s in slide_ids if s in forced and s in committed),
-                       startup_s=result.startup_s, shard=shard, parts=result.parts_done, waiting=waiting,
-                       uses=_uses(store, slides, options.slides))
+    waiting = tuple(
+        s for s in dict.fromkeys(it.slide_id for it in todo) if s not in committed and s not in result.failed
+    )
+    return EmbedReport(
+        out=writer.path,
+        embedded=tuple(s for s in slide_ids if s in committed),
+        skipped=tuple(skipped),
+        failed=result.failed,
+        n_tiles=result.n_tiles,
+        seconds=result.seconds,
+        forced=tuple(s for s in slide_ids if s in forced and s in committed),
+        startup_s=result.startup_s,
+        shard=shard,
+        parts=result.parts_done,
+        waiting=waiting,
+        uses=_uses(store, slides, options.slides),
+    )
 
 
 def _compute(run: _Run, todo: list[WorkItem], shard: tuple[int, int]):
@@ -397,8 +485,14 @@ def _compute(run: _Run, todo: list[WorkItem], shard: tuple[int, int]):
             probe = torch.zeros(1, 3, run.info.input_px, run.info.input_px, device=device)
             run.n_patch = int(model.forward_features(probe).shape[1] - model.num_prefix_tokens)
     run.provenance = {"precision": "bf16-autocast" if bf16 else "fp32", "device": device.type}
-    log.info("shard %d/%d: %d tile range(s), %d tiles on %s", shard[0], shard[1], len(todo),
-             sum(it.size for it in todo), device)
+    log.info(
+        "shard %d/%d: %d tile range(s), %d tiles on %s",
+        shard[0],
+        shard[1],
+        len(todo),
+        sum(it.size for it in todo),
+        device,
+    )
 
     def on_failure(slide_id: str, error: str) -> None:
         run.writer.record_failure(slide_id, {"reason": error, "stage": "read/decode", "shard": list(shard)})

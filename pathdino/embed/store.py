@@ -109,10 +109,16 @@ def h5_dir(url: str | Path) -> Path:
 
 
 def _check_format(meta: dict[str, Any], where: Path) -> None:
-    check_format(meta, where=where, kind="pathdino embeddings store", format_name=FORMAT_NAME,
-                 format_version=FORMAT_VERSION, error=EmbedError,
-                 not_this_format="Choose another --out (or point at a folder `pathdino embed --out` created).",
-                 other_version="Re-embed the slides or install the pathdino release that wrote it.")
+    check_format(
+        meta,
+        where=where,
+        kind="pathdino embeddings store",
+        format_name=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        error=EmbedError,
+        not_this_format="Choose another --out (or point at a folder `pathdino embed --out` created).",
+        other_version="Re-embed the slides or install the pathdino release that wrote it.",
+    )
 
 
 RECIPE_ARRAYS = {"cls": ("cls",), "mean_patch": ("mean_patch",), "cls+mean_patch": ("cls", "mean_patch")}
@@ -142,8 +148,10 @@ class EmbeddingStore(Mapping):
     def __init__(self, url: str | Path, feature: str = "features"):
         self.path = _check_local(url)
         if not (self.path / "zarr.json").is_file():
-            raise EmbedError(f"no embeddings store at {self.path} (create one with `pathdino embed STORE --encoder "
-                             f"DIR --out {self.path}`)")
+            raise EmbedError(
+                f"no embeddings store at {self.path} (create one with `pathdino embed STORE --encoder "
+                f"DIR --out {self.path}`)"
+            )
         self.root = zarr.open_group(store=zarr.storage.LocalStore(self.path, read_only=True), mode="r")
         self.meta: dict[str, Any] = dict(self.root.attrs.get("pathdino", {}))
         _check_format(self.meta, self.path)
@@ -153,8 +161,10 @@ class EmbeddingStore(Mapping):
         self.arrays = recipe_arrays(self.recipe) if feature == "features" else (feature,)
         lacking = [a for a in self.arrays if a not in self.meta.get("features", FEATURE_NAMES)]
         if lacking:
-            raise EmbedError(f"{self.path} has no {lacking} arrays (it holds {self.meta.get('features')}); re-run "
-                             f"`pathdino embed` with {_flag(lacking)}")
+            raise EmbedError(
+                f"{self.path} has no {lacking} arrays (it holds {self.meta.get('features')}); re-run "
+                f"`pathdino embed` with {_flag(lacking)}"
+            )
         self.feature = feature
 
     @property
@@ -169,13 +179,16 @@ class EmbeddingStore(Mapping):
         group = self.group(slide_id)
         lacking = [a for a in self.arrays if a not in self.meta["slides"][slide_id].get("features", ["cls"])]
         if lacking:
-            raise EmbedError(f"slide {slide_id!r} of {self.path} has no {lacking} arrays; re-run `pathdino embed` "
-                             f"with {_flag(lacking)}")
+            raise EmbedError(
+                f"slide {slide_id!r} of {self.path} has no {lacking} arrays; re-run `pathdino embed` "
+                f"with {_flag(lacking)}"
+            )
         coords = np.asarray(group["coords"][:], dtype=np.int64)
         if self.feature == "patch_tokens":
             return np.asarray(group["patch_tokens"][:]), coords
-        return apply_recipe(self.recipe if self.feature == "features" else self.feature,
-                            {a: group[a][:] for a in self.arrays}), coords
+        return apply_recipe(
+            self.recipe if self.feature == "features" else self.feature, {a: group[a][:] for a in self.arrays}
+        ), coords
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.slide_ids)
@@ -217,16 +230,25 @@ class EmbeddingWriter:
                 if old == encoder.get("weights_sha256") and old_recipe != encoder.get("recipe", "cls"):
                     raise EmbedError(
                         f"{self.path} holds {old_recipe!r} embeddings of this encoder, this run makes "
-                        f"{encoder.get('recipe')!r} ones (encoder table changed?): choose another --out")
+                        f"{encoder.get('recipe')!r} ones (encoder table changed?): choose another --out"
+                    )
                 if old != encoder.get("weights_sha256"):
                     raise EmbedError(
                         f"{self.path} holds embeddings from another encoder ({meta['encoder'].get('dir')}, weights "
-                        f"sha256 {str(old)[:12]}...); embeddings of two encoders must not mix: choose another --out")
+                        f"sha256 {str(old)[:12]}...); embeddings of two encoders must not mix: choose another --out"
+                    )
             else:
                 root = zarr.open_group(store=self._store(), mode="a")
-                root.attrs["pathdino"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                                          "created": now_iso(), "encoder": encoder, "tile_store": tile_store,
-                                          "features": list(features), "slides": {}, "failures": {}}
+                root.attrs["pathdino"] = {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "created": now_iso(),
+                    "encoder": encoder,
+                    "tile_store": tile_store,
+                    "features": list(features),
+                    "slides": {},
+                    "failures": {},
+                }
                 root.require_group("slides")
         self._clean_stale_staging()
 
@@ -265,8 +287,14 @@ class EmbeddingWriter:
     def h5_path(self, slide_id: str) -> Path:
         return self.work.h5 / f"{slide_id}.h5"
 
-    def write_slide(self, slide_id: str, arrays: dict[str, np.ndarray], coords: np.ndarray,
-                    attrs: dict[str, Any], index_entry: dict[str, Any]) -> None:
+    def write_slide(
+        self,
+        slide_id: str,
+        arrays: dict[str, np.ndarray],
+        coords: np.ndarray,
+        attrs: dict[str, Any],
+        index_entry: dict[str, Any],
+    ) -> None:
         """Write one slide's arrays in a staging folder, move it into ``slides/`` and add it to the index."""
         staging = self.work.staging / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
@@ -275,10 +303,12 @@ class EmbeddingWriter:
             n = int(coords.shape[0])
             for name, values in arrays.items():
                 rows = max(1, min(n, max(1, (8 << 20) // max(1, values.shape[1] * 4))))  # ~8 MiB chunks
-                group.create_array(name, data=np.ascontiguousarray(values, dtype=np.float32),
-                                   chunks=(rows, values.shape[1]))
-            group.create_array("coords", data=np.asarray(coords, dtype=np.int64), chunks=(max(1, n), 2),
-                               compressors=None)
+                group.create_array(
+                    name, data=np.ascontiguousarray(values, dtype=np.float32), chunks=(rows, values.shape[1])
+                )
+            group.create_array(
+                "coords", data=np.asarray(coords, dtype=np.int64), chunks=(max(1, n), 2), compressors=None
+            )
             group.attrs["pathdino"] = attrs
             self.commit_staged(slide_id, staging, index_entry)
         except BaseException:
@@ -294,6 +324,7 @@ class EmbeddingWriter:
         def publish(meta: dict[str, Any]) -> None:
             meta["slides"][slide_id] = {**index_entry, "n_tiles": n, "committed": now_iso()}
             meta["failures"].pop(slide_id, None)
+
         with self.lock():
             publish_dir(staged, final)
             self._apply(publish)
@@ -301,8 +332,14 @@ class EmbeddingWriter:
 
     def _journal(self, slide_id: str, n_tiles: int) -> None:
         """One line per commit in ``commits.jsonl`` (who committed what, when); the caller holds the lock."""
-        record = {"slide_id": slide_id, "n_tiles": n_tiles, "host": socket.gethostname(), "pid": os.getpid(),
-                  "rank": os.environ.get("RANK"), "time": now_iso()}
+        record = {
+            "slide_id": slide_id,
+            "n_tiles": n_tiles,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": os.environ.get("RANK"),
+            "time": now_iso(),
+        }
         with open(self.work.journal, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -315,14 +352,18 @@ class EmbeddingWriter:
 
     def set_features(self, features: tuple[str, ...]) -> None:
         """Record the union of feature arrays slides may hold (``EmbeddingStore`` checks it)."""
+
         def change(meta: dict[str, Any]) -> None:
             meta["features"] = sorted(set(meta.get("features", [])) | set(features), key=FEATURE_NAMES.index)
+
         self._update(change)
 
     def _clean_stale_staging(self) -> None:
         root, assembly = self.work.staging, self.work.assembly
-        leftovers = [*(root.glob("*.*.*") if root.is_dir() else []),
-                     *(assembly.glob(".tmp.*") if assembly.is_dir() else [])]
+        leftovers = [
+            *(root.glob("*.*.*") if root.is_dir() else []),
+            *(assembly.glob(".tmp.*") if assembly.is_dir() else []),
+        ]
         for path in leftovers:  # staging folders of processes killed on this host
             pid = path.name.rsplit(".", 2)[-2]
             if pid.isdigit() and not pid_alive(int(pid)):
@@ -335,8 +376,14 @@ def read_commits(url: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
-def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict[str, Any],
-             file_attrs: dict[str, Any], extra: dict[str, np.ndarray] | None = None) -> Path:
+def write_h5(
+    path: Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    coords_attrs: dict[str, Any],
+    file_attrs: dict[str, Any],
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
     """A CLAM/TRIDENT-style HDF5: ``features`` float32 [N, D], ``coords`` int64 [N, 2] (level-0 x, y) with the
     patch-size attributes on ``coords`` (where CLAM and TRIDENT put them); written to a temporary name, then renamed.
     """

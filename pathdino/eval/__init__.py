@@ -9,6 +9,14 @@ from pathdino.eval.features import ExtractedFeatures, extract_features
 from pathdino.eval.run import EvalOptions, eval_transform, random_baseline_encoder, run_eval
 
 __all__ = [
-    "EvalOptions", "ExtractedFeatures", "TileDataset", "TileDatasetSpec", "TileRecord", "eval_transform",
-    "extract_features", "load_tile_dataset", "random_baseline_encoder", "run_eval",
+    "EvalOptions",
+    "ExtractedFeatures",
+    "TileDataset",
+    "TileDatasetSpec",
+    "TileRecord",
+    "eval_transform",
+    "extract_features",
+    "load_tile_dataset",
+    "random_baseline_encoder",
+    "run_eval",
 ]

@@ -30,9 +30,13 @@ from tiling.errors import MissingFileError, PathdinoError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -121,7 +125,8 @@ def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[in
 
 def stratified_split(
     labels: Sequence[int],
-    *, val_fraction: float,
+    *,
+    val_fraction: float,
     test_fraction: float,
     seed: int,
     groups: Sequence[str] | None = None,
@@ -165,8 +170,7 @@ def _sorted_labels(labels: set[str]) -> list[str]:
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -273,7 +277,10 @@ def load_tile_dataset(spec: TileDatasetSpec | str | Path) -> TileDataset:
         recs = records(rows[""])
         groups = [r.patient if r.patient is not None else f"#row{i}" for i, r in enumerate(recs)]
         names_per_item = stratified_split(
-            [r.label for r in recs], val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, seed=spec.seed,
+            [r.label for r in recs],
+            val_fraction=spec.val_fraction,
+            test_fraction=spec.test_fraction,
+            seed=spec.seed,
             groups=groups if has_patient else None,
         )
         splits = {s: tuple(r for r, n in zip(recs, names_per_item) if n == s) for s in SPLITS}

@@ -117,8 +117,13 @@ def extract_features(
         collate = None
     n = len(ds)  # type: ignore[arg-type]
     loader = DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate,
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        collate_fn=collate,
     )
     kept: list[int] = []
     was_training = encoder.training

@@ -45,7 +45,7 @@ def knn_scores(
     k = min(k, train.shape[0])
     out = []
     for start in range(0, query_features.shape[0], chunk_size):
-        q = F.normalize(query_features[start:start + chunk_size].to(device).float(), dim=1)
+        q = F.normalize(query_features[start : start + chunk_size].to(device).float(), dim=1)
         sim, idx = (q @ train.T).topk(k, dim=1)
         weights = (sim / temperature).exp()
         votes = torch.zeros(q.shape[0], n_classes, dtype=weights.dtype, device=weights.device)

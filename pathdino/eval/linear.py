@@ -68,8 +68,13 @@ def fit_logistic_regression(
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
-        history_size=20, line_search_fn="strong_wolfe",
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        history_size=20,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
@@ -80,8 +85,9 @@ def fit_logistic_regression(
 
     with torch.enable_grad():
         opt.step(closure)
-    return LinearProbe(mean=mean.cpu(), std=std.cpu(), weight=weight.detach().cpu(), bias=bias.detach().cpu(),
-                       l2=float(l2))
+    return LinearProbe(
+        mean=mean.cpu(), std=std.cpu(), weight=weight.detach().cpu(), bias=bias.detach().cpu(), l2=float(l2)
+    )
 
 
 def stratified_folds(labels: torch.Tensor, n_folds: int, seed: int) -> torch.Tensor:
@@ -167,8 +173,9 @@ def linear_probe_evaluate(
     )
     probe = fit_logistic_regression(train_features, train_labels, n_classes, best, max_iter, device=device)
     probs = probe.predict_proba(test_features)
-    report = classification_report(test_labels.numpy(), probs.argmax(dim=1).numpy(), scores=probs.numpy(),
-                                   n_classes=n_classes)
+    report = classification_report(
+        test_labels.numpy(), probs.argmax(dim=1).numpy(), scores=probs.numpy(), n_classes=n_classes
+    )
     train_pred = probe.logits(train_features).argmax(dim=1)
     return {
         "l2": best,

@@ -63,18 +63,22 @@ class EvalOptions:
         if self.batch_size < 1:
             raise ValueError(f"EvalOptions.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.max_unreadable_fraction <= 1.0:
-            raise ConfigError(f"EvalOptions.max_unreadable_fraction={self.max_unreadable_fraction} (--max-unreadable)"
-                              " must be in [0, 1]")
+            raise ConfigError(
+                f"EvalOptions.max_unreadable_fraction={self.max_unreadable_fraction} (--max-unreadable)"
+                " must be in [0, 1]"
+            )
 
 
 def eval_resize(img_size: int) -> Callable[[object], object]:
     """Resize the shorter side of a PIL image to ``img_size`` (bicubic), centre-crop ``img_size``."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(img_size),
-    ])
+    return T.Compose(
+        [
+            T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(img_size),
+        ]
+    )
 
 
 def eval_uint8_transform(img_size: int) -> Callable[[object], torch.Tensor]:
@@ -106,12 +110,14 @@ def view_augmentation(transform: Callable[[object], torch.Tensor]) -> Callable[[
         image = image.crop((x, y, x + cw, y + ch))
         return image.rotate(90 * random.randint(0, 3), expand=True)
 
-    return T.Compose([
-        T.Lambda(crop_rotate),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
-        transform,
-    ])
+    return T.Compose(
+        [
+            T.Lambda(crop_rotate),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
+            transform,
+        ]
+    )
 
 
 def random_baseline_encoder(arch: str = "vit_small_patch14_dinov2", img_size: int = 224, seed: int = 0) -> nn.Module:
@@ -185,11 +191,23 @@ def run_eval(
 
     def embed(records: Sequence[TileRecord], tf: Callable, name: str):
         out = extract_features(
-            encoder, tf, list(records), batch_size=options.batch_size, device=device,
-            num_workers=options.num_workers, progress=options.progress, description=name, skip_unreadable=True
+            encoder,
+            tf,
+            list(records),
+            batch_size=options.batch_size,
+            device=device,
+            num_workers=options.num_workers,
+            progress=options.progress,
+            description=name,
+            skip_unreadable=True,
         )
-        _note_unreadable(records, out.paths, name=name, unreadable=unreadable,
-                         max_count=options.max_unreadable_fraction * sum(map(len, dataset.splits.values())))
+        _note_unreadable(
+            records,
+            out.paths,
+            name=name,
+            unreadable=unreadable,
+            max_count=options.max_unreadable_fraction * sum(map(len, dataset.splits.values())),
+        )
         return out
 
     timing: dict[str, float] = {}
@@ -202,32 +220,10 @@ def run_eval(
     timing["features_s"] = time.perf_counter() - t0
     train, test = feats.get("train"), feats[eval_split]
 
-    results: dict[str, object] = {}
-    if "knn" in methods:
-        t0 = time.perf_counter()
-        results["knn"] = knn_evaluate(
-            train.features, train.labels, test.features, test.labels, n_classes=n_classes, ks=options.knn_ks,
-            temperature=options.knn_temperature, device=device,
-        )
-        timing["knn_s"] = time.perf_counter() - t0
-    if "linear" in methods:
-        t0 = time.perf_counter()
-        val = feats.get("val")
-        results["linear"] = linear_probe_evaluate(
-            train.features, train.labels, test.features, test.labels, n_classes=n_classes,
-            val_features=val.features if val is not None else None,
-            val_labels=val.labels if val is not None else None, l2_grid=options.l2_grid, seed=options.seed,
-            device=device,
-        )
-        timing["linear_s"] = time.perf_counter() - t0
-    if "fewshot" in methods:
-        t0 = time.perf_counter()
-        results["fewshot"] = fewshot_evaluate(
-            train.features, train.labels, test.features, test.labels, n_classes=n_classes,
-            shots=options.fewshot_shots, n_seeds=options.fewshot_seeds, method=options.fewshot_method,
-            seed=options.seed,
-        )
-        timing["fewshot_s"] = time.perf_counter() - t0
+    results, classify_timing = _classify(
+        methods, train=train, test=test, val=feats.get("val"), n_classes=n_classes, options=options, device=device
+    )
+    timing.update(classify_timing)
     if "diagnostics" in methods:
         t0 = time.perf_counter()
         results["diagnostics"] = _diagnostics(dataset.records(eval_split), test.features, transform, embed, options)
@@ -254,6 +250,57 @@ def run_eval(
     return report  # type: ignore[return-value]
 
 
+def _classify(
+    methods: Sequence[str], *, train, test, val, n_classes: int, options: EvalOptions, device
+) -> tuple[dict[str, object], dict[str, float]]:
+    """The kNN, linear and few-shot scores ``methods`` ask for, and the seconds each took."""
+    results: dict[str, object] = {}
+    timing: dict[str, float] = {}
+    if "knn" in methods:
+        t0 = time.perf_counter()
+        results["knn"] = knn_evaluate(
+            train.features,
+            train.labels,
+            test.features,
+            test.labels,
+            n_classes=n_classes,
+            ks=options.knn_ks,
+            temperature=options.knn_temperature,
+            device=device,
+        )
+        timing["knn_s"] = time.perf_counter() - t0
+    if "linear" in methods:
+        t0 = time.perf_counter()
+        results["linear"] = linear_probe_evaluate(
+            train.features,
+            train.labels,
+            test.features,
+            test.labels,
+            n_classes=n_classes,
+            val_features=val.features if val is not None else None,
+            val_labels=val.labels if val is not None else None,
+            l2_grid=options.l2_grid,
+            seed=options.seed,
+            device=device,
+        )
+        timing["linear_s"] = time.perf_counter() - t0
+    if "fewshot" in methods:
+        t0 = time.perf_counter()
+        results["fewshot"] = fewshot_evaluate(
+            train.features,
+            train.labels,
+            test.features,
+            test.labels,
+            n_classes=n_classes,
+            shots=options.fewshot_shots,
+            n_seeds=options.fewshot_seeds,
+            method=options.fewshot_method,
+            seed=options.seed,
+        )
+        timing["fewshot_s"] = time.perf_counter() - t0
+    return results, timing
+
+
 def _check_classes(dataset: TileDataset, methods: Sequence[str]) -> bool:
     """Whether ``methods`` need the training split; DatasetError when they classify a one-class dataset (every
     score would be a meaningless 1.000)."""
@@ -267,8 +314,9 @@ def _check_classes(dataset: TileDataset, methods: Sequence[str]) -> bool:
     return needs_train
 
 
-def _note_unreadable(records: Sequence[TileRecord], kept: Sequence[str], *, name: str, unreadable: dict[str, str],
-                     max_count: float) -> None:
+def _note_unreadable(
+    records: Sequence[TileRecord], kept: Sequence[str], *, name: str, unreadable: dict[str, str], max_count: float
+) -> None:
     """Record (and warn about) the images of ``records`` that could not be read; DatasetError once more than
     ``max_count`` images of the dataset were unreadable."""
     left = set(kept)
@@ -284,8 +332,9 @@ def _note_unreadable(records: Sequence[TileRecord], kept: Sequence[str], *, name
             f"this dataset); first: {bad[0]} ({why})"
         )
     if new:
-        log.warning("skipped %d unreadable image(s) of %d (%s), e.g. %s (%s)", len(new), len(records), name,
-                    new[0], why)
+        log.warning(
+            "skipped %d unreadable image(s) of %d (%s), e.g. %s (%s)", len(new), len(records), name, new[0], why
+        )
 
 
 def _read_error(path: str) -> str:

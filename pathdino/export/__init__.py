@@ -17,7 +17,19 @@ from pathdino.export.sample import export_untrained_encoder
 from pathdino.export.source import ExportError, TrainingGeometry, resolve_checkpoint_dir
 
 __all__ = [
-    "EncoderFormatError", "EncoderInfo", "ExportError", "ExportOptions", "ExportResult", "TileTransform",
-    "TrainingGeometry", "encoder_transform", "export_backbone", "export_checkpoint", "export_untrained_encoder",
-    "load_encoder", "read_encoder_config", "resolve_checkpoint_dir", "verify_export",
+    "EncoderFormatError",
+    "EncoderInfo",
+    "ExportError",
+    "ExportOptions",
+    "ExportResult",
+    "TileTransform",
+    "TrainingGeometry",
+    "encoder_transform",
+    "export_backbone",
+    "export_checkpoint",
+    "export_untrained_encoder",
+    "load_encoder",
+    "read_encoder_config",
+    "resolve_checkpoint_dir",
+    "verify_export",
 ]

@@ -24,8 +24,17 @@ def model_card(config: dict[str, Any], model_name: str) -> str:
         f"license: {pcfg.get('license', 'other')}",
         "pipeline_tag: image-feature-extraction",
         "tags:",
-        *[f"- {t}" for t in ("image-feature-extraction", "timm", "pathdino", "dinov2", "histopathology",
-                             "computational-pathology")],
+        *[
+            f"- {t}"
+            for t in (
+                "image-feature-extraction",
+                "timm",
+                "pathdino",
+                "dinov2",
+                "histopathology",
+                "computational-pathology",
+            )
+        ],
         "---",
     ]
     return "\n".join(front) + _intro(config, model_name) + _use(config) + _provenance(config)
@@ -41,18 +50,18 @@ def _intro(config: dict[str, Any], model_name: str) -> str:
 
 A tile encoder for H&E histopathology, pretrained with the DINOv2 objective (DINO + iBOT + KoLeo) with
 pathdino and exported from the EMA teacher. It is a plain timm `{arch}`
-(ViT, patch {args.get('patch_size')}, width {args.get('embed_dim')}, depth {args.get('depth')},
-{args.get('num_heads')} heads, {args.get('reg_tokens', 0)} register tokens) with no classifier: the output is the
-CLS embedding ({config.get('num_features')} values per tile).
+(ViT, patch {args.get("patch_size")}, width {args.get("embed_dim")}, depth {args.get("depth")},
+{args.get("num_heads")} heads, {args.get("reg_tokens", 0)} register tokens) with no classifier: the output is the
+CLS embedding ({config.get("num_features")} values per tile).
 
 ## Input
 
 | | |
 |---|---|
-| tile size | {_fmt(tile_px, ' px')} (the tiles it was trained on) |
-| resolution | {_fmt(mpp, ' µm/px')} (effective µm/px of training tiles: {_fmt(eff)}) |
-| model input | {pcfg['input_size'][-1]} × {pcfg['input_size'][-1]} px; tiles of another size are resized (bicubic) |
-| normalisation | mean {pcfg['mean']}, std {pcfg['std']} |
+| tile size | {_fmt(tile_px, " px")} (the tiles it was trained on) |
+| resolution | {_fmt(mpp, " µm/px")} (effective µm/px of training tiles: {_fmt(eff)}) |
+| model input | {pcfg["input_size"][-1]} × {pcfg["input_size"][-1]} px; tiles of another size are resized (bicubic) |
+| normalisation | mean {pcfg["mean"]}, std {pcfg["std"]} |
 
 Embed tiles cut at the same µm/px: the encoder has only seen that field of view (`pathdino embed` refuses
 stores more than 5% off unless `--force`).
@@ -69,7 +78,7 @@ With pathdino:
 ```python
 import pathdino
 model, transform = pathdino.load_encoder("path/to/this/folder")
-embedding = model(transform(tile)[None])  # tile: PIL image or RGB uint8 array -> [1, {config.get('num_features')}]
+embedding = model(transform(tile)[None])  # tile: PIL image or RGB uint8 array -> [1, {config.get("num_features")}]
 ```
 
 With timm only (offline):
@@ -87,7 +96,7 @@ data_cfg = timm.data.resolve_data_config(model=model)   # input size, mean/std f
 ```
 
 Once uploaded to the Hugging Face hub: `timm.create_model("hf-hub:<user>/<repo>", pretrained=True)`.
-`model.forward_features(x)` returns all tokens: CLS, then {args.get('reg_tokens', 0)} registers, then the patch
+`model.forward_features(x)` returns all tokens: CLS, then {args.get("reg_tokens", 0)} registers, then the patch
 tokens (row-major).
 
 Slide-level use: `pathdino embed STORE --encoder FOLDER --out EMB --format h5` writes CLAM/TRIDENT-style
@@ -105,20 +114,20 @@ def _provenance(config: dict[str, Any]) -> str:
 
 | | |
 |---|---|
-| checkpoint | `{training.get('checkpoint', 'unknown')}` |
-| step | {_fmt(training.get('step'))} |
-| tile stores | {', '.join(f'`{s}`' for s in training.get('stores', [])) or 'unknown'} |
-| drop path (training only) | {bb.get('drop_path_rate', 'unknown')} |
+| checkpoint | `{training.get("checkpoint", "unknown")}` |
+| step | {_fmt(training.get("step"))} |
+| tile stores | {", ".join(f"`{s}`" for s in training.get("stores", [])) or "unknown"} |
+| drop path (training only) | {bb.get("drop_path_rate", "unknown")} |
 
 The full resolved training configuration is in `config.json` under `pathdino.training.config`.
 
-{notes and '### Notes' + chr(10) + chr(10) + notes}
+{notes and "### Notes" + chr(10) + chr(10) + notes}
 ## Export
 
-Exported by pathdino {export.get('pathdino_version')} (timm {export.get('timm_version')}, torch
-{export.get('torch_version')}) on {export.get('created')}. Check: the folder was reloaded with plain timm and its
+Exported by pathdino {export.get("pathdino_version")} (timm {export.get("timm_version")}, torch
+{export.get("torch_version")}) on {export.get("created")}. Check: the folder was reloaded with plain timm and its
 weights, and its CLS and patch tokens at two input sizes, compared with the checkpoint's: largest difference
-{check.get('max_abs_diff', 'not checked')}. `model.safetensors` SHA-256: `{export.get('weights_sha256')}`.
+{check.get("max_abs_diff", "not checked")}. `model.safetensors` SHA-256: `{export.get("weights_sha256")}`.
 
 <details><summary>timm model_args</summary>
 

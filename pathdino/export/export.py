@@ -57,8 +57,9 @@ class ExportOptions:
         if self.target_mpp is not None and not self.target_mpp > 0:
             raise ValueError(f"ExportOptions.target_mpp must be > 0, got {self.target_mpp}")
         if self.pick not in ("latest", "best") and not str(self.pick).isdigit():
-            raise ValueError(f"ExportOptions.pick (--checkpoint) must be latest, best or a step number, got "
-                             f"{self.pick!r}")
+            raise ValueError(
+                f"ExportOptions.pick (--checkpoint) must be latest, best or a step number, got {self.pick!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ class ExportResult:
     notes: tuple[str, ...]
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()
-                      ) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()
+) -> ExportResult:
     """Export the teacher backbone of a training checkpoint: a checkpoint folder, or a run folder and the checkpoint
     ``options.pick`` names (``latest``, ``best``, a step number)."""
     from pathdino.models import build_backbone
@@ -91,18 +93,30 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         raise ExportError(f"{where}: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(f"{where} (missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-    geometry = training_geometry(config, tile_px=options.tile_px, target_mpp=options.target_mpp,
-                                 base_dir=training_cwd(ckpt, config))
+    geometry = training_geometry(
+        config, tile_px=options.tile_px, target_mpp=options.target_mpp, base_dir=training_cwd(ckpt, config)
+    )
     provenance = {
-        "checkpoint": str(ckpt.resolve()), "step": state.get("step"), "stores": list(geometry.stores),
-        "world_size": state.get("world_size"), "batch_size": state.get("batch_size"),
-        "left_out": _summarise_keys(left_out), "config": config,
+        "checkpoint": str(ckpt.resolve()),
+        "step": state.get("step"),
+        "stores": list(geometry.stores),
+        "world_size": state.get("world_size"),
+        "batch_size": state.get("batch_size"),
+        "left_out": _summarise_keys(left_out),
+        "config": config,
     }
     return export_backbone(backbone, cfg, out_dir, geometry=geometry, provenance=provenance, options=options)
 
 
-def export_backbone(backbone, backbone_cfg, out_dir: str | Path, *, geometry: TrainingGeometry,
-                    provenance: dict[str, Any], options: ExportOptions = ExportOptions()) -> ExportResult:
+def export_backbone(
+    backbone,
+    backbone_cfg,
+    out_dir: str | Path,
+    *,
+    geometry: TrainingGeometry,
+    provenance: dict[str, Any],
+    options: ExportOptions = ExportOptions(),
+) -> ExportResult:
     """Write, reload-check and publish an encoder folder for a timm ViT built from ``backbone_cfg``."""
     import timm
     import torch
@@ -119,40 +133,63 @@ def export_backbone(backbone, backbone_cfg, out_dir: str | Path, *, geometry: Tr
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
-                   for k, v in backbone.state_dict().items()}
+        weights = {
+            k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in backbone.state_dict().items()
+        }
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS_FILE, 0o644)  # a folder meant for sharing: readable like the JSON next to it
         n_prefix = 1 + backbone_cfg.num_register_tokens
         meta: dict[str, Any] = {
-            "format": ENCODER_FORMAT, "format_version": ENCODER_FORMAT_VERSION,
-            "tile_px": geometry.tile_px, "target_mpp": geometry.target_mpp,
+            "format": ENCODER_FORMAT,
+            "format_version": ENCODER_FORMAT_VERSION,
+            "tile_px": geometry.tile_px,
+            "target_mpp": geometry.target_mpp,
             "effective_mpp_range": list(geometry.effective_mpp_range) if geometry.effective_mpp_range else None,
-            "input_px": backbone_cfg.img_size, "patch_size": backbone_cfg.patch_size,
-            "embed_dim": backbone_cfg.embed_dim_, "num_register_tokens": backbone_cfg.num_register_tokens,
-            "num_prefix_tokens": n_prefix, "backbone_config": asdict(backbone_cfg), "training": provenance,
-            "export": {"created": now_iso(),
-                       "pathdino_version": __version__, "timm_version": timm.__version__,
-                       "torch_version": torch.__version__, "weights_sha256": file_sha256(tmp / WEIGHTS_FILE)},
+            "input_px": backbone_cfg.img_size,
+            "patch_size": backbone_cfg.patch_size,
+            "embed_dim": backbone_cfg.embed_dim_,
+            "num_register_tokens": backbone_cfg.num_register_tokens,
+            "num_prefix_tokens": n_prefix,
+            "backbone_config": asdict(backbone_cfg),
+            "training": provenance,
+            "export": {
+                "created": now_iso(),
+                "pathdino_version": __version__,
+                "timm_version": timm.__version__,
+                "torch_version": torch.__version__,
+                "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
+            },
             "notes": list(geometry.notes),
         }
         config = _timm_config(arch, kwargs, backbone_cfg, geometry, options.license, meta)
         _write_json(tmp / CONFIG_FILE, config)
         max_diff = verify_export(backbone, tmp)
         if not max_diff <= options.atol:
-            raise ExportError(f"export check failed: the encoder reloaded from {tmp} differs from the checkpoint by "
-                              f"{max_diff:.3g} (> atol {options.atol:g}); the export was not written")
-        meta["export"]["check"] = {"max_abs_diff": max_diff, "atol": options.atol,
-                                   "compared": "all weights; CLS and patch tokens of the timm reload vs the "
-                                               "checkpoint's forward at 2 input sizes"}
+            raise ExportError(
+                f"export check failed: the encoder reloaded from {tmp} differs from the checkpoint by "
+                f"{max_diff:.3g} (> atol {options.atol:g}); the export was not written"
+            )
+        meta["export"]["check"] = {
+            "max_abs_diff": max_diff,
+            "atol": options.atol,
+            "compared": "all weights; CLS and patch tokens of the timm reload vs the "
+            "checkpoint's forward at 2 input sizes",
+        }
         _write_json(tmp / CONFIG_FILE, config)
         (tmp / CARD_FILE).write_text(model_card(config, options.model_name or out_dir.name))
         publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out_dir=out_dir, architecture=arch, step=provenance.get("step"), tile_px=geometry.tile_px,
-                        target_mpp=geometry.target_mpp, max_abs_diff=max_diff, notes=geometry.notes)
+    return ExportResult(
+        out_dir=out_dir,
+        architecture=arch,
+        step=provenance.get("step"),
+        tile_px=geometry.tile_px,
+        target_mpp=geometry.target_mpp,
+        max_abs_diff=max_diff,
+        notes=geometry.notes,
+    )
 
 
 def _summarise_keys(keys: list[str]) -> list[str]:
@@ -160,8 +197,9 @@ def _summarise_keys(keys: list[str]) -> list[str]:
     return sorted({k if k.endswith("mask_token") else k.split(".")[0] + ".*" for k in keys})
 
 
-def _timm_config(arch: str, kwargs: dict[str, Any], cfg, geometry: TrainingGeometry, license_: str,
-                 meta: dict[str, Any]) -> dict[str, Any]:
+def _timm_config(
+    arch: str, kwargs: dict[str, Any], cfg, geometry: TrainingGeometry, license_: str, meta: dict[str, Any]
+) -> dict[str, Any]:
     # timm's hub layout (timm.models._hub.save_config_for_hf): `hf-hub:` / `local-dir:` loading reads it as is.
     return {
         "architecture": arch,
@@ -170,14 +208,23 @@ def _timm_config(arch: str, kwargs: dict[str, Any], cfg, geometry: TrainingGeome
         "global_pool": "token",
         "model_args": kwargs,
         "pretrained_cfg": {
-            "tag": "pathdino", "custom_load": False,
-            "input_size": [3, cfg.img_size, cfg.img_size], "fixed_input_size": False,
+            "tag": "pathdino",
+            "custom_load": False,
+            "input_size": [3, cfg.img_size, cfg.img_size],
+            "fixed_input_size": False,
             # crop_pct 1.0: a tile is already the field of view the encoder was trained on; resize, never crop.
-            "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
-            "mean": list(geometry.mean), "std": list(geometry.std),
-            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head", "license": license_,
-            "description": (f"pathdino DINOv2 tile encoder for H&E tiles of {geometry.tile_px} px at "
-                            f"{geometry.target_mpp} µm/px"),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(geometry.mean),
+            "std": list(geometry.std),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": license_,
+            "description": (
+                f"pathdino DINOv2 tile encoder for H&E tiles of {geometry.tile_px} px at {geometry.target_mpp} µm/px"
+            ),
         },
         "pathdino": meta,
     }
@@ -203,8 +250,9 @@ def verify_export(reference, out_dir: str | Path) -> float:
     ref_sd, new_sd = reference.state_dict(), model.state_dict()
     if ref_sd.keys() != new_sd.keys() or any(ref_sd[k].shape != new_sd[k].shape for k in ref_sd):
         return float("inf")
-    worst = max((float((ref_sd[k].float() - new_sd[k].float()).abs().max()) for k in ref_sd if ref_sd[k].numel()),
-                default=0.0)
+    worst = max(
+        (float((ref_sd[k].float() - new_sd[k].float()).abs().max()) for k in ref_sd if ref_sd[k].numel()), default=0.0
+    )
     teacher = MaskedViT(reference).eval()
     patch = teacher.patch_size
     size = reference.patch_embed.img_size[0]

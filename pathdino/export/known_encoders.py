@@ -30,10 +30,14 @@ TABLE_ENV = "PATHDINO_ENCODER_TABLE"
 # Layer classes that model cards pass to timm.create_model as Python objects; config.json files spell them as
 # strings. Only these names are resolved (nothing is imported by name from a file).
 _LAYERS = {
-    "SwiGLUPacked": ("timm.layers", "SwiGLUPacked"), "timm.layers.SwiGLUPacked": ("timm.layers", "SwiGLUPacked"),
-    "SwiGLU": ("timm.layers", "SwiGLU"), "timm.layers.SwiGLU": ("timm.layers", "SwiGLU"),
-    "SiLU": ("torch.nn", "SiLU"), "torch.nn.SiLU": ("torch.nn", "SiLU"),
-    "GELU": ("torch.nn", "GELU"), "torch.nn.GELU": ("torch.nn", "GELU"),
+    "SwiGLUPacked": ("timm.layers", "SwiGLUPacked"),
+    "timm.layers.SwiGLUPacked": ("timm.layers", "SwiGLUPacked"),
+    "SwiGLU": ("timm.layers", "SwiGLU"),
+    "timm.layers.SwiGLU": ("timm.layers", "SwiGLU"),
+    "SiLU": ("torch.nn", "SiLU"),
+    "torch.nn.SiLU": ("torch.nn", "SiLU"),
+    "GELU": ("torch.nn", "GELU"),
+    "torch.nn.GELU": ("torch.nn", "GELU"),
 }
 
 
@@ -62,40 +66,149 @@ class KnownEncoder:
 _SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
 KNOWN_ENCODERS: tuple[KnownEncoder, ...] = (
-    KnownEncoder("UNI2-h", (r"uni[-_]?2", r"uni[-_]?v2"), ("vit_giant_patch14_224",), 224, IMAGENET_MEAN,
-                 IMAGENET_STD, 0.5, recipe="cls",
-                 model_args={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
-                             "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
-                             "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU}),
-    KnownEncoder("UNI", (r"(^|[^a-z])uni($|[^a-z0-9])", r"mahmoodlab/uni$"), ("vit_large_patch16_224",), 224,
-                 IMAGENET_MEAN, IMAGENET_STD, 0.5, recipe="cls",
-                 model_args={"init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True}),
-    KnownEncoder("Virchow2", (r"virchow[-_]?2",), ("vit_huge_patch14_224",), 224, IMAGENET_MEAN, IMAGENET_STD,
-                 None, trained_mpps=(2.0, 1.0, 0.5, 0.25), recipe="cls+mean_patch",
-                 model_args={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "reg_tokens": 4,
-                             "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True, **_SWIGLU},
-                 note="trained at 5x-40x; embedding = CLS ++ mean of patch tokens (4 registers excluded)"),
-    KnownEncoder("Virchow", (r"virchow",), ("vit_huge_patch14_224",), 224, IMAGENET_MEAN, IMAGENET_STD, 0.5,
-                 recipe="cls+mean_patch",
-                 model_args={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "mlp_ratio": 5.3375,
-                             "global_pool": "", "dynamic_img_size": True, **_SWIGLU}),
-    KnownEncoder("H-optimus-1", (r"h[-_]?optimus[-_]?1",), ("vit_giant_patch14_reg4_dinov2",), 224, HOPTIMUS_MEAN,
-                 HOPTIMUS_STD, 0.5, recipe="cls",
-                 model_args={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
-                             "dynamic_img_size": False}),
-    KnownEncoder("H-optimus-0", (r"h[-_]?optimus[-_]?0",), ("vit_giant_patch14_reg4_dinov2",), 224, HOPTIMUS_MEAN,
-                 HOPTIMUS_STD, 0.5, recipe="cls",
-                 model_args={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
-                             "dynamic_img_size": False}),
-    KnownEncoder("Prov-GigaPath", (r"gigapath",), ("vit_giant_patch14_dinov2",), 224, IMAGENET_MEAN, IMAGENET_STD,
-                 0.5, recipe="cls",
-                 model_args={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
-                             "num_heads": 24, "mlp_ratio": 5.33334, "num_classes": 0},
-                 note="the model card resizes to 256 then centre-crops 224; pathdino resizes the tile to 224"),
-    KnownEncoder("Hibou", (r"hibou",), timm_loadable=False,
-                 note="a transformers model (trust_remote_code), not timm: convert it to a timm ViT first"),
-    KnownEncoder("Phikon", (r"phikon",), timm_loadable=False,
-                 note="a transformers ViT/DINOv2 model, not timm: convert it to a timm ViT first"),
+    KnownEncoder(
+        "UNI2-h",
+        (r"uni[-_]?2", r"uni[-_]?v2"),
+        ("vit_giant_patch14_224",),
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        0.5,
+        recipe="cls",
+        model_args={
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "num_classes": 0,
+            "no_embed_class": True,
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+            **_SWIGLU,
+        },
+    ),
+    KnownEncoder(
+        "UNI",
+        (r"(^|[^a-z])uni($|[^a-z0-9])", r"mahmoodlab/uni$"),
+        ("vit_large_patch16_224",),
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        0.5,
+        recipe="cls",
+        model_args={"init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+    ),
+    KnownEncoder(
+        "Virchow2",
+        (r"virchow[-_]?2",),
+        ("vit_huge_patch14_224",),
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        None,
+        trained_mpps=(2.0, 1.0, 0.5, 0.25),
+        recipe="cls+mean_patch",
+        model_args={
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "reg_tokens": 4,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            **_SWIGLU,
+        },
+        note="trained at 5x-40x; embedding = CLS ++ mean of patch tokens (4 registers excluded)",
+    ),
+    KnownEncoder(
+        "Virchow",
+        (r"virchow",),
+        ("vit_huge_patch14_224",),
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        0.5,
+        recipe="cls+mean_patch",
+        model_args={
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            **_SWIGLU,
+        },
+    ),
+    KnownEncoder(
+        "H-optimus-1",
+        (r"h[-_]?optimus[-_]?1",),
+        ("vit_giant_patch14_reg4_dinov2",),
+        224,
+        HOPTIMUS_MEAN,
+        HOPTIMUS_STD,
+        0.5,
+        recipe="cls",
+        model_args={
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "global_pool": "token",
+            "dynamic_img_size": False,
+        },
+    ),
+    KnownEncoder(
+        "H-optimus-0",
+        (r"h[-_]?optimus[-_]?0",),
+        ("vit_giant_patch14_reg4_dinov2",),
+        224,
+        HOPTIMUS_MEAN,
+        HOPTIMUS_STD,
+        0.5,
+        recipe="cls",
+        model_args={
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "global_pool": "token",
+            "dynamic_img_size": False,
+        },
+    ),
+    KnownEncoder(
+        "Prov-GigaPath",
+        (r"gigapath",),
+        ("vit_giant_patch14_dinov2",),
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        0.5,
+        recipe="cls",
+        model_args={
+            "img_size": 224,
+            "in_chans": 3,
+            "patch_size": 16,
+            "embed_dim": 1536,
+            "depth": 40,
+            "num_heads": 24,
+            "mlp_ratio": 5.33334,
+            "num_classes": 0,
+        },
+        note="the model card resizes to 256 then centre-crops 224; pathdino resizes the tile to 224",
+    ),
+    KnownEncoder(
+        "Hibou",
+        (r"hibou",),
+        timm_loadable=False,
+        note="a transformers model (trust_remote_code), not timm: convert it to a timm ViT first",
+    ),
+    KnownEncoder(
+        "Phikon",
+        (r"phikon",),
+        timm_loadable=False,
+        note="a transformers ViT/DINOv2 model, not timm: convert it to a timm ViT first",
+    ),
 )
 
 
@@ -108,8 +221,10 @@ def entry_from_dict(raw: dict[str, Any], where: str) -> KnownEncoder:
     known = {f.name for f in fields(KnownEncoder)}
     unknown = sorted(set(raw) - known)
     if unknown or "name" not in raw or "patterns" not in raw:
-        raise ValueError(f"{where}: encoder table entry {raw.get('name', '?')!r} needs 'name' and 'patterns'"
-                         + (f"; unknown keys {unknown} (allowed: {sorted(known)})" if unknown else ""))
+        raise ValueError(
+            f"{where}: encoder table entry {raw.get('name', '?')!r} needs 'name' and 'patterns'"
+            + (f"; unknown keys {unknown} (allowed: {sorted(known)})" if unknown else "")
+        )
     return KnownEncoder(**{k: _as_tuple(v) for k, v in raw.items()})
 
 
@@ -140,8 +255,7 @@ def resolve_layers(model_args: dict[str, Any]) -> dict[str, Any]:
     for key, value in model_args.items():
         if key.endswith("_layer") and isinstance(value, str):
             if value not in _LAYERS:
-                raise ValueError(f"model_args[{key!r}] = {value!r}: pathdino builds only {sorted(_LAYERS)} from a "
-                                 "name")
+                raise ValueError(f"model_args[{key!r}] = {value!r}: pathdino builds only {sorted(_LAYERS)} from a name")
             module, attr = _LAYERS[value]
             out[key] = getattr(importlib.import_module(module), attr)
     return out

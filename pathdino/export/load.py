@@ -123,7 +123,8 @@ class EncoderInfo:
 def _require_files(path: Path, cfg_exists: bool = True) -> None:
     if not path.is_dir():
         raise EncoderFormatError(
-            f"encoder folder {path} does not exist; create one with `pathdino export CHECKPOINT --out {path}`")
+            f"encoder folder {path} does not exist; create one with `pathdino export CHECKPOINT --out {path}`"
+        )
     missing = [name for name in (CONFIG_FILE,) if not (path / name).is_file()]
     if not (path / WEIGHTS_FILE).is_file() and not (path / TORCH_WEIGHTS_FILE).is_file():
         missing.append(f"{WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE})")
@@ -131,7 +132,8 @@ def _require_files(path: Path, cfg_exists: bool = True) -> None:
         raise EncoderFormatError(
             f"encoder folder {path} is missing {', '.join(missing)}; an exported encoder holds {CONFIG_FILE}, "
             f"{WEIGHTS_FILE} and {CARD_FILE} (re-run `pathdino export`, or copy the whole folder); a third-party "
-            f"encoder needs its hub files: {CONFIG_FILE} and {WEIGHTS_FILE} or {TORCH_WEIGHTS_FILE}")
+            f"encoder needs its hub files: {CONFIG_FILE} and {WEIGHTS_FILE} or {TORCH_WEIGHTS_FILE}"
+        )
 
 
 def read_encoder_config(path: str | Path, encoder_table: str | Path | None = None) -> EncoderInfo:
@@ -144,8 +146,9 @@ def read_encoder_config(path: str | Path, encoder_table: str | Path | None = Non
     weights = info.path / WEIGHTS_FILE
     problem = safetensors_problem(weights) if weights.is_file() else None
     if problem is not None:  # found before any output is created (pathdino embed) or a model is built
-        raise EncoderFormatError(f"{weights} is damaged ({problem}); copy the encoder folder again, or re-run "
-                                 "`pathdino export`")
+        raise EncoderFormatError(
+            f"{weights} is damaged ({problem}); copy the encoder folder again, or re-run `pathdino export`"
+        )
     return info
 
 
@@ -167,11 +170,17 @@ def _read_encoder_config(path: Path, encoder_table: str | Path | None) -> Encode
             raise EncoderFormatError(f"{file}: pretrained_cfg has no {key!r}")
     version = meta.get("format_version", ENCODER_FORMAT_VERSION)
     if meta and version != ENCODER_FORMAT_VERSION:
-        raise EncoderFormatError(f"{file}: pathdino encoder format version {version}; this pathdino reads "
-                                 f"{ENCODER_FORMAT_VERSION}")
+        raise EncoderFormatError(
+            f"{file}: pathdino encoder format version {version}; this pathdino reads {ENCODER_FORMAT_VERSION}"
+        )
     meta.setdefault("format", ENCODER_FORMAT)
-    return EncoderInfo(path=path, architecture=str(cfg["architecture"]), model_args=dict(cfg["model_args"]),
-                       pretrained_cfg=pretrained_cfg, pathdino=meta)
+    return EncoderInfo(
+        path=path,
+        architecture=str(cfg["architecture"]),
+        model_args=dict(cfg["model_args"]),
+        pretrained_cfg=pretrained_cfg,
+        pathdino=meta,
+    )
 
 
 def _third_party_info(path: Path, cfg: dict[str, Any], encoder_table: str | Path | None) -> EncoderInfo:
@@ -189,20 +198,31 @@ def _third_party_info(path: Path, cfg: dict[str, Any], encoder_table: str | Path
     if known is not None and not known.timm_loadable:
         raise EncoderFormatError(f"encoder folder {path} looks like {known.name}: {known.note}")
     if not isinstance(cfg.get("architecture"), str):
-        hint = (" (it is a Hugging Face transformers config: 'model_type' "
-                f"{cfg['model_type']!r})") if "model_type" in cfg else ""
-        raise EncoderFormatError(f"{file} has no 'architecture'{hint}: pathdino loads timm hub-style folders "
-                                 "(config.json with architecture, model_args, pretrained_cfg)")
+        hint = (
+            (f" (it is a Hugging Face transformers config: 'model_type' {cfg['model_type']!r})")
+            if "model_type" in cfg
+            else ""
+        )
+        raise EncoderFormatError(
+            f"{file} has no 'architecture'{hint}: pathdino loads timm hub-style folders "
+            "(config.json with architecture, model_args, pretrained_cfg)"
+        )
     architecture = str(cfg["architecture"])
     if known is not None and known.architectures and architecture not in known.architectures:
         logging.getLogger(__name__).warning(
-            "encoder %s matched %s by name, but its architecture %s is not %s: check the folder", path, known.name,
-            architecture, "/".join(known.architectures))
+            "encoder %s matched %s by name, but its architecture %s is not %s: check the folder",
+            path,
+            known.name,
+            architecture,
+            "/".join(known.architectures),
+        )
     model_args = {**(known.model_args if known else {}), **dict(cfg.get("model_args") or {})}
     model_args.setdefault("num_classes", 0)
-    filled = {"input_size": [3, known.input_px, known.input_px] if known and known.input_px else None,
-              "mean": list(known.mean) if known and known.mean else None,
-              "std": list(known.std) if known and known.std else None}
+    filled = {
+        "input_size": [3, known.input_px, known.input_px] if known and known.input_px else None,
+        "mean": list(known.mean) if known and known.mean else None,
+        "std": list(known.std) if known and known.std else None,
+    }
     for key, value in filled.items():
         if key not in pretrained_cfg and value is not None:
             pretrained_cfg[key] = value
@@ -210,15 +230,25 @@ def _third_party_info(path: Path, cfg: dict[str, Any], encoder_table: str | Path
     if lacking:
         raise EncoderFormatError(
             f"{file}: pretrained_cfg has no {lacking} and {path.name!r} is not a known encoder; add an entry with "
-            "input_px/mean/std to an encoder table (--encoder-table FILE, see docs/export-embed-eval.md)")
+            "input_px/mean/std to an encoder table (--encoder-table FILE, see docs/export-embed-eval.md)"
+        )
     weights = WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else TORCH_WEIGHTS_FILE
-    meta: dict[str, Any] = {"known_encoder": known.name if known else None,
-                            "recipe": known.recipe if known else "cls",
-                            "target_mpp": known.target_mpp if known else None,
-                            "trained_mpps": list(known.trained_mpps) if known else [],
-                            "tile_px": None}
-    info = EncoderInfo(path=path, architecture=architecture, model_args=model_args, pretrained_cfg=pretrained_cfg,
-                       pathdino=meta, weights_file=weights, known=known)
+    meta: dict[str, Any] = {
+        "known_encoder": known.name if known else None,
+        "recipe": known.recipe if known else "cls",
+        "target_mpp": known.target_mpp if known else None,
+        "trained_mpps": list(known.trained_mpps) if known else [],
+        "tile_px": None,
+    }
+    info = EncoderInfo(
+        path=path,
+        architecture=architecture,
+        model_args=model_args,
+        pretrained_cfg=pretrained_cfg,
+        pathdino=meta,
+        weights_file=weights,
+        known=known,
+    )
     if "embed_dim" not in model_args:
         meta["embed_dim"] = int(_build_timm(info, device="meta").embed_dim)
     return info
@@ -239,8 +269,9 @@ def _build_timm(info: EncoderInfo, device: str | None = None):
         with torch.device(device or "cpu"):
             return timm.create_model(info.architecture, pretrained=False, **args)
     except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
-        raise EncoderFormatError(f"timm cannot build {info.architecture!r} with {info.path / CONFIG_FILE}'s "
-                                 f"model_args ({exc})") from exc
+        raise EncoderFormatError(
+            f"timm cannot build {info.architecture!r} with {info.path / CONFIG_FILE}'s model_args ({exc})"
+        ) from exc
 
 
 def read_weights(path: Path) -> dict[str, Any]:
@@ -254,8 +285,10 @@ def read_weights(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickled objects other than tensors are refused here
-        raise EncoderFormatError(f"{path} cannot be read with torch.load(weights_only=True) ({exc}); pathdino "
-                                 "reads tensors only: convert it to model.safetensors") from exc
+        raise EncoderFormatError(
+            f"{path} cannot be read with torch.load(weights_only=True) ({exc}); pathdino "
+            "reads tensors only: convert it to model.safetensors"
+        ) from exc
     for key in ("state_dict", "model"):  # checkpoints that wrap the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -266,13 +299,17 @@ def _load_third_party(info: EncoderInfo):
     model = _build_timm(info)
     state = read_weights(info.weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))] if not getattr(
-        model, "num_classes", 0) else unexpected
+    unexpected = (
+        [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
+        if not getattr(model, "num_classes", 0)
+        else unexpected
+    )
     if missing or unexpected:
         raise EncoderFormatError(
             f"{info.weights_path} does not fit {info.architecture} built from {info.path / CONFIG_FILE} "
             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}); fix model_args in config.json or in an encoder table entry")
+            f"{'...' if len(unexpected) > 5 else ''}); fix model_args in config.json or in an encoder table entry"
+        )
     return model
 
 
@@ -296,19 +333,25 @@ def load_encoder(path: str | Path | EncoderInfo, device: str | None = None):
         model = _load_third_party(info)
     else:
         try:
-            model = timm.create_model(info.architecture, pretrained=True, pretrained_cfg_overlay=info.timm_overlay(),
-                                      **info.model_args)
+            model = timm.create_model(
+                info.architecture, pretrained=True, pretrained_cfg_overlay=info.timm_overlay(), **info.model_args
+            )
         except RuntimeError as exc:  # shape or key mismatch between config.json and model.safetensors
             raise EncoderFormatError(
                 f"{info.path / WEIGHTS_FILE} does not fit {info.path / CONFIG_FILE} ({exc}); the two files must "
-                "come from the same export") from exc
+                "come from the same export"
+            ) from exc
     model.eval()
     if device is not None:
         model.to(device)
     model.pathdino_info = {
-        "encoder_dir": str(info.path), "architecture": info.architecture, "tile_px": info.tile_px,
-        "target_mpp": info.target_mpp, "weights_sha256": info.weights_sha256,
+        "encoder_dir": str(info.path),
+        "architecture": info.architecture,
+        "tile_px": info.tile_px,
+        "target_mpp": info.target_mpp,
+        "weights_sha256": info.weights_sha256,
         "training_step": info.pathdino.get("training", {}).get("step"),
-        "known_encoder": info.pathdino.get("known_encoder"), "recipe": info.recipe,
+        "known_encoder": info.pathdino.get("known_encoder"),
+        "recipe": info.recipe,
     }
     return model, encoder_transform(info)

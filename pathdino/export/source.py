@@ -24,8 +24,14 @@ TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Tried in order; the first under which the ViT's own keys appear wins. The trainer writes the first.
-_BACKBONE_PREFIXES = ("backbone.backbone.", "teacher.backbone.backbone.", "teacher.backbone.", "backbone.",
-                      "model.backbone.", "")
+_BACKBONE_PREFIXES = (
+    "backbone.backbone.",
+    "teacher.backbone.backbone.",
+    "teacher.backbone.",
+    "backbone.",
+    "model.backbone.",
+    "",
+)
 _TRAINER_ONLY = ("mask_token",)
 _WRAPPER = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
 _MAX_SLIDES_CHECKED = 64
@@ -60,28 +66,39 @@ def resolve_checkpoint_dir(path: str | Path, pick: str = "latest") -> Path:
         raise ExportError(f"checkpoint {path} is a file; pass its folder (it holds {TEACHER_FILE} and {STATE_FILE})")
     if (path / STATE_FILE).is_file() or (path / TEACHER_FILE).is_file():
         if pick != "latest":
-            raise ExportError(f"--checkpoint {pick}: {path} is a checkpoint folder already; pass the run folder to "
-                              f"pick one of its checkpoints, or leave --checkpoint out")
+            raise ExportError(
+                f"--checkpoint {pick}: {path} is a checkpoint folder already; pass the run folder to "
+                f"pick one of its checkpoints, or leave --checkpoint out"
+            )
         return path
     roots = [r for r in (path / "checkpoints", path) if r.is_dir()]
     if pick == "best":
         for root in roots:
             if (root / "best" / STATE_FILE).is_file():
                 return root / "best"
-        raise ExportError(f"{path} holds no best checkpoint (checkpoints/best): the run kept none; train with "
-                          "eval.probe.keep_best=true, or export --checkpoint latest / a step number")
+        raise ExportError(
+            f"{path} holds no best checkpoint (checkpoints/best): the run kept none; train with "
+            "eval.probe.keep_best=true, or export --checkpoint latest / a step number"
+        )
     if pick != "latest" and not pick.isdigit():
         raise ExportError(f"--checkpoint {pick!r}: expected latest, best or a step number")
     for root in roots:
-        steps = sorted(((int(m.group(1)), child) for child in root.iterdir() if child.is_dir()
-                        and (m := _STEP_DIR.match(child.name)) and (child / STATE_FILE).is_file()),
-                       key=lambda t: t[0])
+        steps = sorted(
+            (
+                (int(m.group(1)), child)
+                for child in root.iterdir()
+                if child.is_dir() and (m := _STEP_DIR.match(child.name)) and (child / STATE_FILE).is_file()
+            ),
+            key=lambda t: t[0],
+        )
         if steps and pick != "latest":
             chosen = [child for step, child in steps if step == int(pick)]
             if chosen:
                 return chosen[0]
-            raise ExportError(f"{path} has no complete checkpoint of step {pick} (it has steps "
-                              f"{', '.join(str(s) for s, _ in steps)}, and best when kept)")
+            raise ExportError(
+                f"{path} has no complete checkpoint of step {pick} (it has steps "
+                f"{', '.join(str(s) for s, _ in steps)}, and best when kept)"
+            )
         damaged = []
         for _, step_dir in reversed(steps):  # the newest whose teacher weights are whole
             problem = safetensors_problem(step_dir / TEACHER_FILE) if (step_dir / TEACHER_FILE).is_file() else None
@@ -98,8 +115,10 @@ def resolve_checkpoint_dir(path: str | Path, pick: str = "latest") -> Path:
 def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     file = ckpt_dir / STATE_FILE
     if not file.is_file():
-        raise ExportError(f"checkpoint {ckpt_dir} has no {STATE_FILE}: it is incomplete (the trainer writes it "
-                          "last); pick another step_* folder")
+        raise ExportError(
+            f"checkpoint {ckpt_dir} has no {STATE_FILE}: it is incomplete (the trainer writes it "
+            "last); pick another step_* folder"
+        )
     return read_json(file, error=ExportError, hint="pick another step_* folder")
 
 
@@ -110,22 +129,28 @@ def read_teacher_backbone(ckpt_dir: Path) -> tuple[dict[str, Any], list[str]]:
     file = ckpt_dir / TEACHER_FILE
     if not file.is_file():
         present = sorted(p.name for p in ckpt_dir.iterdir())
-        raise ExportError(f"checkpoint {ckpt_dir} has no teacher weights ({TEACHER_FILE}; found {present}); only "
-                          "the EMA teacher is exported: pass a checkpoint written by `pathdino.train`")
+        raise ExportError(
+            f"checkpoint {ckpt_dir} has no teacher weights ({TEACHER_FILE}; found {present}); only "
+            "the EMA teacher is exported: pass a checkpoint written by `pathdino.train`"
+        )
     problem = safetensors_problem(file)
     if problem is not None:
-        raise ExportError(f"{file} is damaged ({problem}); export another step_* folder, or the run folder (its "
-                          "newest complete checkpoint is used)")
+        raise ExportError(
+            f"{file} is damaged ({problem}); export another step_* folder, or the run folder (its "
+            "newest complete checkpoint is used)"
+        )
     state = load_file(str(file), device="cpu")
     # DDP ("module.") and torch.compile ("_orig_mod.") wrappers add name components that timm does not know.
     state = {_WRAPPER.sub(r"\1", k): v for k, v in state.items()}
     for prefix in _BACKBONE_PREFIXES:
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if "cls_token" in picked and "patch_embed.proj.weight" in picked:
             kept = {k: v for k, v in picked.items() if k not in _TRAINER_ONLY}
             return kept, sorted(set(state) - {prefix + k for k in kept})
-    raise ExportError(f"{file} holds no ViT backbone (no cls_token / patch_embed.proj.weight under any of "
-                      f"{list(_BACKBONE_PREFIXES[:-1])}); keys start with {sorted({k.split('.')[0] for k in state})}")
+    raise ExportError(
+        f"{file} holds no ViT backbone (no cls_token / patch_embed.proj.weight under any of "
+        f"{list(_BACKBONE_PREFIXES[:-1])}); keys start with {sorted({k.split('.')[0] for k in state})}"
+    )
 
 
 def find_section(config: Any, name: str, marker: str) -> dict[str, Any] | None:
@@ -148,8 +173,10 @@ def backbone_config_from(config: dict[str, Any], where: str):
 
     section = find_section(config, "backbone", "arch")
     if section is None:
-        raise ExportError(f"{where}: the resolved config has no model.backbone section (with 'arch'); cannot tell "
-                          "which ViT the teacher weights belong to")
+        raise ExportError(
+            f"{where}: the resolved config has no model.backbone section (with 'arch'); cannot tell "
+            "which ViT the teacher weights belong to"
+        )
     known = {f.name for f in fields(BackboneConfig)}
     unknown = sorted(set(section) - known)
     if unknown:
@@ -197,8 +224,9 @@ def _locate(url: str, base: Path | None) -> str:
     return str(base / url) if (base / url).exists() else url
 
 
-def training_geometry(config: dict[str, Any], *, tile_px: int | None = None, target_mpp: float | None = None,
-                      base_dir: Path | None = None) -> TrainingGeometry:
+def training_geometry(
+    config: dict[str, Any], *, tile_px: int | None = None, target_mpp: float | None = None, base_dir: Path | None = None
+) -> TrainingGeometry:
     """Tile size and µm/px from the training stores (explicit values win), mean/std from the augment section.
 
     Relative store paths are looked up in the current directory, then under ``base_dir`` (see ``training_cwd``).
@@ -238,5 +266,12 @@ def training_geometry(config: dict[str, Any], *, tile_px: int | None = None, tar
     if tile_px is None or target_mpp is None:
         notes.append("pass --tile-px / --mpp to `pathdino export` to record them; `pathdino embed` checks them")
     mpp_range = (min(effective), max(effective)) if effective else None
-    return TrainingGeometry(tile_px=tile_px, target_mpp=target_mpp, effective_mpp_range=mpp_range,
-                            mean=mean, std=std, stores=stores, notes=tuple(notes))  # type: ignore[arg-type]
+    return TrainingGeometry(
+        tile_px=tile_px,
+        target_mpp=target_mpp,
+        effective_mpp_range=mpp_range,
+        mean=mean,
+        std=std,
+        stores=stores,
+        notes=tuple(notes),
+    )  # type: ignore[arg-type]

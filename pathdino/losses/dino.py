@@ -123,8 +123,7 @@ class PrototypeTargets(nn.Module):
         """Targets [N, K] (rows sum to 1) for teacher logits [N, K]; centering uses the center from earlier steps
         and then (``update_center``) folds this batch in, as DINOv2."""
         if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.center.shape[1]:
-            raise ValueError(
-                f"teacher logits must be [N, {self.center.shape[1]}], got {tuple(teacher_logits.shape)}")
+            raise ValueError(f"teacher logits must be [N, {self.center.shape[1]}], got {tuple(teacher_logits.shape)}")
         if self.method == "sinkhorn":
             return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
         probs = centered_softmax(teacher_logits.detach(), self.center, teacher_temp)
@@ -181,12 +180,14 @@ class DINOLoss(PrototypeCrossEntropy):
         if student_global_logits.shape != teacher_probs.shape:
             raise ValueError(
                 f"student global logits {tuple(student_global_logits.shape)} must match teacher targets "
-                f"{tuple(teacher_probs.shape)} (crop-major [G*B, K])")
+                f"{tuple(teacher_probs.shape)} (crop-major [G*B, K])"
+            )
         if student_local_logits is None:
             student_local_logits = student_global_logits.new_zeros(0, n_prototypes)
         if student_local_logits.shape[0] % max(batch, 1) or student_local_logits.shape[-1] != n_prototypes:
             raise ValueError(
-                f"student local logits {tuple(student_local_logits.shape)} must be [L*{batch}, {n_prototypes}]")
+                f"student local logits {tuple(student_local_logits.shape)} must be [L*{batch}, {n_prototypes}]"
+            )
         n_local = student_local_logits.shape[0] // max(batch, 1)
         n_terms = n_global_crops * (n_global_crops - 1) + n_global_crops * n_local
         if n_terms == 0:
@@ -215,5 +216,6 @@ class DINOLoss(PrototypeCrossEntropy):
     ) -> torch.Tensor:
         """Scalar DINO loss: global [G*B, K] and local [L*B, K] student logits vs teacher targets [G*B, K]."""
         global_term, local_term = self.forward_terms(
-            student_global_logits, student_local_logits, teacher_probs, n_global_crops)
+            student_global_logits, student_local_logits, teacher_probs, n_global_crops
+        )
         return global_term + local_term

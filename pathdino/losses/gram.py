@@ -13,12 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
-def gram_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor, *,
-              remove_negative: bool = True) -> torch.Tensor:
+def gram_loss(
+    student_patches: torch.Tensor, teacher_patches: torch.Tensor, *, remove_negative: bool = True
+) -> torch.Tensor:
     """Mean squared difference of per-image patch cosine-similarity matrices; inputs [B, N, D] (D may differ)."""
     if student_patches.ndim != 3 or teacher_patches.shape[:2] != student_patches.shape[:2]:
-        raise ValueError(f"gram_loss: expected [B, N, D] inputs with the same B and N, got "
-                         f"{tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}")
+        raise ValueError(
+            f"gram_loss: expected [B, N, D] inputs with the same B and N, got "
+            f"{tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}"
+        )
     s = F.normalize(student_patches.float(), dim=-1)
     t = F.normalize(teacher_patches.float(), dim=-1)
     s_sim = s @ s.transpose(1, 2)
@@ -33,7 +36,7 @@ def resample_patch_grid(patches: torch.Tensor, side: int) -> torch.Tensor:
     """Patch tokens [B, n*n, D] of a square grid resampled to ``side`` x ``side`` (bicubic): a Gram teacher that saw
     the crop at a higher resolution, or a distillation teacher with another patch size, read on the student's grid."""
     b, n_tokens, dim = patches.shape
-    n = int(round(n_tokens ** 0.5))
+    n = int(round(n_tokens**0.5))
     if n * n != n_tokens:
         raise ValueError(f"resample_patch_grid: {n_tokens} patch tokens are not a square grid")
     if n == side:

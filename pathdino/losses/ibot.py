@@ -29,7 +29,8 @@ def _check_masks(tokens_or_none: torch.Tensor | None, masks: torch.Tensor) -> No
     if tokens_or_none is not None and tokens_or_none.shape[:2] != masks.shape:
         raise ValueError(
             f"patch tokens {tuple(tokens_or_none.shape)} do not match masks {tuple(masks.shape)} "
-            "(expected tokens [n_crops, n_patches, D])")
+            "(expected tokens [n_crops, n_patches, D])"
+        )
 
 
 def gather_masked_tokens(patch_tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -69,12 +70,14 @@ class IBOTPatchLoss(PrototypeCrossEntropy):
         if student_masked_logits.shape != teacher_probs.shape:
             raise ValueError(
                 f"student logits {tuple(student_masked_logits.shape)} and teacher targets "
-                f"{tuple(teacher_probs.shape)} must both be [M, K] over the masked tokens")
+                f"{tuple(teacher_probs.shape)} must both be [M, K] over the masked tokens"
+            )
         if token_weights is None:
             token_weights = masked_token_weights(masks)
         if token_weights.shape[0] != student_masked_logits.shape[0]:
             raise ValueError(
-                f"{student_masked_logits.shape[0]} masked-token logits but masks select {token_weights.shape[0]}")
+                f"{student_masked_logits.shape[0]} masked-token logits but masks select {token_weights.shape[0]}"
+            )
         ce = prototype_cross_entropy(student_masked_logits, teacher_probs, self.student_temp)
         n_crops = masks.shape[0]
         return (ce * token_weights).sum() / n_crops * (2.0 / n_global_crops)

@@ -14,6 +14,15 @@ from pathdino.mil.train import (
 )
 
 __all__ = [
-    "ABMIL", "ABMILOutput", "H5FeatureReader", "MILConfig", "MILResult", "SlideTable", "load_abmil",
-    "load_attention", "read_slide_labels", "train_abmil", "write_h5_features",
+    "ABMIL",
+    "ABMILOutput",
+    "H5FeatureReader",
+    "MILConfig",
+    "MILResult",
+    "SlideTable",
+    "load_abmil",
+    "load_attention",
+    "read_slide_labels",
+    "train_abmil",
+    "write_h5_features",
 ]

@@ -25,8 +25,14 @@ class ABMIL(nn.Module):
     ``forward(features [N, D] or [B, N, D], mask [B, N] bool (True = real tile) = None)`` -> :class:`ABMILOutput`.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 256, n_classes: int = 2, dropout: float = 0.25,
-                 attention_dim: int | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 256,
+        n_classes: int = 2,
+        dropout: float = 0.25,
+        attention_dim: int | None = None,
+    ):
         super().__init__()
         if in_dim < 1 or hidden_dim < 1 or n_classes < 2:
             raise ValueError(

@@ -103,41 +103,77 @@ def layer_decay_groups(model: _SlideClassifier, *, lr: float, layer_decay: float
         else:
             layer = depth + 1  # final norm and head
         decay = param.ndim > 1 and "cls_token" not in name
-        group = groups.setdefault((layer, decay), {"params": [], "lr": lr * layer_decay ** (depth + 1 - layer),
-                                                   "weight_decay": weight_decay if decay else 0.0})
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "lr": lr * layer_decay ** (depth + 1 - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         group["params"].append(param)
     return list(groups.values())
 
 
-def train_slide_mil(labels_csv: str | Path | SlideTable, features: Mapping, out_dir: str | Path, *,
-                    encoder: SlideEncoder, step_px: Callable[[str], float | None],
-                    config: SlideMILConfig = SlideMILConfig()) -> SlideMILResult:
+def train_slide_mil(
+    labels_csv: str | Path | SlideTable,
+    features: Mapping,
+    out_dir: str | Path,
+    *,
+    encoder: SlideEncoder,
+    step_px: Callable[[str], float | None],
+    config: SlideMILConfig = SlideMILConfig(),
+) -> SlideMILResult:
     """Fine-tune ``encoder`` + a linear head (or fit a linear probe) on labelled slides' tile embeddings."""
-    table = labels_csv if isinstance(labels_csv, SlideTable) else read_slide_labels(
-        labels_csv, config.val_fraction, config.test_fraction, config.seed)
+    table = (
+        labels_csv
+        if isinstance(labels_csv, SlideTable)
+        else read_slide_labels(labels_csv, config.val_fraction, config.test_fraction, config.seed)
+    )
     table, skipped = _drop_missing(table, features, config.skip_missing_slides)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     encoder = encoder.to(config.device)
     if config.linear_probe:
-        probs, state, history, best_epoch, epochs = _probe(table, features, encoder=encoder, step_px=step_px,
-                                                           config=config)
+        probs, state, history, best_epoch, epochs = _probe(
+            table, features, encoder=encoder, step_px=step_px, config=config
+        )
     else:
-        probs, state, history, best_epoch, epochs = _finetune(table, features, encoder=encoder, step_px=step_px,
-                                                              config=config)
+        probs, state, history, best_epoch, epochs = _finetune(
+            table, features, encoder=encoder, step_px=step_px, config=config
+        )
     labels = np.asarray(table.labels)
     splits = np.asarray(table.splits)
-    metrics = {s: classification_report(labels[splits == s], probs[splits == s].argmax(1),
-                                        scores=probs[splits == s], n_classes=len(table.class_names))
-               for s in SPLITS if (splits == s).any()}
+    metrics = {
+        s: classification_report(
+            labels[splits == s],
+            probs[splits == s].argmax(1),
+            scores=probs[splits == s],
+            n_classes=len(table.class_names),
+        )
+        for s in SPLITS
+        if (splits == s).any()
+    }
     _save(out_dir, table=table, probs=probs, state=state, config=config)
-    atomic_write_json(out_dir / METRICS_FILE, to_jsonable({
-        "metrics": metrics, "mode": "linear_probe" if config.linear_probe else "finetune", "history": history,
-        "best_epoch": best_epoch, "epochs_run": epochs, "class_names": list(table.class_names),
-        "split_origin": table.split_origin, "skipped_slides": skipped, "config": asdict(config),
-        "slide_encoder": str(getattr(getattr(encoder, "info", None), "path", "")),
-    }), allow_nan=False)
+    atomic_write_json(
+        out_dir / METRICS_FILE,
+        to_jsonable(
+            {
+                "metrics": metrics,
+                "mode": "linear_probe" if config.linear_probe else "finetune",
+                "history": history,
+                "best_epoch": best_epoch,
+                "epochs_run": epochs,
+                "class_names": list(table.class_names),
+                "split_origin": table.split_origin,
+                "skipped_slides": skipped,
+                "config": asdict(config),
+                "slide_encoder": str(getattr(getattr(encoder, "info", None), "path", "")),
+            }
+        ),
+        allow_nan=False,
+    )
     return SlideMILResult(metrics, epochs, best_epoch, out_dir)
 
 
@@ -159,8 +195,14 @@ def _probe(table: SlideTable, features: Mapping, *, encoder, step_px, config):
     split = np.asarray(table.splits)
     train, val = torch.as_tensor(split == "train"), torch.as_tensor(split == "val")
     n_classes = len(table.class_names)
-    l2, how, scores = select_l2(x[train], y[train], n_classes, val_features=x[val] if val.any() else None,
-                                val_labels=y[val] if val.any() else None, seed=config.seed)
+    l2, how, scores = select_l2(
+        x[train],
+        y[train],
+        n_classes,
+        val_features=x[val] if val.any() else None,
+        val_labels=y[val] if val.any() else None,
+        seed=config.seed,
+    )
     probe = fit_logistic_regression(x[train], y[train], n_classes, l2)
     probs = probe.predict_proba(x).numpy()
     state = {"mean": probe.mean, "std": probe.std, "weight": probe.weight, "bias": probe.bias}
@@ -170,8 +212,9 @@ def _probe(table: SlideTable, features: Mapping, *, encoder, step_px, config):
 def _finetune(table: SlideTable, features: Mapping, *, encoder, step_px, config):
     n_classes = len(table.class_names)
     model = _SlideClassifier(encoder, n_classes, config.vector).to(config.device)
-    opt = torch.optim.AdamW(layer_decay_groups(model, lr=config.lr, layer_decay=config.layer_decay,
-                                               weight_decay=config.weight_decay))
+    opt = torch.optim.AdamW(
+        layer_decay_groups(model, lr=config.lr, layer_decay=config.layer_decay, weight_decay=config.weight_decay)
+    )
     ids = {s: [i for i, sp in enumerate(table.splits) if sp == s] for s in SPLITS}
     y_all = torch.tensor(table.labels)
     counts = torch.bincount(y_all[ids["train"]], minlength=n_classes).float()
@@ -183,9 +226,9 @@ def _finetune(table: SlideTable, features: Mapping, *, encoder, step_px, config)
         if crop and config.max_tiles and x.shape[0] > config.max_tiles:
             order = row_major_order(grid.cpu())
             start = int(rng.integers(0, x.shape[0] - config.max_tiles + 1))
-            keep = order[start:start + config.max_tiles].to(x.device)
+            keep = order[start : start + config.max_tiles].to(x.device)
             x, grid = x[keep], grid[keep]
-        y = y_all[i:i + 1].to(config.device)
+        y = y_all[i : i + 1].to(config.device)
         return F.cross_entropy(model(x, grid)[None], y) * class_w[y[0]].to(config.device)
 
     best, history, stale, epoch = (float("inf"), 0, copy.deepcopy(model.state_dict())), [], 0, 0
@@ -204,8 +247,9 @@ def _finetune(table: SlideTable, features: Mapping, *, encoder, step_px, config)
         if ids["val"]:
             model.eval()
             with torch.no_grad():
-                record["val_loss"] = float(sum(loss_of(i, crop=False).item() for i in ids["val"])
-                                           / float(class_w[y_all[ids["val"]]].sum()))
+                record["val_loss"] = float(
+                    sum(loss_of(i, crop=False).item() for i in ids["val"]) / float(class_w[y_all[ids["val"]]].sum())
+                )
             if record["val_loss"] < best[0]:
                 best, stale = (record["val_loss"], epoch, copy.deepcopy(model.state_dict())), 0
             else:
@@ -217,8 +261,12 @@ def _finetune(table: SlideTable, features: Mapping, *, encoder, step_px, config)
         model.load_state_dict(best[2])
     model.eval()
     with torch.no_grad():
-        probs = np.stack([model(*_inputs(features, sid, step_px, device=config.device)).float().softmax(-1)
-                          .cpu().numpy() for sid in table.slide_ids])
+        probs = np.stack(
+            [
+                model(*_inputs(features, sid, step_px, device=config.device)).float().softmax(-1).cpu().numpy()
+                for sid in table.slide_ids
+            ]
+        )
     return probs, model.state_dict(), history, best[1] if ids["val"] else epoch, epoch
 
 
@@ -226,11 +274,19 @@ def _save(out_dir: Path, *, table: SlideTable, probs: np.ndarray, state: dict, c
     from safetensors.torch import save_file
 
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, slide_ids=np.asarray(table.slide_ids), splits=np.asarray(table.splits),
-                 labels=np.asarray(table.labels), probabilities=probs.astype(np.float32),
-                 class_names=np.asarray(table.class_names))
+        np.savez(
+            fh,
+            slide_ids=np.asarray(table.slide_ids),
+            splits=np.asarray(table.splits),
+            labels=np.asarray(table.labels),
+            probabilities=probs.astype(np.float32),
+            class_names=np.asarray(table.class_names),
+        )
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    meta = {"class_names": list(table.class_names), "mode": "linear_probe" if config.linear_probe else "finetune",
-            "vector": config.vector}
+    meta = {
+        "class_names": list(table.class_names),
+        "mode": "linear_probe" if config.linear_probe else "finetune",
+        "vector": config.vector,
+    }
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"pathdino.slide_mil": json.dumps(meta)})

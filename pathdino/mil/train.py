@@ -88,8 +88,9 @@ class MILResult:
     metrics_path: Path
 
 
-def read_slide_labels(csv_path: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                      seed: int = 0) -> SlideTable:
+def read_slide_labels(
+    csv_path: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0
+) -> SlideTable:
     """Read ``slide_id,label[,split]``; draw a stratified split when the column is absent."""
     csv_path = Path(csv_path)
     with csv_path.open(newline="") as fh:
@@ -158,12 +159,15 @@ class H5FeatureReader:
                 raise MissingFeaturesError(f"{path}: missing dataset(s) {missing}; found {list(h5.keys())}")
             feats, coords = np.asarray(h5["features"]), np.asarray(h5["coords"])
         # Some writers keep a leading batch axis ([1, N, D]); drop it.
-        return (feats[0] if feats.ndim == 3 and feats.shape[0] == 1 else feats,
-                coords[0] if coords.ndim == 3 and coords.shape[0] == 1 else coords)
+        return (
+            feats[0] if feats.ndim == 3 and feats.shape[0] == 1 else feats,
+            coords[0] if coords.ndim == 3 and coords.shape[0] == 1 else coords,
+        )
 
 
-def write_h5_features(path: str | Path, features: np.ndarray, coords: np.ndarray,
-                      attrs: Mapping[str, object] | None = None) -> Path:
+def write_h5_features(
+    path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping[str, object] | None = None
+) -> Path:
     """Write a CLAM/TRIDENT-style h5 (``features`` float32 [N, D], ``coords`` int64 [N, 2]) atomically."""
     import h5py
 
@@ -203,9 +207,13 @@ def load_attention(path: str | Path) -> dict[str, dict[str, object]]:
         for i, sid in enumerate(z["slide_ids"]):
             a, b = offsets[i], offsets[i + 1]
             out[str(sid)] = {
-                "attention": z["attention"][a:b], "attention_logits": z["attention_logits"][a:b],
-                "coords": z["coords"][a:b], "label": int(z["labels"][i]), "prediction": int(z["predictions"][i]),
-                "probabilities": z["probabilities"][i], "split": str(z["splits"][i]),
+                "attention": z["attention"][a:b],
+                "attention_logits": z["attention_logits"][a:b],
+                "coords": z["coords"][a:b],
+                "label": int(z["labels"][i]),
+                "prediction": int(z["predictions"][i]),
+                "probabilities": z["probabilities"][i],
+                "split": str(z["splits"][i]),
             }
     return out
 
@@ -224,11 +232,19 @@ def load_abmil(path: str | Path) -> tuple[ABMIL, tuple[str, ...]]:
     return model.eval(), tuple(meta["class_names"])
 
 
-def train_abmil(labels_csv: str | Path | SlideTable, features: FeatureSource, out_dir: str | Path,
-                *, config: MILConfig = MILConfig()) -> MILResult:
+def train_abmil(
+    labels_csv: str | Path | SlideTable,
+    features: FeatureSource,
+    out_dir: str | Path,
+    *,
+    config: MILConfig = MILConfig(),
+) -> MILResult:
     """Train ABMIL, keep the best-validation-loss weights, report per-split metrics and save the outputs."""
-    table = labels_csv if isinstance(labels_csv, SlideTable) else read_slide_labels(
-        labels_csv, config.val_fraction, config.test_fraction, config.seed)
+    table = (
+        labels_csv
+        if isinstance(labels_csv, SlideTable)
+        else read_slide_labels(labels_csv, config.val_fraction, config.test_fraction, config.seed)
+    )
     table, skipped = _drop_missing(table, features, config.skip_missing_slides)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +266,7 @@ def train_abmil(labels_csv: str | Path | SlideTable, features: FeatureSource, ou
 
     def slide_loss(x: torch.Tensor, i: int) -> torch.Tensor:
         # Weight applied by hand: F.cross_entropy's `weight` cancels out for a batch of one slide.
-        y = y_all[i:i + 1].to(device)
+        y = y_all[i : i + 1].to(device)
         return F.cross_entropy(model(x.to(device)).logits[None], y) * class_w[y[0]]
 
     def loss_on(split: str) -> float:
@@ -289,8 +305,9 @@ def train_abmil(labels_csv: str | Path | SlideTable, features: FeatureSource, ou
     else:
         best_epoch = epoch  # no validation slides: the last epoch is kept
     model.eval()
-    return _finish(model, model_args, table, features, ids, device, out_dir, config, history, best_epoch, epoch,
-                   skipped)
+    return _finish(
+        model, model_args, table, features, ids, device, out_dir, config, history, best_epoch, epoch, skipped
+    )
 
 
 def _drop_missing(table: SlideTable, source: FeatureSource, skip: bool) -> tuple[SlideTable, list[str]]:
@@ -310,15 +327,19 @@ def _drop_missing(table: SlideTable, source: FeatureSource, skip: bool) -> tuple
             "(MILConfig(skip_missing_slides=True) in Python)"
         )
     keep = [i for i, s in enumerate(table.slide_ids) if s not in set(missing)]
-    kept = SlideTable(tuple(table.slide_ids[i] for i in keep), tuple(table.labels[i] for i in keep),
-                      tuple(table.splits[i] for i in keep), table.class_names, table.split_origin)
+    kept = SlideTable(
+        tuple(table.slide_ids[i] for i in keep),
+        tuple(table.labels[i] for i in keep),
+        tuple(table.splits[i] for i in keep),
+        table.class_names,
+        table.split_origin,
+    )
     if "train" not in kept.splits:
         raise DatasetError("no training slides left after dropping slides without features")
     return kept, missing
 
 
-def _finish(model, model_args, table, features, ids, device, out_dir, config, history, best_epoch, epochs_run,
-            skipped):
+def _finish(model, model_args, table, features, ids, device, out_dir, config, history, best_epoch, epochs_run, skipped):
     from safetensors.torch import save_file
 
     order = [i for s in SPLITS for i in ids[s]]
@@ -340,23 +361,44 @@ def _finish(model, model_args, table, features, ids, device, out_dir, config, hi
     for s in SPLITS:
         sel = split_of == s
         if sel.any():
-            metrics[s] = classification_report(labels[sel], preds[sel], scores=probs_arr[sel],
-                                               n_classes=len(table.class_names))
-    _save_atomic_npz(out_dir / ATTENTION_FILE, {
-        "slide_ids": np.asarray([table.slide_ids[i] for i in order]), "splits": split_of,
-        "labels": labels, "predictions": preds, "probabilities": probs_arr.astype(np.float32),
-        "offsets": np.asarray(offsets, dtype=np.int64), "attention": np.concatenate(atts).astype(np.float32),
-        "attention_logits": np.concatenate(logits_att).astype(np.float32),
-        "coords": np.concatenate(coords).astype(np.int64), "class_names": np.asarray(table.class_names),
-    })
+            metrics[s] = classification_report(
+                labels[sel], preds[sel], scores=probs_arr[sel], n_classes=len(table.class_names)
+            )
+    _save_atomic_npz(
+        out_dir / ATTENTION_FILE,
+        {
+            "slide_ids": np.asarray([table.slide_ids[i] for i in order]),
+            "splits": split_of,
+            "labels": labels,
+            "predictions": preds,
+            "probabilities": probs_arr.astype(np.float32),
+            "offsets": np.asarray(offsets, dtype=np.int64),
+            "attention": np.concatenate(atts).astype(np.float32),
+            "attention_logits": np.concatenate(logits_att).astype(np.float32),
+            "coords": np.concatenate(coords).astype(np.int64),
+            "class_names": np.asarray(table.class_names),
+        },
+    )
     weights_path = out_dir / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"model": model_args, "class_names": list(table.class_names)}
     with atomic_path(weights_path) as tmp:
         save_file(state, str(tmp), metadata={"pathdino.abmil": json.dumps(meta)})
-    metrics_path = atomic_write_json(out_dir / METRICS_FILE, to_jsonable({
-        "metrics": metrics, "best_epoch": best_epoch, "epochs_run": epochs_run, "history": history,
-        "class_names": list(table.class_names), "split_origin": table.split_origin,
-        "n_slides": {s: len(ids[s]) for s in SPLITS}, "skipped_slides": skipped, "config": asdict(config),
-    }), allow_nan=False)
+    metrics_path = atomic_write_json(
+        out_dir / METRICS_FILE,
+        to_jsonable(
+            {
+                "metrics": metrics,
+                "best_epoch": best_epoch,
+                "epochs_run": epochs_run,
+                "history": history,
+                "class_names": list(table.class_names),
+                "split_origin": table.split_origin,
+                "n_slides": {s: len(ids[s]) for s in SPLITS},
+                "skipped_slides": skipped,
+                "config": asdict(config),
+            }
+        ),
+        allow_nan=False,
+    )
     return MILResult(metrics, best_epoch, epochs_run, weights_path, out_dir / ATTENTION_FILE, metrics_path)

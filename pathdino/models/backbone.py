@@ -89,7 +89,8 @@ class BackboneConfig:
             if any(s is not None for s in sizes):
                 raise ConfigError(
                     f"BackboneConfig: embed_dim/depth/num_heads are fixed by arch={self.arch!r}; "
-                    "use arch='custom' to set them")
+                    "use arch='custom' to set them"
+                )
         else:
             raise ConfigError(f"BackboneConfig.arch={self.arch!r}: expected one of {[*ARCHS, 'custom']}")
         if self.ffn == "auto":
@@ -101,10 +102,12 @@ class BackboneConfig:
         if self.img_size <= 0 or self.img_size % self.patch_size:
             raise ConfigError(
                 f"BackboneConfig.img_size={self.img_size} must be a positive multiple of patch_size="
-                f"{self.patch_size} (e.g. 224 for patch 14)")
+                f"{self.patch_size} (e.g. 224 for patch 14)"
+            )
         if self.embed_dim_ % self.num_heads_:
             raise ConfigError(
-                f"BackboneConfig: embed_dim={self.embed_dim_} not divisible by num_heads={self.num_heads_}")
+                f"BackboneConfig: embed_dim={self.embed_dim_} not divisible by num_heads={self.num_heads_}"
+            )
         if min(self.embed_dim_, self.depth_, self.num_heads_) <= 0:
             raise ConfigError("BackboneConfig: embed_dim, depth and num_heads must be positive")
         if self.num_register_tokens < 0:
@@ -283,7 +286,8 @@ class MaskedViT(nn.Module):
             if masks.dtype != torch.bool or masks.shape != (tokens.shape[0], n_patches):
                 raise ValueError(
                     f"MaskedViT: masks must be bool [{tokens.shape[0]}, {n_patches}] for input {tuple(x.shape)}, "
-                    f"got {masks.dtype} {tuple(masks.shape)}")
+                    f"got {masks.dtype} {tuple(masks.shape)}"
+                )
             masked = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)
             # Before the position embedding, so a masked token still knows where it is (iBOT / DINOv2).
             tokens = torch.where(masked, self.mask_token.to(tokens.dtype), tokens)

@@ -32,8 +32,9 @@ def _block_flops(cfg: BackboneConfig, n_tokens: float, n_queries: float) -> floa
     return attention + (6 if cfg.ffn == "swiglu" else 4) * n_queries * d * h
 
 
-def _vit_forward_parts(cfg: BackboneConfig, img_size_px: int,
-                       last_block_queries: float | None = None) -> tuple[float, float]:
+def _vit_forward_parts(
+    cfg: BackboneConfig, img_size_px: int, last_block_queries: float | None = None
+) -> tuple[float, float]:
     """(patch embedding, all blocks) forward FLOPs for one image; the last block's queries limited to
     ``last_block_queries`` tokens if given (None: every token)."""
     grid = img_size_px // cfg.patch_size
@@ -70,9 +71,11 @@ class TrainFlops:
 
     def summary(self) -> str:
         g = 1e9
-        return (f"{self.total / g:.1f} GFLOPs/img (teacher backbone {self.teacher_backbone / g:.1f}, student "
-                f"backbone fwd+bwd {self.student_backbone / g:.1f}, heads {self.heads / g:.1f}; "
-                f"{self.masked_tokens_per_image:.1f} masked tokens/img)")
+        return (
+            f"{self.total / g:.1f} GFLOPs/img (teacher backbone {self.teacher_backbone / g:.1f}, student "
+            f"backbone fwd+bwd {self.student_backbone / g:.1f}, heads {self.heads / g:.1f}; "
+            f"{self.masked_tokens_per_image:.1f} masked tokens/img)"
+        )
 
 
 def dinov2_train_flops_per_image(

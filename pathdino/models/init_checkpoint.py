@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("teacher", "model", "state_dict", "module")
 # "backbone.backbone.": a pathdino checkpoint's teacher.safetensors / student.safetensors (SSLModel -> MaskedViT).
-_PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "backbone.backbone.", "backbone.",
-             "module.", "encoder.")
+_PREFIXES = (
+    "teacher.backbone.",
+    "student.backbone.",
+    "module.backbone.",
+    "backbone.backbone.",
+    "backbone.",
+    "module.",
+    "encoder.",
+)
 _DINOV2_ONLY = ("mask_token",)
 
 
@@ -67,7 +74,8 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     except Exception as exc:  # unpickling errors come in many types
         raise InitCheckpointError(
             f"init checkpoint {path} cannot be read with torch.load(weights_only=True) ({exc}); "
-            "re-save its state dict as .safetensors or as a plain tensor dict") from exc
+            "re-save its state dict as .safetensors or as a plain tensor dict"
+        ) from exc
     if not isinstance(obj, Mapping):
         raise InitCheckpointError(f"init checkpoint {path} holds a {type(obj).__name__}, expected a state dict")
     return dict(obj)
@@ -82,7 +90,7 @@ def _select_backbone_keys(sd: dict[str, Any], prefix: str | None) -> tuple[dict[
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}  # torch.compile wrappers
     if prefix is None:
         prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in sd)), "")
-    kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    kept = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
     ignored = sorted(k for k in sd if not (k.startswith(prefix) and isinstance(sd[k], torch.Tensor)))
     return kept, ignored
 
@@ -124,8 +132,9 @@ def _adapt_pos_embed(
     target_hw = tuple(model.patch_embed.grid_size)
     resized = None
     if (side, side) != target_hw:
-        grid_pos = resample_abs_pos_embed(grid_pos, new_size=list(target_hw), old_size=[side, side],
-                                          num_prefix_tokens=0)
+        grid_pos = resample_abs_pos_embed(
+            grid_pos, new_size=list(target_hw), old_size=[side, side], num_prefix_tokens=0
+        )
         resized = ((side, side), target_hw)
     n_prefix_slots = 0 if model.no_embed_class else model.num_prefix_tokens
     if n_prefix_slots == 0:
@@ -155,31 +164,43 @@ def check_layout(sd: Mapping[str, torch.Tensor], model: VisionTransformer, path:
     proj = sd.get("patch_embed.proj.weight")
     patch = int(model.patch_embed.patch_size[0])
     if proj is not None and proj.ndim == 4 and int(proj.shape[-1]) != patch:
-        problems.append(f"patch size {int(proj.shape[-1])} vs {patch}: set model.backbone.patch_size="
-                        f"{int(proj.shape[-1])}")
+        problems.append(
+            f"patch size {int(proj.shape[-1])} vs {patch}: set model.backbone.patch_size={int(proj.shape[-1])}"
+        )
     ckpt_regs = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
     if ckpt_regs != model.num_reg_tokens:
-        problems.append(f"{ckpt_regs} register tokens vs {model.num_reg_tokens}: set "
-                        f"model.backbone.num_register_tokens={ckpt_regs}")
+        problems.append(
+            f"{ckpt_regs} register tokens vs {model.num_reg_tokens}: set model.backbone.num_register_tokens={ckpt_regs}"
+        )
     ckpt_ls = any(".ls1." in k for k in sd)
     model_ls = any(".ls1." in k for k in model.state_dict())
     if ckpt_ls != model_ls:
         fix = "a value (e.g. 1.0e-5; the checkpoint's gammas replace it)" if ckpt_ls else "null"
-        problems.append(f"LayerScale {'present' if ckpt_ls else 'absent'} vs {'present' if model_ls else 'absent'}:"
-                        f" set model.backbone.layerscale_init to {fix}")
+        problems.append(
+            f"LayerScale {'present' if ckpt_ls else 'absent'} vs {'present' if model_ls else 'absent'}:"
+            f" set model.backbone.layerscale_init to {fix}"
+        )
     cls = sd.get("cls_token")
     depth = _count_blocks(sd)
     if (cls is not None and int(cls.shape[-1]) != model.embed_dim) or (depth and depth != len(model.blocks)):
-        problems.append(f"width x depth {int(cls.shape[-1]) if cls is not None else '?'} x {depth} vs "
-                        f"{model.embed_dim} x {len(model.blocks)}: set model.backbone.arch (or its embed_dim, depth,"
-                        " num_heads with arch: custom)")
+        problems.append(
+            f"width x depth {int(cls.shape[-1]) if cls is not None else '?'} x {depth} vs "
+            f"{model.embed_dim} x {len(model.blocks)}: set model.backbone.arch (or its embed_dim, depth,"
+            " num_heads with arch: custom)"
+        )
     if problems:
-        raise InitCheckpointError(f"init checkpoint {path} (model.init_checkpoint) does not match the configured "
-                                  "backbone: " + "; ".join(problems))
+        raise InitCheckpointError(
+            f"init checkpoint {path} (model.init_checkpoint) does not match the configured "
+            "backbone: " + "; ".join(problems)
+        )
 
 
 def load_init_checkpoint(
-    backbone: VisionTransformer | MaskedViT, path: str | Path, *, prefix: str | None = None, strict: bool = False,
+    backbone: VisionTransformer | MaskedViT,
+    path: str | Path,
+    *,
+    prefix: str | None = None,
+    strict: bool = False,
     layout: bool = False,
 ) -> InitReport:
     """Initialise ``backbone`` in place from a local timm- or dinov2-layout checkpoint (no download).
@@ -197,18 +218,23 @@ def load_init_checkpoint(
     path = Path(path)
     sd, ignored = _select_backbone_keys(_read_state_dict(path), prefix)
     if not sd:
-        raise InitCheckpointError(f"init checkpoint {path}: no tensors under prefix {prefix!r}; "
-                                  "pass prefix= explicitly")
+        raise InitCheckpointError(
+            f"init checkpoint {path}: no tensors under prefix {prefix!r}; pass prefix= explicitly"
+        )
     sd, dropped = _rename_dinov2(sd)
     if layout:
         check_layout(sd, model, path)
     resized = _adapt_pos_embed(sd, model)
     own = model.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if bad:
         raise InitCheckpointError(
-            f"init checkpoint {path} does not fit this backbone (check arch, patch_size, ffn): " + "; ".join(bad))
+            f"init checkpoint {path} does not fit this backbone (check arch, patch_size, ffn): " + "; ".join(bad)
+        )
     result = model.load_state_dict(sd, strict=False)
     report = InitReport(
         path=str(path),

@@ -23,9 +23,13 @@ def resample_position_embeddings(state: dict[str, torch.Tensor], shapes: dict[st
         if prefix is None or value.shape[0] != 1 or value.shape[2] != shapes[key][2]:
             continue  # not a square-grid embedding of the same width: left for the caller's shape check
         old_side, new_side = math.isqrt(old_len - prefix), math.isqrt(new_len - prefix)
-        state[key] = resample_abs_pos_embed(value.float(), new_size=[new_side, new_side],
-                                            old_size=[old_side, old_side], num_prefix_tokens=prefix,
-                                            verbose=False).to(value.dtype)
+        state[key] = resample_abs_pos_embed(
+            value.float(),
+            new_size=[new_side, new_side],
+            old_size=[old_side, old_side],
+            num_prefix_tokens=prefix,
+            verbose=False,
+        ).to(value.dtype)
         changed.append(key)
     return changed
 

@@ -79,8 +79,13 @@ def cls_and_masked_rows(masks: torch.Tensor, mask_indices: torch.Tensor, n_prefi
 def supports_query_rows(block: torch.nn.Module) -> bool:
     """Whether ``forward_query_rows`` reproduces this block exactly (timm pre-norm block, plain attention)."""
     attn = getattr(block, "attn", None)
-    return (isinstance(block, Block) and type(attn) is Attention and attn.gate is None
-            and attn.attn_drop.p == 0 and isinstance(block.drop_path1, (DropPath, torch.nn.Identity)))
+    return (
+        isinstance(block, Block)
+        and type(attn) is Attention
+        and attn.gate is None
+        and attn.attn_drop.p == 0
+        and isinstance(block.drop_path1, (DropPath, torch.nn.Identity))
+    )
 
 
 def _branch_scales(block: Block, n: int, like: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -140,8 +145,13 @@ class _QueryRowsForward:
     """Adds ``query_rows`` to a block's forward; without it the block runs as before. Called through the module
     (``block(x, query_rows=...)``), so FSDP2's per-block hooks and torch.compile wrap the trimmed pass too."""
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                query_rows: QueryRows | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        query_rows: QueryRows | None = None,
+    ) -> torch.Tensor:
         if query_rows is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         return forward_query_rows(self, x, query_rows)
@@ -206,11 +216,16 @@ def objective_tokens(
     if mask_indices is None:
         mask_indices = masks.flatten().nonzero().squeeze(1)
     n_prefix = vit.backbone.num_prefix_tokens
-    g_rows = _read_rows(vit, global_crops, masks if mask_input else None,
-                        lambda n_tokens: cls_and_masked_rows(masks, mask_indices, n_prefix))
+    g_rows = _read_rows(
+        vit,
+        global_crops,
+        masks if mask_input else None,
+        lambda n_tokens: cls_and_masked_rows(masks, mask_indices, n_prefix),
+    )
     n_global = global_crops.shape[0]
     local_cls = None
     if local_crops is not None and local_crops.shape[0] > 0:
-        local_cls = _read_rows(vit, local_crops, None,
-                               lambda n_tokens: cls_rows(local_crops.shape[0], n_tokens, local_crops.device))
+        local_cls = _read_rows(
+            vit, local_crops, None, lambda n_tokens: cls_rows(local_crops.shape[0], n_tokens, local_crops.device)
+        )
     return {"global_cls": g_rows[:n_global], "masked_patch": g_rows[n_global:], "local_cls": local_cls}

@@ -47,16 +47,24 @@ class PackedLayout:
     branches: tuple[tuple[SegmentGroup, ...], ...]  # per (segment length, dilation ratio)
 
 
-def pack_layout(lengths: Sequence[int], *, segment_lengths: Sequence[int], dilation_ratios: Sequence[int],
-                num_heads: int, device: torch.device | str = "cpu") -> PackedLayout:
+def pack_layout(
+    lengths: Sequence[int],
+    *,
+    segment_lengths: Sequence[int],
+    dilation_ratios: Sequence[int],
+    num_heads: int,
+    device: torch.device | str = "cpu",
+) -> PackedLayout:
     """Plan the segments of every branch for slides of ``lengths`` tokens packed end to end."""
     lengths = tuple(int(n) for n in lengths)
     if any(n < 1 for n in lengths):
         raise ValueError(f"every slide needs at least one tile, got lengths {lengths}")
     starts = tuple(int(s) for s in torch.tensor((0,) + lengths[:-1]).cumsum(0).tolist())
     slide_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
-    branches = tuple(_branch_groups(lengths, starts, segment=w, ratio=r, num_heads=num_heads, device=device)
-                     for w, r in zip(segment_lengths, dilation_ratios))
+    branches = tuple(
+        _branch_groups(lengths, starts, segment=w, ratio=r, num_heads=num_heads, device=device)
+        for w, r in zip(segment_lengths, dilation_ratios)
+    )
     return PackedLayout(lengths, starts, slide_of_token, branches)
 
 
@@ -70,15 +78,21 @@ def _branch_groups(lengths, starts, *, segment: int, ratio: int, num_heads: int,
             if offset >= seg:
                 continue
             members = (seg - offset + ratio - 1) // ratio
-            pos = (torch.arange(math.ceil(n / seg))[:, None] * seg + offset
-                   + ratio * torch.arange(members)[None, :])  # [segments, members] within the slide
+            pos = (
+                torch.arange(math.ceil(n / seg))[:, None] * seg + offset + ratio * torch.arange(members)[None, :]
+            )  # [segments, members] within the slide
             valid = pos < n
             keep = valid[:, 0]
             pos, valid = pos[keep], valid[keep]
             by_length.setdefault(members, []).append((start + torch.where(valid, pos, offset), valid))
         for parts in by_length.values():
-            groups.append(SegmentGroup(heads.to(device), torch.cat([p[0] for p in parts]).to(device),
-                                       torch.cat([p[1] for p in parts]).to(device)))
+            groups.append(
+                SegmentGroup(
+                    heads.to(device),
+                    torch.cat([p[0] for p in parts]).to(device),
+                    torch.cat([p[1] for p in parts]).to(device),
+                )
+            )
     return tuple(groups)
 
 
@@ -132,8 +146,9 @@ class _CpuFlashSegments(torch.autograd.Function):
         padded = [torch.cat([t, zero], dim=-1) for t in (q, k, v)]
         out_padded = torch.cat([out, -torch.ones_like(zero)], dim=-1)
         grad_padded = torch.cat([grad_out, grad_lse.to(grad_out.dtype)[..., None]], dim=-1).contiguous()
-        dq, dk, dv = _CPU_FLASH_BACKWARD(grad_padded, *padded, out_padded, lse, 0.0, False, attn_mask=mask,
-                                         scale=ctx.scale)
+        dq, dk, dv = _CPU_FLASH_BACKWARD(
+            grad_padded, *padded, out_padded, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
+        )
         return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
 
 
@@ -168,15 +183,25 @@ def _attend_chunked(q, k, v, *, valid, scale: float, score_budget: int) -> tuple
     rows = max(1, score_budget // (heads * length))
     for s in range(n_seg):
         one = slice(s, s + 1)
-        parts = [run(q[one, :, r0:r0 + rows], k[one], v[one], valid_part=None if valid is None else valid[one])
-                 for r0 in range(0, length, rows)]
+        parts = [
+            run(q[one, :, r0 : r0 + rows], k[one], v[one], valid_part=None if valid is None else valid[one])
+            for r0 in range(0, length, rows)
+        ]
         outs.append(torch.cat([p[0] for p in parts], dim=2))
         lses.append(torch.cat([p[1] for p in parts], dim=2))
     return torch.cat(outs), torch.cat(lses)
 
 
-def _branch(q: Tensor, k: Tensor, v: Tensor, *, groups: Sequence[SegmentGroup], scale: float,
-            score_budget: int, backend: str = "torch") -> tuple[Tensor, Tensor]:
+def _branch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    groups: Sequence[SegmentGroup],
+    scale: float,
+    score_budget: int,
+    backend: str = "torch",
+) -> tuple[Tensor, Tensor]:
     """One (w, r) branch: output [N, H, d] and log-sum-exp [N, H] (-inf where a head skips a token)."""
     n_tokens, heads, dim = q.shape
     rows, cols, values, lses = [], [], [], []
@@ -190,8 +215,9 @@ def _branch(q: Tensor, k: Tensor, v: Tensor, *, groups: Sequence[SegmentGroup], 
             lses.append(lse.to(_wide(q).dtype))
             continue
         all_heads = group.heads.numel() == heads
-        qh, kh, vh = ((t if all_heads else t.index_select(1, group.heads))[group.index].permute(0, 2, 1, 3)
-                      for t in (q, k, v))
+        qh, kh, vh = (
+            (t if all_heads else t.index_select(1, group.heads))[group.index].permute(0, 2, 1, 3) for t in (q, k, v)
+        )
         valid = None if bool(group.valid.all()) else group.valid
         out, lse = _attend_chunked(qh, kh, vh, valid=valid, scale=scale, score_budget=score_budget)
         values.append(out.permute(0, 2, 1, 3)[group.valid])  # [M, Hg, d]
@@ -199,38 +225,47 @@ def _branch(q: Tensor, k: Tensor, v: Tensor, *, groups: Sequence[SegmentGroup], 
     index = (torch.cat([r.reshape(-1) for r in rows]), torch.cat([c.reshape(-1) for c in cols]))
     out = q.new_zeros(n_tokens, heads, dim).index_put(index, torch.cat([x.reshape(-1, dim) for x in values]))
     lse = torch.full((n_tokens, heads), float("-inf"), device=q.device, dtype=_wide(q).dtype).index_put(
-        index, torch.cat([x.reshape(-1) for x in lses]))
+        index, torch.cat([x.reshape(-1) for x in lses])
+    )
     return out, lse
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
-    """"torch" or "xformers" for a requested backend and where the tensors are."""
+    """ "torch" or "xformers" for a requested backend and where the tensors are."""
     if backend not in ("torch", "xformers", "auto"):
         raise ValueError(f"attention backend {backend!r}: expected torch, xformers or auto")
     if backend == "torch":
         return "torch"
     usable = q.device.type == "cuda" and xformers_importable()
     if backend == "xformers" and not usable:
-        raise ValueError("attention backend 'xformers' needs xformers installed (pip install -e '.[xformers]') and "
-                         "the model on a GPU")
+        raise ValueError(
+            "attention backend 'xformers' needs xformers installed (pip install -e '.[xformers]') and "
+            "the model on a GPU"
+        )
     return "xformers" if usable else "torch"
 
 
-def _cls_attention(q_cls: Tensor, k: Tensor, v: Tensor, *, k_cls: Tensor, v_cls: Tensor, layout: PackedLayout,
-                   scale: float) -> Tensor:
+def _cls_attention(
+    q_cls: Tensor, k: Tensor, v: Tensor, *, k_cls: Tensor, v_cls: Tensor, layout: PackedLayout, scale: float
+) -> Tensor:
     """Each slide's CLS query over its own CLS and all its tiles (dense: one query row per head)."""
     outs = []
     for b, (start, n) in enumerate(zip(layout.starts, layout.lengths)):
-        keys = torch.cat([k_cls[b:b + 1], k[start:start + n]])  # [n + 1, H, d]
-        values = torch.cat([v_cls[b:b + 1], v[start:start + n]])
+        keys = torch.cat([k_cls[b : b + 1], k[start : start + n]])  # [n + 1, H, d]
+        values = torch.cat([v_cls[b : b + 1], v[start : start + n]])
         scores = _wide(torch.einsum("hd,nhd->hn", q_cls[b], keys)) * scale
         outs.append(torch.einsum("hn,nhd->hd", scores.softmax(-1).to(values.dtype), values))
     return torch.stack(outs)
 
 
-def dilated_attention(qkv: tuple[Tensor, Tensor, Tensor], cls_qkv: tuple[Tensor, Tensor, Tensor],
-                      layout: PackedLayout, *, score_budget: int = DEFAULT_SCORE_BUDGET,
-                      backend: str = "torch") -> tuple[Tensor, Tensor]:
+def dilated_attention(
+    qkv: tuple[Tensor, Tensor, Tensor],
+    cls_qkv: tuple[Tensor, Tensor, Tensor],
+    layout: PackedLayout,
+    *,
+    score_budget: int = DEFAULT_SCORE_BUDGET,
+    backend: str = "torch",
+) -> tuple[Tensor, Tensor]:
     """LongNet attention of packed tiles (q, k, v, each [N, H, d]) and their slides' CLS tokens (each [B, H, d]).
 
     ``backend``: "torch" (CPU flash kernel / chunked matmuls), "xformers" (GPU, attention_xformers.py) or "auto"
@@ -246,11 +281,13 @@ def dilated_attention(qkv: tuple[Tensor, Tensor, Tensor], cls_qkv: tuple[Tensor,
     lse_total = _wide((q * k_own).sum(-1)) * scale
     out_total = v_own
     for groups in layout.branches:
-        out, lse = _branch(q, k, v, groups=groups, scale=scale, score_budget=score_budget,
-                           backend=resolve_backend(backend, q))
+        out, lse = _branch(
+            q, k, v, groups=groups, scale=scale, score_budget=score_budget, backend=resolve_backend(backend, q)
+        )
         merged = torch.logaddexp(lse_total, lse)
-        out_total = (out_total * torch.exp(lse_total - merged)[..., None].to(q.dtype)
-                     + out * torch.exp(lse - merged)[..., None].to(q.dtype))
+        out_total = out_total * torch.exp(lse_total - merged)[..., None].to(q.dtype) + out * torch.exp(lse - merged)[
+            ..., None
+        ].to(q.dtype)
         lse_total = merged
     return out_total, _cls_attention(q_cls, k, v, k_cls=k_cls, v_cls=v_cls, layout=layout, scale=scale)
 
@@ -258,8 +295,16 @@ def dilated_attention(qkv: tuple[Tensor, Tensor, Tensor], cls_qkv: tuple[Tensor,
 class DilatedAttention(nn.Module):
     """Multi-head LongNet self-attention over packed slides (tiles [N, D]) and their CLS tokens ([B, D])."""
 
-    def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 score_budget: int = DEFAULT_SCORE_BUDGET, backend: str = "torch"):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        score_budget: int = DEFAULT_SCORE_BUDGET,
+        backend: str = "torch",
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
@@ -272,8 +317,12 @@ class DilatedAttention(nn.Module):
         n_tiles, dim = tiles.shape
         qkv = self.qkv(torch.cat([tiles, cls])).reshape(-1, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.unbind(1)
-        out, out_cls = dilated_attention((q[:n_tiles], k[:n_tiles], v[:n_tiles]),
-                                         (q[n_tiles:], k[n_tiles:], v[n_tiles:]), layout,
-                                         score_budget=self.score_budget, backend=self.backend)
+        out, out_cls = dilated_attention(
+            (q[:n_tiles], k[:n_tiles], v[:n_tiles]),
+            (q[n_tiles:], k[n_tiles:], v[n_tiles:]),
+            layout,
+            score_budget=self.score_budget,
+            backend=self.backend,
+        )
         out = self.proj_drop(self.proj(torch.cat([out, out_cls]).reshape(-1, dim)))
         return out[:n_tiles], out[n_tiles:]

@@ -53,8 +53,9 @@ class XformersSegments(torch.autograd.Function):
         extra_grad[..., 0] = grad_lse.to(q.dtype)[None]
         out_padded = torch.cat([out.to(q.dtype), extra_out], dim=-1)
         grad_padded = torch.cat([grad_out.to(q.dtype), extra_grad], dim=-1)
-        dq, dk, dv = fmha.memory_efficient_attention_backward(grad_padded, out_padded, lse, *padded,
-                                                              attn_bias=ctx.bias, scale=ctx.scale)
+        dq, dk, dv = fmha.memory_efficient_attention_backward(
+            grad_padded, out_padded, lse, *padded, attn_bias=ctx.bias, scale=ctx.scale
+        )
         d = q.shape[-1]
         return dq[..., :d], dk[..., :d], dv[..., :d], None, None
 
@@ -63,8 +64,9 @@ def xformers_group(q: Tensor, k: Tensor, v: Tensor, *, group, scale: float) -> t
     """One (branch, offset) group: outputs [M, Hg, d] and lse [M, Hg] of its members (group.index[group.valid])."""
     members = group.index[group.valid]
     all_heads = group.heads.numel() == q.shape[1]
-    q_sel, k_sel, v_sel = ((t if all_heads else t.index_select(1, group.heads))[members][None].contiguous()
-                           for t in (q, k, v))
+    q_sel, k_sel, v_sel = (
+        (t if all_heads else t.index_select(1, group.heads))[members][None].contiguous() for t in (q, k, v)
+    )
     seqlens = tuple(int(n) for n in group.valid.sum(1).tolist())
     out, lse = XformersSegments.apply(q_sel, k_sel, v_sel, seqlens, scale)
     return out[0], lse

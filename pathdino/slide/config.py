@@ -41,8 +41,12 @@ class SlideEncoderConfig:
         for name in ("in_dim", "embed_dim", "depth", "num_heads"):
             check_int(OWNER, name, getattr(self, name), 1)
         if self.embed_dim % 4:
-            fail(OWNER, "embed_dim", self.embed_dim, "expected a multiple of 4 (2D sin-cos positions: sin and cos "
-                 "of the column and of the row)")
+            fail(
+                OWNER,
+                "embed_dim",
+                self.embed_dim,
+                "expected a multiple of 4 (2D sin-cos positions: sin and cos of the column and of the row)",
+            )
         if self.embed_dim % self.num_heads:
             fail(OWNER, "num_heads", self.num_heads, f"expected a divisor of embed_dim={self.embed_dim}")
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
@@ -58,19 +62,34 @@ class SlideEncoderConfig:
     def _check_branches(self) -> None:
         for name in ("segment_lengths", "dilation_ratios"):
             value = getattr(self, name)
-            if (not isinstance(value, tuple) or not value
-                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+            if (
+                not isinstance(value, tuple)
+                or not value
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+            ):
                 fail(OWNER, name, value, "expected a non-empty list of integers >= 1")
         if len(self.segment_lengths) != len(self.dilation_ratios):
-            fail(OWNER, "dilation_ratios", self.dilation_ratios,
-                 f"expected one ratio per segment length ({len(self.segment_lengths)}: {self.segment_lengths})")
+            fail(
+                OWNER,
+                "dilation_ratios",
+                self.dilation_ratios,
+                f"expected one ratio per segment length ({len(self.segment_lengths)}: {self.segment_lengths})",
+            )
         if 1 not in self.dilation_ratios:
-            fail(OWNER, "dilation_ratios", self.dilation_ratios, "expected a ratio of 1 among them, so that every "
-                 "tile attends to its neighbours in every head")
+            fail(
+                OWNER,
+                "dilation_ratios",
+                self.dilation_ratios,
+                "expected a ratio of 1 among them, so that every tile attends to its neighbours in every head",
+            )
         for w, r in zip(self.segment_lengths, self.dilation_ratios):
             if w < r:
-                fail(OWNER, "segment_lengths", self.segment_lengths,
-                     f"expected each segment length >= its dilation ratio (segment {w} < ratio {r})")
+                fail(
+                    OWNER,
+                    "segment_lengths",
+                    self.segment_lengths,
+                    f"expected each segment length >= its dilation ratio (segment {w} < ratio {r})",
+                )
 
     @property
     def head_dim(self) -> int:
@@ -80,24 +99,33 @@ class SlideEncoderConfig:
 PRESETS: dict[str, dict] = {
     # a CPU-sized encoder: 4 x 256, 8 heads (head dim 32); w/r**2 = 1024 for every branch, so from 64k tiles on,
     # each branch costs the same per tile and time grows linearly with the tile count
-    "small": dict(embed_dim=256, depth=4, num_heads=8, segment_lengths=(1024, 4096, 16384, 65536),
-                  dilation_ratios=(1, 2, 4, 8)),
+    "small": dict(
+        embed_dim=256, depth=4, num_heads=8, segment_lengths=(1024, 4096, 16384, 65536), dilation_ratios=(1, 2, 4, 8)
+    ),
     # GigaPath's slide encoder architecture (12 x 768, 16 heads, MLP 3072), for tile embeddings of 1536 (its tile
     # encoder's width); GigaPath trained with drop_path 0.1 (dropout 0.25 only when fine-tuning)
-    "gigapath": dict(in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_ratio=4.0,
-                     segment_lengths=GIGAPATH_SEGMENT_LENGTHS, dilation_ratios=GIGAPATH_DILATION_RATIOS,
-                     drop_path=0.1),
+    "gigapath": dict(
+        in_dim=1536,
+        embed_dim=768,
+        depth=12,
+        num_heads=16,
+        mlp_ratio=4.0,
+        segment_lengths=GIGAPATH_SEGMENT_LENGTHS,
+        dilation_ratios=GIGAPATH_DILATION_RATIOS,
+        drop_path=0.1,
+    ),
 }
 
 
 def slide_encoder_preset(name: str, **overrides) -> SlideEncoderConfig:
     """The config of a named preset ("small", "gigapath"), with ``overrides`` (e.g. ``in_dim=384``) applied."""
     if name not in PRESETS:
-        raise ConfigError(f"slide encoder preset {name!r} is unknown: expected one of {sorted(PRESETS)}",
-                          key="preset")
+        raise ConfigError(f"slide encoder preset {name!r} is unknown: expected one of {sorted(PRESETS)}", key="preset")
     fields = {f.name for f in dataclasses.fields(SlideEncoderConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ConfigError(f"SlideEncoderConfig has no field {unknown[0]!r}: expected one of {sorted(fields)}",
-                          key=f"{OWNER}.{unknown[0]}")
+        raise ConfigError(
+            f"SlideEncoderConfig has no field {unknown[0]!r}: expected one of {sorted(fields)}",
+            key=f"{OWNER}.{unknown[0]}",
+        )
     return SlideEncoderConfig(**{**PRESETS[name], **overrides})

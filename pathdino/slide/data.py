@@ -34,8 +34,9 @@ class SlideSource:
     """The slides of the embeddings stores ``paths`` (sorted by store, then slide id) with at least ``min_tiles``
     tiles; ConfigError when a store is missing, the stores come from different tile encoders, or no slide is left."""
 
-    def __init__(self, paths: tuple[str, ...] | list[str], *, feature: str = "features", min_tiles: int = 2,
-                 cache: bool = False):
+    def __init__(
+        self, paths: tuple[str, ...] | list[str], *, feature: str = "features", min_tiles: int = 2, cache: bool = False
+    ):
         from pathdino.embed.store import EmbedError
 
         self.paths = tuple(str(p) for p in paths)
@@ -52,7 +53,9 @@ class SlideSource:
                 raise ConfigError(
                     f"data.embeddings: {path} was embedded with another tile encoder ({store.encoder.get('dir')}) "
                     f"than {self.paths[0]} ({self.encoder.get('dir')}); a slide encoder trains on one encoder's "
-                    "embeddings", key="data.embeddings")
+                    "embeddings",
+                    key="data.embeddings",
+                )
         self.slides: list[SlideRef] = []
         self.skipped: list[str] = []
         for k, store in enumerate(stores):
@@ -60,8 +63,11 @@ class SlideSource:
                 n = int(store.meta["slides"][sid].get("n_tiles", 0))
                 (self.slides if n >= min_tiles else self.skipped).append(SlideRef(k, sid, n))
         if not self.slides:
-            raise ConfigError(f"data.embeddings: no slide with at least data.min_tiles_per_slide={min_tiles} tiles "
-                              f"in {list(self.paths)}", key="data.embeddings")
+            raise ConfigError(
+                f"data.embeddings: no slide with at least data.min_tiles_per_slide={min_tiles} tiles "
+                f"in {list(self.paths)}",
+                key="data.embeddings",
+            )
         self.dim = int(self.read(0)[0].shape[1])
 
     @property
@@ -119,8 +125,7 @@ class SlidePack:
     index: int  # global pack number
 
     def to(self, device: torch.device) -> SlidePack:
-        move = {k: getattr(self, k).to(device, non_blocking=True) for k in ("features", "grid_xy", "lengths",
-                                                                             "masked")}
+        move = {k: getattr(self, k).to(device, non_blocking=True) for k in ("features", "grid_xy", "lengths", "masked")}
         return SlidePack(**move, slides=self.slides, epoch=self.epoch, index=self.index)
 
     @property
@@ -131,8 +136,9 @@ class SlidePack:
 class PackDataset(torch.utils.data.Dataset):
     """Global pack number -> ``SlidePack`` (read, cropped, masked): what a data worker runs."""
 
-    def __init__(self, source: SlideSource, plan: EpochPlan, *, max_tokens_per_slide: int, mask_ratio: float,
-                 seed: int):
+    def __init__(
+        self, source: SlideSource, plan: EpochPlan, *, max_tokens_per_slide: int, mask_ratio: float, seed: int
+    ):
         self.source, self.plan = source, plan
         self.max_tokens, self.mask_ratio, self.seed = max_tokens_per_slide, mask_ratio, seed
 
@@ -149,11 +155,15 @@ class PackDataset(torch.utils.data.Dataset):
     def __getitem__(self, g: int) -> SlidePack:
         pack = self.plan.pack(g)
         parts = [self.slide_tokens(s, pack.epoch) for s in pack.slides]
-        return SlidePack(features=torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                         grid_xy=torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64)),
-                         lengths=torch.tensor([len(p[2]) for p in parts], dtype=torch.int64),
-                         masked=torch.from_numpy(np.concatenate([p[2] for p in parts])),
-                         slides=pack.slides, epoch=pack.epoch, index=pack.index)
+        return SlidePack(
+            features=torch.from_numpy(np.concatenate([p[0] for p in parts])),
+            grid_xy=torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64)),
+            lengths=torch.tensor([len(p[2]) for p in parts], dtype=torch.int64),
+            masked=torch.from_numpy(np.concatenate([p[2] for p in parts])),
+            slides=pack.slides,
+            epoch=pack.epoch,
+            index=pack.index,
+        )
 
 
 def _first(items: SlidePack) -> SlidePack:
@@ -183,8 +193,11 @@ class SlidePackLoader:
 
     def __init__(self, dataset: PackDataset, *, packs_per_step: int, rank: int, world: int, num_workers: int = 0):
         if packs_per_step % world:
-            raise ConfigError(f"train.packs_per_step={packs_per_step} is not divisible by the {world} processes; "
-                              f"choose a multiple of {world}", key="train.packs_per_step")
+            raise ConfigError(
+                f"train.packs_per_step={packs_per_step} is not divisible by the {world} processes; "
+                f"choose a multiple of {world}",
+                key="train.packs_per_step",
+            )
         self.dataset = dataset
         self.packs_per_step, self.rank, self.world = packs_per_step, rank, world
         self.accum = packs_per_step // world
@@ -207,8 +220,13 @@ class SlidePackLoader:
         self.next_step, self._served = self.state_dict()["next_step"], 0
         sampler = _RankSampler(self.next_step, packs_per_step=self.packs_per_step, rank=self.rank, world=self.world)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers, collate_fn=_first,
-            prefetch_factor=2 if self.num_workers else None)
+            self.dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_first,
+            prefetch_factor=2 if self.num_workers else None,
+        )
         self._batches = batches = iter(loader)
         for pack in batches:
             self._served += 1

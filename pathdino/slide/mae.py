@@ -23,8 +23,9 @@ from pathdino.slide.model import SlideEncoder
 def decoder_config(encoder: SlideEncoderConfig, *, dim: int, depth: int, heads: int) -> SlideEncoderConfig:
     """The decoder's config: reads the encoder's width, ``depth`` blocks of ``dim`` with ``heads`` heads, the
     encoder's attention branches, no dropout or stochastic depth."""
-    return dataclasses.replace(encoder, in_dim=encoder.embed_dim, embed_dim=dim, depth=depth, num_heads=heads,
-                               dropout=0.0, drop_path=0.0)
+    return dataclasses.replace(
+        encoder, in_dim=encoder.embed_dim, embed_dim=dim, depth=depth, num_heads=heads, dropout=0.0, drop_path=0.0
+    )
 
 
 def segment_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -56,12 +57,12 @@ class SlideMAE(nn.Module):
         self.encoder = SlideEncoder(encoder)
         self.mask_token = nn.Parameter(torch.zeros(1, encoder.embed_dim))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.decoder = SlideEncoder(decoder_config(encoder, dim=decoder_dim, depth=decoder_depth,
-                                                   heads=decoder_heads))
+        self.decoder = SlideEncoder(decoder_config(encoder, dim=decoder_dim, depth=decoder_depth, heads=decoder_heads))
         self.head = nn.Linear(decoder_dim, encoder.in_dim)
 
-    def forward(self, features: torch.Tensor, grid_xy: torch.Tensor, lengths: torch.Tensor, *,
-                masked: torch.Tensor) -> MAEOutput:
+    def forward(
+        self, features: torch.Tensor, grid_xy: torch.Tensor, lengths: torch.Tensor, *, masked: torch.Tensor
+    ) -> MAEOutput:
         """``features`` [N, in_dim], ``grid_xy`` [N, 2] and ``masked`` [N] of slides of ``lengths`` [B] tokens,
         each slide's tokens in row-major order (a subset of row-major order is row-major: so are the visible)."""
         visible = ~masked

@@ -138,5 +138,8 @@ def rank_packs(start_step: int, *, packs_per_step: int, rank: int, world: int):
 def step_masked_tiles(plan: EpochPlan, step: int, *, packs_per_step: int, mask_ratio: float) -> int:
     """Masked tiles of optimizer step ``step`` over all its packs (every process computes it alone: the loss of
     each micro-batch is divided by it, so that the step's gradient is the mean over all its masked tiles)."""
-    return sum(mask_count(t, mask_ratio) for g in range(step * packs_per_step, (step + 1) * packs_per_step)
-               for t in plan.pack(g).tokens)
+    return sum(
+        mask_count(t, mask_ratio)
+        for g in range(step * packs_per_step, (step + 1) * packs_per_step)
+        for t in plan.pack(g).tokens
+    )

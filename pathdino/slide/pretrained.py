@@ -43,8 +43,9 @@ class SlideExportResult:
     max_abs_diff: float  # reloaded folder vs the checkpoint's encoder on a random slide
 
 
-def export_slide_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                            use_ema: bool = True) -> SlideExportResult:
+def export_slide_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False, use_ema: bool = True
+) -> SlideExportResult:
     """Write the slide encoder of ``checkpoint`` (a ``step_*`` folder of a slide-pretraining run) to ``out_dir``,
     then reload it and check that it computes what the checkpoint's encoder does."""
     from safetensors.torch import load_file
@@ -60,8 +61,11 @@ def export_slide_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, over
     if ema:
         weights = load_file(ckpt / "ema.safetensors")
     else:
-        weights = {k.removeprefix("encoder."): v for k, v in load_file(ckpt / "model.safetensors").items()
-                   if k.startswith("encoder.")}
+        weights = {
+            k.removeprefix("encoder."): v
+            for k, v in load_file(ckpt / "model.safetensors").items()
+            if k.startswith("encoder.")
+        }
     model = SlideEncoder(cfg)
     model.load_state_dict(weights)
     model.eval()
@@ -69,9 +73,14 @@ def export_slide_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, over
     tile = tile_encoder_identity(state.get("tile_encoder", {}), feature_dim=cfg.in_dim)
     if feature != "features":  # trained on one array of a recipe (e.g. CLS of a CLS + mean-patch encoder)
         tile["recipe"] = feature
-    training = {"checkpoint": str(ckpt.resolve()), "step": state.get("step"), "objective": "masked autoencoding "
-                f"(mask ratio {config.get('objective', {}).get('mask_ratio')})", "weights": "EMA" if ema else "trained",
-                "embeddings": ", ".join(state.get("embeddings", [])), "world_size": state.get("world_size")}
+    training = {
+        "checkpoint": str(ckpt.resolve()),
+        "step": state.get("step"),
+        "objective": f"masked autoencoding (mask ratio {config.get('objective', {}).get('mask_ratio')})",
+        "weights": "EMA" if ema else "trained",
+        "embeddings": ", ".join(state.get("embeddings", [])),
+        "world_size": state.get("world_size"),
+    }
     save_slide_encoder(model, cfg, out_dir, tile_encoder=tile, training=training)
     reloaded = load_slide_encoder(out_dir)
     gen = torch.Generator().manual_seed(0)
@@ -80,5 +89,10 @@ def export_slide_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, over
     with torch.no_grad():
         a, b = model(x, grid), reloaded(x, grid)
     diff = max((a.cls - b.cls).abs().max().item(), (a.tiles - b.tiles).abs().max().item())
-    return SlideExportResult(out_dir=out_dir, step=int(state.get("step", 0)), weights="ema" if ema else "trained",
-                             tile_encoder=str(tile["name"]), max_abs_diff=diff)
+    return SlideExportResult(
+        out_dir=out_dir,
+        step=int(state.get("step", 0)),
+        weights="ema" if ema else "trained",
+        tile_encoder=str(tile["name"]),
+        max_abs_diff=diff,
+    )

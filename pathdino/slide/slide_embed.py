@@ -94,8 +94,9 @@ class SlideEmbedReport:
 def select_slides(slide_ids: list[str], sizes: Mapping[str, int], options: SlideEmbedOptions) -> list[str]:
     """The slides this process embeds: the --slides patterns, then its --shard (largest first to the least loaded
     shard, the same plan in every process)."""
-    chosen = [s for s in sorted(slide_ids)
-              if not options.slides or any(fnmatch.fnmatchcase(s, p) for p in options.slides)]
+    chosen = [
+        s for s in sorted(slide_ids) if not options.slides or any(fnmatch.fnmatchcase(s, p) for p in options.slides)
+    ]
     index, count = options.shard_pair
     loads = [0] * count
     mine = []
@@ -109,23 +110,34 @@ def select_slides(slide_ids: list[str], sizes: Mapping[str, int], options: Slide
 
 def _run_meta(model: SlideEncoder, source: Mapping[str, Any], options: SlideEmbedOptions) -> dict[str, Any]:
     info = model.info
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "slide_encoder": {"dir": str(Path(info.path).resolve()),
-                              "weights_sha256": file_sha256(Path(info.path) / "model.safetensors"),
-                              "tile_encoder": info.tile_encoder, "embed_dim": info.config.embed_dim},
-            "source": dict(source), **options.extra}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "slide_encoder": {
+            "dir": str(Path(info.path).resolve()),
+            "weights_sha256": file_sha256(Path(info.path) / "model.safetensors"),
+            "tile_encoder": info.tile_encoder,
+            "embed_dim": info.config.embed_dim,
+        },
+        "source": dict(source),
+        **options.extra,
+    }
 
 
 def _open_out(out: Path, meta: dict[str, Any], options: SlideEmbedOptions) -> None:
     run_file = out / RUN_FILE
     if run_file.is_file():
         old = read_json(run_file, error=SlideEmbedError)
-        same = (old.get("format") == FORMAT_NAME
-                and old.get("slide_encoder", {}).get("weights_sha256") == meta["slide_encoder"]["weights_sha256"])
+        same = (
+            old.get("format") == FORMAT_NAME
+            and old.get("slide_encoder", {}).get("weights_sha256") == meta["slide_encoder"]["weights_sha256"]
+        )
         if not same and not options.overwrite:
-            raise SlideEmbedError(f"{out} holds slide embeddings of another slide encoder "
-                                  f"({old.get('slide_encoder', {}).get('dir')}): choose another --out, or pass "
-                                  "--overwrite to replace them")
+            raise SlideEmbedError(
+                f"{out} holds slide embeddings of another slide encoder "
+                f"({old.get('slide_encoder', {}).get('dir')}): choose another --out, or pass "
+                "--overwrite to replace them"
+            )
         if same:
             return
     elif out.exists() and any(p.name != SLIDES_DIR for p in out.iterdir()):
@@ -147,8 +159,14 @@ def _done(path: Path, n_tiles: int, want_tiles: bool) -> bool:
     return int(meta.get("n_tiles", -1)) == n_tiles and (not want_tiles or "tiles" in keys)
 
 
-def embed_one_slide(model: SlideEncoder, features: np.ndarray, coords: np.ndarray, *,
-                    level0_step_px: float | None, precision: str = "fp32") -> dict[str, torch.Tensor]:
+def embed_one_slide(
+    model: SlideEncoder,
+    features: np.ndarray,
+    coords: np.ndarray,
+    *,
+    level0_step_px: float | None,
+    precision: str = "fp32",
+) -> dict[str, torch.Tensor]:
     """``{"cls": [D], "mean": [D], "tiles": [N, D]}`` (float32, CPU) of one slide's tile features and coords."""
     device = next(model.parameters()).device
     coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.long)
@@ -174,9 +192,16 @@ def infer_step_px(coords: torch.Tensor) -> float:
     return float(min(gaps))
 
 
-def slide_embed(model: SlideEncoder, slides: Mapping[str, tuple[np.ndarray, np.ndarray]], *, out: str | Path,
-                step_px: Callable[[str], float | None], sizes: Mapping[str, int], source: Mapping[str, Any],
-                options: SlideEmbedOptions) -> SlideEmbedReport:
+def slide_embed(
+    model: SlideEncoder,
+    slides: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    out: str | Path,
+    step_px: Callable[[str], float | None],
+    sizes: Mapping[str, int],
+    source: Mapping[str, Any],
+    options: SlideEmbedOptions,
+) -> SlideEmbedReport:
     """Embed this process's share of ``slides`` (slide_id -> (features [N, in_dim], coords [N, 2] level-0 px))
     into ``out``; ``step_px(slide_id)`` is the level-0 tile step (None: inferred from the coords); ``sizes`` the
     tile counts (for the shard plan); ``source`` is recorded in slide_embed.json."""
@@ -196,8 +221,7 @@ def slide_embed(model: SlideEncoder, slides: Mapping[str, tuple[np.ndarray, np.n
             continue
         try:
             features, coords = slides[sid]
-            result = embed_one_slide(model, features, coords, level0_step_px=step_px(sid),
-                                     precision=options.precision)
+            result = embed_one_slide(model, features, coords, level0_step_px=step_px(sid), precision=options.precision)
         except (PathdinoError, ValueError, KeyError) as exc:
             report.failed[sid] = str(exc)
             continue
@@ -205,8 +229,7 @@ def slide_embed(model: SlideEncoder, slides: Mapping[str, tuple[np.ndarray, np.n
         if options.tiles:
             tensors["tiles"] = result["tiles"].contiguous()
             tensors["coords"] = torch.as_tensor(np.asarray(coords), dtype=torch.int64).contiguous()
-        meta = {"slide_id": sid, "n_tiles": str(len(coords)), "level0_step_px": str(step_px(sid)),
-                "created": now_iso()}
+        meta = {"slide_id": sid, "n_tiles": str(len(coords)), "level0_step_px": str(step_px(sid)), "created": now_iso()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         report.embedded.append(sid)
@@ -240,4 +263,3 @@ def read_slide_embeddings(out: str | Path, *, which: str = "cls") -> dict[str, n
         with safe_open(str(path), framework="np") as fh:
             vectors[path.stem] = fh.get_tensor(which)
     return vectors
-

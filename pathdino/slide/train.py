@@ -20,13 +20,24 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pathdino.slide.train",
         description="Masked-autoencoder pretraining of a slide encoder on `pathdino embed` outputs (launch with "
-                    "accelerate for several processes).")
+        "accelerate for several processes).",
+    )
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/slide/small.yaml")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="resume from the newest checkpoint in train.output_dir (or from CHECKPOINT)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from the newest checkpoint in train.output_dir (or from CHECKPOINT)",
+    )
     p.add_argument("--check", action="store_true", help="validate the config and embeddings stores, then exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides with dotted keys, e.g. optim.lr=3e-4 data.embeddings=[runs/emb]")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides with dotted keys, e.g. optim.lr=3e-4 data.embeddings=[runs/emb]",
+    )
     return p
 
 
@@ -46,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             d = cfg.data
             source = SlideSource(d.embeddings, feature=d.feature, min_tiles=d.min_tiles_per_slide)
             resolve_config(cfg, source, world=1)
-            print(f"{args.config}: config and embeddings stores are valid ({len(source.slides)} slides, tile "
-                  f"embeddings of width {source.dim})")
+            print(
+                f"{args.config}: config and embeddings stores are valid ({len(source.slides)} slides, tile "
+                f"embeddings of width {source.dim})"
+            )
             return 0
         from pathdino.slide.loop import train
 

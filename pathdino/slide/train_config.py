@@ -40,17 +40,24 @@ class SlideDataConfig:
 
     def __post_init__(self) -> None:
         if not self.embeddings:
-            raise ConfigError("data.embeddings is empty: give the `pathdino embed` output folder(s)",
-                              key="data.embeddings")
-        _positive("data", max_tokens_per_slide=self.max_tokens_per_slide, tokens_per_pack=self.tokens_per_pack,
-                  min_tiles_per_slide=self.min_tiles_per_slide)
+            raise ConfigError(
+                "data.embeddings is empty: give the `pathdino embed` output folder(s)", key="data.embeddings"
+            )
+        _positive(
+            "data",
+            max_tokens_per_slide=self.max_tokens_per_slide,
+            tokens_per_pack=self.tokens_per_pack,
+            min_tiles_per_slide=self.min_tiles_per_slide,
+        )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0", key="data.num_workers")
         if self.tokens_per_pack < self.max_tokens_per_slide:
             raise ConfigError(
                 f"data.tokens_per_pack={self.tokens_per_pack} is smaller than data.max_tokens_per_slide="
                 f"{self.max_tokens_per_slide}: a cropped slide must fit one micro-batch; raise tokens_per_pack or "
-                "lower max_tokens_per_slide", key="data.tokens_per_pack")
+                "lower max_tokens_per_slide",
+                key="data.tokens_per_pack",
+            )
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,18 @@ class MAEConfig:
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"objective.mask_ratio={self.mask_ratio} must be in (0, 1)", key="objective.mask_ratio")
-        _positive("objective", decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
-                  decoder_heads=self.decoder_heads)
+        _positive(
+            "objective",
+            decoder_dim=self.decoder_dim,
+            decoder_depth=self.decoder_depth,
+            decoder_heads=self.decoder_heads,
+        )
         if self.decoder_dim % self.decoder_heads:
-            raise ConfigError(f"objective.decoder_dim={self.decoder_dim} is not divisible by objective.decoder_heads="
-                              f"{self.decoder_heads}", key="objective.decoder_dim")
+            raise ConfigError(
+                f"objective.decoder_dim={self.decoder_dim} is not divisible by objective.decoder_heads="
+                f"{self.decoder_heads}",
+                key="objective.decoder_dim",
+            )
 
 
 @dataclass(frozen=True)
@@ -121,12 +135,19 @@ class SlideTrainConfig:
     stop_at_step: int | None = None  # stop (after a checkpoint) at this step; schedules still use total_steps
 
     def __post_init__(self) -> None:
-        _positive("train", packs_per_step=self.packs_per_step, total_steps=self.total_steps,
-                  checkpoint_every_steps=self.checkpoint_every_steps, keep_checkpoints=self.keep_checkpoints,
-                  max_nonfinite_steps=self.max_nonfinite_steps)
+        _positive(
+            "train",
+            packs_per_step=self.packs_per_step,
+            total_steps=self.total_steps,
+            checkpoint_every_steps=self.checkpoint_every_steps,
+            keep_checkpoints=self.keep_checkpoints,
+            max_nonfinite_steps=self.max_nonfinite_steps,
+        )
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.total_steps:
-            raise ConfigError(f"train.stop_at_step={self.stop_at_step} must be in [1, train.total_steps="
-                              f"{self.total_steps}]", key="train.stop_at_step")
+            raise ConfigError(
+                f"train.stop_at_step={self.stop_at_step} must be in [1, train.total_steps={self.total_steps}]",
+                key="train.stop_at_step",
+            )
 
 
 @dataclass(frozen=True)
@@ -163,6 +184,13 @@ def config_to_dict(cfg: SlidePretrainConfig) -> dict[str, Any]:
 
 
 # Keys that may change on resume: where and how often the run writes, not what it computes.
-RESUME_MAY_CHANGE = {"train.output_dir", "train.stop_at_step", "train.checkpoint_every_steps",
-                     "train.keep_checkpoints", "train.checkpoint_at_end", "log.trackers", "log.every_steps",
-                     "data.num_workers"}
+RESUME_MAY_CHANGE = {
+    "train.output_dir",
+    "train.stop_at_step",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.checkpoint_at_end",
+    "log.trackers",
+    "log.every_steps",
+    "data.num_workers",
+}

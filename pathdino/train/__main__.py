@@ -21,13 +21,24 @@ import traceback
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pathdino.train",
-        description="DINOv2 pretraining on pathdino tile stores (launch with accelerate for several processes).")
+        description="DINOv2 pretraining on pathdino tile stores (launch with accelerate for several processes).",
+    )
     p.add_argument("--config", required=True, help="YAML training config, e.g. configs/train/vits14.yaml")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="resume from the newest checkpoint in train.output_dir (or from CHECKPOINT)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from the newest checkpoint in train.output_dir (or from CHECKPOINT)",
+    )
     p.add_argument("--check", action="store_true", help="validate the config and tile stores, then exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides with dotted keys, e.g. optim.base_lr=2e-4 train.batch_size=512")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides with dotted keys, e.g. optim.base_lr=2e-4 train.batch_size=512",
+    )
     return p
 
 
@@ -78,8 +89,14 @@ def _say_how_to_resume(cfg, what: str) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     found = list_checkpoints(cfg.train.output_dir) if cfg is not None else []
-    kept = (f"last checkpoint step {found[-1][0]} ({found[-1][1]}); rerun the same command with --resume to "
-            "continue from it") if found else "no checkpoint was written yet; rerun the same command to start again"
+    kept = (
+        (
+            f"last checkpoint step {found[-1][0]} ({found[-1][1]}); rerun the same command with --resume to "
+            "continue from it"
+        )
+        if found
+        else "no checkpoint was written yet; rerun the same command to start again"
+    )
     print(f"pathdino.train: {what}: {kept}", file=sys.stderr, flush=True)
 
 
@@ -100,10 +117,13 @@ def _already_finished(cfg, resume: bool | str) -> bool:
     if step < cfg.train.total_steps:
         return False
     if os.environ.get("RANK", "0") == "0":
-        print(f"pathdino.train: nothing to do: the run in {cfg.train.output_dir} already finished (checkpoint "
-              f"{checkpoint.name}, step {step} of train.total_steps={cfg.train.total_steps}); raise "
-              "train.total_steps to train further, or export it: pathdino export "
-              f"{cfg.train.output_dir} --out ENCODER", file=sys.stderr)
+        print(
+            f"pathdino.train: nothing to do: the run in {cfg.train.output_dir} already finished (checkpoint "
+            f"{checkpoint.name}, step {step} of train.total_steps={cfg.train.total_steps}); raise "
+            "train.total_steps to train further, or export it: pathdino export "
+            f"{cfg.train.output_dir} --out ENCODER",
+            file=sys.stderr,
+        )
     return True
 
 

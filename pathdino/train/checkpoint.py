@@ -106,7 +106,8 @@ def resume_point(output_dir: str | Path, resume: bool | str | Path | None) -> Pa
         if found:
             raise ConfigError(
                 f"{output_dir} already holds checkpoints (newest: {found[-1][1].name}); pass --resume to continue "
-                "that run, or set train.output_dir to a new directory")
+                "that run, or set train.output_dir to a new directory"
+            )
         return None
     if resume is True or resume == "latest":
         found = list_checkpoints(output_dir)
@@ -118,20 +119,27 @@ def resume_point(output_dir: str | Path, resume: bool | str | Path | None) -> Pa
             problem = checkpoint_problem(path)
             if problem is None:
                 if damaged:
-                    log.warning("--resume: %s; resuming from the newest complete checkpoint, %s",
-                                "; ".join(damaged), path.name)
+                    log.warning(
+                        "--resume: %s; resuming from the newest complete checkpoint, %s", "; ".join(damaged), path.name
+                    )
                 return path
             damaged.append(f"{path.name} is damaged ({problem})")
-        raise CheckpointError(f"--resume: every checkpoint in {checkpoint_root(output_dir)} is damaged: "
-                              f"{'; '.join(damaged[:3])}; start a new run in another train.output_dir")
+        raise CheckpointError(
+            f"--resume: every checkpoint in {checkpoint_root(output_dir)} is damaged: "
+            f"{'; '.join(damaged[:3])}; start a new run in another train.output_dir"
+        )
     path = Path(resume)
     if not path.is_dir():
-        raise ConfigError(f"--resume {path}: no such checkpoint directory; give a step_* folder of a run, or "
-                          "--resume alone for the newest one in train.output_dir")
+        raise ConfigError(
+            f"--resume {path}: no such checkpoint directory; give a step_* folder of a run, or "
+            "--resume alone for the newest one in train.output_dir"
+        )
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise CheckpointError(f"--resume {path}: the checkpoint is damaged ({problem}); give another step_* "
-                              "folder, or --resume alone for the newest complete one in train.output_dir")
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint is damaged ({problem}); give another step_* "
+            "folder, or --resume alone for the newest complete one in train.output_dir"
+        )
     return path
 
 
@@ -144,8 +152,13 @@ def checkpoint_problem(path: str | Path) -> str | None:
     except CheckpointError as exc:
         return str(exc)
     for file in sorted(path.iterdir()):
-        problem = (safetensors_problem(file) if file.suffix == ".safetensors" else
-                   zip_problem(file) if file.suffix == ".pt" else None)
+        problem = (
+            safetensors_problem(file)
+            if file.suffix == ".safetensors"
+            else zip_problem(file)
+            if file.suffix == ".pt"
+            else None
+        )
         if problem is not None:
             return f"{file.name}: {problem}"
     return None
@@ -167,6 +180,7 @@ class CheckpointParts:
 
 
 # ----------------------------------------------------------------------------------------------------------- RNG
+
 
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's RNG states as plain tensors (loadable with ``weights_only=True``)."""
@@ -191,8 +205,9 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     """Restore what ``rng_state`` saved."""
     torch.set_rng_state(state["torch"])
     meta = state["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1],
-                         float(state["numpy_gauss"][0])))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1], float(state["numpy_gauss"][0]))
+    )
     py_version, has_gauss = state["python_meta"].tolist()
     gauss = float(state["python_gauss"][0]) if has_gauss else None
     random.setstate((py_version, tuple(state["python_internal"].tolist()), gauss))
@@ -212,8 +227,15 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
-def save_checkpoint(output_dir: str | Path, step: int, parts: CheckpointParts, *, trainer_state: dict[str, Any],
-                    keep: int, name: str | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    parts: CheckpointParts,
+    *,
+    trainer_state: dict[str, Any],
+    keep: int,
+    name: str | None = None,
+) -> Path:
     """Write checkpoint ``step`` of ``parts`` (every process must call this: the state is gathered collectively).
 
     ``trainer_state`` must be JSON-friendly and already hold every process's loader state; the newest ``keep``
@@ -262,6 +284,7 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- load
 
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """``trainer_state.json`` of a checkpoint folder; CheckpointError unless it is complete and of this format."""
     path = Path(path)
@@ -296,9 +319,11 @@ def _load_model(module: nn.Module, file: Path) -> None:
     if missing or unexpected or resized_shape:
         what = [f"missing {missing[:5]}"] * bool(missing) + [f"unexpected {unexpected[:5]}"] * bool(unexpected)
         what += [f"{len(resized_shape)} tensor(s) of another shape ({'; '.join(resized_shape[:2])})"] * bool(
-            resized_shape)
-        raise CheckpointError(f"{file} does not fit the model ({', '.join(what)}); was it saved with another "
-                              "model config?")
+            resized_shape
+        )
+        raise CheckpointError(
+            f"{file} does not fit the model ({', '.join(what)}); was it saved with another model config?"
+        )
     set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
 
 
@@ -329,8 +354,7 @@ def _load_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer, file: 
         log.info("%s: AdamW state of %s restarts (shape changed)", file.name, ", ".join(dropped))
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     # strict=False: a parameter without state is legitimate (the last layer while it is frozen) ...
-    set_optimizer_state_dict(student, optimizer, optim_sd,
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(student, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
     # ... but the loader first creates state for every parameter (a zero-lr step); remove what the checkpoint
     # did not have, or AdamW's step count (its bias correction) would differ from the uninterrupted run.
     for name, param in named.items():

@@ -21,8 +21,13 @@ from pathdino.train.probe import EvalConfig
 from tiling.configio import ConfigError, apply_overrides, blame_override, from_dict, load_yaml, to_dict
 
 
-def _check_fields(section: str, *, positive: dict[str, float] | None = None,
-                  non_negative: dict[str, float] | None = None, unit: dict[str, float] | None = None) -> None:
+def _check_fields(
+    section: str,
+    *,
+    positive: dict[str, float] | None = None,
+    non_negative: dict[str, float] | None = None,
+    unit: dict[str, float] | None = None,
+) -> None:
     """Single-field checks of a section (``__post_init__``); messages name the YAML key (``section.field``)."""
     for name, value in (positive or {}).items():
         if not value > 0:
@@ -49,8 +54,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.ibot_separate_head and self.ibot_head is not None:
-            raise ConfigError("model.ibot_head is only used with model.ibot_separate_head=true; remove it or enable "
-                              "that", key="model.ibot_head")
+            raise ConfigError(
+                "model.ibot_head is only used with model.ibot_separate_head=true; remove it or enable that",
+                key="model.ibot_head",
+            )
 
     @property
     def ibot_head_(self) -> HeadConfig | None:
@@ -72,9 +79,15 @@ class GramConfig:
     remove_negative: bool = True  # negative similarities set to 0 in both matrices (dinov3's remove_neg)
 
     def __post_init__(self) -> None:
-        _check_fields("loss.gram", positive={"input_scale": self.input_scale},
-                      non_negative={"weight": self.weight, "start_step": self.start_step,
-                                    "refresh_every_steps": self.refresh_every_steps})
+        _check_fields(
+            "loss.gram",
+            positive={"input_scale": self.input_scale},
+            non_negative={
+                "weight": self.weight,
+                "start_step": self.start_step,
+                "refresh_every_steps": self.refresh_every_steps,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -97,11 +110,20 @@ class LossConfig:
     gram: GramConfig = field(default_factory=GramConfig)  # Gram anchoring (DINOv3); off by default
 
     def __post_init__(self) -> None:
-        _check_fields("loss", positive={"student_temp": self.student_temp, "teacher_temp": self.teacher_temp,
-                                        "teacher_temp_warmup_start": self.teacher_temp_warmup_start},
-                      non_negative={"teacher_temp_warmup_steps": self.teacher_temp_warmup_steps,
-                                    "dino_weight": self.dino_weight, "ibot_weight": self.ibot_weight,
-                                    "uniformity_weight": self.uniformity_weight})
+        _check_fields(
+            "loss",
+            positive={
+                "student_temp": self.student_temp,
+                "teacher_temp": self.teacher_temp,
+                "teacher_temp_warmup_start": self.teacher_temp_warmup_start,
+            },
+            non_negative={
+                "teacher_temp_warmup_steps": self.teacher_temp_warmup_steps,
+                "dino_weight": self.dino_weight,
+                "ibot_weight": self.ibot_weight,
+                "uniformity_weight": self.uniformity_weight,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -127,13 +149,21 @@ class OptimConfig:
     momentum_teacher_end: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_fields("optim", positive={"base_lr": self.base_lr},
-                      non_negative={"warmup_steps": self.warmup_steps,
-                                    "freeze_last_layer_steps": self.freeze_last_layer_steps,
-                                    "min_lr": self.min_lr, "clip_grad": self.clip_grad},
-                      unit={"momentum_teacher": self.momentum_teacher,
-                            "momentum_teacher_end": self.momentum_teacher_end,
-                            "layerwise_decay": self.layerwise_decay})
+        _check_fields(
+            "optim",
+            positive={"base_lr": self.base_lr},
+            non_negative={
+                "warmup_steps": self.warmup_steps,
+                "freeze_last_layer_steps": self.freeze_last_layer_steps,
+                "min_lr": self.min_lr,
+                "clip_grad": self.clip_grad,
+            },
+            unit={
+                "momentum_teacher": self.momentum_teacher,
+                "momentum_teacher_end": self.momentum_teacher_end,
+                "layerwise_decay": self.layerwise_decay,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -163,8 +193,7 @@ class DistillConfig:
     patch_weight: float = 1.0  # encoder teacher: weight of the patch-token cosine loss
 
     def __post_init__(self) -> None:
-        _check_fields("train.distill", non_negative={"cls_weight": self.cls_weight,
-                                                     "patch_weight": self.patch_weight})
+        _check_fields("train.distill", non_negative={"cls_weight": self.cls_weight, "patch_weight": self.patch_weight})
 
 
 @dataclass(frozen=True)
@@ -201,16 +230,29 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)  # a frozen teacher to distil from; off by default
 
     def __post_init__(self) -> None:
-        _check_fields("train", non_negative={"freeze_backbone_steps": self.freeze_backbone_steps,
-                                             "backbone_lr_ramp_steps": self.backbone_lr_ramp_steps})
-        _check_fields("train", positive={"total_steps": self.total_steps, "batch_size": self.batch_size,
-                                         "grad_accum_steps": self.grad_accum_steps,
-                                         "checkpoint_every_steps": self.checkpoint_every_steps,
-                                         "keep_checkpoints": self.keep_checkpoints,
-                                         "max_nonfinite_steps": self.max_nonfinite_steps})
+        _check_fields(
+            "train",
+            non_negative={
+                "freeze_backbone_steps": self.freeze_backbone_steps,
+                "backbone_lr_ramp_steps": self.backbone_lr_ramp_steps,
+            },
+        )
+        _check_fields(
+            "train",
+            positive={
+                "total_steps": self.total_steps,
+                "batch_size": self.batch_size,
+                "grad_accum_steps": self.grad_accum_steps,
+                "checkpoint_every_steps": self.checkpoint_every_steps,
+                "keep_checkpoints": self.keep_checkpoints,
+                "max_nonfinite_steps": self.max_nonfinite_steps,
+            },
+        )
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.total_steps:
-            raise ConfigError(f"train.stop_at_step={self.stop_at_step} must be in [1, train.total_steps="
-                              f"{self.total_steps}]", key="train.stop_at_step")
+            raise ConfigError(
+                f"train.stop_at_step={self.stop_at_step} must be in [1, train.total_steps={self.total_steps}]",
+                key="train.stop_at_step",
+            )
 
 
 @dataclass(frozen=True)
@@ -249,7 +291,8 @@ class RunConfig:
             raise ConfigError(
                 f"augment.global_crop_px={px} is not divisible by model.backbone.patch_size={patch}; use a "
                 f"multiple (e.g. {max(patch, px - px % patch)} or {px - px % patch + patch})",
-                key="augment.global_crop_px")
+                key="augment.global_crop_px",
+            )
         if self.model.backbone.img_size != px:
             backbone = replace(self.model.backbone, img_size=px)
             object.__setattr__(self, "model", replace(self.model, backbone=backbone))
@@ -274,9 +317,14 @@ class CropPlan:
 def crop_plan(cfg: RunConfig) -> CropPlan:
     """The crops of ``cfg`` (a phase's config gives the phase's crops): the route of the crop size to every user."""
     a, m = cfg.augment, cfg.masks
-    return CropPlan(n_global=a.n_global_crops, global_px=a.global_crop_px, n_local=a.n_local_crops,
-                    local_px=a.local_crop_px, mask_probability=m.mask_probability,
-                    mask_ratio=(m.mask_ratio[0], m.mask_ratio[1]))
+    return CropPlan(
+        n_global=a.n_global_crops,
+        global_px=a.global_crop_px,
+        n_local=a.n_local_crops,
+        local_px=a.local_crop_px,
+        mask_probability=m.mask_probability,
+        mask_ratio=(m.mask_ratio[0], m.mask_ratio[1]),
+    )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -304,7 +352,9 @@ def _drop_derived_img_size(data: dict[str, Any]) -> None:
         raise ConfigError(
             f"model.backbone.img_size={img_size} and augment.global_crop_px={crop_px} disagree: the backbone is "
             "built at the global crop size, which has one key now; remove model.backbone.img_size and set "
-            "augment.global_crop_px", key="model.backbone.img_size")
+            "augment.global_crop_px",
+            key="model.backbone.img_size",
+        )
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -313,18 +363,33 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 # Keys that may legitimately change on resume: where and how often the run writes, not what it computes.
-_RESUME_MAY_CHANGE = {"train.output_dir", "train.stop_at_step", "train.checkpoint_every_steps",
-                      "train.keep_checkpoints", "train.checkpoint_at_end", "log.trackers", "log.every_steps",
-                      "data.num_workers", "data.resume_changed_stores"}
+_RESUME_MAY_CHANGE = {
+    "train.output_dir",
+    "train.stop_at_step",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.checkpoint_at_end",
+    "log.trackers",
+    "log.every_steps",
+    "data.num_workers",
+    "data.resume_changed_stores",
+}
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any], *,
-                   may_change: set[str] | frozenset[str] = frozenset(_RESUME_MAY_CHANGE)) -> list[str]:
+def config_changes(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    may_change: set[str] | frozenset[str] = frozenset(_RESUME_MAY_CHANGE),
+) -> list[str]:
     """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume
     (``may_change``: this trainer's; the slide trainer passes its own)."""
     old, new = flat_config(saved), flat_config(current)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in may_change and old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in may_change and old.get(k) != new.get(k)
+    ]
 
 
 def per_process_batch(cfg: RunConfig, world_size: int) -> int:
@@ -334,5 +399,6 @@ def per_process_batch(cfg: RunConfig, world_size: int) -> int:
     if t.batch_size % denom:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by processes ({world_size}) x "
-            f"train.grad_accum_steps ({t.grad_accum_steps}); choose a multiple of {denom}")
+            f"train.grad_accum_steps ({t.grad_accum_steps}); choose a multiple of {denom}"
+        )
     return t.batch_size // denom

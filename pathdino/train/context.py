@@ -55,6 +55,12 @@ def open_context(train: RuntimeSettings, trackers: list[str] | None, cleanup: co
     check_launch(accelerator)
     cleanup.callback(tune_cpu_runtime(accelerator.device, train.cpu_flush_denormal, train.cpu_reuse_freed_memory))
     setup_logging(accelerator.is_main_process)
-    return RunContext(accelerator=accelerator, device=accelerator.device, rank=accelerator.process_index,
-                      world=accelerator.num_processes, is_main=accelerator.is_main_process,
-                      use_fsdp=use_fsdp(train.parallel, accelerator), out_dir=out_dir)
+    return RunContext(
+        accelerator=accelerator,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        is_main=accelerator.is_main_process,
+        use_fsdp=use_fsdp(train.parallel, accelerator),
+        out_dir=out_dir,
+    )

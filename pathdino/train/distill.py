@@ -92,8 +92,10 @@ def check_resumed_teacher(saved: dict | None, teacher: DistillTeacher | None) ->
     if saved is None or teacher is None or saved.get("sha256") != teacher.sha256:
         was = f"{saved['path']} (sha256 {saved['sha256'][:12]})" if saved else "no teacher"
         now = f"{teacher.path} (sha256 {teacher.sha256[:12]})" if teacher else "no teacher"
-        raise CheckpointError(f"{KEY}: the checkpoint was trained distilling from {was}, this run names {now}; "
-                              "resume with the same teacher weights, or start a new output_dir")
+        raise CheckpointError(
+            f"{KEY}: the checkpoint was trained distilling from {was}, this run names {now}; "
+            "resume with the same teacher weights, or start a new output_dir"
+        )
 
 
 def build_distill_teacher(cfg: RunConfig, device: torch.device) -> DistillTeacher | None:
@@ -109,14 +111,22 @@ def build_distill_teacher(cfg: RunConfig, device: torch.device) -> DistillTeache
     elif (folder / "config.json").is_file():
         teacher = _encoder_teacher(cfg, folder)
     else:
-        raise ConfigError(f"{KEY}={path} is neither a pathdino checkpoint (a step_* folder or a run folder with "
-                          "checkpoints/) nor an encoder folder (config.json + weights)", key=KEY)
+        raise ConfigError(
+            f"{KEY}={path} is neither a pathdino checkpoint (a step_* folder or a run folder with "
+            "checkpoints/) nor an encoder folder (config.json + weights)",
+            key=KEY,
+        )
     teacher.model.requires_grad_(False).eval()
     if cfg.train.precision == "bf16":
         teacher.model.to(torch.bfloat16)
     teacher.model.to(device)
-    log.info("distilling from %s teacher %s (sha256 %s, width %d)", teacher.kind, teacher.path, teacher.sha256[:12],
-             teacher.embed_dim)
+    log.info(
+        "distilling from %s teacher %s (sha256 %s, width %d)",
+        teacher.kind,
+        teacher.path,
+        teacher.sha256[:12],
+        teacher.embed_dim,
+    )
     return teacher
 
 
@@ -127,19 +137,31 @@ def _checkpoint_teacher(cfg: RunConfig, folder: Path) -> DistillTeacher:
     tm = from_dict(ModelConfig, saved, f"{folder}/trainer_state.json model")
     mc = cfg.model
     for key, theirs, ours in (
-            ("model.backbone.patch_size", tm.backbone.patch_size, mc.backbone.patch_size),
-            ("model.dino_head.n_prototypes", tm.dino_head.n_prototypes, mc.dino_head.n_prototypes),
-            ("model.ibot_head.n_prototypes", (tm.ibot_head_ or tm.dino_head).n_prototypes,
-             (mc.ibot_head_ or mc.dino_head).n_prototypes)):
+        ("model.backbone.patch_size", tm.backbone.patch_size, mc.backbone.patch_size),
+        ("model.dino_head.n_prototypes", tm.dino_head.n_prototypes, mc.dino_head.n_prototypes),
+        (
+            "model.ibot_head.n_prototypes",
+            (tm.ibot_head_ or tm.dino_head).n_prototypes,
+            (mc.ibot_head_ or mc.dino_head).n_prototypes,
+        ),
+    ):
         if theirs != ours:
-            raise ConfigError(f"{KEY}: the teacher's {key} is {theirs}, the student's {ours}; its outputs are the "
-                              f"student's targets, so set {key}={theirs}", key=key)
+            raise ConfigError(
+                f"{KEY}: the teacher's {key} is {theirs}, the student's {ours}; its outputs are the "
+                f"student's targets, so set {key}={theirs}",
+                key=key,
+            )
     backbone = replace(tm.backbone, img_size=mc.backbone.img_size, drop_path_rate=0.0)
     model = SSLModel(backbone, tm.dino_head, tm.ibot_head_)
     weights = folder / "teacher.safetensors"
     load_model_file(model, weights)
-    return DistillTeacher(kind="checkpoint", model=model, path=str(folder), sha256=file_sha256(weights),
-                          embed_dim=model.backbone.embed_dim)
+    return DistillTeacher(
+        kind="checkpoint",
+        model=model,
+        path=str(folder),
+        sha256=file_sha256(weights),
+        embed_dim=model.backbone.embed_dim,
+    )
 
 
 def _encoder_teacher(cfg: RunConfig, folder: Path) -> DistillTeacher:
@@ -149,17 +171,25 @@ def _encoder_teacher(cfg: RunConfig, folder: Path) -> DistillTeacher:
     _check_mpp(cfg, info.target_mpp, folder)
     encoder, _ = load_encoder(info)
     if not getattr(encoder, "dynamic_img_size", False) and info.input_px != cfg.augment.global_crop_px:
-        raise ConfigError(f"{KEY}: {folder} takes {info.input_px} px inputs only (no dynamic image size) and the "
-                          f"global crops are {cfg.augment.global_crop_px} px; set augment.global_crop_px="
-                          f"{info.input_px}", key="augment.global_crop_px")
+        raise ConfigError(
+            f"{KEY}: {folder} takes {info.input_px} px inputs only (no dynamic image size) and the "
+            f"global crops are {cfg.augment.global_crop_px} px; set augment.global_crop_px="
+            f"{info.input_px}",
+            key="augment.global_crop_px",
+        )
     mean_s, std_s = torch.tensor(cfg.augment.mean), torch.tensor(cfg.augment.std)
     mean_t, std_t = torch.tensor(info.mean), torch.tensor(info.std)
     # x_student = (rgb - mean_s) / std_s  ->  x_teacher = (rgb - mean_t) / std_t
     scale, shift = std_s / std_t, (mean_s - mean_t) / std_t
     patch = int(encoder.patch_embed.patch_size[0])
     model = EncoderTeacher(encoder, scale=scale.float(), shift=shift.float(), patch_size=patch)
-    return DistillTeacher(kind="encoder", model=model, path=str(folder), sha256=file_sha256(info.weights_path),
-                          embed_dim=int(encoder.embed_dim))
+    return DistillTeacher(
+        kind="encoder",
+        model=model,
+        path=str(folder),
+        sha256=file_sha256(info.weights_path),
+        embed_dim=int(encoder.embed_dim),
+    )
 
 
 def _check_mpp(cfg: RunConfig, teacher_mpp: float | None, folder: Path) -> None:
@@ -171,6 +201,9 @@ def _check_mpp(cfg: RunConfig, teacher_mpp: float | None, folder: Path) -> None:
         for sid in store.slide_ids:
             mpp = slide_mpp(store.slide(sid))
             if mpp is not None and abs(mpp - teacher_mpp) > MPP_TOLERANCE * teacher_mpp:
-                raise ConfigError(f"{KEY}: {folder} was trained at {teacher_mpp:g} µm/px but slide {sid!r} of {url} "
-                                  f"is tiled at {mpp:g} µm/px; tile the slides at {teacher_mpp:g} µm/px or choose "
-                                  "a teacher trained at the stores' resolution", key=KEY)
+                raise ConfigError(
+                    f"{KEY}: {folder} was trained at {teacher_mpp:g} µm/px but slide {sid!r} of {url} "
+                    f"is tiled at {mpp:g} µm/px; tile the slides at {teacher_mpp:g} µm/px or choose "
+                    "a teacher trained at the stores' resolution",
+                    key=KEY,
+                )

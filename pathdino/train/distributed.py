@@ -49,13 +49,15 @@ def make_accelerator(precision: str, project_dir: str, log_with: list[str] | Non
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     mixed_precision = "bf16" if precision == "bf16" else "no"
     if launched and launched != mixed_precision:
-        log.warning("accelerate was launched with --mixed_precision %s; train.precision=%s is used",
-                    launched, precision)
+        log.warning(
+            "accelerate was launched with --mixed_precision %s; train.precision=%s is used", launched, precision
+        )
     dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper()
     if dynamo not in ("NO", ""):
         raise LaunchError(
             f"accelerate was launched with --dynamo_backend {dynamo.lower()}; pathdino.train compiles the blocks "
-            "itself: launch with --dynamo_backend no and set train.compile=true")
+            "itself: launch with --dynamo_backend no and set train.compile=true"
+        )
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision="no",
@@ -69,12 +71,15 @@ def check_launch(accelerator: Accelerator) -> None:
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     initialized = dist.is_available() and dist.is_initialized()
     n = accelerator.num_processes
-    hint = ("On CPU launch with: accelerate launch --multi_gpu --num_processes N --num_machines 1 "
-            "--mixed_precision no --dynamo_backend no -m pathdino.train --config ...; on GPUs use a config from "
-            "configs/accelerate/.")
+    hint = (
+        "On CPU launch with: accelerate launch --multi_gpu --num_processes N --num_machines 1 "
+        "--mixed_precision no --dynamo_backend no -m pathdino.train --config ...; on GPUs use a config from "
+        "configs/accelerate/."
+    )
     if env_world > 1 and n == 1:
         raise LaunchError(
-            f"WORLD_SIZE={env_world} but accelerate sees 1 process: each process would train alone. {hint}")
+            f"WORLD_SIZE={env_world} but accelerate sees 1 process: each process would train alone. {hint}"
+        )
     if "LOCAL_RANK" in os.environ and env_world > 1 and not initialized:
         raise LaunchError(f"LOCAL_RANK is set but no torch.distributed process group exists. {hint}")
     if n > 1 and not initialized:
@@ -101,11 +106,15 @@ def use_fsdp(parallel: str, accelerator: Accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     # On CPU accelerate turns an FSDP config into plain MULTI_CPU but leaves ACCELERATE_USE_FSDP set.
-    accelerate_fsdp = (accelerator.distributed_type == DistributedType.FSDP
-                       or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+    accelerate_fsdp = (
+        accelerator.distributed_type == DistributedType.FSDP
+        or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    )
     if parallel == "ddp" and accelerate_fsdp:
-        raise ConfigError("train.parallel=ddp, but accelerate was launched with an FSDP config: use "
-                          "train.parallel=auto (or fsdp2), or launch with configs/accelerate/multi_gpu.yaml")
+        raise ConfigError(
+            "train.parallel=ddp, but accelerate was launched with an FSDP config: use "
+            "train.parallel=auto (or fsdp2), or launch with configs/accelerate/multi_gpu.yaml"
+        )
     sharded = parallel == "fsdp2" or (parallel == "auto" and accelerate_fsdp)
     if sharded and accelerator.num_processes == 1:
         log.info("train.parallel=fsdp2 with one process: nothing to shard, running unsharded")
@@ -113,8 +122,9 @@ def use_fsdp(parallel: str, accelerator: Accelerator) -> bool:
     return sharded
 
 
-def shard_fsdp2(model: nn.Module, units: Iterable[nn.Module], *, precision: str,
-                reshard_after_forward: bool = True) -> nn.Module:
+def shard_fsdp2(
+    model: nn.Module, units: Iterable[nn.Module], *, precision: str, reshard_after_forward: bool = True
+) -> nn.Module:
     """Shard ``model`` with torch's FSDP2 ``fully_shard``: one unit per module of ``units`` (e.g. each ViT block
     and head, in forward order), then the root.
 
@@ -123,8 +133,11 @@ def shard_fsdp2(model: nn.Module, units: Iterable[nn.Module], *, precision: str,
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
     kwargs = dict(mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for unit in units:
         fully_shard(unit, **kwargs)

@@ -62,14 +62,19 @@ class NonFiniteGuard:
             return
         self.consecutive += 1
         self.total += 1
-        log.warning("step %d: non-finite loss or gradient norm; step skipped (%d in a row, %d in total)",
-                    step, self.consecutive, self.total)
+        log.warning(
+            "step %d: non-finite loss or gradient norm; step skipped (%d in a row, %d in total)",
+            step,
+            self.consecutive,
+            self.total,
+        )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
                 f"stopping at step {step}: {self.consecutive} consecutive steps had a non-finite loss or gradient "
                 f"norm (train.max_nonfinite_steps={self.max_consecutive}). The last good checkpoint is "
                 f"{last_checkpoint or 'none (no checkpoint was written yet)'}; it is intact. Lower optim.base_lr, "
-                "check the data (blank or corrupt tiles), or use train.precision=fp32, then resume from it.")
+                "check the data (blank or corrupt tiles), or use train.precision=fp32, then resume from it."
+            )
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -157,10 +162,17 @@ class ProbeMonitor:
             return True
         if value < self.best - self.drop_warning:
             self.warnings += 1
-            log.warning("step %d: the probe fell: %s %.3f is %.3f below its best %.3f (step %d); the features are "
-                        "losing what the probe reads. eval.probe.keep_best keeps the best checkpoint "
-                        "(checkpoints/best); see docs/training.md, 'Small budgets'", step, self.metric, value,
-                        self.best - value, self.best, self.best_step)
+            log.warning(
+                "step %d: the probe fell: %s %.3f is %.3f below its best %.3f (step %d); the features are "
+                "losing what the probe reads. eval.probe.keep_best keeps the best checkpoint "
+                "(checkpoints/best); see docs/training.md, 'Small budgets'",
+                step,
+                self.metric,
+                value,
+                self.best - value,
+                self.best,
+                self.best_step,
+            )
         return False
 
 
@@ -209,4 +221,3 @@ class Throughput:
             out["mfu"] = tflops / self.peak_total
         self.reset()
         return out
-

@@ -30,9 +30,11 @@ def check_compiler() -> None:
     named = [os.environ[v] for v in ("CXX", "CC") if os.environ.get(v)]
     if any(shutil.which(c.split()[0]) for c in named) or any(shutil.which(c) for c in _COMPILERS):
         return
-    raise ConfigError("train.compile=true: torch.compile builds its kernels with a C/C++ compiler, and none was "
-                      f"found ({', '.join(_COMPILERS)} on PATH, or $CXX / $CC): install one (e.g. "
-                      "`apt install g++`) or set train.compile=false")
+    raise ConfigError(
+        "train.compile=true: torch.compile builds its kernels with a C/C++ compiler, and none was "
+        f"found ({', '.join(_COMPILERS)} on PATH, or $CXX / $CC): install one (e.g. "
+        "`apt install g++`) or set train.compile=false"
+    )
 
 
 # glibc mallopt parameters and their defaults (malloc.h).
@@ -57,12 +59,17 @@ def tune_cpu_runtime(device: torch.device, flush_denormal: bool, reuse_freed_mem
         libc = _glibc()
         if libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1:
             libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-            undo.append(lambda: (libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX),
-                                 libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)))
+            undo.append(
+                lambda: (
+                    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX),
+                    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD),
+                )
+            )
 
     def restore() -> None:
         for fn in undo:
             fn()
+
     return restore
 
 
@@ -95,8 +102,11 @@ class StopSignals:
             if self.requested:
                 raise KeyboardInterrupt
             if os.environ.get("RANK", "0") == "0":
-                print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
-                      file=sys.stderr, flush=True)
+                print(
+                    "\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.requested = True
 
     def __enter__(self) -> StopSignals:
@@ -105,8 +115,9 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

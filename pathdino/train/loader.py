@@ -55,13 +55,20 @@ class LoaderWithStats(Protocol):
 def check_loader(loader: object, cfg: RunConfig) -> None:
     """ConfigError unless ``loader`` (given to ``train``) can serve this run: a ``Loader``, phased for phases."""
     if not isinstance(loader, Loader):
-        missing = [name for name in ("samples_per_epoch", "__iter__", "state_dict", "load_state_dict")
-                   if not hasattr(loader, name)]
-        raise ConfigError(f"train(loader=...): a {type(loader).__name__} is not a loader (it lacks {missing}); "
-                          "see pathdino.train.loader.Loader")
+        missing = [
+            name
+            for name in ("samples_per_epoch", "__iter__", "state_dict", "load_state_dict")
+            if not hasattr(loader, name)
+        ]
+        raise ConfigError(
+            f"train(loader=...): a {type(loader).__name__} is not a loader (it lacks {missing}); "
+            "see pathdino.train.loader.Loader"
+        )
     if cfg.train.phases and not isinstance(loader, PhasedLoader):
-        raise ConfigError("train.phases need a loader that serves each phase's crops: leave loader=None (tile "
-                          "stores or train.synthetic_data), or give the loader a for_phase(config, batch) method")
+        raise ConfigError(
+            "train.phases need a loader that serves each phase's crops: leave loader=None (tile "
+            "stores or train.synthetic_data), or give the loader a for_phase(config, batch) method"
+        )
 
 
 def close_loader(loader: Loader) -> None:
@@ -74,20 +81,36 @@ def loader_stats(loader: Loader) -> dict[str, int]:
     return dict(loader.stats) if isinstance(loader, LoaderWithStats) else {}
 
 
-def build_loader(cfg: RunConfig, plan: CropPlan, *, batch_per_process: int, rank: int, world: int,
-                 device: torch.device) -> Loader:
+def build_loader(
+    cfg: RunConfig, plan: CropPlan, *, batch_per_process: int, rank: int, world: int, device: torch.device
+) -> Loader:
     """This process's loader for ``cfg`` (a phase's config) and its crops ``plan``."""
     patch = cfg.model.backbone.patch_size
     if cfg.train.synthetic_data:
         from pathdino.train.synthetic import SyntheticLoader
 
-        return SyntheticLoader(plan, patch_size=patch, batch_size=batch_per_process, rank=rank, world_size=world,
-                               seed=cfg.train.seed, device=device)
+        return SyntheticLoader(
+            plan,
+            patch_size=patch,
+            batch_size=batch_per_process,
+            rank=rank,
+            world_size=world,
+            seed=cfg.train.seed,
+            device=device,
+        )
     from pathdino.data import build_train_loader
 
-    return build_train_loader(cfg.data, cfg.augment, cfg.masks, patch_size=patch,
-                              batch_size_per_process=batch_per_process, rank=rank, world_size=world,
-                              seed=cfg.train.seed, device=device)
+    return build_train_loader(
+        cfg.data,
+        cfg.augment,
+        cfg.masks,
+        patch_size=patch,
+        batch_size_per_process=batch_per_process,
+        rank=rank,
+        world_size=world,
+        seed=cfg.train.seed,
+        device=device,
+    )
 
 
 def gather_loader_states(loader: Loader, world: int) -> list[Any]:

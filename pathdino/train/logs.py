@@ -66,8 +66,11 @@ class MetricLogger:
             return
         self._fh.write(json.dumps(record) + "\n")
         if to_trackers and self.accelerator is not None and self.accelerator.trackers:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and k != "step"}
+            scalars = {
+                k: v
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            }
             self.accelerator.log(scalars, step=step)
 
     def close(self) -> None:
@@ -103,8 +106,15 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_metrics(accelerator: Accelerator, out_dir: Path, *, config: dict[str, Any], step: int, project_name: str,
-                 resumed_from: Path | None) -> MetricLogger:
+def open_metrics(
+    accelerator: Accelerator,
+    out_dir: Path,
+    *,
+    config: dict[str, Any],
+    step: int,
+    project_name: str,
+    resumed_from: Path | None,
+) -> MetricLogger:
     """config.yaml, metrics.jsonl cut back to ``step`` (the resume point), trackers, and the start/resume event."""
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +124,14 @@ def open_metrics(accelerator: Accelerator, out_dir: Path, *, config: dict[str, A
     metrics = MetricLogger(out_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers(project_name, config=flat_config(config))
-    metrics.write({"event": "resume" if resumed_from else "start", "step": step,
-                   "world_size": accelerator.num_processes,
-                   "checkpoint": str(resumed_from) if resumed_from else None}, step, to_trackers=False)
+    metrics.write(
+        {
+            "event": "resume" if resumed_from else "start",
+            "step": step,
+            "world_size": accelerator.num_processes,
+            "checkpoint": str(resumed_from) if resumed_from else None,
+        },
+        step,
+        to_trackers=False,
+    )
     return metrics

@@ -87,8 +87,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Loader | Non
                 part = out.terms.float() / accum
                 terms = part if terms is None else terms + part
                 outputs.append(out)
-            reduced = reduce_step(phase.parts, terms, outputs[-1], values=values, with_health=log_now,
-                                  stop_flag=stop.requested)
+            reduced = reduce_step(
+                phase.parts, terms, outputs[-1], values=values, with_health=log_now, stop_flag=stop.requested
+            )
             apply_update(phase.parts, outputs, values=values, finite=reduced.finite)
             step += 1
             phase.throughput.step_done()
@@ -98,8 +99,12 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Loader | Non
             monitors.guard.update(reduced.finite, step, last_checkpoint)  # raises after too many in a row
             # A new phase starts from a checkpoint of the step before it, exactly as a resume there would.
             switch = phase.end_step <= step < stop_at
-            if (step % cfg.train.checkpoint_every_steps == 0 or (step == stop_at and cfg.train.checkpoint_at_end)
-                    or reduced.stop_requested or switch):
+            if (
+                step % cfg.train.checkpoint_every_steps == 0
+                or (step == stop_at and cfg.train.checkpoint_at_end)
+                or reduced.stop_requested
+                or switch
+            ):
                 last_checkpoint = _save(ctx, phase, monitors, step=step)
             if reduced.stop_requested:
                 log.warning("stop requested by a signal: stopped after step %d with a checkpoint", step)
@@ -110,13 +115,28 @@ def train(cfg: RunConfig, resume: bool | str | None = None, loader: Loader | Non
                 del phase  # the old phase's models are freed before the next phase's are built
                 phase = switch_phase(ctx, cfg, index=index, checkpoint=Path(last_checkpoint), old_loader=old_loader)
                 cleanup.callback(close_loader, phase.loader)
-                monitors.metrics.write({"event": "phase", "step": step, "phase": phase.index,
-                                        "global_crop_px": phase.plan.global_px, "local_crop_px": phase.plan.local_px,
-                                        "batch_size": phase.cfg.train.batch_size}, step, to_trackers=False)
+                monitors.metrics.write(
+                    {
+                        "event": "phase",
+                        "step": step,
+                        "phase": phase.index,
+                        "global_crop_px": phase.plan.global_px,
+                        "local_crop_px": phase.plan.local_px,
+                        "batch_size": phase.cfg.train.batch_size,
+                    },
+                    step,
+                    to_trackers=False,
+                )
                 data = iter(phase.loader)
                 phase.parts.model.train()
-    return _finish(ctx, cfg, step=step, last_checkpoint=last_checkpoint, stopped_early=stopped_early,
-                   nonfinite_total=monitors.guard.total)
+    return _finish(
+        ctx,
+        cfg,
+        step=step,
+        last_checkpoint=last_checkpoint,
+        stopped_early=stopped_early,
+        nonfinite_total=monitors.guard.total,
+    )
 
 
 def _end_trackers_on_error(ctx: RunContext, error: type[BaseException] | None) -> bool:
@@ -128,18 +148,33 @@ def _end_trackers_on_error(ctx: RunContext, error: type[BaseException] | None) -
 
 # ---- logging and checkpointing (no training logic below) -------------------------------------------------------
 
-def _log_step(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, values: ScheduleValues,
-              reduced: ReducedStep, full: bool) -> dict[str, Any]:
+
+def _log_step(
+    ctx: RunContext,
+    phase: Phase,
+    monitors: Monitors,
+    *,
+    step: int,
+    values: ScheduleValues,
+    reduced: ReducedStep,
+    full: bool,
+) -> dict[str, Any]:
     """Write the step's record (losses, schedules, grad norms; health, throughput and data figures if ``full``;
     probe scores when probed) and return it."""
     world, parts = ctx.world, phase.parts
     record: dict[str, Any] = {"step": step}
     record.update({k: v / world for k, v in zip(LOSS_TERMS, reduced.terms)})
-    record.update(lr=values.lr, weight_decay=values.weight_decay, momentum=values.momentum,
-                  teacher_temp=values.teacher_temp, last_layer_frozen=values.last_layer_frozen,
-                  backbone_lr_mult=values.backbone_lr_mult,
-                  grad_norm=reduced.grad_norm, skipped=not reduced.finite,
-                  nonfinite_total=monitors.guard.total + (not reduced.finite))
+    record.update(
+        lr=values.lr,
+        weight_decay=values.weight_decay,
+        momentum=values.momentum,
+        teacher_temp=values.teacher_temp,
+        last_layer_frozen=values.last_layer_frozen,
+        backbone_lr_mult=values.backbone_lr_mult,
+        grad_norm=reduced.grad_norm,
+        skipped=not reduced.finite,
+        nonfinite_total=monitors.guard.total + (not reduced.finite),
+    )
     record.update({f"grad_norm_{k}": v for k, v in reduced.grad_norms.items()})
     if full:
         record.update({k: v / world for k, v in zip(HEALTH_TERMS, reduced.health)})
@@ -151,10 +186,20 @@ def _log_step(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, v
         record["memory_mb"] = memory_mb(ctx.device)
         record.update({f"data_{k}": v for k, v in loader_stats(phase.loader).items()})
         record["collapse_warning"] = monitors.collapse.check(step, record)
-        log.info("step %d/%d loss %.4f (dino %.4f + %.4f, ibot %.4f, %s %.4f) lr %.2e %.1f img/s%s",
-                 step, phase.cfg.train.total_steps, record["loss"], record["dino_global"], record["dino_local"],
-                 record["ibot"], phase.cfg.loss.uniformity, record["uniformity"], values.lr, record["images_per_s"],
-                 f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
+        log.info(
+            "step %d/%d loss %.4f (dino %.4f + %.4f, ibot %.4f, %s %.4f) lr %.2e %.1f img/s%s",
+            step,
+            phase.cfg.train.total_steps,
+            record["loss"],
+            record["dino_global"],
+            record["dino_local"],
+            record["ibot"],
+            phase.cfg.loss.uniformity,
+            record["uniformity"],
+            values.lr,
+            record["images_per_s"],
+            f" MFU {record['mfu']:.1%}" if "mfu" in record else "",
+        )
     record.update(probe_metrics(monitors.probe, step, parts.teacher))  # every process calls it; {} off its period
     monitors.metrics.write(record, step)
     return record
@@ -171,24 +216,35 @@ def _keep_best(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, 
     if probe is None or not probe.new_best(step, record) or not probe.cfg.keep_best or step == 0:
         return
     path = _save(ctx, phase, monitors, step=step, name="best")
-    log.info("new best probe score: %s %.3f at step %d, kept in %s", probe.cfg.metric, probe.best.best or 0.0,
-             step, path)
+    log.info(
+        "new best probe score: %s %.3f at step %d, kept in %s", probe.cfg.metric, probe.best.best or 0.0, step, path
+    )
 
 
 def _save(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, name: str | None = None) -> str:
     """Checkpoint the run at ``step`` (every process takes part; ``name``: ``checkpoints/<name>`` rather than
     ``step_*``); returns the checkpoint's path."""
     trainer_state = {
-        "world_size": ctx.world, "batch_size": phase.cfg.train.batch_size, "nonfinite_total": monitors.guard.total,
-        "collapse_best": monitors.collapse.best, "loader_states": gather_loader_states(phase.loader, ctx.world),
+        "world_size": ctx.world,
+        "batch_size": phase.cfg.train.batch_size,
+        "nonfinite_total": monitors.guard.total,
+        "collapse_best": monitors.collapse.best,
+        "loader_states": gather_loader_states(phase.loader, ctx.world),
         # The config in effect for these weights (a phase's crops, img_size and batch): export reads it.
-        "config": config_to_dict(phase.cfg), "phase": phase.index,
+        "config": config_to_dict(phase.cfg),
+        "phase": phase.index,
         "probe_best": monitors.probe.best.state() if monitors.probe is not None else {},
     }
     if phase.parts.distill is not None:  # the teacher's path and weights hash, never its weights
         trainer_state["distill_teacher"] = phase.parts.distill.record()
-    path = save_checkpoint(ctx.out_dir, step, phase.parts.checkpoint_parts(), trainer_state=trainer_state,
-                           keep=phase.cfg.train.keep_checkpoints, name=name)
+    path = save_checkpoint(
+        ctx.out_dir,
+        step,
+        phase.parts.checkpoint_parts(),
+        trainer_state=trainer_state,
+        keep=phase.cfg.train.keep_checkpoints,
+        name=name,
+    )
     event = {"event": "checkpoint", "step": step, "path": str(path)}
     if name is not None and monitors.probe is not None:
         event.update(kept=name, metric=monitors.probe.cfg.metric, value=monitors.probe.best.best)
@@ -197,18 +253,34 @@ def _save(ctx: RunContext, phase: Phase, monitors: Monitors, *, step: int, name:
     return str(path)
 
 
-def _finish(ctx: RunContext, cfg: RunConfig, *, step: int, last_checkpoint: str | None, stopped_early: bool,
-            nonfinite_total: int) -> dict[str, Any]:
+def _finish(
+    ctx: RunContext,
+    cfg: RunConfig,
+    *,
+    step: int,
+    last_checkpoint: str | None,
+    stopped_early: bool,
+    nonfinite_total: int,
+) -> dict[str, Any]:
     """The done/stopped event, done.json (atomically) for a completed run, tracker shutdown; the summary."""
     done = step >= cfg.train.total_steps
     if ctx.is_main:
-        event = {"event": "done" if done else "stopped", "step": step, "checkpoint": last_checkpoint,
-                 "nonfinite_total": nonfinite_total}
+        event = {
+            "event": "done" if done else "stopped",
+            "step": step,
+            "checkpoint": last_checkpoint,
+            "nonfinite_total": nonfinite_total,
+        }
         with open(ctx.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(event) + "\n")
         if done:
             atomic_write_text(ctx.out_dir / "done.json", json.dumps(event))
     ctx.accelerator.wait_for_everyone()
     ctx.accelerator.end_training()
-    return {"step": step, "checkpoint": last_checkpoint, "nonfinite_total": nonfinite_total, "done": done,
-            "stopped_early": stopped_early}
+    return {
+        "step": step,
+        "checkpoint": last_checkpoint,
+        "nonfinite_total": nonfinite_total,
+        "done": done,
+        "stopped_early": stopped_early,
+    }

@@ -30,8 +30,15 @@ class SSLModel(nn.Module):
     and only reads its patch tokens at the masked positions.
     """
 
-    def __init__(self, backbone_cfg: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig | None = None, *,
-                 trim_last_block: bool = True, distill_dim: int | None = None):
+    def __init__(
+        self,
+        backbone_cfg: BackboneConfig,
+        dino_head: HeadConfig,
+        ibot_head: HeadConfig | None = None,
+        *,
+        trim_last_block: bool = True,
+        distill_dim: int | None = None,
+    ):
         super().__init__()
         self.backbone = MaskedViT(build_backbone(backbone_cfg))
         # The last block runs its queries on the tokens the objective reads only (an exact cut; query_rows.py).
@@ -45,8 +52,12 @@ class SSLModel(nn.Module):
 
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP2 shards one by one (each ViT block, then each head); the root is sharded last."""
-        return [*self.backbone.backbone.blocks, self.dino_head, *([self.ibot_head] if self.ibot_head else []),
-                *([self.distill_proj] if self.distill_proj is not None else [])]
+        return [
+            *self.backbone.backbone.blocks,
+            self.dino_head,
+            *([self.ibot_head] if self.ibot_head else []),
+            *([self.distill_proj] if self.distill_proj is not None else []),
+        ]
 
     def forward(
         self,
@@ -79,8 +90,7 @@ class SSLModel(nn.Module):
         local_crops = None if teacher else local_crops
         global_patch = None
         if self.trim_last_block and not return_patches:
-            out = objective_tokens(self.backbone, global_crops, local_crops, masks, mask_indices,
-                                   mask_input=mask_input)
+            out = objective_tokens(self.backbone, global_crops, local_crops, masks, mask_indices, mask_input=mask_input)
             g_cls, masked_patches, local_cls = out["global_cls"], out["masked_patch"], out["local_cls"]
         else:
             full = self.backbone.forward_crops(global_crops, local_crops, masks if mask_input else None)
@@ -97,7 +107,8 @@ class SSLModel(nn.Module):
             # each slice's backward allocates and zero-fills its own full-size [rows, K] gradient, then the three
             # are added (at K = 65,536 each is ~370 MB in fp32).
             global_logits, local_logits, patch_logits = self.dino_head(torch.cat(tokens)).split(
-                [n_global, n_local, masked_patches.shape[0]])
+                [n_global, n_local, masked_patches.shape[0]]
+            )
             local_logits = local_logits if local_cls is not None else None
         else:
             cls = g_cls if local_cls is None else torch.cat([g_cls, local_cls])

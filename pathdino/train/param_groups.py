@@ -95,8 +95,14 @@ def param_groups(
         backbone = name.startswith("backbone.backbone.")
         key = (lr_mult, wd_mult, last, backbone)
         if key not in groups:
-            groups[key] = {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "is_last_layer": last,
-                           "is_backbone": backbone}
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr_mult": lr_mult,
+                "wd_mult": wd_mult,
+                "is_last_layer": last,
+                "is_backbone": backbone,
+            }
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())

@@ -42,17 +42,23 @@ def phase_config(cfg: RunConfig, index: int) -> RunConfig:
     if index == 0:
         return cfg
     phase = cfg.train.phases[index - 1]
-    aug = replace(cfg.augment, global_crop_px=phase.global_crop_px,
-                  local_crop_px=phase.local_crop_px if phase.local_crop_px is not None else cfg.augment.local_crop_px)
-    train = replace(cfg.train,
-                    batch_size=phase.batch_size if phase.batch_size is not None else cfg.train.batch_size,
-                    grad_accum_steps=(phase.grad_accum_steps if phase.grad_accum_steps is not None
-                                      else cfg.train.grad_accum_steps))
+    aug = replace(
+        cfg.augment,
+        global_crop_px=phase.global_crop_px,
+        local_crop_px=phase.local_crop_px if phase.local_crop_px is not None else cfg.augment.local_crop_px,
+    )
+    train = replace(
+        cfg.train,
+        batch_size=phase.batch_size if phase.batch_size is not None else cfg.train.batch_size,
+        grad_accum_steps=(phase.grad_accum_steps if phase.grad_accum_steps is not None else cfg.train.grad_accum_steps),
+    )
     return replace(cfg, augment=aug, train=train)  # RunConfig derives the backbone's img_size from the crops
 
 
 def describe_phase(cfg: RunConfig, index: int) -> str:
     starts = phase_starts(cfg) + [cfg.train.total_steps]
     p = phase_config(cfg, index)
-    return (f"phase {index} (steps {starts[index]}-{starts[index + 1]}): global {p.augment.global_crop_px} px, "
-            f"local {p.augment.local_crop_px} px, {p.train.batch_size} images per step")
+    return (
+        f"phase {index} (steps {starts[index]}-{starts[index + 1]}): global {p.augment.global_crop_px} px, "
+        f"local {p.augment.local_crop_px} px, {p.train.batch_size} images per step"
+    )

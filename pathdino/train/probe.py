@@ -41,8 +41,12 @@ from pathdino.train.health import ProbeMonitor
 
 log = logging.getLogger("pathdino.train")
 
-PROBE_KEYS = ("probe_knn_accuracy", "probe_knn_balanced_accuracy", "probe_linear_accuracy",
-              "probe_linear_balanced_accuracy")
+PROBE_KEYS = (
+    "probe_knn_accuracy",
+    "probe_knn_balanced_accuracy",
+    "probe_linear_accuracy",
+    "probe_linear_balanced_accuracy",
+)
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,9 @@ def _world() -> tuple[int, int]:
 class TrainingProbe:
     """Loads the labelled set once; ``maybe_run(step, teacher)`` probes on schedule and returns the metrics."""
 
-    def __init__(self, cfg: ProbeConfig, *, img_px: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: ProbeConfig, *, img_px: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+    ) -> None:
         from pathdino.data.tile_transform import TileTransform
         from pathdino.eval.datasets import load_tile_dataset
 
@@ -115,7 +120,7 @@ class TrainingProbe:
             share = max(1, cfg.max_images * len(fit) // (len(fit) + len(score)))
             rng = np.random.default_rng(0)
             fit = [fit[i] for i in sorted(rng.permutation(len(fit))[:share])]
-            score = [score[i] for i in sorted(rng.permutation(len(score))[:max(1, cfg.max_images - share)])]
+            score = [score[i] for i in sorted(rng.permutation(len(score))[: max(1, cfg.max_images - share)])]
             # Held as uint8 [H, W, 3] at their own size (4x less memory than floats: ~0.3 GB at 2,000 images of
             # 224 px) and turned into inputs per batch by the exported encoder's own transform.
             self.transform = TileTransform(input_px=self.img_px, mean=tuple(mean), std=tuple(std))
@@ -127,8 +132,14 @@ class TrainingProbe:
             self.images = [_open(r.path) for r in records[rank::world]]
             self.labels = torch.tensor([r.label for r in records])
             self.n_classes = len(dataset.class_names)
-        log.info("probe: %s, %d classes, fit on %d images, scored on %d, every %d steps", cfg.data, self.n_classes,
-                 len(fit), len(score), cfg.every_steps)
+        log.info(
+            "probe: %s, %d classes, fit on %d images, scored on %d, every %d steps",
+            cfg.data,
+            self.n_classes,
+            len(fit),
+            len(score),
+            cfg.every_steps,
+        )
 
     def due(self, step: int) -> bool:
         return step % self.cfg.every_steps == 0 and (step > 0 or self.cfg.at_start)
@@ -169,7 +180,7 @@ class TrainingProbe:
         out = torch.empty(self.per_rank * world, local.shape[1], device=local.device)
         for r, g in enumerate(gathered):
             out[r::world] = g
-        return out[:self.n_total].cpu()
+        return out[: self.n_total].cpu()
 
     def new_best(self, step: int, record: dict[str, Any]) -> bool:
         """Whether ``record`` (a step's metrics; the probe scores are on process 0 only) holds a new best score,
@@ -196,23 +207,29 @@ class TrainingProbe:
             features = self.embed(teacher)
             if features is None:
                 return {}
-            f_fit, f_score = features[:self.n_fit], features[self.n_fit:]
-            y_fit, y_score = self.labels[:self.n_fit], self.labels[self.n_fit:]
+            f_fit, f_score = features[: self.n_fit], features[self.n_fit :]
+            y_fit, y_score = self.labels[: self.n_fit], self.labels[self.n_fit :]
             knn = knn_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes, ks=(self.cfg.knn_k,))
             knn = knn["by_k"][str(self.cfg.knn_k)]
             folds = max(2, min(3, int(torch.bincount(y_fit).min())))
             try:
-                linear = linear_probe_evaluate(f_fit, y_fit, f_score, y_score, n_classes=self.n_classes,
-                                               cv_folds=folds)["test"]
+                linear = linear_probe_evaluate(
+                    f_fit, y_fit, f_score, y_score, n_classes=self.n_classes, cv_folds=folds
+                )["test"]
             except ValueError as exc:  # e.g. too few images per class for cross-validation
                 log.warning("probe at step %d: linear probe skipped (%s)", step, exc)
                 linear = {}
         record = {"probe_knn_accuracy": knn["accuracy"], "probe_knn_balanced_accuracy": knn["balanced_accuracy"]}
         if linear:
-            record.update(probe_linear_accuracy=linear["accuracy"],
-                          probe_linear_balanced_accuracy=linear["balanced_accuracy"])
-        log.info("probe at step %d: kNN accuracy %.3f, linear %s", step, record["probe_knn_accuracy"],
-                 f"{record['probe_linear_accuracy']:.3f}" if linear else "n/a")
+            record.update(
+                probe_linear_accuracy=linear["accuracy"], probe_linear_balanced_accuracy=linear["balanced_accuracy"]
+            )
+        log.info(
+            "probe at step %d: kNN accuracy %.3f, linear %s",
+            step,
+            record["probe_knn_accuracy"],
+            f"{record['probe_linear_accuracy']:.3f}" if linear else "n/a",
+        )
         return record
 
 
@@ -227,8 +244,9 @@ def _open(path: Path) -> torch.Tensor:
         raise ValueError(f"eval.probe: cannot read image {path}: {exc}") from exc
 
 
-def build_probe(probe: ProbeConfig | None, *, crop_px: int, mean: tuple[float, ...], std: tuple[float, ...],
-                device: torch.device) -> TrainingProbe | None:
+def build_probe(
+    probe: ProbeConfig | None, *, crop_px: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> TrainingProbe | None:
     """The run's probe (None without ``eval.probe``), at the run's global crop size ``crop_px`` (unless
     ``eval.probe.img_px``) and the crops' normalisation; ConfigError if its data is unusable."""
     from tiling.configio import ConfigError

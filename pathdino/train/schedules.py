@@ -69,6 +69,7 @@ class ScheduleValues:
     gram_weight: float = 0.0  # Gram anchoring's weight this step (0 before loss.gram.start_step)
     gram_refresh: bool = False  # copy the EMA teacher into the Gram teacher before this step
 
+
 @dataclass(frozen=True)
 class Schedules:
     """All schedules of a run; ``at(step)`` gives their values (see the module docstring for the shapes)."""
@@ -95,18 +96,21 @@ class Schedules:
         gram_on = self.gram_weight > 0 and step >= self.gram_start_step
         since = step - self.gram_start_step
         return ScheduleValues(
-            lr=warmup_cosine(step, self.peak_lr, self.min_lr, total_steps=self.total_steps,
-                             warmup_steps=self.warmup_steps),
+            lr=warmup_cosine(
+                step, self.peak_lr, self.min_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps
+            ),
             weight_decay=cosine(step, self.weight_decay, self.weight_decay_end, n_steps=self.total_steps),
             momentum=cosine(step, self.momentum_teacher, self.momentum_teacher_end, n_steps=self.total_steps),
-            teacher_temp=linear(step, self.teacher_temp_warmup_start, self.teacher_temp,
-                                n_steps=self.teacher_temp_warmup_steps),
+            teacher_temp=linear(
+                step, self.teacher_temp_warmup_start, self.teacher_temp, n_steps=self.teacher_temp_warmup_steps
+            ),
             last_layer_frozen=step < self.freeze_last_layer_steps,
             # step freeze + i of the ramp gets (i + 1) / ramp: the first step after the freeze already moves.
-            backbone_lr_mult=0.0 if step < self.freeze_backbone_steps else linear(
-                step - self.freeze_backbone_steps + 1, 0.0, 1.0, n_steps=self.backbone_lr_ramp_steps),
+            backbone_lr_mult=0.0
+            if step < self.freeze_backbone_steps
+            else linear(step - self.freeze_backbone_steps + 1, 0.0, 1.0, n_steps=self.backbone_lr_ramp_steps),
             backbone_frozen=step < self.freeze_backbone_steps,
             gram_weight=self.gram_weight if gram_on else 0.0,
-            gram_refresh=gram_on and (since == 0 or (self.gram_refresh_every_steps > 0
-                                                      and since % self.gram_refresh_every_steps == 0)),
+            gram_refresh=gram_on
+            and (since == 0 or (self.gram_refresh_every_steps > 0 and since % self.gram_refresh_every_steps == 0)),
         )

@@ -75,8 +75,9 @@ class StepParts:
         models = {"student": self.model, "teacher": self.teacher}
         if self.gram_teacher is not None:
             models["gram_teacher"] = self.gram_teacher
-        return CheckpointParts(models=models, buffers={"losses": self.losses}, optimizer=self.optimizer,
-                               optimized="student")
+        return CheckpointParts(
+            models=models, buffers={"losses": self.losses}, optimizer=self.optimizer, optimized="student"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValue
     # The one host sync of the micro-step: where the masked patches are (teacher, student, iBOT).
     mask_idx = batch.masks.flatten().nonzero().squeeze(1)
     token_weights = (1.0 / batch.masks.sum(dim=1).clamp_min(1).float()).index_select(
-        0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor"))
+        0, torch.div(mask_idx, batch.masks.shape[1], rounding_mode="floor")
+    )
     gram_on = values.gram_weight > 0
     dt = parts.distill
     # A checkpoint teacher's heads give the targets (the student is masked as usual: the same iBOT loss; dinov3's
@@ -113,35 +115,72 @@ def training_step(parts: StepParts, batch: MultiCropBatch, values: ScheduleValue
     with gradient_sync(parts.model, enabled=sync):
         with parts.autocast:
             with torch.no_grad():
-                t_out = (dt.model if from_heads else parts.teacher)(batch.global_crops, None, batch.masks,
-                                                                    teacher=True, mask_indices=mask_idx)
+                t_out = (dt.model if from_heads else parts.teacher)(
+                    batch.global_crops, None, batch.masks, teacher=True, mask_indices=mask_idx
+                )
                 feat_t = dt.model(batch.global_crops, side) if features else None
-                dino_t = dino_loss.teacher_targets(t_out["global_cls_logits"], values.teacher_temp,
-                                                   update_center=False)
-                ibot_t = ibot_loss.teacher_targets(t_out["masked_patch_logits"], values.teacher_temp,
-                                                   update_center=False)
+                dino_t = dino_loss.teacher_targets(t_out["global_cls_logits"], values.teacher_temp, update_center=False)
+                ibot_t = ibot_loss.teacher_targets(
+                    t_out["masked_patch_logits"], values.teacher_temp, update_center=False
+                )
                 gram_t = gram_targets(parts, batch.global_crops, side=side) if gram_on else None
-            s_out = parts.model(batch.global_crops, batch.local_crops, batch.masks, mask_indices=mask_idx,
-                                return_patches=gram_on or features)
+            s_out = parts.model(
+                batch.global_crops,
+                batch.local_crops,
+                batch.masks,
+                mask_indices=mask_idx,
+                return_patches=gram_on or features,
+            )
             dino_global, dino_local = dino_loss.forward_terms(
-                s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, n_global)
+                s_out["global_cls_logits"], s_out["local_cls_logits"], dino_t, n_global
+            )
             ibot = ibot_loss(s_out["masked_patch_logits"], ibot_t, batch.masks, n_global, token_weights=token_weights)
-            reg = (parts.uniformity(s_out["global_cls"], n_chunks=n_global) if parts.uniformity is not None
-                   else dino_global.new_zeros(()))
-            gram = (gram_loss(s_out["global_patch"], gram_t, remove_negative=obj.gram_remove_negative) if gram_on
-                    else dino_global.new_zeros((), dtype=torch.float32))
-            distill = (obj.distill_cls_weight * cosine_distance(s_out["distill_cls"], feat_t[0])
-                       + obj.distill_patch_weight * cosine_distance(s_out["distill_patch"], feat_t[1])) if features \
+            reg = (
+                parts.uniformity(s_out["global_cls"], n_chunks=n_global)
+                if parts.uniformity is not None
+                else dino_global.new_zeros(())
+            )
+            gram = (
+                gram_loss(s_out["global_patch"], gram_t, remove_negative=obj.gram_remove_negative)
+                if gram_on
                 else dino_global.new_zeros((), dtype=torch.float32)
-            loss = (obj.dino_weight * (dino_global + dino_local) + obj.ibot_weight * ibot + obj.uniformity_weight * reg
-                    + values.gram_weight * gram + distill)
+            )
+            distill = (
+                (
+                    obj.distill_cls_weight * cosine_distance(s_out["distill_cls"], feat_t[0])
+                    + obj.distill_patch_weight * cosine_distance(s_out["distill_patch"], feat_t[1])
+                )
+                if features
+                else dino_global.new_zeros((), dtype=torch.float32)
+            )
+            loss = (
+                obj.dino_weight * (dino_global + dino_local)
+                + obj.ibot_weight * ibot
+                + obj.uniformity_weight * reg
+                + values.gram_weight * gram
+                + distill
+            )
         (loss / obj.grad_accum_steps).backward()
-    terms = torch.stack([loss.detach(), dino_global.detach(), dino_local.detach(), ibot.detach(),
-                         reg.detach().float(), gram.detach(), distill.detach(),
-                         loss.new_tensor(float(mask_idx.shape[0]))])
-    return StepOutputs(terms=terms, teacher_cls_logits=t_out["global_cls_logits"].detach(),
-                       teacher_patch_logits=t_out["masked_patch_logits"].detach(), teacher_targets=dino_t,
-                       teacher_cls=t_out["global_cls"], student_cls_logits=s_out["global_cls_logits"].detach())
+    terms = torch.stack(
+        [
+            loss.detach(),
+            dino_global.detach(),
+            dino_local.detach(),
+            ibot.detach(),
+            reg.detach().float(),
+            gram.detach(),
+            distill.detach(),
+            loss.new_tensor(float(mask_idx.shape[0])),
+        ]
+    )
+    return StepOutputs(
+        terms=terms,
+        teacher_cls_logits=t_out["global_cls_logits"].detach(),
+        teacher_patch_logits=t_out["masked_patch_logits"].detach(),
+        teacher_targets=dino_t,
+        teacher_cls=t_out["global_cls"],
+        student_cls_logits=s_out["global_cls_logits"].detach(),
+    )
 
 
 def gram_targets(parts: StepParts, global_crops: torch.Tensor, *, side: int) -> torch.Tensor:
@@ -173,8 +212,15 @@ class ReducedStep:
     grad_norms: dict[str, float]  # per clipped module, before clipping
 
 
-def reduce_step(parts: StepParts, terms: torch.Tensor, last: StepOutputs, *, values: ScheduleValues,
-                with_health: bool, stop_flag: bool) -> ReducedStep:
+def reduce_step(
+    parts: StepParts,
+    terms: torch.Tensor,
+    last: StepOutputs,
+    *,
+    values: ScheduleValues,
+    with_health: bool,
+    stop_flag: bool,
+) -> ReducedStep:
     """Drop frozen gradients, clip per module, and make the step's one collective and one device -> host copy.
 
     ``terms`` are the micro-steps' loss terms (averaged); ``last`` the last micro-step's outputs (health figures).
@@ -188,12 +234,17 @@ def reduce_step(parts: StepParts, terms: torch.Tensor, last: StepOutputs, *, val
         with torch.no_grad():
             student_probs = F.softmax(last.student_cls_logits.float() / obj.student_temp, dim=-1)
             dino_t = last.teacher_targets
-            health = torch.tensor([
-                entropy(dino_t).item(), entropy(dino_t.float().mean(dim=0, keepdim=True)).item(),
-                entropy(student_probs).item(), effective_rank(last.teacher_cls),
-                # per-dimension std over the batch of the L2-normalised CLS, averaged (collapse drives it to 0)
-                F.normalize(last.teacher_cls.float(), dim=-1).std(dim=0).mean().item(),
-            ], device=terms.device)
+            health = torch.tensor(
+                [
+                    entropy(dino_t).item(),
+                    entropy(dino_t.float().mean(dim=0, keepdim=True)).item(),
+                    entropy(student_probs).item(),
+                    effective_rank(last.teacher_cls),
+                    # per-dimension std over the batch of the L2-normalised CLS, averaged (collapse drives it to 0)
+                    F.normalize(last.teacher_cls.float(), dim=-1).std(dim=0).mean().item(),
+                ],
+                device=terms.device,
+            )
     bad = (~torch.isfinite(terms[0]) | ~torch.isfinite(grad_norm)).float()
     # One collective per step: loss terms, the finite flag, a stop request and health figures.
     packed = all_reduce_sum_(torch.cat([terms, bad.view(1), terms.new_tensor([float(stop_flag)]), health.float()]))
@@ -201,9 +252,15 @@ def reduce_step(parts: StepParts, terms: torch.Tensor, last: StepOutputs, *, val
     norm_values = torch.stack([grad_norm, *grad_norms.values()]).float()
     flat = torch.cat([packed, norm_values]).tolist()  # the step's one device -> host transfer
     n = len(LOSS_TERMS)
-    reduced, norms = flat[:packed.numel()], flat[packed.numel():]
-    return ReducedStep(terms=reduced[:n], finite=reduced[n] == 0, stop_requested=reduced[n + 1] > 0,
-                       health=reduced[n + 2:], grad_norm=norms[0], grad_norms=dict(zip(grad_norms, norms[1:])))
+    reduced, norms = flat[: packed.numel()], flat[packed.numel() :]
+    return ReducedStep(
+        terms=reduced[:n],
+        finite=reduced[n] == 0,
+        stop_requested=reduced[n + 1] > 0,
+        health=reduced[n + 2 :],
+        grad_norm=norms[0],
+        grad_norms=dict(zip(grad_norms, norms[1:])),
+    )
 
 
 def apply_update(parts: StepParts, outputs: list[StepOutputs], *, values: ScheduleValues, finite: bool) -> None:

@@ -32,12 +32,25 @@ class SyntheticLoader:
 
     samples_per_epoch = 1_000_000
 
-    def __init__(self, plan: CropPlan, *, patch_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        plan: CropPlan,
+        *,
+        patch_size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.n_global, self.global_px, self.n_local, self.local_px = (plan.n_global, plan.global_px, plan.n_local,
-                                                                      plan.local_px)
+        self.n_global, self.global_px, self.n_local, self.local_px = (
+            plan.n_global,
+            plan.global_px,
+            plan.n_local,
+            plan.local_px,
+        )
         self.n_patches = (plan.global_px // patch_size) ** 2
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.mask_probability, (self.min_ratio, self.max_ratio) = plan.mask_probability, plan.mask_ratio
@@ -54,8 +67,10 @@ class SyntheticLoader:
         per_batch = self.batch_size * self.world_size
         next_sample = int(state["next_sample"])
         if next_sample % per_batch:
-            raise ValueError(f"synthetic data: saved position {next_sample} is not a multiple of this run's "
-                             f"{per_batch} samples per batch (batch size per process x processes)")
+            raise ValueError(
+                f"synthetic data: saved position {next_sample} is not a multiple of this run's "
+                f"{per_batch} samples per batch (batch size per process x processes)"
+            )
         self.index = next_sample // per_batch
 
     def _sample(self, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,8 +83,7 @@ class SyntheticLoader:
         masks = order < n_masked.unsqueeze(1)
         # Pixels are drawn on the target device: a GPU benchmark should not time host->device copies of noise.
         gd = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-        global_crops = torch.randn(self.n_global, 3, self.global_px, self.global_px, generator=gd,
-                                   device=self.device)
+        global_crops = torch.randn(self.n_global, 3, self.global_px, self.global_px, generator=gd, device=self.device)
         local_crops = torch.randn(self.n_local, 3, self.local_px, self.local_px, generator=gd, device=self.device)
         return global_crops, local_crops, masks
 

@@ -24,24 +24,32 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
         px = plan.local_px
         raise ConfigError(
             f"augment.local_crop_px={px} is not divisible by model.backbone.patch_size={patch}; use a multiple "
-            f"(e.g. {max(patch, px - px % patch)} or {px - px % patch + patch})", key="augment.local_crop_px")
+            f"(e.g. {max(patch, px - px % patch)} or {px - px % patch + patch})",
+            key="augment.local_crop_px",
+        )
     if plan.n_global < 1 or (plan.n_global < 2 and plan.n_local == 0):
         raise ConfigError("the DINO loss needs 2 global crops, or 1 global crop and some local crops")
     per_process_batch(cfg, world_size)
     t, o = cfg.train, cfg.optim
     _check_output_dir(Path(t.output_dir))
     if o.warmup_steps > t.total_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}",
-                          key="optim.warmup_steps")
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}", key="optim.warmup_steps"
+        )
     if t.freeze_backbone_steps and not cfg.model.init_checkpoint:
-        raise ConfigError(f"train.freeze_backbone_steps={t.freeze_backbone_steps} freezes a random backbone: set "
-                          "model.init_checkpoint to the backbone to continue from, or set it to 0",
-                          key="train.freeze_backbone_steps")
+        raise ConfigError(
+            f"train.freeze_backbone_steps={t.freeze_backbone_steps} freezes a random backbone: set "
+            "model.init_checkpoint to the backbone to continue from, or set it to 0",
+            key="train.freeze_backbone_steps",
+        )
     gram = cfg.loss.gram
     if gram.weight and round(plan.global_px * gram.input_scale) % patch:
-        raise ConfigError(f"loss.gram.input_scale={gram.input_scale} makes the Gram teacher's crop "
-                          f"{plan.global_px * gram.input_scale:g} px, not a multiple of model.backbone.patch_size="
-                          f"{patch}; choose a scale that gives one (e.g. 2)", key="loss.gram.input_scale")
+        raise ConfigError(
+            f"loss.gram.input_scale={gram.input_scale} makes the Gram teacher's crop "
+            f"{plan.global_px * gram.input_scale:g} px, not a multiple of model.backbone.patch_size="
+            f"{patch}; choose a scale that gives one (e.g. 2)",
+            key="loss.gram.input_scale",
+        )
     if t.phases:
         validate_phases(cfg, world_size, check_stores)
     if check_stores and not t.synthetic_data:
@@ -55,8 +63,11 @@ def _check_output_dir(out: Path) -> None:
         if folder.exists():
             if not folder.is_dir():
                 what = "is a file" if folder == out else f"is under {folder}, which is a file"
-                raise ConfigError(f"train.output_dir={str(out)!r} {what}: the run writes a folder there (checkpoints, "
-                                  "metrics.jsonl); choose another train.output_dir", key="train.output_dir")
+                raise ConfigError(
+                    f"train.output_dir={str(out)!r} {what}: the run writes a folder there (checkpoints, "
+                    "metrics.jsonl); choose another train.output_dir",
+                    key="train.output_dir",
+                )
             return
 
 
@@ -66,8 +77,10 @@ def validate_phases(cfg: RunConfig, world_size: int, check_stores: bool) -> None
     patch = cfg.model.backbone.patch_size
     used = sum(p.steps for p in cfg.train.phases)
     if used >= total:
-        raise ConfigError(f"train.phases cover {used} steps but train.total_steps={total}: phases are the run's "
-                          "closing steps; leave at least one step before them (or change augment instead)")
+        raise ConfigError(
+            f"train.phases cover {used} steps but train.total_steps={total}: phases are the run's "
+            "closing steps; leave at least one step before them (or change augment instead)"
+        )
     for i, phase in enumerate(cfg.train.phases):
         key = f"train.phases[{i}]"
         if phase.steps < 1:
@@ -75,8 +88,10 @@ def validate_phases(cfg: RunConfig, world_size: int, check_stores: bool) -> None
         for name in ("global_crop_px", "local_crop_px"):
             px = getattr(phase, name)
             if px is not None and (px < patch or px % patch):
-                raise ConfigError(f"{key}.{name}={px} must be a positive multiple of model.backbone.patch_size="
-                                  f"{patch} (e.g. {max(patch, px - px % patch)} or {px - px % patch + patch})")
+                raise ConfigError(
+                    f"{key}.{name}={px} must be a positive multiple of model.backbone.patch_size="
+                    f"{patch} (e.g. {max(patch, px - px % patch)} or {px - px % patch + patch})"
+                )
         for name in ("batch_size", "grad_accum_steps"):
             value = getattr(phase, name)
             if value is not None and value < 1:
@@ -101,4 +116,5 @@ def _check_stores(cfg: RunConfig, key: str) -> Catalog:
         raise ConfigError(
             f"{key} crops {px}/{cfg.augment.local_crop_px} px, but data.stores cannot serve them: {exc}. A phase's "
             f"crops must fit in the stores' tiles: tile the slides again at the same target_mpp with tile_px >= {px} "
-            "(pathdino tile ... --tile-px) into a new store and train on it (docs/training.md, 'Phases')") from exc
+            "(pathdino tile ... --tile-px) into a new store and train on it (docs/training.md, 'Phases')"
+        ) from exc
