@@ -4,6 +4,7 @@ trackers."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,14 @@ from pathdino.train.health import (
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "cpu_smoke.yaml"
 
 
+@pytest.fixture
+def train_log(caplog, monkeypatch):
+    """caplog for the trainer's logger even after an in-process run of an earlier test set up the trainer's logging
+    (which stops "pathdino" records from reaching the root logger, where caplog listens)."""
+    monkeypatch.setattr(logging.getLogger("pathdino"), "propagate", True)
+    return caplog
+
+
 def test_entropy_and_effective_rank():
     k = 16
     assert entropy(torch.full((3, k), 1.0 / k)).item() == pytest.approx(math.log(k))
@@ -35,7 +44,8 @@ def test_entropy_and_effective_rank():
     assert math.isnan(effective_rank(torch.randn(1, 8)))
 
 
-def test_collapse_monitor_warns_on_falling_rank_or_usage(caplog):
+def test_collapse_monitor_warns_on_falling_rank_or_usage(train_log):
+    caplog = train_log
     mon = CollapseMonitor(after_steps=10, drop_fraction=0.5, n_prototypes=1024)
     healthy = {"embedding_rank": 40.0, "teacher_usage_entropy": 5.0, "teacher_entropy": 2.0}
     assert not mon.check(5, healthy) and not mon.check(10, healthy)
@@ -47,7 +57,8 @@ def test_collapse_monitor_warns_on_falling_rank_or_usage(caplog):
     assert "possible collapse" in caplog.text and "embedding_rank" in caplog.text and mon.warnings == 3
 
 
-def test_probe_monitor_keeps_the_best_and_warns_when_the_probe_falls_well_below_it(caplog):
+def test_probe_monitor_keeps_the_best_and_warns_when_the_probe_falls_well_below_it(train_log):
+    caplog = train_log
     from pathdino.train.health import ProbeMonitor
 
     mon = ProbeMonitor("probe_knn_accuracy", drop_warning=0.05)
