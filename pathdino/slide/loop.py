@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -36,7 +35,7 @@ from pathdino.slide.pretrained import CHECKPOINT_KIND
 from pathdino.slide.train_config import RESUME_MAY_CHANGE, SlidePretrainConfig, config_to_dict
 from pathdino.train.checkpoint import CheckpointParts, load_checkpoint, resume_point, save_checkpoint
 from pathdino.train.config import config_changes
-from pathdino.train.context import RunContext, open_context
+from pathdino.train.context import RunContext, finish_run, open_context
 from pathdino.train.distributed import all_reduce_sum_, gradient_sync
 from pathdino.train.health import NonFiniteGuard, effective_rank, memory_mb
 from pathdino.train.host import StopSignals
@@ -47,7 +46,6 @@ from pathdino.train.param_groups import apply_schedule, param_groups
 from pathdino.train.schedules import ScheduleValues, cosine, warmup_cosine
 from pathdino.train.step import clip_gradients
 from tiling.configio import ConfigError
-from tiling.fsio import atomic_write_text
 
 log = logging.getLogger("pathdino.train")
 
@@ -110,19 +108,7 @@ def train(cfg: SlidePretrainConfig, resume: bool | str | None = None) -> dict[st
         cleanup.callback(metrics.close)
         guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, total=nonfinite)
         stop = cleanup.enter_context(StopSignals())
-        log.info(
-            "%d slide(s) (%d skipped: fewer than %d tiles), tile embeddings of width %d; %d process(es), %d "
-            "packs per step (%d per process); %.1fM encoder parameters%s",
-            len(source.slides),
-            len(source.skipped),
-            cfg.data.min_tiles_per_slide,
-            source.dim,
-            ctx.world,
-            cfg.train.packs_per_step,
-            loader.accum,
-            sum(p.numel() for p in parts.mae.encoder.parameters()) / 1e6,
-            f", resumed from {checkpoint}" if checkpoint else "",
-        )
+        _log_start(ctx, cfg, source=source, loader=loader, parts=parts, checkpoint=checkpoint)
         stop_at = cfg.train.stop_at_step or cfg.train.total_steps
         last_checkpoint = str(checkpoint) if checkpoint else None
         data, clock = iter(loader), _Clock()
@@ -167,7 +153,26 @@ def train(cfg: SlidePretrainConfig, resume: bool | str | None = None) -> dict[st
             if reduced["stop_requested"]:
                 log.warning("stop requested by a signal: stopped after step %d with a checkpoint", step)
                 break
-    return _finish(ctx, cfg, step=step, last_checkpoint=last_checkpoint, nonfinite_total=guard.total)
+    return finish_run(
+        ctx, total_steps=cfg.train.total_steps, step=step, last_checkpoint=last_checkpoint, nonfinite_total=guard.total
+    )
+
+
+def _log_start(ctx: RunContext, cfg: SlidePretrainConfig, *, source, loader, parts, checkpoint) -> None:
+    """One line of what the run trains on and with."""
+    log.info(
+        "%d slide(s) (%d skipped: fewer than %d tiles), tile embeddings of width %d; %d process(es), %d "
+        "packs per step (%d per process); %.1fM encoder parameters%s",
+        len(source.slides),
+        len(source.skipped),
+        cfg.data.min_tiles_per_slide,
+        source.dim,
+        ctx.world,
+        cfg.train.packs_per_step,
+        loader.accum,
+        sum(p.numel() for p in parts.mae.encoder.parameters()) / 1e6,
+        f", resumed from {checkpoint}" if checkpoint else "",
+    )
 
 
 def _build_loader(ctx, cfg: SlidePretrainConfig, source: SlideSource) -> tuple[EpochPlan, SlidePackLoader]:
@@ -408,23 +413,3 @@ def _save(
     metrics.write({"event": "checkpoint", "step": step, "path": str(path)}, step, to_trackers=False)
     log.info("checkpoint %s", path)
     return str(path)
-
-
-def _finish(
-    ctx: RunContext, cfg: SlidePretrainConfig, *, step: int, last_checkpoint: str | None, nonfinite_total: int
-) -> dict[str, Any]:
-    done = step >= cfg.train.total_steps
-    if ctx.is_main:
-        event = {
-            "event": "done" if done else "stopped",
-            "step": step,
-            "checkpoint": last_checkpoint,
-            "nonfinite_total": nonfinite_total,
-        }
-        with open(ctx.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(event) + "\n")
-        if done:
-            atomic_write_text(ctx.out_dir / "done.json", json.dumps(event))
-    ctx.accelerator.wait_for_everyone()
-    ctx.accelerator.end_training()
-    return {"step": step, "checkpoint": last_checkpoint, "nonfinite_total": nonfinite_total, "done": done}

@@ -9,6 +9,7 @@ encoder) starts its processes the same way.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -18,6 +19,7 @@ import torch
 from pathdino.train.distributed import check_launch, make_accelerator, use_fsdp
 from pathdino.train.host import tune_cpu_runtime
 from pathdino.train.logs import default_trackers, setup_logging
+from tiling.fsio import atomic_write_text
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -64,3 +66,25 @@ def open_context(train: RuntimeSettings, trackers: list[str] | None, cleanup: co
         use_fsdp=use_fsdp(train.parallel, accelerator),
         out_dir=out_dir,
     )
+
+
+def finish_run(
+    ctx: RunContext, *, total_steps: int, step: int, last_checkpoint: str | None, nonfinite_total: int
+) -> dict[str, object]:
+    """End any trainer's run: the done/stopped event in metrics.jsonl, done.json (atomically) when ``step`` reached
+    ``total_steps``, every process waiting for the others, tracker shutdown. Returns the run's summary."""
+    done = step >= total_steps
+    if ctx.is_main:
+        event = {
+            "event": "done" if done else "stopped",
+            "step": step,
+            "checkpoint": last_checkpoint,
+            "nonfinite_total": nonfinite_total,
+        }
+        with open(ctx.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(event) + "\n")
+        if done:
+            atomic_write_text(ctx.out_dir / "done.json", json.dumps(event))
+    ctx.accelerator.wait_for_everyone()
+    ctx.accelerator.end_training()
+    return {"step": step, "checkpoint": last_checkpoint, "nonfinite_total": nonfinite_total, "done": done}

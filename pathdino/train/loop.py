@@ -13,7 +13,6 @@ functions of the optimizer step (``schedules.py``); parameter groups carry their
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from pathdino.train.checkpoint import save_checkpoint
 from pathdino.train.config import RunConfig, config_to_dict
-from pathdino.train.context import RunContext, open_context
+from pathdino.train.context import RunContext, finish_run, open_context
 from pathdino.train.health import memory_mb
 from pathdino.train.host import StopSignals
 from pathdino.train.loader import Loader, close_loader, gather_loader_states, loader_stats
@@ -38,7 +37,6 @@ from pathdino.train.step import (
     refresh_gram_teacher,
     training_step,
 )
-from tiling.fsio import atomic_write_text
 
 __all__ = ["HEALTH_TERMS", "LOSS_TERMS", "train"]
 
@@ -262,25 +260,12 @@ def _finish(
     stopped_early: bool,
     nonfinite_total: int,
 ) -> dict[str, Any]:
-    """The done/stopped event, done.json (atomically) for a completed run, tracker shutdown; the summary."""
-    done = step >= cfg.train.total_steps
-    if ctx.is_main:
-        event = {
-            "event": "done" if done else "stopped",
-            "step": step,
-            "checkpoint": last_checkpoint,
-            "nonfinite_total": nonfinite_total,
-        }
-        with open(ctx.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(event) + "\n")
-        if done:
-            atomic_write_text(ctx.out_dir / "done.json", json.dumps(event))
-    ctx.accelerator.wait_for_everyone()
-    ctx.accelerator.end_training()
-    return {
-        "step": step,
-        "checkpoint": last_checkpoint,
-        "nonfinite_total": nonfinite_total,
-        "done": done,
-        "stopped_early": stopped_early,
-    }
+    """:func:`finish_run`, and whether a signal stopped the run before ``train.total_steps``."""
+    summary = finish_run(
+        ctx,
+        total_steps=cfg.train.total_steps,
+        step=step,
+        last_checkpoint=last_checkpoint,
+        nonfinite_total=nonfinite_total,
+    )
+    return {**summary, "stopped_early": stopped_early}
