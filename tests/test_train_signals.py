@@ -45,6 +45,7 @@ def test_a_signal_says_what_was_kept_and_how_to_resume(store, tmp_path, signals,
         "train.checkpoint_every_steps=2",
         "data.num_workers=1",
         "model.backbone.depth=1",
+        "train.batch_size=16",  # one epoch a step: long enough for the second Ctrl-C to land inside it
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -57,9 +58,15 @@ def test_a_signal_says_what_was_kept_and_how_to_resume(store, tmp_path, signals,
             if "checkpoint" in line and "step_000000002" in line:
                 break
         assert _group_alive(proc.pid), "".join(lines)  # the trainer and its worker(s) run
-        for name in signals:
-            os.killpg(proc.pid, getattr(signal, name))
-            time.sleep(0.2)
+        os.killpg(proc.pid, getattr(signal, signals[0]))
+        if len(signals) > 1:
+            # the second Ctrl-C goes in as soon as the first is acknowledged, while the step it lets finish still
+            # runs (a fixed pause lost that race on a quiet machine: the run had already stopped cleanly)
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("Ctrl-C: stopping after this step"):
+                    break
+            os.killpg(proc.pid, getattr(signal, signals[1]))
         rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
