@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pathdino.eval.datasets import SPLITS
 from pathdino.eval.linear import fit_logistic_regression, select_l2
 from pathdino.eval.metrics import classification_report
-from pathdino.mil.train import SlideTable, _bag, _drop_missing, read_slide_labels
+from pathdino.mil.train import SlideTable, _bag, prepare_slides
 from pathdino.slide.model import SlideEncoder
 from pathdino.slide.slide_embed import embed_one_slide, infer_step_px
 from pathdino.slide.positions import grid_positions, row_major_order
@@ -125,14 +125,7 @@ def train_slide_mil(
     config: SlideMILConfig = SlideMILConfig(),
 ) -> SlideMILResult:
     """Fine-tune ``encoder`` + a linear head (or fit a linear probe) on labelled slides' tile embeddings."""
-    table = (
-        labels_csv
-        if isinstance(labels_csv, SlideTable)
-        else read_slide_labels(labels_csv, config.val_fraction, config.test_fraction, config.seed)
-    )
-    table, skipped = _drop_missing(table, features, config.skip_missing_slides)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    table, skipped, out_dir = prepare_slides(labels_csv, features, out_dir, config=config)
     torch.manual_seed(config.seed)
     encoder = encoder.to(config.device)
     if config.linear_probe:

@@ -240,14 +240,7 @@ def train_abmil(
     config: MILConfig = MILConfig(),
 ) -> MILResult:
     """Train ABMIL, keep the best-validation-loss weights, report per-split metrics and save the outputs."""
-    table = (
-        labels_csv
-        if isinstance(labels_csv, SlideTable)
-        else read_slide_labels(labels_csv, config.val_fraction, config.test_fraction, config.seed)
-    )
-    table, skipped = _drop_missing(table, features, config.skip_missing_slides)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    table, skipped, out_dir = prepare_slides(labels_csv, features, out_dir, config=config)
     device = torch.device(config.device)
     ids = {s: [i for i, sp in enumerate(table.splits) if sp == s] for s in SPLITS}
     n_classes = len(table.class_names)
@@ -308,6 +301,22 @@ def train_abmil(
     return _finish(
         model, model_args, table, features, ids, device, out_dir, config, history, best_epoch, epoch, skipped
     )
+
+
+def prepare_slides(
+    labels_csv: str | Path | SlideTable, features: FeatureSource | Mapping, out_dir: str | Path, *, config
+) -> tuple[SlideTable, list[str], Path]:
+    """The labelled slides of a MIL run (``config``: split fractions, seed, skip_missing_slides), the ids skipped
+    for having no embeddings, and the output folder, created."""
+    table = (
+        labels_csv
+        if isinstance(labels_csv, SlideTable)
+        else read_slide_labels(labels_csv, config.val_fraction, config.test_fraction, config.seed)
+    )
+    table, skipped = _drop_missing(table, features, config.skip_missing_slides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return table, skipped, out_dir
 
 
 def _drop_missing(table: SlideTable, source: FeatureSource, skip: bool) -> tuple[SlideTable, list[str]]:
