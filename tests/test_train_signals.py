@@ -85,3 +85,26 @@ def test_a_signal_says_what_was_kept_and_how_to_resume(store, tmp_path, signals,
     while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _group_alive(proc.pid), "workers outlived the trainer"
+
+
+def test_a_forked_worker_leaves_the_signal_to_the_trainer(capfd):
+    """A DataLoader worker forked while the handlers are installed (before its init ignores the signals) must not
+    print the Ctrl-C line nor count a Ctrl-C: the CI once saw the line twice and the trainer took the user's second
+    Ctrl-C as its first, finishing with exit 0 instead of stopping at once."""
+    from pathdino.train.host import StopSignals
+
+    with StopSignals() as stop:
+        pid = os.fork()
+        if pid == 0:  # the "worker": the inherited handler runs here
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                os._exit(0 if not stop.requested else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not stop.requested
+        assert "Ctrl-C" not in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)  # the trainer itself still reacts
+        assert stop.requested
+    assert "Ctrl-C: stopping after this step" in capfd.readouterr().err

@@ -96,8 +96,14 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._owner_pid = os.getpid()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002 - the signal module's signature
+        if os.getpid() != self._owner_pid:
+            # a DataLoader worker forked while the handlers are installed, before its init ignores the signals: the
+            # training process alone reacts (a worker used to print the Ctrl-C line too, so a second Ctrl-C sent after
+            # that line could reach the trainer as its first)
+            return
         if signum == signal.SIGINT:
             if self.requested:
                 raise KeyboardInterrupt
