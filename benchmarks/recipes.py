@@ -5,8 +5,9 @@
 2. Continued pretraining: that backbone (its EMA teacher's, written as a timm-layout file) with fresh heads, for
    ``--warm-steps`` steps with the head warm-up (backbone frozen for ``--freeze`` steps, then ramped over
    ``--ramp``) and without it; the in-training probe (kNN and linear, eval.probe) every ``--probe-every`` steps.
-3. Distillation: a 2 x 96 student distilled from the base checkpoint (its DINO/iBOT heads give the targets) vs the
-   same student from scratch, ``--distill-steps`` steps each, same probe.
+3. Distillation: a 2 x 96 student distilled from the base checkpoint (its DINO/iBOT heads give the targets), one
+   distilled from the base's exported encoder folder (``pathdino export``: cosine on the CLS and patch tokens) and
+   the same student from scratch, ``--distill-steps`` steps each, same probe.
 
     python benchmarks/tiling.py ...   # not needed: the store and probe set are made here when missing
     nice -n 10 python benchmarks/recipes.py --work /tmp/recipes_bench
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -57,11 +59,12 @@ def train(out: Path, *overrides: str) -> float:
 def train_together(runs: dict[Path, list[str]]) -> dict[str, float]:
     """Start the runs at once (they are independent) and wait for all; wall seconds of each."""
     t0, procs = time.perf_counter(), {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each: four runs on a small machine
     for out, overrides in runs.items():
         if not (out / "done.json").is_file():
             log = open(out.parent / f"{out.name}.log", "w")
             procs[out] = (
-                subprocess.Popen(train_cmd(out, *overrides), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT),
+                subprocess.Popen(train_cmd(out, *overrides), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env),
                 log,
             )
     times = {}
@@ -114,6 +117,12 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=6)
     p.add_argument("--probe-every", type=int, default=2)
     p.add_argument("--probe-images", type=int, default=160, help="eval.probe.max_images")
+    p.add_argument(
+        "--base-checkpoint",
+        type=Path,
+        help="a finished pathdino checkpoint of the small preset (e.g. benchmarks/lasting.py's) to use as the base "
+        "instead of training one for --base-steps",
+    )
     a = p.parse_args()
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
@@ -143,15 +152,20 @@ def main() -> None:
     )
     timings = {}
 
-    base = work / "base"
-    timings["base"] = train(
-        base,
-        *common,
-        f"train.total_steps={a.base_steps}",
-        f"train.checkpoint_every_steps={a.base_steps}",
-        f"optim.warmup_steps={min(20, a.base_steps // 3)}",
-    )
-    base_ckpt = base / "checkpoints" / f"step_{a.base_steps:09d}"
+    if a.base_checkpoint is None:
+        base = work / "base"
+        timings["base"] = train(
+            base,
+            *common,
+            f"train.total_steps={a.base_steps}",
+            f"train.checkpoint_every_steps={a.base_steps}",
+            f"optim.warmup_steps={min(20, a.base_steps // 3)}",
+        )
+        base_ckpt = base / "checkpoints" / f"step_{a.base_steps:09d}"
+        base_name = f"{a.base_steps}-step small backbone"
+    else:
+        base_ckpt = a.base_checkpoint
+        base_name = f"small backbone {base_ckpt}"
     init = backbone_file(base_ckpt, work / "base_backbone.safetensors")
 
     # Fresh heads on the pretrained backbone; a short lr warm-up (2 steps) so that the run without the freeze
@@ -178,13 +192,17 @@ def main() -> None:
         probe,
     ]
     distilled, scratch = work / "student_distilled", work / "student_scratch"
-    # The four runs are independent: run together (on a shared 2-core machine they finish sooner that way).
+    features, encoder = work / "student_feature_distilled", work / "base_encoder"
+    if not (encoder / "model.safetensors").is_file():
+        run(["pathdino", "export", str(base_ckpt), "--out", str(encoder)], work / "export.log")
+    # The runs are independent: run together (on a shared 2-core machine they finish sooner that way).
     timings.update(
         train_together(
             {
                 warm: [*cont, f"train.freeze_backbone_steps={a.freeze}", f"train.backbone_lr_ramp_steps={a.ramp}"],
                 cold: cont,
                 distilled: [*student, f"train.distill.teacher={base_ckpt}"],
+                features: [*student, f"train.distill.teacher={encoder}"],
                 scratch: student,
             }
         )
@@ -192,7 +210,7 @@ def main() -> None:
 
     print(
         table(
-            f"Continued pretraining from the {a.base_steps}-step small backbone (fresh heads; warm-up: "
+            f"Continued pretraining from the {base_name} (fresh heads; warm-up: "
             f"frozen {a.freeze} steps, ramp {a.ramp})",
             {"warm-up": warm, "no warm-up": cold},
         )
@@ -200,8 +218,9 @@ def main() -> None:
     print()
     print(
         table(
-            f"2 x 96 student, {a.distill_steps} steps: distilled from the 4 x 192 base vs from scratch",
-            {"distilled": distilled, "scratch": scratch},
+            f"2 x 96 student, {a.distill_steps} steps: distilled from the 4 x 192 base (its heads' targets; its "
+            "exported features) vs from scratch",
+            {"distilled (heads)": distilled, "distilled (features)": features, "scratch": scratch},
         )
     )
     print()
