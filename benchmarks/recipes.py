@@ -5,8 +5,9 @@
 2. Continued pretraining: that backbone (its EMA teacher's, written as a timm-layout file) with fresh heads, for
    ``--warm-steps`` steps with the head warm-up (backbone frozen for ``--freeze`` steps, then ramped over
    ``--ramp``) and without it; the in-training probe (kNN and linear, eval.probe) every ``--probe-every`` steps.
-3. Distillation: a 2 x 96 student distilled from the base checkpoint (its DINO/iBOT heads give the targets) vs the
-   same student from scratch, ``--distill-steps`` steps each, same probe.
+3. Distillation: a 2 x 96 student distilled from the base checkpoint (its DINO/iBOT heads give the targets), one
+   distilled from the base's exported encoder folder (``pathdino export``: cosine on the CLS and patch tokens) and
+   the same student from scratch, ``--distill-steps`` steps each, same probe.
 
     python benchmarks/tiling.py ...   # not needed: the store and probe set are made here when missing
     nice -n 10 python benchmarks/recipes.py --work /tmp/recipes_bench
@@ -191,13 +192,17 @@ def main() -> None:
         probe,
     ]
     distilled, scratch = work / "student_distilled", work / "student_scratch"
-    # The four runs are independent: run together (on a shared 2-core machine they finish sooner that way).
+    features, encoder = work / "student_feature_distilled", work / "base_encoder"
+    if not (encoder / "model.safetensors").is_file():
+        run(["pathdino", "export", str(base_ckpt), "--out", str(encoder)], work / "export.log")
+    # The runs are independent: run together (on a shared 2-core machine they finish sooner that way).
     timings.update(
         train_together(
             {
                 warm: [*cont, f"train.freeze_backbone_steps={a.freeze}", f"train.backbone_lr_ramp_steps={a.ramp}"],
                 cold: cont,
                 distilled: [*student, f"train.distill.teacher={base_ckpt}"],
+                features: [*student, f"train.distill.teacher={encoder}"],
                 scratch: student,
             }
         )
@@ -213,8 +218,9 @@ def main() -> None:
     print()
     print(
         table(
-            f"2 x 96 student, {a.distill_steps} steps: distilled from the 4 x 192 base vs from scratch",
-            {"distilled": distilled, "scratch": scratch},
+            f"2 x 96 student, {a.distill_steps} steps: distilled from the 4 x 192 base (its heads' targets; its "
+            "exported features) vs from scratch",
+            {"distilled (heads)": distilled, "distilled (features)": features, "scratch": scratch},
         )
     )
     print()

@@ -9,6 +9,11 @@ processes trained alone (no gradient all-reduce) leaves step 1 equal and then dr
 
 2-process runs go through `accelerate launch` (gloo on CPU) with tests/train_driver.py, the real command-line entry
 point plus digests of each rank's weights and dumps of what a resume reloaded.
+
+Each launch costs several seconds of process start-up against well under one of training, so one launch serves
+several tests where its run can: the fresh DDP and FSDP2 runs also accumulate gradients (2 micro-steps per step,
+which must still equal the 1-process batch), and the tile-store run is also the one where a rank's loss turns NaN.
+The plain (1 micro-step) DDP and FSDP2 steps are compared with the reference by the resumes onto 2 processes.
 """
 
 from __future__ import annotations
@@ -191,26 +196,36 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+# ---- gradient accumulation: 2 micro-steps of 4 are one step of 8 ---------------------------------------------
+# The synthetic loader's samples of one optimizer step do not depend on the micro-step split (synthetic.py), every
+# loss term is a mean over its micro-batch, and the teacher centers take ONE EMA step per optimizer step over all
+# micro-batches' rows (step.apply_update): so the losses, gradients, weights and centers equal the 1 x 8 reference.
+
+ACCUM = "train.grad_accum_steps=2"
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
+    """2-process DDP run, 2 micro-steps of 2 images per process and step (global batch 8, as the reference)."""
     base = tmp_path_factory.mktemp("ddp")
-    launch(base / "run", base / "dump")
+    launch(base / "run", base / "dump", ACCUM)
     return base / "run", base / "dump"
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple[Path, Path]:
-    """2-process FSDP2 run, with in-training probes (sharded embedding): they must not change the run either."""
+    """2-process FSDP2 run, 2 micro-steps per step, with in-training probes (sharded embedding): they must not
+    change the run either."""
     base = tmp_path_factory.mktemp("fsdp")
     labelled = make_labelled_folder(base / "labelled")
-    proc = launch(base / "run", base / "dump", f"eval.probe={{data: {labelled}, every_steps: 2}}", fsdp=True)
+    proc = launch(base / "run", base / "dump", ACCUM, f"eval.probe={{data: {labelled}, every_steps: 2}}", fsdp=True)
     assert "FSDP2" in proc.stderr
     return base / "run", base / "dump"
 
 
 def test_ddp_matches_one_process(reference, ddp_run):
     out, dump = ddp_run
-    assert_close_losses(records(reference), records(out), [1, 2, 3, 4])
+    assert_close_losses(records(reference), records(out), [1, 2, 3, 4], world_b=4)
     assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
     # every rank holds the same student, teacher and centers at every checkpoint (DDP keeps full replicas)
     assert_ranks_equal(dump, ("student", "teacher", "centers"))
@@ -218,7 +233,7 @@ def test_ddp_matches_one_process(reference, ddp_run):
 
 def test_fsdp2_matches_one_process(reference, fsdp_run):
     out, dump = fsdp_run
-    assert_close_losses(records(reference), records(out), [1, 2, 3, 4])
+    assert_close_losses(records(reference), records(out), [1, 2, 3, 4], world_b=4)
     assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
     assert_ranks_equal(dump, ("centers",))  # weights are sharded; the gathered checkpoint is compared above
     probed = [
@@ -229,18 +244,41 @@ def test_fsdp2_matches_one_process(reference, fsdp_run):
     assert probed == [0, 2, 4]
 
 
-def test_ddp_on_a_tile_store_gives_each_rank_its_own_tiles_and_every_tile_once_an_epoch(tmp_path):
+@pytest.fixture(scope="module")
+def store_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """2-process DDP run on a real 16-tile store, 6 steps with a checkpoint each, where rank 1 alone has a NaN loss
+    value at step 2 and both ranks at steps 4 and 5 (see the non-finite test): it stops with exit code 3 after
+    step 5. Sinkhorn targets: why, see that test."""
+    base = tmp_path_factory.mktemp("store_run")
+    store = make_tile_store(base / "tiles.zarr", n_side=4)
+    out, dump = base / "run", base / "dump"
+    proc = launch(
+        out,
+        dump,
+        "train.synthetic_data=false",
+        f"data.stores=[{store}]",
+        "train.total_steps=6",
+        "train.checkpoint_every_steps=1",
+        "train.max_nonfinite_steps=2",
+        "loss.targets=sinkhorn",
+        poison="1:2,4,5;0:4,5",
+        expect_code=3,
+        timeout_s=150,
+    )
+    return out, dump, proc
+
+
+def test_ddp_on_a_tile_store_gives_each_rank_its_own_tiles_and_every_tile_once_an_epoch(store_run):
     """The real tile-store loader under DDP: at every step the ranks train on different tiles, and over an epoch
-    (16 tiles, 8 per step: 2 steps) the ranks together see every tile of the store exactly once."""
-    store = make_tile_store(tmp_path / "tiles.zarr", n_side=4)
+    (16 tiles, 8 per step: 2 steps) the ranks together see every tile of the store exactly once. (Skipped steps
+    still consume their batches: the loader is what is tested here.)"""
     epoch = {("cmu1", i) for i in range(16)}
-    out, dump = tmp_path / "run", tmp_path / "dump"
-    launch(out, dump, "train.synthetic_data=false", f"data.stores=[{store}]")
+    _, dump, _ = store_run
     per_rank = [
         [[tuple(t) for t in json.loads(line)] for line in (dump / f"batches_rank{r}.jsonl").read_text().splitlines()]
         for r in (0, 1)
     ]
-    assert len(per_rank[0]) == len(per_rank[1]) == 4  # 4 steps, one batch of 4 tiles per rank each
+    assert len(per_rank[0]) == len(per_rank[1]) == 5  # steps 1-5, one batch of 4 tiles per rank each
     for step, (a, b) in enumerate(zip(*per_rank), start=1):
         assert len(set(a)) == len(set(b)) == 4 and not set(a) & set(b), (step, a, b)
     for first in (0, 2):  # epochs 1 and 2
@@ -301,7 +339,7 @@ def test_resume_fsdp2_checkpoint_with_ddp(reference, fsdp_run, tmp_path):
     assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
 
 
-def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(tmp_path):
+def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(store_run):
     """Rank 1 alone has a NaN loss value at step 2 (gradients finite, so DDP's all-reduce cannot spread it): every
     rank skips the step and the weights stay equal across ranks. Both ranks' values are NaN at steps 4 and 5: two
     non-finite steps in a row exit with code 3 through the command line.
@@ -310,18 +348,7 @@ def test_one_rank_nonfinite_skips_the_step_on_every_rank_and_exits_3(tmp_path):
     targets are Sinkhorn's, whose collectives run every step whatever is skipped, instead of centering, whose
     center all-reduce runs only on applied steps (one rank in it, the other in the next step's gradient
     all-reduce: a hang until the watchdog)."""
-    out, dump = tmp_path / "run", tmp_path / "dump"
-    proc = launch(
-        out,
-        dump,
-        "train.total_steps=6",
-        "train.checkpoint_every_steps=1",
-        "train.max_nonfinite_steps=2",
-        "loss.targets=sinkhorn",
-        poison="1:2,4,5;0:4,5",
-        expect_code=3,
-        timeout_s=150,
-    )
+    out, dump, proc = store_run
     assert "exitcode  : 3" in proc.stdout + proc.stderr
     log = records(out)  # written by rank 0, whose own values were finite at step 2
     assert [log[s]["skipped"] for s in sorted(log)] == [False, True, False, True, True]
@@ -359,14 +386,6 @@ def test_cli_exits_3_after_consecutive_nonfinite_steps(tmp_path):
     assert not (out / "done.json").exists()
 
 
-# ---- gradient accumulation: 2 micro-steps of 4 are one step of 8 ---------------------------------------------
-# The synthetic loader's samples of one optimizer step do not depend on the micro-step split (synthetic.py), every
-# loss term is a mean over its micro-batch, and the teacher centers take ONE EMA step per optimizer step over all
-# micro-batches' rows (step.apply_update): so the losses, gradients, weights and centers equal the 1 x 8 reference.
-
-ACCUM = "train.grad_accum_steps=2"
-
-
 def test_accumulation_two_by_four_equals_one_by_eight(reference, tmp_path):
     out = tmp_path / "run"
     train(load_config(SMOKE, [f"train.output_dir={out}", *EXACT, ACCUM]))
@@ -379,11 +398,10 @@ def _skipped_syncs(dump: Path, rank: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_accumulation_under_ddp_and_fsdp2_equals_one_batch(reference, tmp_path, fsdp):
+def test_accumulation_under_ddp_and_fsdp2_equals_one_batch(reference, request, fsdp):
     """2 processes x 2 micro-steps x 2 images: the first micro-step of each optimizer step skips the gradient
     all-reduce (DDP ``no_sync`` / FSDP2's requires-sync flag), the second reduces."""
-    out, dump = tmp_path / "run", tmp_path / "dump"
-    launch(out, dump, ACCUM, fsdp=fsdp)
+    out, dump = request.getfixturevalue("fsdp_run" if fsdp else "ddp_run")
     assert_close_losses(records(reference), records(out), [1, 2, 3, 4], world_b=4)
     assert_close_weights(ckpt(reference, 4), ckpt(out, 4))
     key, other = ("fsdp2_no_sync", "ddp_no_sync") if fsdp else ("ddp_no_sync", "fsdp2_no_sync")
