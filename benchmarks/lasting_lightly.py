@@ -41,14 +41,18 @@ momentum 0.9, student temperature 0.1, teacher temperature 0.04 constant; KoLeo 
 weight decay 0.04 -> 0.4 cosine (none on biases, norms, LayerScale); layer-wise lr decay 1.0, patch-embed lr x 0.2;
 last layer never frozen; gradient clip 3.0; teacher momentum 0.99 -> 1 cosine; batch 32; fp32; seed.
 
-Not matched (lightly-train 0.18 does not expose them): the clip is on the global norm of every trainable parameter
-(pathdino clips each module, backbone and head, to 3.0 on its own); the lr warm-up starts at lr / W on step 1
-(pathdino: 0); the momentum of the k-th teacher update is the cosine at k (pathdino: at k - 1); colour jitter is
-albumentations' (clamped after each operation; pathdino's fused affine map) and the blur kernel follows sigma
-(pathdino: 9 px); rotation goes through cv2 (exact at 90 degrees); data order: lightly shuffles the PNGs each epoch
-into 6 full batches of 32 (221 tiles, the last 29 of each epoch dropped), pathdino streams the store through a
-256-tile shuffle buffer; weights start from another random stream (same init laws); lightly's iBOT head ignores
-``ibot_bottleneck_dim`` (shared head anyway). Name the CPU with the figures.
+Not matched (lightly-train 0.18 does not expose them): lightly's DINOv2 ViT adds a position embedding to the CLS
+token (dinov2's layout), pathdino's timm ViT with registers gives CLS and registers none (timm's dinov2-reg layout);
+at init lightly's CLS is nearly the same for every image (seed 0, on the probe set: CLS rank 8.8, per-dimension std
+0.017; pathdino's init: 24 and 0.038; every weight has the same init law, and zeroing lightly's CLS position gives
+25.1 and 0.042). The clip is on the global norm of every trainable parameter (pathdino clips each module, backbone
+and head, to 3.0 on its own); the lr warm-up starts at lr / W on step 1 (pathdino: 0); the momentum of the k-th
+teacher update is the cosine at k (pathdino: one step earlier); colour jitter is albumentations' (clamped after each
+operation; pathdino's fused affine map) and the blur kernel follows sigma (pathdino: 9 px); rotation goes through
+cv2 (exact at 90 degrees); data order: lightly shuffles the PNGs each epoch into 6 full batches of 32 (221 tiles,
+the last 29 of each epoch dropped), pathdino streams the store through a 256-tile shuffle buffer; weights start from
+another random stream (same init laws); lightly's iBOT head ignores ``ibot_bottleneck_dim`` (shared head anyway).
+Name the CPU with the figures.
 """
 
 from __future__ import annotations
