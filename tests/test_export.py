@@ -32,16 +32,17 @@ def make_store(path: Path, tile_px: int = 56, slides: list[Path] | None = None) 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    """A real 2-step `python -m pathdino.train` run with the CPU smoke preset (tiny ViT, 56-px crops)."""
+    """A real 2-step training run with the CPU smoke preset (tiny ViT, 56-px crops), in this process (a
+    `python -m pathdino.train` process would spend longer starting than training)."""
+    import logging
+
+    from pathdino.train.config import load_config
+    from pathdino.train.loop import train
+
     root = tmp_path_factory.mktemp("smoke")
     store = make_store(root / "tiles.zarr")
     run = root / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pathdino.train",
-        "--config",
-        str(SMOKE_CONFIG),
+    overrides = [
         f"data.stores=[{store}]",
         f"train.output_dir={run}",
         "train.total_steps=2",
@@ -49,8 +50,14 @@ def smoke_run(tmp_path_factory) -> Path:
         "log.every_steps=1",
         "log.trackers=[]",
     ]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # train() installs pathdino's log handler (propagate off); later tests' caplog needs it undone
+    logger = logging.getLogger("pathdino")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    try:
+        assert train(load_config(SMOKE_CONFIG, overrides))["done"]
+    finally:
+        logger.handlers[:] = handlers
+        logger.propagate, logger.level = propagate, level
     return run
 
 

@@ -2,14 +2,17 @@
 with SIGKILL resumes bit for bit, checkpoints reshard across process counts, and the CLI prints the launch line.
 
 Every run is a tiny encoder on a synthetic embeddings store (tests/slide_fixtures.py), fp32, one thread per
-process. The 1-process reference runs in this process; the others are real `python -m pathdino.slide.train`
-processes (under `accelerate launch` for two).
+process. The 1-process reference runs in this process, and so do the 1-process resumes (a process start
+costs more than these runs); the others are real `python -m pathdino.slide.train` processes (under `accelerate
+launch` for two).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,19 +84,6 @@ def reference(store, tmp_path_factory, one_thread) -> Path:
     return out
 
 
-def run_cli(*args: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pathdino.slide.train", *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
 def test_loss_falls_and_checkpoints_hold_model_ema_and_state(reference):
     rec = records(reference)
     assert rec[6]["loss"] < rec[1]["loss"]
@@ -118,7 +108,8 @@ def test_sigkilled_run_resumes_bit_for_bit(reference, store, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "done.json").exists() and not ckpt(out, 6).exists()  # killed mid-run
-    run_cli("--config", str(SMALL), *overrides(store, out, 6), "--resume")
+    # resumed in this process, as the reference ran (one thread): what is tested is what the killed run left
+    train(load_pretrain_config(SMALL, overrides(store, out, 6)), resume=True)
     want, got = records(reference), records(out)
     assert [got[s]["loss"] for s in range(1, 7)] == [want[s]["loss"] for s in range(1, 7)]
     for name in ("model.safetensors", "ema.safetensors"):
@@ -180,24 +171,28 @@ def _comparable(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def test_two_processes_equal_one_and_reshard_both_ways(reference, store, tmp_path):
+def test_two_processes_equal_one_and_reshard_both_ways(reference, store, tmp_path, caplog):
     two = tmp_path / "two"
     proc = launch_two(store, two, 6)
     assert "2 process(es)" in proc.stderr
     assert_close(reference, two, [1, 2, 3, 4, 5, 6])
-    # a 2-process checkpoint resumed by 1 process, and a 1-process checkpoint by 2
+    # a 2-process checkpoint resumed by 1 process (in this process, as the reference), and a 1-process one by 2
     for src, resume_with_two, name in ((two, False, "two_on_one"), (reference, True, "one_on_two")):
         out = tmp_path / name
         out.mkdir()
         (out / "checkpoints").mkdir()
-        import shutil
-
         shutil.copytree(ckpt(src, 4), ckpt(out, 4))
         if resume_with_two:
-            proc = launch_two(store, out, 6, "--resume")
+            said = launch_two(store, out, 6, "--resume").stderr
         else:
-            proc = run_cli("--config", str(SMALL), *overrides(store, out, 6), "--resume")
-        assert "resharded" in proc.stderr
+            logger = logging.getLogger("pathdino")  # its own handler does not propagate: listen to it directly
+            logger.addHandler(caplog.handler)
+            try:
+                train(load_pretrain_config(SMALL, overrides(store, out, 6)), resume=True)
+            finally:
+                logger.removeHandler(caplog.handler)
+            said = caplog.text
+        assert "resharded" in said
         assert_close(reference, out, [5, 6])
 
 

@@ -1,6 +1,6 @@
 """`accelerate launch -m pathdino.train` as users run it: 1 and 2 CPU processes (gloo), DDP and FSDP2, and resuming
 with a different number of processes (2 -> 1 and 1 -> 2). All runs use the real tile-store loader on a tiny store
-cut from the bundled slide.
+cut from the bundled slide. The resumes are chained (2 processes -> 1 -> 2 under FSDP2): three launches, not four.
 
 About 6% of 2-process accelerate runs on CPU used to abort at interpreter exit after all work was done ("terminate
 called without an active exception"); the trainer now ends workers with destroy_process_group() + os._exit. The
@@ -90,7 +90,8 @@ def launch(
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    before = out.with_name(out.name + ".before")
+    before = out.with_name(out.name + ".before")  # the starting state of this launch, for a rerun
+    shutil.rmtree(before, ignore_errors=True)
     if out.exists():
         shutil.copytree(out, before)
     for attempt in (1, 2):
@@ -119,9 +120,29 @@ def _optimizer_steps(ckpt: Path) -> set[int]:
     return {int(s["step"]) for name, s in optim["state"].items() if "last_layer" not in name}
 
 
-def test_two_processes_then_resume_on_one(tmp_path, store):
-    out = tmp_path / "run"
-    proc = launch(2, out, store, "train.stop_at_step=2")
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, store) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """One run through three launches, each resuming the last: 2 processes (DDP) stopped at step 2, 1 process
+    resumed to a stop at step 4, 2 processes under configs/accelerate/fsdp2.yaml resumed to the end (step 6).
+    Each launch's output and a copy of the run folder as it left it (later launches append and prune)."""
+    base = tmp_path_factory.mktemp("chain")
+    out = base / "run"
+    steps = ("train.total_steps=6", "train.keep_checkpoints=5")
+    done = {}
+    for name, n_procs, extra, resume, accelerate_config in (
+        ("two", 2, ["train.stop_at_step=2"], False, None),
+        ("one", 1, ["train.stop_at_step=4"], True, None),
+        # configs/accelerate/fsdp2.yaml on CPU: accelerate itself drops FSDP there, pathdino.train shards with FSDP2
+        ("fsdp2", 2, [], True, FSDP2),
+    ):
+        proc = launch(n_procs, out, store, *steps, *extra, resume=resume, accelerate_config=accelerate_config)
+        shutil.copytree(out, base / name)
+        done[name] = proc, base / name
+    return done
+
+
+def test_two_processes_then_resume_on_one(chain):
+    proc, out = chain["two"]
     assert "2 process(es)" in proc.stderr and "DDP" in proc.stderr
     ckpt = out / "checkpoints" / "step_000000002"
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -131,29 +152,29 @@ def test_two_processes_then_resume_on_one(tmp_path, store):
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2]
     assert _records(out)[-1]["event"] == "stopped"
 
-    proc = launch(1, out, store, resume=True)
+    proc, out = chain["one"]
     assert "resharded: checkpoint saved with 2 processes, resumed with 1" in proc.stderr
     records = _records(out)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert records[-1]["event"] == "done" and (out / "done.json").is_file()
+    assert records[-1]["event"] == "stopped" and (out / "checkpoints" / "step_000000004").is_dir()
     assert all(r["skipped"] is False for r in records if "loss" in r)
     # AdamW state came from the 2-process checkpoint: 2 + 2 steps, not 2
     assert _optimizer_steps(out / "checkpoints" / "step_000000004") == {4}
 
 
-def test_one_process_then_resume_on_two_with_fsdp2(tmp_path, store):
-    out = tmp_path / "run"
-    proc = launch(1, out, store, "train.stop_at_step=2")
+def test_one_process_then_resume_on_two_with_fsdp2(chain):
+    proc, out = chain["one"]
     assert "1 process(es)" in proc.stderr
-    assert not (out / "checkpoints" / "step_000000002" / "rng_rank1.pt").exists()
+    assert not (out / "checkpoints" / "step_000000004" / "rng_rank1.pt").exists()
 
-    # configs/accelerate/fsdp2.yaml on CPU: accelerate itself drops FSDP there, pathdino.train shards with FSDP2
-    proc = launch(2, out, store, resume=True, accelerate_config=FSDP2)
+    proc, out = chain["fsdp2"]
     assert "FSDP2" in proc.stderr and "resharded: checkpoint saved with 1 processes, resumed with 2" in proc.stderr
-    final = out / "checkpoints" / "step_000000004"
+    final = out / "checkpoints" / "step_000000006"
     assert (final / "rng_rank0.pt").is_file() and (final / "rng_rank1.pt").is_file()
-    assert _optimizer_steps(final) == {4}
-    assert _records(out)[-1]["event"] == "done"
+    assert _optimizer_steps(final) == {6}
+    records = _records(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["event"] == "done" and (out / "done.json").is_file()
     assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 2
 
 
