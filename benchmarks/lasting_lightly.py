@@ -21,13 +21,17 @@ lightly-train's venv (the training, started by this script as a subprocess with 
         --probe /tmp/lasting/probe_cmu1/labels.csv --lightly-python /work/venvs/lightly/bin/python \\
         --steps 100 200 500 --seeds 0
     python benchmarks/lasting_lightly.py --out /tmp/lasting_lightly --report     # the tables of what ran
+    # the issue-25 runs, made before small.yaml moved to base lr 0.006 and KoLeo 0.03:
+    python benchmarks/lasting_lightly.py --out /tmp/lasting_lightly --steps 100 200 500 --seeds 0 \\
+        --set optim.base_lr=0.03 --set loss.uniformity_weight=0.1
 
 (``--store`` and ``--probe`` are made by ``python benchmarks/lasting.py --out /tmp/lasting``, or by hand as its
-docstring says.) Per run, ``<out>/runs/lightly_n<N>_s<seed>/`` holds ``settings.json`` (every argument given to
-lightly-train), ``dynamics.jsonl`` (per step: lightly's logged losses, lr, weight decay, teacher momentum and
-temperature as the method used them, pre-clip gradient norms, teacher target entropies, teacher CLS rank/std, centre
-norm, wall seconds), ``features.safetensors`` (probe features per probed step), ``metrics.jsonl`` (probe scores and
-the dynamics, one record per step, as pathdino's ``metrics.jsonl``) and ``done.json``.
+docstring says.) Per run, ``<out>/runs/<tag>_n<N>_s<seed>/`` (``--tag``, default lightly) holds ``settings.json``
+(every argument given to lightly-train), ``dynamics.jsonl`` (per step: lightly's logged losses, lr, weight decay,
+teacher momentum and temperature as the method used them, pre-clip gradient norms, teacher target entropies, teacher
+CLS rank/std, centre norm, wall seconds), ``features.safetensors`` (probe features per probed step),
+``metrics.jsonl`` (probe scores and the dynamics, one record per step, as pathdino's ``metrics.jsonl``) and
+``done.json``.
 
 Matched to small.yaml: ViT 4 blocks x 192, 3 heads, patch 14, MLP ratio 4, 4 registers, LayerScale 0.1, drop path 0
 (lightly's ``DinoVisionTransformer`` built here and passed as the model); 2 x 112 px global crops (scale 0.32-1) and
@@ -36,10 +40,10 @@ two flips: the 8 rotations/reflections uniformly, as pathdino's rot90 + flips); 
 0.1 / 0.05, grayscale 0.2, blur p 1.0 / 0.1 on the global crops and 0.5 on the local ones (sigma 0.1-2), no
 solarisation; ImageNet normalisation; head 192 -> 512 -> 512 -> 128 -> 256 prototypes (weight-normed, trainable
 gain), one head for DINO and iBOT; iBOT on half the global crops, 10-50 % of patches; softmax centering, centre
-momentum 0.9, student temperature 0.1, teacher temperature 0.04 constant; KoLeo 0.1 on the global CLS; AdamW
-(0.9, 0.999), base lr 0.03 per 1,024 images sqrt-scaled (5.3e-3 at batch 32), min lr 1e-6, warm-up 0.2 x N;
-weight decay 0.04 -> 0.4 cosine (none on biases, norms, LayerScale); layer-wise lr decay 1.0, patch-embed lr x 0.2;
-last layer never frozen; gradient clip 3.0; teacher momentum 0.99 -> 1 cosine; batch 32; fp32; seed.
+momentum 0.9, student temperature 0.1, teacher temperature 0.04 constant; KoLeo (small.yaml's weight) on the global
+CLS; AdamW (0.9, 0.999), small.yaml's base lr per 1,024 images sqrt-scaled, min lr 1e-6, warm-up 0.2 x N; weight
+decay 0.04 -> 0.4 cosine (none on biases, norms, LayerScale); layer-wise lr decay 1.0, patch-embed lr x 0.2; last
+layer never frozen; gradient clip 3.0; teacher momentum 0.99 -> 1 cosine; batch 32; fp32; seed.
 
 Not matched (lightly-train 0.18 does not expose them): lightly's DINOv2 ViT adds a position embedding to the CLS
 token (dinov2's layout), pathdino's timm ViT with registers gives CLS and registers none (timm's dinov2-reg layout);
@@ -72,7 +76,6 @@ os.environ.setdefault("LIGHTLY_TRAIN_EVENTS_DISABLED", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "train" / "small.yaml"
-TAG = "lightly"
 DYNAMICS = (
     "teacher_entropy",
     "teacher_usage_entropy",
@@ -472,11 +475,11 @@ def score(run_dir: Path, probe_inputs: Path) -> list[dict]:
     return out
 
 
-def run_one(out: Path, *, lightly_python: str, settings: dict, images: Path, probe_inputs: Path) -> Path:
+def run_one(out: Path, *, tag: str, lightly_python: str, settings: dict, images: Path, probe_inputs: Path) -> Path:
     """Train (lightly's venv, subprocess), score (here) and write metrics.jsonl + done.json; skips a done run."""
     import shutil
 
-    run_dir = out / "runs" / f"{TAG}_n{settings['steps']}_s{settings['seed']}"
+    run_dir = out / "runs" / f"{tag}_n{settings['steps']}_s{settings['seed']}"
     if (run_dir / "done.json").is_file():
         return run_dir
     if run_dir.exists():  # an interrupted run starts again from scratch
@@ -556,6 +559,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 500])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--warmup-fraction", type=float, default=0.2)
+    parser.add_argument("--tag", default="lightly", help="name of this setting in the run folders and tables")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pathdino config override on top of small.yaml, turned into lightly's arguments (repeatable)",
+    )
     parser.add_argument("--report", action="store_true", help="only print the tables of the finished runs")
     parser.add_argument("--train-one", type=Path, metavar="RUN_DIR", help=argparse.SUPPRESS)  # in lightly's venv
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
@@ -570,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report:
         from pathdino.train.config import load_config
 
-        cfg = load_config(PRESET, [f"data.stores=[{args.store}]"])
+        cfg = load_config(PRESET, [f"data.stores=[{args.store}]", *args.overrides])
         (args.out / "runs").mkdir(parents=True, exist_ok=True)
         images, probe_inputs = args.out / "tiles_png", args.out / "probe_inputs.safetensors"
         print(f"{write_pngs(args.store, images)} tiles as PNG in {images}", flush=True)
@@ -580,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
                 settings = lightly_settings(cfg, steps=steps, seed=seed, warmup_fraction=args.warmup_fraction)
                 run_one(
                     args.out,
+                    tag=args.tag,
                     lightly_python=args.lightly_python,
                     settings=settings,
                     images=images,
