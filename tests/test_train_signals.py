@@ -89,8 +89,7 @@ def test_a_signal_says_what_was_kept_and_how_to_resume(store, tmp_path, signals,
 
 def test_a_forked_worker_leaves_the_signal_to_the_trainer(capfd):
     """A DataLoader worker forked while the handlers are installed (before its init ignores the signals) must not
-    print the Ctrl-C line nor count a Ctrl-C: the CI once saw the line twice and the trainer took the user's second
-    Ctrl-C as its first, finishing with exit 0 instead of stopping at once."""
+    print the Ctrl-C line nor count a Ctrl-C: only the training process acknowledges and counts it."""
     from pathdino.train.host import StopSignals
 
     with StopSignals() as stop:
@@ -108,3 +107,28 @@ def test_a_forked_worker_leaves_the_signal_to_the_trainer(capfd):
         os.kill(os.getpid(), signal.SIGINT)  # the trainer itself still reacts
         assert stop.requested
     assert "Ctrl-C: stopping after this step" in capfd.readouterr().err
+
+
+def test_a_second_ctrl_c_while_the_first_is_acknowledged_stops_at_once(monkeypatch):
+    """Python signal handlers nest: a second Ctrl-C can run the handler while the first one is still printing its
+    line. It must find the first Ctrl-C counted and stop at once (CI saw the line printed twice and exit 0 where a
+    second Ctrl-C had been sent right after the first line appeared)."""
+    import io
+
+    from pathdino.train.host import StopSignals
+
+    stop = StopSignals()
+
+    class SecondCtrlCDuringTheLine(io.StringIO):
+        sent = False
+
+        def write(self, text: str) -> int:
+            if "Ctrl-C" in text and not self.sent:
+                self.sent = True
+                stop._handle(signal.SIGINT, None)  # the second Ctrl-C lands while the first line is written
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stderr", SecondCtrlCDuringTheLine())
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    assert stop.requested

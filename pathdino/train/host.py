@@ -101,12 +101,14 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002 - the signal module's signature
         if os.getpid() != self._owner_pid:
             # a DataLoader worker forked while the handlers are installed, before its init ignores the signals: the
-            # training process alone reacts (a worker used to print the Ctrl-C line too, so a second Ctrl-C sent after
-            # that line could reach the trainer as its first)
+            # training process alone acknowledges and counts a signal
             return
         if signum == signal.SIGINT:
             if self.requested:
                 raise KeyboardInterrupt
+            # Set before the message: a second Ctrl-C can run this handler again while the first is still printing
+            # (Python handlers nest), and it must find the first one counted.
+            self.requested = True
             if os.environ.get("RANK", "0") == "0":
                 print(
                     "\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
