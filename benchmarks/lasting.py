@@ -132,12 +132,29 @@ def _fmt(values: list[float]) -> str:
 
 
 def report(out: Path) -> None:
+    print_tables(collect_runs(out), DYNAMICS)
+
+
+def collect_runs(out: Path) -> dict[tuple[str, int], dict[int, list[dict]]]:
+    """The finished runs under ``out/runs`` (``<tag>_n<steps>_s<seed>`` folders with a done.json): their metrics
+    records by (tag, steps) and seed."""
     runs: dict[tuple[str, int], dict[int, list[dict]]] = {}
     for run_dir in sorted((out / "runs").glob("*_n*_s*")):
         if not run_dir.is_dir() or not (run_dir / "done.json").is_file():
             continue
         tag, n, s = run_dir.name.rsplit("_", 2)
         runs.setdefault((tag, int(n[1:])), {})[int(s[1:])] = records(run_dir)
+    return runs
+
+
+def print_tables(
+    runs: dict[tuple[str, int], dict[int, list[dict]]],
+    dynamics: tuple[str, ...],
+    extra_line: dict[tuple[str, int], str] | None = None,
+) -> None:
+    """Per setting and run length: the probes per seed and their mean, how far the last probe is below the run's
+    best, an optional extra line, and the ``dynamics`` keys (mean over seeds) at fractions of the run. Shared with
+    ``benchmarks/lasting_lightly.py`` so that both trainers' tables have one layout."""
     for (tag, steps), by_seed in sorted(runs.items()):
         seeds = sorted(by_seed)
         print(f"\n### {tag}, {steps} steps, seeds {' / '.join(map(str, seeds))}\n")
@@ -154,12 +171,14 @@ def report(out: Path) -> None:
                 drops.append(max(knn) - knn[-1])
         if drops:
             print(f"\nlast probe below the run's best (kNN), per seed: {_fmt(drops)}")
-        print("\n| fraction of run | " + " | ".join(DYNAMICS) + " |\n|---|" + "---|" * len(DYNAMICS))
+        if extra_line and (tag, steps) in extra_line:
+            print(extra_line[(tag, steps)])
+        print("\n| fraction of run | " + " | ".join(dynamics) + " |\n|---|" + "---|" * len(dynamics))
         for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
             step = max(1, round(frac * steps))
             row = []
-            for key in DYNAMICS:
-                vals = [r[key] for s in seeds for r in by_seed[s] if r.get("step") == step and key in r]
+            for key in dynamics:
+                vals = [r[key] for s in seeds for r in by_seed[s] if r.get("step") == step and r.get(key) is not None]
                 row.append(f"{statistics.mean(vals):.3g}" if vals else "")
             print(f"| {frac:g} (step {step}) | " + " | ".join(row) + " |")
 

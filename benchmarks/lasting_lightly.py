@@ -506,48 +506,26 @@ def run_one(out: Path, *, tag: str, lightly_python: str, settings: dict, images:
     return run_dir
 
 
-def _fmt(values: list[float]) -> str:
-    return " / ".join(f"{v:.3f}" for v in values)
-
-
 def report(out: Path) -> None:
-    """Per run length: probe per seed and mean (the layout of ``benchmarks/lasting.py --report``), the drop of the
-    last probe below the run's best, wall seconds per step, and the dynamics at fractions of the run."""
-    runs: dict[tuple[str, int], dict[int, list[dict]]] = {}
-    walls: dict[tuple[str, int], list[float]] = {}
-    for run_dir in sorted((out / "runs").glob("*_n*_s*")):
-        if not run_dir.is_dir() or not (run_dir / "done.json").is_file():
-            continue
-        tag, n, s = run_dir.name.rsplit("_", 2)
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        runs.setdefault((tag, int(n[1:])), {})[int(s[1:])] = [json.loads(line) for line in lines]
-        walls.setdefault((tag, int(n[1:])), []).append(json.loads((run_dir / "done.json").read_text())["median_step_s"])
-    for (tag, steps), by_seed in sorted(runs.items()):
-        seeds = sorted(by_seed)
-        print(f"\n### {tag}, {steps} steps, seeds {' / '.join(map(str, seeds))}\n")
-        print("| step | kNN per seed | kNN mean | linear per seed | linear mean |\n|---|---|---|---|---|")
-        probes = {s: {r["step"]: r for r in by_seed[s] if "probe_knn_accuracy" in r} for s in seeds}
-        for step in sorted(set().union(*(p.keys() for p in probes.values()))):
-            knn = [probes[s][step]["probe_knn_accuracy"] for s in seeds if step in probes[s]]
-            lin = [probes[s][step].get("probe_linear_accuracy", float("nan")) for s in seeds if step in probes[s]]
-            print(f"| {step} | {_fmt(knn)} | {statistics.mean(knn):.3f} | {_fmt(lin)} | {statistics.mean(lin):.3f} |")
-        drops = []
-        for s in seeds:
-            knn = [probes[s][k]["probe_knn_accuracy"] for k in sorted(probes[s])]
-            if knn:
-                drops.append(max(knn) - knn[-1])
-        if drops:
-            print(f"\nlast probe below the run's best (kNN), per seed: {_fmt(drops)}")
-        wall = [w for w in walls[(tag, steps)] if w is not None]
-        print(f"median wall s/step (incl. loading), per seed: {_fmt(wall)}")
-        print("\n| fraction of run | " + " | ".join(DYNAMICS) + " |\n|---|" + "---|" * len(DYNAMICS))
-        for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
-            step = max(1, round(frac * steps))
-            row = []
-            for key in DYNAMICS:
-                vals = [r[key] for s in seeds for r in by_seed[s] if r.get("step") == step and r.get(key) is not None]
-                row.append(f"{statistics.mean(vals):.3g}" if vals else "")
-            print(f"| {frac:g} (step {step}) | " + " | ".join(row) + " |")
+    """Per run length: probe per seed and mean (``benchmarks/lasting.py``'s table printer, so both trainers' tables
+    have one layout), the drop of the last probe below the run's best, wall seconds per step, and the dynamics at
+    fractions of the run."""
+    import importlib.util
+
+    # by its path: putting benchmarks/ on sys.path would let its tiling.py shadow the tiling package
+    spec = importlib.util.spec_from_file_location("lasting", Path(__file__).resolve().parent / "lasting.py")
+    lasting = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lasting)
+    _fmt, collect_runs, print_tables = lasting._fmt, lasting.collect_runs, lasting.print_tables
+
+    runs = collect_runs(out)
+    walls = {}
+    for tag, steps in runs:
+        seeds = sorted(runs[(tag, steps)])
+        done = [json.loads((out / "runs" / f"{tag}_n{steps}_s{s}" / "done.json").read_text()) for s in seeds]
+        wall = [d["median_step_s"] for d in done if d.get("median_step_s") is not None]
+        walls[(tag, steps)] = f"median wall s/step (incl. loading), per seed: {_fmt(wall)}"
+    print_tables(runs, DYNAMICS, walls)
 
 
 def main(argv: list[str] | None = None) -> None:
