@@ -27,7 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "train" / "small.yaml"
-SLIDE = ROOT / "pathdino" / "sample_data" / "CMU-1-Small-Region.svs"
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -96,6 +95,16 @@ def table(title: str, runs: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def _lasting():
+    """benchmarks/lasting.py, loaded by its path (benchmarks/ on sys.path lets its tiling.py shadow the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lasting", Path(__file__).resolve().parent / "lasting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def backbone_file(checkpoint: Path, out: Path) -> Path:
     """The EMA teacher's backbone of a pathdino checkpoint as a timm-layout safetensors file (init_checkpoint)."""
     from safetensors.torch import load_file, save_file
@@ -126,26 +135,7 @@ def main() -> None:
     a = p.parse_args()
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
-    store, probe_set = work / "tiles.zarr", work / "probe_cmu1"
-    if not store.exists():
-        run(
-            [
-                "pathdino",
-                "tile",
-                str(SLIDE),
-                "--out",
-                str(store),
-                "--target-mpp",
-                "0.5",
-                "--tile-px",
-                "224",
-                "--overlap-px",
-                "112",
-            ],
-            work / "tile.log",
-        )
-    if not (probe_set / "labels.csv").exists():
-        run([sys.executable, "benchmarks/small_probe_set.py", "--out", str(probe_set)], work / "probe.log")
+    store, probe_set = _lasting().prepare(work)  # the same store and probe set as benchmarks/lasting.py
     common = [f"data.stores=[{store}]", f"train.batch_size={a.batch}"]
     probe = (
         f"eval.probe={{data: {probe_set / 'labels.csv'}, every_steps: {a.probe_every}, max_images: {a.probe_images}}}"
