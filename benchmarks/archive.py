@@ -16,11 +16,15 @@ Prints, in ONE run (name the CPU with the figures; compare only within a run):
 (c) **Many small slides.** Generates a folder of small slides (1,000-5,000 tiles of 224 px at 0.5 µm/px at
     `--folder-scale 1`: 20x 0.5 µm/px mosaics, Aperio-like 40x pyramids, a few JPEG 2000, a few that fail) and tiles
     it with pathdino (this tree, and `--baseline-pythonpath`, e.g. a checkout of the previous commit) and hs2p 6.1.0
-    (its own venv, as benchmarks/tiling.py), one worker each and all cores, then itemises pathdino's per-slide cost
-    (cProfile of a one-worker run: open, thumbnail+mask, planning, tiles, QC picture, commit, fingerprint, resume).
+    (its own venv, as benchmarks/tiling.py), one worker each and all cores (``--folder-workers``), beside pathdino on
+    the folder's 20x slides alone and on one large 20x slide (``--large-size``, in-process as benchmarks/tiling.py
+    times it), and prints each rate against the large slide's; then itemises pathdino's per-slide cost (cProfile of
+    a one-worker run over ``--profile-slides`` of them: open, thumbnail+mask, planning, tiles, QC picture, commit,
+    fingerprint, resume).
 
     python benchmarks/archive.py [--slides 10000] [--checkpoints 1000,10000] [--folder-slides 200]
-        [--folder-scale 1.0] [--baseline-pythonpath DIR] [--skip-store] [--skip-requests] [--skip-folder] [--keep DIR]
+        [--folder-scale 1.0] [--folder-workers 1,2] [--skip-hs2p] [--large-size 40000] [--profile-slides 20]
+        [--baseline-pythonpath DIR] [--skip-store] [--skip-requests] [--skip-folder] [--keep DIR]
         [--reuse]   (measure the stores a previous --keep run left, without writing them again)
 """
 
@@ -61,7 +65,7 @@ def timed(cmd: list[str], *, env: dict[str, str] | None = None, stdout=subproces
     """Wall seconds and peak RSS (GiB, the largest process of the command) of a subprocess."""
     t0 = time.perf_counter()
     result = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", *cmd],
+        ["/usr/bin/time", "-f", "%M %U %S", *cmd],
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
@@ -72,10 +76,17 @@ def timed(cmd: list[str], *, env: dict[str, str] | None = None, stdout=subproces
     if result.returncode:
         print(f"  ! {' '.join(cmd[:4])} ... failed ({result.returncode}): {result.stderr[-1500:]}")
     try:
-        rss = int(lines[-1]) / 2**20
+        rss_kib, user_s, sys_s = lines[-1].split()
+        rss, cpu_s = int(rss_kib) / 2**20, float(user_s) + float(sys_s)
     except (IndexError, ValueError):
-        rss = float("nan")
-    return {"s": seconds, "rss_gib": rss, "rc": result.returncode, "stdout": result.stdout if stdout else ""}
+        rss, cpu_s = float("nan"), float("nan")
+    return {
+        "s": seconds,
+        "rss_gib": rss,
+        "cpu_s": cpu_s,  # user + system of the command and the children it waited for (its workers)
+        "rc": result.returncode,
+        "stdout": result.stdout if stdout else "",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,27 +450,92 @@ print(json.dumps({"wall": wall, "rerun": rerun, "n_slides": len(out), "n_ok": n_
 """
 
 
-def run_folder(work: Path, n_slides: int, scale: float, baseline: str | None) -> None:
+def _link_folder(folder: Path, paths: list[Path]) -> Path:
+    """A folder of symlinks to some of the generated slides (a subset to tile or profile on its own)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for path in paths:
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
+def _large_slide_rate(tb, work: Path, size: int, workers: int) -> dict:
+    """pathdino on one large 20x mosaic (benchmarks/tiling.py's "20x" case), in-process as tiling.py measures it:
+    no interpreter start-up in its seconds, which only makes the folder's ratio to it harder to reach."""
+    path = work / f"large-20x-{size}.svs"
+    if not path.exists():
+        tb.write_mosaic(path, size, tb.MPP_20X)
+    slides = tb.collect_slides([str(path)], slide_mpp=tb.MPP_20X)
+    return tb.run_pathdino(slides, work / f"large-20x-{workers}.zarr", workers)
+
+
+def run_folder(
+    work: Path,
+    n_slides: int,
+    scale: float,
+    baseline: str | None,
+    *,
+    workers_list: list[int],
+    hs2p: bool = True,
+    large_size: int = 40_000,
+    profile_slides: int = 20,
+) -> None:
     folder = make_small_folder(work / "small", n_slides, scale)
     tb = _tiling_benchmark()
-    pd = [sys.executable, "-m", "pathdino.cli", "tile", str(folder)]
+    pd = [sys.executable, "-m", "pathdino.cli", "tile"]
     trees = [("this tree", str(REPO))] + ([("baseline", baseline)] if baseline else [])
-    print(f"\n(c) {n_slides} small slides (scale {scale}) in {folder}")
-    rows = []
-    for workers in (1, os.cpu_count() or 1):
+    slides = sorted(folder.glob("*.svs"))
+    only_20x = _link_folder(work / "small-20x-only", [p for p in slides if p.name.startswith("20x-")])
+    print(f"\n(c) {n_slides} small slides (scale {scale}) in {folder}; load average {os.getloadavg()[0]:.2f}")
+    rows, ratios = [], []
+    for workers in workers_list:
+        large = _large_slide_rate(tb, work, large_size, workers)
+        rows.append(
+            (
+                f"pathdino, one large 20x slide ({large_size:,} px)",
+                workers,
+                large["tiles"],
+                large["seconds"],
+                large["rss_gib"],
+                large["busy"],
+            )
+        )
         for label, tree in trees:
-            out = work / f"small-{label.replace(' ', '')}-{workers}.zarr"
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(str(out) + ".pathdino", ignore_errors=True)
-            r = timed([*pd, "--out", str(out), "-j", str(workers)], env={"PYTHONPATH": tree})
-            n_tiles = _store_tiles(out)
-            rows.append((f"pathdino ({label})", workers, n_tiles, r["s"], r["rss_gib"]))
-        hs = _hs2p_folder(tb, folder, work / f"hs2p-{workers}", workers)
+            for name, source in (("the folder", folder), ("its 20x slides only", only_20x)):
+                out = work / f"small-{label.replace(' ', '')}-{name.split()[-1]}-{workers}.zarr"
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(str(out) + ".pathdino", ignore_errors=True)
+                r = timed([*pd, str(source), "--out", str(out), "-j", str(workers)], env={"PYTHONPATH": tree})
+                n_tiles = _store_tiles(out)
+                rows.append(
+                    (
+                        f"pathdino ({label}), {name}",
+                        workers,
+                        n_tiles,
+                        r["s"],
+                        r["rss_gib"],
+                        r["cpu_s"] / r["s"] / workers,
+                    )
+                )
+                ratios.append((f"pathdino ({label}), {name}, {workers} workers", n_tiles / r["s"] / large["rate"]))
+        hs = _hs2p_folder(tb, folder, work / f"hs2p-{workers}", workers) if hs2p else None
         if hs:
-            rows.append(("hs2p 6.1.0", workers, hs["tiles"], hs["seconds"], hs["rss_gib"]))
-    print("\n| tool | workers | tiles | seconds | tiles/s | peak RSS GiB |\n|---|---|---|---|---|---|")
-    for tool, workers, n_tiles, s, rss in rows:
-        print(f"| {tool} | {workers} | {n_tiles:,} | {s:.1f} | {n_tiles / s:,.0f} | {rss:.2f} |")
+            rows.append(
+                ("hs2p 6.1.0, the folder", workers, hs["tiles"], hs["seconds"], hs["rss_gib"], hs["busy"] / workers)
+            )
+            ours = next(r for r in rows if r[0] == "pathdino (this tree), the folder" and r[1] == workers)
+            ratios.append(
+                (f"pathdino / hs2p, the folder, {workers} workers", (ours[2] / ours[3]) / (hs["tiles"] / hs["seconds"]))
+            )
+    print("\n| tool | workers | tiles | seconds | tiles/s | CPU busy | peak RSS GiB |\n|---|---|---|---|---|---|---|")
+    for tool, workers, n_tiles, s, rss, busy in rows:
+        print(f"| {tool} | {workers} | {n_tiles:,} | {s:.1f} | {n_tiles / s:,.0f} | {busy:.0%} | {rss:.2f} |")
+    print("\nratios (tiles/s; the pathdino rows against the large slide on as many workers):")
+    for name, value in ratios:
+        print(f"  {name}: {value:.2f}")
+    # the per-slide cProfile: a subset of the folder, every kind, one worker (it runs all slides inline)
+    by_index = sorted(slides, key=lambda p: p.stem.rsplit("-", 1)[-1])  # the first n generated: kinds mixed
+    folder = _link_folder(work / "small-profiled", by_index[:profile_slides])
     for label, tree in trees:
         out = work / f"profile-{label.replace(' ', '')}.zarr"
         shutil.rmtree(out, ignore_errors=True)
@@ -480,9 +556,10 @@ def run_folder(work: Path, n_slides: int, scale: float, baseline: str | None) ->
             f"\nper-slide cost, one worker, cProfile ({label}): {n} slides, {prof['tiles']:,} tiles in "
             f"{prof['wall']:.1f} s (profiled); rerun with nothing to do {prof['rerun']:.2f} s"
         )
-        print("| part | ms per slide |\n|---|---|")
+        tile_ms = per["tiles (decode, QC, encode)"] or float("nan")
+        print("| part | ms per slide | share of the tile time |\n|---|---|---|")
         for k, v in per.items():
-            print(f"| {k} | {v:.1f} |")
+            print(f"| {k} | {v:.1f} | {v / tile_ms:.1%} |")
 
 
 def _store_tiles(url: Path) -> int:
@@ -540,7 +617,7 @@ def _hs2p_folder(tb, folder: Path, out: Path, workers: int) -> dict | None:
     except (OSError, ValueError, KeyError) as exc:
         print(f"hs2p: no process list ({exc})")
         return None
-    return {"tiles": n_tiles, "seconds": r["s"], "rss_gib": r["rss_gib"]}
+    return {"tiles": n_tiles, "seconds": r["s"], "rss_gib": r["rss_gib"], "busy": r["cpu_s"] / r["s"]}
 
 
 def main() -> None:
@@ -549,6 +626,12 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="1000,10000")
     parser.add_argument("--folder-slides", type=int, default=200)
     parser.add_argument("--folder-scale", type=float, default=1.0, help="tiles per small slide x this")
+    parser.add_argument(
+        "--folder-workers", default=f"1,{os.cpu_count() or 1}", help="worker counts for the folder runs, e.g. 2"
+    )
+    parser.add_argument("--skip-hs2p", action="store_true", help="the folder without hs2p beside it")
+    parser.add_argument("--large-size", type=int, default=40_000, help="side (px) of the large 20x reference slide")
+    parser.add_argument("--profile-slides", type=int, default=20, help="slides of the folder in the cProfile")
     parser.add_argument("--baseline-pythonpath", default=None, help="another checkout to run next to this one")
     parser.add_argument("--skip-store", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="measure the stores a --keep run left in --keep")
@@ -569,7 +652,16 @@ def main() -> None:
         if not args.skip_requests and small_store is not None:
             count_requests(small_store)
         if not args.skip_folder:
-            run_folder(work, args.folder_slides, args.folder_scale, args.baseline_pythonpath)
+            run_folder(
+                work,
+                args.folder_slides,
+                args.folder_scale,
+                args.baseline_pythonpath,
+                workers_list=[int(w) for w in args.folder_workers.split(",")],
+                hs2p=not args.skip_hs2p,
+                large_size=args.large_size,
+                profile_slides=args.profile_slides,
+            )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
