@@ -194,6 +194,46 @@ def info(
     raise typer.Exit(code)
 
 
+# The options `train` and `slide-train` share: one definition, so the two commands cannot drift apart.
+_RESUME = typer.Option(
+    False,
+    "--resume",
+    show_default="off: a fresh run (refused if train.output_dir holds checkpoints)",
+    help="Resume from the newest checkpoint in train.output_dir.",
+)
+_RESUME_FROM = typer.Option(
+    None,
+    "--resume-from",
+    metavar="CHECKPOINT",
+    show_default="none: see --resume",
+    help="Resume from this checkpoint folder (step_*).",
+)
+_NUM_PROCESSES = typer.Option(
+    None,
+    "--num-processes",
+    "-n",
+    show_default="1, or the accelerate config's num_processes",
+    help="Processes in total. More than 1: print the accelerate launch line to run.",
+)
+_ACCELERATE_CONFIG = typer.Option(
+    None,
+    "--accelerate-config",
+    show_default="none: one process here, or the generic multi-process flags",
+    help="An accelerate config (configs/accelerate/*.yaml): print the accelerate launch line that uses it.",
+)
+
+
+def _launch(module: str, **flags) -> None:
+    """Run a trainer here or print its launch line (cli/train.py), with project errors as one-line messages."""
+    from pathdino.cli.train import plan_launch, train_command
+
+    try:
+        launch = plan_launch(module=module, **flags)
+    except _project_error() as exc:
+        _fail(str(exc))
+    raise typer.Exit(train_command(launch))
+
+
 @app.command()
 def train(
     *,
@@ -203,52 +243,25 @@ def train(
         metavar="[KEY=VALUE]...",
         help="Config overrides with dotted keys, e.g. train.batch_size=256 optim.base_lr=2e-4.",
     ),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        show_default="off: a fresh run (refused if train.output_dir holds checkpoints)",
-        help="Resume from the newest checkpoint in train.output_dir.",
-    ),
-    resume_from: Optional[str] = typer.Option(
-        None,
-        "--resume-from",
-        metavar="CHECKPOINT",
-        show_default="none: see --resume",
-        help="Resume from this checkpoint folder (step_*).",
-    ),
+    resume: bool = _RESUME,
+    resume_from: Optional[str] = _RESUME_FROM,
     check: bool = typer.Option(
         False, "--check", show_default="off: train", help="Validate the config and tile stores, then exit."
     ),
-    num_processes: Optional[int] = typer.Option(
-        None,
-        "--num-processes",
-        "-n",
-        show_default="1, or the accelerate config's num_processes",
-        help="Processes in total. More than 1: print the accelerate launch line to run.",
-    ),
-    accelerate_config: Optional[Path] = typer.Option(
-        None,
-        "--accelerate-config",
-        show_default="none: one process here, or the generic multi-process flags",
-        help="An accelerate config (configs/accelerate/*.yaml): print the accelerate launch line that uses it.",
-    ),
+    num_processes: Optional[int] = _NUM_PROCESSES,
+    accelerate_config: Optional[Path] = _ACCELERATE_CONFIG,
 ) -> None:
     """DINOv2 pretraining: runs `python -m pathdino.train` here (one process) or prints the `accelerate launch` line."""
-    from pathdino.cli.train import plan_launch, train_command
-
-    try:
-        launch = plan_launch(
-            config=config,
-            overrides=list(overrides or []),
-            resume=resume,
-            resume_from=resume_from,
-            check=check,
-            num_processes=num_processes,
-            accelerate_config=accelerate_config,
-        )
-    except _project_error() as exc:
-        _fail(str(exc))
-    raise typer.Exit(train_command(launch))
+    _launch(
+        "pathdino.train",
+        config=config,
+        overrides=list(overrides or []),
+        resume=resume,
+        resume_from=resume_from,
+        check=check,
+        num_processes=num_processes,
+        accelerate_config=accelerate_config,
+    )
 
 
 @app.command("slide-train")
@@ -262,54 +275,26 @@ def slide_train(
         metavar="[KEY=VALUE]...",
         help="Config overrides with dotted keys, e.g. data.embeddings=[runs/emb] optim.lr=3e-4.",
     ),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        show_default="off: a fresh run (refused if train.output_dir holds checkpoints)",
-        help="Resume from the newest checkpoint in train.output_dir.",
-    ),
-    resume_from: Optional[str] = typer.Option(
-        None,
-        "--resume-from",
-        metavar="CHECKPOINT",
-        show_default="none: see --resume",
-        help="Resume from this checkpoint folder (step_*).",
-    ),
+    resume: bool = _RESUME,
+    resume_from: Optional[str] = _RESUME_FROM,
     check: bool = typer.Option(
         False, "--check", show_default="off: train", help="Validate the config and embeddings stores, then exit."
     ),
-    num_processes: Optional[int] = typer.Option(
-        None,
-        "--num-processes",
-        "-n",
-        show_default="1, or the accelerate config's num_processes",
-        help="Processes in total. More than 1: print the accelerate launch line to run.",
-    ),
-    accelerate_config: Optional[Path] = typer.Option(
-        None,
-        "--accelerate-config",
-        show_default="none: one process here, or the generic multi-process flags",
-        help="An accelerate config (configs/accelerate/*.yaml): print the accelerate launch line that uses it.",
-    ),
+    num_processes: Optional[int] = _NUM_PROCESSES,
+    accelerate_config: Optional[Path] = _ACCELERATE_CONFIG,
 ) -> None:
     """Slide-encoder pretraining (masked autoencoding on `pathdino embed` outputs): runs `python -m
     pathdino.slide.train` here (one process) or prints the `accelerate launch` line."""
-    from pathdino.cli.train import plan_launch, train_command
-
-    try:
-        launch = plan_launch(
-            config=config,
-            overrides=list(overrides or []),
-            resume=resume,
-            resume_from=resume_from,
-            check=check,
-            num_processes=num_processes,
-            accelerate_config=accelerate_config,
-            module="pathdino.slide.train",
-        )
-    except _project_error() as exc:
-        _fail(str(exc))
-    raise typer.Exit(train_command(launch))
+    _launch(
+        "pathdino.slide.train",
+        config=config,
+        overrides=list(overrides or []),
+        resume=resume,
+        resume_from=resume_from,
+        check=check,
+        num_processes=num_processes,
+        accelerate_config=accelerate_config,
+    )
 
 
 @app.command()
