@@ -64,6 +64,14 @@ class KnownEncoder:
 
 
 _SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
+# H-optimus-0 and -1 share their architecture (only their weights differ); read only: load.py copies it.
+_HOPTIMUS_ARGS = {
+    "img_size": 224,
+    "init_values": 1e-5,
+    "num_classes": 0,
+    "global_pool": "token",
+    "dynamic_img_size": False,
+}
 
 KNOWN_ENCODERS: tuple[KnownEncoder, ...] = (
     KnownEncoder(
@@ -151,13 +159,7 @@ KNOWN_ENCODERS: tuple[KnownEncoder, ...] = (
         HOPTIMUS_STD,
         0.5,
         recipe="cls",
-        model_args={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "global_pool": "token",
-            "dynamic_img_size": False,
-        },
+        model_args=_HOPTIMUS_ARGS,
     ),
     KnownEncoder(
         "H-optimus-0",
@@ -168,13 +170,7 @@ KNOWN_ENCODERS: tuple[KnownEncoder, ...] = (
         HOPTIMUS_STD,
         0.5,
         recipe="cls",
-        model_args={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "global_pool": "token",
-            "dynamic_img_size": False,
-        },
+        model_args=_HOPTIMUS_ARGS,
     ),
     KnownEncoder(
         "Prov-GigaPath",
