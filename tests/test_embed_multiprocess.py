@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathdino.embed import h5_dir, work_files
 
 sys.path.insert(0, str(Path(__file__).parent))
 from embed_fixtures import SLIDE_SIZES, TILE_PX, make_store  # noqa: E402
+from launch_helpers import accelerate_launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PART = 64  # "big" (600 tiles) -> 10 parts, "mid" (170) -> 3 parts
@@ -134,33 +134,9 @@ def test_two_shard_processes_at_once_commit_every_slide_once(store, encoder, ref
     assert again.exit_code == 0 and "embedded 0 slide(s), 0 tiles" in again.output, again.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_launch_two_cpu_processes(store, encoder, reference, tmp_path):
     out = tmp_path / "emb"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "pathdino.embed",
-        *_embed_args(store, encoder, out),
-    ]
+    cmd = accelerate_launch(2, "-m", "pathdino.embed", *_embed_args(store, encoder, out))
     for attempt in (1, 2):
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
         text = proc.stdout + proc.stderr

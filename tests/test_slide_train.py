@@ -28,7 +28,7 @@ from pathdino.slide.train_config import load_pretrain_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from slide_fixtures import random_store  # noqa: E402
-from test_train_launch import _free_port  # noqa: E402
+from launch_helpers import accelerate_launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "slide" / "small.yaml"
@@ -121,28 +121,9 @@ def test_sigkilled_run_resumes_bit_for_bit(reference, store, tmp_path):
 
 
 def launch_two(store: Path, out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "pathdino.slide.train",
-        "--config",
-        str(SMALL),
-        *overrides(store, out, steps),
-        *extra,
-    ]
+    cmd = accelerate_launch(
+        2, "-m", "pathdino.slide.train", "--config", str(SMALL), *overrides(store, out, steps), *extra
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc

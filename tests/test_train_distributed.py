@@ -36,7 +36,7 @@ from pathdino.train.loop import LOSS_TERMS, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_driver  # noqa: E402
-from test_train_launch import _free_port  # noqa: E402
+from launch_helpers import accelerate_launch  # noqa: E402
 from test_train_probe import make_labelled_folder  # noqa: E402
 from test_train_resume import make_tile_store  # noqa: E402
 
@@ -70,26 +70,16 @@ def launch(
     expect_code: int = 0,
     timeout_s: int = 240,
 ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--config_file", str(FSDP2)] if fsdp else ["--multi_gpu"]
-    cmd += [
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+    cmd = accelerate_launch(
+        2,
         str(DRIVER),
         "--config",
         str(SMOKE),
         f"train.output_dir={out}",
         *EXACT,
         *overrides,
-    ]
+        config_file=FSDP2 if fsdp else None,
+    )
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATHDINO_TEST_DUMP": str(dump)}

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from pathdino.train.distributed import LaunchError, check_launch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launch_helpers import accelerate_launch  # noqa: E402
 from test_train_resume import make_tile_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +38,6 @@ ABORT_SIGNS = ("terminate called without an active exception", "SIGABRT", "exitc
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_tile_store(tmp_path_factory.mktemp("store") / "tiles.zarr")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _completed(out: Path) -> bool:
@@ -59,22 +53,8 @@ def _completed(out: Path) -> bool:
 def launch(
     n_procs: int, out: Path, store: Path, *overrides: str, resume: bool = False, accelerate_config: Path | None = None
 ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate_config is not None:
-        cmd += ["--config_file", str(accelerate_config), "--num_processes", str(n_procs)]
-    elif n_procs > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(n_procs)]
-    else:
-        cmd += ["--num_processes", "1"]
-    cmd += [
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+    cmd = accelerate_launch(
+        n_procs,
         "-m",
         "pathdino.train",
         "--config",
@@ -86,7 +66,8 @@ def launch(
         "optim.warmup_steps=1",
         "train.checkpoint_every_steps=2",
         *overrides,
-    ]
+        config_file=accelerate_config,
+    )
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
