@@ -17,13 +17,15 @@ Prints, in ONE run (name the CPU with the figures; compare only within a run):
     `--folder-scale 1`: 20x 0.5 µm/px mosaics, Aperio-like 40x pyramids, a few JPEG 2000, a few that fail) and tiles
     it with pathdino (this tree, and `--baseline-pythonpath`, e.g. a checkout of the previous commit) and hs2p 6.1.0
     (its own venv, as benchmarks/tiling.py), one worker each and all cores (``--folder-workers``), beside pathdino on
-    the folder's 20x slides alone and on one large 20x slide (``--large-size``, in-process as benchmarks/tiling.py
-    times it), and prints each rate against the large slide's; then itemises pathdino's per-slide cost (cProfile of
+    the folder's 20x slides alone and on one large slide of each kind (20x and 40x ``--large-size``, JPEG 2000
+    ``--j2k-size``; in-process as benchmarks/tiling.py times them), and prints each rate against the large 20x
+    slide's and against large slides of the same mix of kinds (what is left is what a slide costs beyond its tiles); then itemises pathdino's per-slide cost (cProfile of
     a one-worker run over ``--profile-slides`` of them: open, thumbnail+mask, planning, tiles, QC picture, commit,
     fingerprint, resume).
 
     python benchmarks/archive.py [--slides 10000] [--checkpoints 1000,10000] [--folder-slides 200]
-        [--folder-scale 1.0] [--folder-workers 1,2] [--skip-hs2p] [--large-size 40000] [--profile-slides 20]
+        [--folder-scale 1.0] [--folder-workers 1,2] [--skip-hs2p] [--large-size 40000] [--j2k-size 8000]
+        [--profile-slides 20]
         [--baseline-pythonpath DIR] [--skip-store] [--skip-requests] [--skip-folder] [--keep DIR]
         [--reuse]   (measure the stores a previous --keep run left, without writing them again)
 """
@@ -459,14 +461,37 @@ def _link_folder(folder: Path, paths: list[Path]) -> Path:
     return folder
 
 
-def _large_slide_rate(tb, work: Path, size: int, workers: int) -> dict:
-    """pathdino on one large 20x mosaic (benchmarks/tiling.py's "20x" case), in-process as tiling.py measures it:
-    no interpreter start-up in its seconds, which only makes the folder's ratio to it harder to reach."""
-    path = work / f"large-20x-{size}.svs"
-    if not path.exists():
-        tb.write_mosaic(path, size, tb.MPP_20X)
-    slides = tb.collect_slides([str(path)], slide_mpp=tb.MPP_20X)
-    return tb.run_pathdino(slides, work / f"large-20x-{workers}.zarr", workers)
+def _large_slide_rates(tb, work: Path, size: int, j2k_size: int, workers: int) -> dict[str, dict]:
+    """pathdino on one large slide of each kind in the folder, in-process as benchmarks/tiling.py times it (no
+    interpreter start-up in its seconds, which only makes the folder's ratios to it harder to reach): "20x" the
+    JPEG mosaic read as is; "40x" the same file declared 0.2527 µm/px (level 0 read at 1/2, as the folder's Aperio-like
+    40x slides); "j2k" a JPEG 2000 40x mosaic (``j2k_size``: OpenJPEG encodes slowly)."""
+    jpeg, j2k = work / f"large-20x-{size}.svs", work / f"large-j2k-{j2k_size}.svs"
+    for path, side, mpp, is_j2k in ((jpeg, size, tb.MPP_20X, False), (j2k, j2k_size, tb.MPP_40X, True)):
+        if not path.exists():
+            part = path.with_suffix(".part.svs")
+            tb.write_mosaic(part, side, mpp, j2k=is_j2k)
+            part.rename(path)
+    cases = {"20x": (jpeg, tb.MPP_20X), "40x": (jpeg, tb.MPP_40X), "j2k": (j2k, None)}
+    return {
+        kind: tb.run_pathdino(tb.collect_slides([str(path)], slide_mpp=mpp), work / f"large-{kind}.zarr", workers)
+        for kind, (path, mpp) in cases.items()
+    }
+
+
+def _tiles_by_kind(url: Path) -> dict[str, int]:
+    """Tiles per kind of slide in a folder store (slide ids are ``<kind>-<index>``)."""
+    from tiling.store import TileStore
+
+    counts: dict[str, int] = {}
+    try:
+        store = TileStore(url)
+    except Exception:  # noqa: BLE001 - a failed run: nothing
+        return counts
+    for sid in store.slide_ids:
+        kind = sid.split("-", 1)[0]
+        counts[kind] = counts.get(kind, 0) + store.n_tiles(sid)
+    return counts
 
 
 def run_folder(
@@ -478,6 +503,7 @@ def run_folder(
     workers_list: list[int],
     hs2p: bool = True,
     large_size: int = 40_000,
+    j2k_size: int = 8_000,
     profile_slides: int = 20,
 ) -> None:
     folder = make_small_folder(work / "small", n_slides, scale)
@@ -489,35 +515,45 @@ def run_folder(
     print(f"\n(c) {n_slides} small slides (scale {scale}) in {folder}; load average {os.getloadavg()[0]:.2f}")
     rows, ratios = [], []
     for workers in workers_list:
-        large = _large_slide_rate(tb, work, large_size, workers)
-        rows.append(
-            (
-                f"pathdino, one large 20x slide ({large_size:,} px)",
-                workers,
-                large["tiles"],
-                large["seconds"],
-                large["rss_gib"],
-                large["busy"],
+        large = _large_slide_rates(tb, work, large_size, j2k_size, workers)
+        for kind, res in large.items():
+            rows.append(
+                (
+                    f"pathdino, one large {kind} slide",
+                    workers,
+                    res["tiles"],
+                    res["seconds"],
+                    res["rss_gib"],
+                    res["busy"],
+                )
             )
-        )
         for label, tree in trees:
             for name, source in (("the folder", folder), ("its 20x slides only", only_20x)):
                 out = work / f"small-{label.replace(' ', '')}-{name.split()[-1]}-{workers}.zarr"
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(str(out) + ".pathdino", ignore_errors=True)
                 r = timed([*pd, str(source), "--out", str(out), "-j", str(workers)], env={"PYTHONPATH": tree})
-                n_tiles = _store_tiles(out)
-                rows.append(
+                by_kind = _tiles_by_kind(out)
+                n_tiles = sum(by_kind.values())
+                busy = r["cpu_s"] / r["s"] / workers
+                rows.append((f"pathdino ({label}), {name}", workers, n_tiles, r["s"], r["rss_gib"], busy))
+                rate = n_tiles / r["s"]
+                # the seconds these tiles would take at the large slides' rates, kind by kind: what is left of
+                # the ratio is what a slide costs beyond its tiles
+                as_large_s = sum(n / large[kind]["rate"] for kind, n in by_kind.items() if kind in large)
+                ratios.append(
                     (
-                        f"pathdino ({label}), {name}",
-                        workers,
-                        n_tiles,
-                        r["s"],
-                        r["rss_gib"],
-                        r["cpu_s"] / r["s"] / workers,
+                        f"pathdino ({label}), {name}, {workers} workers: against the large 20x slide",
+                        rate / large["20x"]["rate"],
                     )
                 )
-                ratios.append((f"pathdino ({label}), {name}, {workers} workers", n_tiles / r["s"] / large["rate"]))
+                ratios.append(
+                    (
+                        f"pathdino ({label}), {name}, {workers} workers: against large slides of its own mix "
+                        f"({', '.join(f'{n:,} {k}' for k, n in sorted(by_kind.items()))} tiles)",
+                        as_large_s / r["s"],
+                    )
+                )
         hs = _hs2p_folder(tb, folder, work / f"hs2p-{workers}", workers) if hs2p else None
         if hs:
             rows.append(
@@ -530,7 +566,7 @@ def run_folder(
     print("\n| tool | workers | tiles | seconds | tiles/s | CPU busy | peak RSS GiB |\n|---|---|---|---|---|---|---|")
     for tool, workers, n_tiles, s, rss, busy in rows:
         print(f"| {tool} | {workers} | {n_tiles:,} | {s:.1f} | {n_tiles / s:,.0f} | {busy:.0%} | {rss:.2f} |")
-    print("\nratios (tiles/s; the pathdino rows against the large slide on as many workers):")
+    print("\nratios of tiles/s (the large slides: this tree, on as many workers):")
     for name, value in ratios:
         print(f"  {name}: {value:.2f}")
     # the per-slide cProfile: a subset of the folder, every kind, one worker (it runs all slides inline)
@@ -631,6 +667,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-hs2p", action="store_true", help="the folder without hs2p beside it")
     parser.add_argument("--large-size", type=int, default=40_000, help="side (px) of the large 20x reference slide")
+    parser.add_argument("--j2k-size", type=int, default=8_000, help="side (px) of the large JPEG 2000 40x slide")
     parser.add_argument("--profile-slides", type=int, default=20, help="slides of the folder in the cProfile")
     parser.add_argument("--baseline-pythonpath", default=None, help="another checkout to run next to this one")
     parser.add_argument("--skip-store", action="store_true")
@@ -660,6 +697,7 @@ def main() -> None:
                 workers_list=[int(w) for w in args.folder_workers.split(",")],
                 hs2p=not args.skip_hs2p,
                 large_size=args.large_size,
+                j2k_size=args.j2k_size,
                 profile_slides=args.profile_slides,
             )
     finally:
