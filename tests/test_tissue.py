@@ -116,6 +116,20 @@ def test_read_thumbnail_reads_strips_and_matches_direct_downsample() -> None:
     assert np.abs(thumb.astype(float) - ref).max() <= 0.5 + 1e-9
 
 
+@pytest.mark.parametrize("factor", [2, 3, 5, 8, 9, 16])
+def test_read_thumbnail_block_mean_at_every_factor(factor: int) -> None:
+    # factors up to 8 add strided views, larger ones sum axes: both must give the box mean, edges included
+    rng = np.random.default_rng(factor)
+    level0 = rng.integers(0, 256, (6 * factor + 1, 4 * factor - 1, 3), dtype=np.uint8)
+    level0[:factor, :factor] = 255  # a saturated block: the row sums must not overflow
+    thumb, mpp = read_thumbnail(_ArrayReader([level0], [1.0]), 0.5, 0.5 * factor)
+    assert mpp == pytest.approx(0.5 * factor)
+    ref = _box_mean(level0, factor)
+    assert thumb.shape == ref.shape
+    assert np.abs(thumb.astype(float) - ref).max() <= 0.5 + 1e-9
+    assert (thumb[0, 0] == 255).all()
+
+
 def test_read_thumbnail_splits_columns_when_one_block_row_is_too_wide() -> None:
     level0 = np.random.default_rng(2).integers(0, 256, (40, 3000, 3), dtype=np.uint8)
     reader = _ArrayReader([level0], [1.0])

@@ -38,6 +38,8 @@ DEFAULT_MAX_STRIP_BYTES = 64 * 1024 * 1024
 _LEVEL_TOLERANCE = 0.01
 # Pieces a failed strip is read again in (px of the thumbnail's level): about two source tiles across.
 _PIECE_PX = 512
+# Up to this block side the thumbnail's block mean adds strided views; above it, axis sums are faster.
+_STRIDED_SUM_MAX_FACTOR = 8
 # A finer level is used for a failed piece only up to this many times the piece's pixels (memory: 512² px x 64 x 3).
 _MAX_FINER_AREA_RATIO = 64
 
@@ -203,10 +205,21 @@ def _block_mean(region: np.ndarray, factor: int) -> np.ndarray:
         padded = np.zeros((bh * factor, bw * factor, 3), region.dtype)
         padded[:h, :w] = region
         region = padded
-    # Two 1-axis sums are ~20x faster than one sum over axes (1, 3); uint16 holds 257 x 255.
+    # uint16 holds 257 x 255.
     row_dtype = np.uint16 if factor <= 257 else np.uint32
-    rows = region.reshape(bh, factor, bw * factor * 3).sum(axis=1, dtype=row_dtype)
-    sums = rows.reshape(bh, bw, factor, 3).sum(axis=2, dtype=np.uint32)
+    if factor <= _STRIDED_SUM_MAX_FACTOR:
+        # Adding `factor` strided views beats numpy's reduction over a short middle axis (an Aperio 40x slide's
+        # 2,450-px thumbnail level at factor 2: ~60 ms against ~200 ms), the same sums in the same integer types.
+        rows = region[0::factor].astype(row_dtype)
+        for i in range(1, factor):
+            rows += region[i::factor]
+        sums = rows[:, 0::factor].astype(np.uint32)
+        for j in range(1, factor):
+            sums += rows[:, j::factor]
+    else:
+        # Two 1-axis sums are ~20x faster than one sum over axes (1, 3).
+        rows = region.reshape(bh, factor, bw * factor * 3).sum(axis=1, dtype=row_dtype)
+        sums = rows.reshape(bh, bw, factor, 3).sum(axis=2, dtype=np.uint32)
     counts_y = np.minimum(factor, h - np.arange(bh) * factor)
     counts_x = np.minimum(factor, w - np.arange(bw) * factor)
     counts = (counts_y[:, None] * counts_x[None, :])[..., None]
