@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pathdino.train.__main__ import main
-from pathdino.train.config import crop_plan, load_config, per_process_batch
+from pathdino.train.config import config_changes, config_to_dict, crop_plan, load_config, per_process_batch
 from pathdino.train.validate import validate_config
 from tiling.configio import ConfigError
 
@@ -160,3 +160,19 @@ def test_check_passes_on_a_real_store(tmp_path, capsys):
     big = load_config(CONFIGS / "vits14.yaml", [f"data.stores=[{url}]"])
     with pytest.raises(ConfigError, match="data.stores: .*global_crop_px=224"):
         validate_config(big, world_size=8)
+
+
+def test_config_changes_say_unset_for_a_section_one_side_lacks():
+    """A resume's "config differs" line names what changed; a probe section set to null is "unset" on its keys,
+    and a key added since at None (an older checkpoint) is no change."""
+    saved = config_to_dict(load_config(SMOKE, ["eval.probe={data: probe/labels.csv, every_steps: 25}"]))
+    now = config_to_dict(load_config(SMOKE, ["train.output_dir=elsewhere"]))
+    changed = config_changes(saved, now)
+    assert "eval.probe.data: 'probe/labels.csv' -> unset" in changed
+    assert "eval.probe.every_steps: 25 -> unset" in changed
+    assert not [c for c in changed if c.startswith(("eval.probe:", "train.output_dir"))]
+    del saved["optim"]["warmup_fraction"]
+    assert not [c for c in config_changes(saved, now) if "warmup_fraction" in c]
+    assert config_changes(now, config_to_dict(load_config(SMOKE, ["optim.betas=[0.9,0.99]"]))) == [
+        "optim.betas: [0.9, 0.999] -> [0.9, 0.99]"
+    ]

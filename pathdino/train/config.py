@@ -384,9 +384,15 @@ def config_changes(
 ) -> list[str]:
     """``key: old -> new`` for every leaf that differs, ignoring keys that may legitimately change on resume
     (``may_change``: this trainer's; the slide trainer passes its own)."""
-    old, new = flat_config(saved), flat_config(current)
+    old, new = flat_config(saved, raw=True), flat_config(current, raw=True)
+
+    def shown(flat: dict[str, Any], key: str) -> str:
+        # A key only one side has (a section null on the other side) is "unset", not None.
+        return repr(flat[key]) if key in flat else "unset"
+
+    # A key one side lacks and the other holds as None (a key added since, at None) is no change.
     return [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        f"{k}: {shown(old, k)} -> {shown(new, k)}"
         for k in sorted(set(old) | set(new))
         if k not in may_change and old.get(k) != new.get(k)
     ]

@@ -94,15 +94,16 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{"section.key": value}`` (trackers' hyperparameters, config diffs)."""
+def flat_config(d: dict[str, Any], prefix: str = "", *, raw: bool = False) -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``: trackers' hyperparameters, where anything but a number,
+    string or bool becomes a string; with ``raw`` the values as they are (config diffs, where None must stay None)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flat_config(v, f"{key}."))
+            out.update(flat_config(v, f"{key}.", raw=raw))
         else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            out[key] = v if raw or isinstance(v, (int, float, str, bool)) else str(v)
     return out
 
 
