@@ -57,6 +57,25 @@ def test_collapse_monitor_warns_on_falling_rank_or_usage(train_log):
     assert "possible collapse" in caplog.text and "embedding_rank" in caplog.text and mon.warnings == 3
 
 
+def test_collapse_monitor_lets_the_rank_dip_before_warnings_start(train_log):
+    """An untrained network's rank is not a level the run reached by learning: a dip before after_steps (16.8 ->
+    7.5 on the small preset with KoLeo 0.01, while the probe rose) is no collapse; a fall after it is. The usage
+    entropy still counts from the first step, so a collapse onto few prototypes early is seen."""
+    caplog = train_log
+    mon = CollapseMonitor(after_steps=100, drop_fraction=0.5, n_prototypes=256)
+    healthy = {"teacher_usage_entropy": 5.0, "teacher_entropy": 3.0}
+    with caplog.at_level("WARNING", logger="pathdino.train"):
+        for step, rank in [(10, 16.8), (50, 9.0), (100, 7.5), (150, 8.0), (200, 12.0)]:
+            assert not mon.check(step, {**healthy, "embedding_rank": rank}), step
+        assert mon.best["embedding_rank"] == 12.0
+        assert mon.check(300, {**healthy, "embedding_rank": 5.9})  # below half of what was reached after step 100
+        early = CollapseMonitor(after_steps=100, drop_fraction=0.5, n_prototypes=256)
+        assert not early.check(10, {**healthy, "embedding_rank": 16.8})
+        assert early.check(100, {**healthy, "teacher_usage_entropy": 2.0, "embedding_rank": 7.5})
+    assert "teacher_usage_entropy 2 fell below 0.5 x its best 5" in caplog.text
+    assert "embedding_rank 5.9 fell below 0.5 x its best 12" in caplog.text
+
+
 def test_probe_monitor_keeps_the_best_and_warns_when_the_probe_falls_well_below_it(train_log):
     caplog = train_log
     from pathdino.train.health import ProbeMonitor
