@@ -58,8 +58,8 @@ def test_collapse_monitor_warns_on_falling_rank_or_usage(train_log):
 
 
 def test_collapse_monitor_lets_the_rank_dip_before_warnings_start(train_log):
-    """An untrained network's rank is not a level the run reached by learning: a dip before after_steps (16.8 ->
-    7.5 on the small preset with KoLeo 0.01, while the probe rose) is no collapse; a fall after it is. The usage
+    """An untrained network's rank is not a level the run reached by learning: a dip before after_steps (16 -> 7.5
+    on the small preset with KoLeo 0.01, while the probe rose) is no collapse; a fall after it is. The usage
     entropy still counts from the first step, so a collapse onto few prototypes early is seen."""
     caplog = train_log
     mon = CollapseMonitor(after_steps=100, drop_fraction=0.5, n_prototypes=256)

@@ -102,8 +102,8 @@ class CollapseMonitor:
     the teacher's per-image targets are almost uniform (entropy above 98% of log K). The usage entropy's best counts
     from the first step; the rank's best only from ``after_steps``: an untrained network's features have a rank
     that nothing learned, and healthy runs lose much of it early and regain it later (RankMe's dip; on the small
-    preset with KoLeo 0.01, 16.8 -> 7-8 by step 50 while the probe rose, back to 13-17 by step 500). A collapse
-    before ``after_steps`` shows in the usage entropy or in uniform targets.
+    preset with KoLeo 0.01, 16 -> 7-10 within 100 steps while the probe rose, back to 12-14 by step 500). A
+    collapse before ``after_steps`` shows in the usage entropy or in uniform targets.
     """
 
     # Health figures whose best counts only from ``after_steps`` (see above).
