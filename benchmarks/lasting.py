@@ -2,8 +2,8 @@
 
 Each run is ``python -m pathdino.train --config configs/train/small.yaml`` on a tile store of the bundled slide with
 the schedules stretched to the run (``train.total_steps`` = N; every schedule already ends at N; the lr warm-up is
-``--warmup-fraction`` of N, 20 steps at N = 100 as the preset), logging every step (losses, lr, weight decay,
-teacher momentum and temperature, grad norms per module, teacher entropy, centre norms, CLS std and rank) and
+``--warmup-fraction`` of N, 0.2 as the preset's ``optim.warmup_fraction``), logging every step (losses, lr, weight
+decay, teacher momentum and temperature, grad norms per module, teacher entropy, centre norms, CLS std and rank) and
 probing the teacher every N / 10 steps on the labelled proxy set of ``benchmarks/small_probe_set.py`` (the probe
 embeds exactly as ``pathdino eval`` does on the exported teacher). Runs go one after the other, under ``nice`` on
 one thread, so that a shared machine is not swamped; a finished run (its ``done.json``) is not run again.
@@ -106,7 +106,7 @@ def run_one(
         f"data.stores=[{store}]",
         f"train.output_dir={run_dir}",
         f"train.total_steps={steps}",
-        f"optim.warmup_steps={round(warmup_fraction * steps)}",
+        f"optim.warmup_fraction={warmup_fraction}",
         f"train.seed={seed}",
         "log.every_steps=1",
         "log.trackers=[]",

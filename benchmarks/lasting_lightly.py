@@ -21,7 +21,7 @@ lightly-train's venv (the training, started by this script as a subprocess with 
         --probe /tmp/lasting/probe_cmu1/labels.csv --lightly-python /work/venvs/lightly/bin/python \\
         --steps 100 200 500 --seeds 0
     python benchmarks/lasting_lightly.py --out /tmp/lasting_lightly --report     # the tables of what ran
-    # the issue-25 runs, made before small.yaml moved to base lr 0.006 and KoLeo 0.03:
+    # the issue-25 runs at small.yaml's values before 2026-12-07 (it has base lr 0.006 and KoLeo 0.01 now):
     python benchmarks/lasting_lightly.py --out /tmp/lasting_lightly --steps 100 200 500 --seeds 0 \\
         --set optim.base_lr=0.03 --set loss.uniformity_weight=0.1
 

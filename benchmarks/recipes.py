@@ -136,7 +136,8 @@ def main() -> None:
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
     store, probe_set = _lasting().prepare(work)  # the same store and probe set as benchmarks/lasting.py
-    common = [f"data.stores=[{store}]", f"train.batch_size={a.batch}"]
+    # Warm-ups here are step counts (a few steps of short runs), not small.yaml's share of the run.
+    common = [f"data.stores=[{store}]", f"train.batch_size={a.batch}", "optim.warmup_fraction=null"]
     probe = (
         f"eval.probe={{data: {probe_set / 'labels.csv'}, every_steps: {a.probe_every}, max_images: {a.probe_images}}}"
     )

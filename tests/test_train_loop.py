@@ -155,7 +155,6 @@ def test_small_preset_runs_and_logs_teacher_entropy(tmp_path):
                 "log.every_steps=1",
                 "train.batch_size=4",
                 "train.total_steps=2",
-                "optim.warmup_steps=1",
             ],
         )
     )

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
+from pathdino.train.config import load_config
+from pathdino.train.run import build_schedules
 from pathdino.train.schedules import Schedules, cosine, linear, scaled_lr, warmup_cosine
+from tiling.configio import ConfigError
+
+SMALL = Path(__file__).resolve().parents[1] / "configs" / "train" / "small.yaml"
 
 
 def test_cosine_and_linear_endpoints_and_midpoints():
@@ -66,3 +72,22 @@ def test_schedules_at_step():
     assert last.lr == pytest.approx(1e-6, abs=1e-8)
     momenta = [s.at(i).momentum for i in range(0, 1000, 10)]
     assert all(a <= b for a, b in zip(momenta, momenta[1:]))
+
+
+@pytest.mark.parametrize(("total_steps", "warmup_steps"), [(100, 20), (200, 40), (500, 100), (7, 1)])
+def test_warmup_fraction_stretches_with_the_run(total_steps, warmup_steps):
+    """optim.warmup_fraction is a share of train.total_steps: the lr peaks at that step whatever the run length."""
+    cfg = load_config(SMALL, [f"train.total_steps={total_steps}", "optim.warmup_fraction=0.2"])
+    schedules = build_schedules(cfg)
+    lrs = [schedules.at(step).lr for step in range(total_steps)]
+    assert lrs.index(max(lrs)) == warmup_steps
+    assert all(a < b for a, b in zip(lrs[:warmup_steps], lrs[1 : warmup_steps + 1]))
+
+
+def test_warmup_fraction_and_steps_are_one_setting():
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=50 and optim.warmup_fraction=0.2 both set"):
+        load_config(SMALL, ["optim.warmup_fraction=0.2", "optim.warmup_steps=50"])
+    with pytest.raises(ConfigError, match=r"optim.warmup_fraction=1.5 must be in \[0, 1\]"):
+        load_config(SMALL, ["optim.warmup_fraction=1.5", "optim.warmup_steps=12500"])
+    steps = load_config(SMALL, ["optim.warmup_fraction=null", "optim.warmup_steps=50", "train.total_steps=500"])
+    assert build_schedules(steps).at(49).lr < build_schedules(steps).at(50).lr

@@ -134,6 +134,9 @@ class OptimConfig:
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"  # DINOv2: lr = base_lr * sqrt(batch_size / 1024)
     min_lr: float = 1e-6  # end of the cosine (not scaled)
     warmup_steps: int = 12_500  # linear lr warm-up from 0
+    # The warm-up as a share of train.total_steps instead (rounded); then leave warmup_steps unset. A preset whose
+    # users change the run length (small.yaml) keeps its measured shape this way.
+    warmup_fraction: float | None = None
     weight_decay: float = 0.04  # cosine from this ...
     weight_decay_end: float = 0.4  # ... to this (0.2 for L/g)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -164,6 +167,29 @@ class OptimConfig:
                 "layerwise_decay": self.layerwise_decay,
             },
         )
+        if self.warmup_fraction is None:
+            return
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(
+                f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1] (a share of train.total_steps)",
+                key="optim.warmup_fraction",
+            )
+        if self.warmup_steps != _DEFAULT_WARMUP_STEPS:
+            raise ConfigError(
+                f"optim.warmup_steps={self.warmup_steps} and optim.warmup_fraction={self.warmup_fraction} both set "
+                "the lr warm-up; keep one (e.g. optim.warmup_fraction=null to count it in steps)",
+                key="optim.warmup_fraction",
+            )
+
+    def warmup_steps_in(self, total_steps: int) -> int:
+        """The lr warm-up of a run of ``total_steps``: ``warmup_fraction`` of it (rounded) when set, else
+        ``warmup_steps``."""
+        if self.warmup_fraction is None:
+            return self.warmup_steps
+        return round(self.warmup_fraction * total_steps)
+
+
+_DEFAULT_WARMUP_STEPS = OptimConfig.warmup_steps
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def build_phase(
         plan=plan,
         batch_per_process=batch_per_process,
         parts=parts,
-        schedules=_schedules(pcfg),
+        schedules=build_schedules(pcfg),
         loader=loader,
         throughput=_throughput(ctx, pcfg, plan=plan, student=parts.student),
     )
@@ -325,13 +325,14 @@ def _build_losses(cfg: RunConfig, device: torch.device) -> tuple[nn.ModuleDict, 
     return losses, uniformity
 
 
-def _schedules(cfg: RunConfig) -> Schedules:
+def build_schedules(cfg: RunConfig) -> Schedules:
+    """Every per-step value of a run (lr, weight decay, momentum, temperatures, freezes) from its config."""
     tc, oc, lc = cfg.train, cfg.optim, cfg.loss
     return Schedules(
         total_steps=tc.total_steps,
         peak_lr=scaled_lr(oc.base_lr, tc.batch_size, oc.lr_scaling),
         min_lr=oc.min_lr,
-        warmup_steps=oc.warmup_steps,
+        warmup_steps=oc.warmup_steps_in(tc.total_steps),
         weight_decay=oc.weight_decay,
         weight_decay_end=oc.weight_decay_end,
         momentum_teacher=oc.momentum_teacher,

@@ -32,7 +32,7 @@ def validate_config(cfg: RunConfig, world_size: int = 1, check_stores: bool = Tr
     per_process_batch(cfg, world_size)
     t, o = cfg.train, cfg.optim
     _check_output_dir(Path(t.output_dir))
-    if o.warmup_steps > t.total_steps:
+    if o.warmup_fraction is None and o.warmup_steps > t.total_steps:
         raise ConfigError(
             f"optim.warmup_steps={o.warmup_steps} exceeds train.total_steps={t.total_steps}", key="optim.warmup_steps"
         )
