@@ -19,7 +19,8 @@ from tiling.store import (
     safe_slide_id,
     sidecar_url,
 )
-from tiling.store_write import TileStoreWriter, shard_file_bytes
+from tiling.slide_write import shard_file_bytes
+from tiling.store_write import TileStoreWriter
 
 
 def _tiles(n: int, px: int = 32, seed: int = 0) -> list[np.ndarray]:

@@ -36,7 +36,8 @@ from tiling.outcome import (
 from tiling.pool import SpillingProcessPool
 from tiling.qc_image import qc_image_jpeg
 from tiling.store import qc_image_key
-from tiling.store_write import SlideWriter, TileStoreWriter
+from tiling.slide_write import SlideWriter
+from tiling.store_write import TileStoreWriter
 from tiling.worker import BlockResult, SlidePlan, close_readers, fingerprint, plan_slide, tile_block
 
 
