@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from tiling import staging, store_index
 from tiling.fsio import atomic_write_bytes, now_iso, publish_dir
 from tiling.slide_write import SlideWriter
+from tiling.slide_write import shard_file_bytes as shard_file_bytes  # its home until 2026-12-07: still importable
 from tiling.store import (
     FORMAT_NAME,
     FORMAT_VERSION,
