@@ -87,6 +87,8 @@ def test_warmup_fraction_stretches_with_the_run(total_steps, warmup_steps):
 def test_warmup_fraction_and_steps_are_one_setting():
     with pytest.raises(ConfigError, match=r"optim.warmup_steps=50 and optim.warmup_fraction=0.2 both set"):
         load_config(SMALL, ["optim.warmup_fraction=0.2", "optim.warmup_steps=50"])
+    with pytest.raises(ConfigError, match=r"^override 'optim.warmup_steps=50' \(command line\): .*keep one"):
+        load_config(SMALL, ["optim.warmup_steps=50"])  # the preset's own fraction and a step count given here
     with pytest.raises(ConfigError, match=r"optim.warmup_fraction=1.5 must be in \[0, 1\]"):
         load_config(SMALL, ["optim.warmup_fraction=1.5", "optim.warmup_steps=12500"])
     steps = load_config(SMALL, ["optim.warmup_fraction=null", "optim.warmup_steps=50", "train.total_steps=500"])

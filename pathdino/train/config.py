@@ -178,7 +178,7 @@ class OptimConfig:
             raise ConfigError(
                 f"optim.warmup_steps={self.warmup_steps} and optim.warmup_fraction={self.warmup_fraction} both set "
                 "the lr warm-up; keep one (e.g. optim.warmup_fraction=null to count it in steps)",
-                key="optim.warmup_fraction",
+                key="optim.warmup_steps",  # what a preset with the fraction (small.yaml) gets on the command line
             )
 
     def warmup_steps_in(self, total_steps: int) -> int:
